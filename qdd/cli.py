@@ -1,0 +1,152 @@
+"""``qdd-cli``: one entry point for the whole study.
+
+A small dispatcher in front of LightningCLI: the Trainer subcommands (fit, validate, test,
+predict) go to `qdd.lightning_cli`, the others (shard, generate, report, demo) to plain
+functions. Nothing heavy is imported here, so ``qdd-cli --help`` and ``qdd-cli shard`` do
+not pay for Lightning, torchmetrics or diffusers.
+
+User-caused errors (`QddError`) end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from qdd import __version__
+from qdd.errors import QddError
+
+TRAINER_COMMANDS = {
+    "fit": "train a detector on shards (FP4-augmented retraining)",
+    "validate": "run a detector's validation loop",
+    "test": "benchmark a detector on shards: metrics.json + scores.parquet",
+    "predict": "score shards with a detector",
+}
+
+
+def _shard(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="qdd-cli shard",
+        description="Write a folder tree of images into WebDataset shards (PNG + JSON).",
+    )
+    parser.add_argument("--src", required=True, help="folder of images (searched recursively)")
+    parser.add_argument("--out", required=True, help="output shard folder")
+    parser.add_argument("--label", required=True, choices=["real", "fake"])
+    parser.add_argument("--source", required=True, help="name of the image source, e.g. coco")
+    parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    args = parser.parse_args(argv)
+    from qdd.datamodules.folder import shard_folder
+    from qdd.datamodules.schema import FAKE, REAL
+
+    manifest = shard_folder(
+        args.src,
+        args.out,
+        label=REAL if args.label == "real" else FAKE,
+        source=args.source,
+        generator=args.source if args.label == "fake" else None,
+        max_count=args.max_count,
+        overwrite=args.overwrite,
+    )
+    print(f"{manifest['total']} samples in {len(manifest['shards'])} shard(s)", file=sys.stderr)
+    print(args.out)
+
+
+def _generate(argv: Sequence[str]) -> None:
+    from qdd.generation.command import main
+
+    main(list(argv))
+
+
+def _report(argv: Sequence[str]) -> None:
+    from qdd.report.command import main
+
+    main(list(argv))
+
+
+def _demo(argv: Sequence[str]) -> None:
+    from qdd.demo import main
+
+    main(list(argv))
+
+
+def _trainer(command: str) -> Callable[[Sequence[str]], None]:
+    def run(argv: Sequence[str]) -> None:
+        from qdd.lightning_cli import run_trainer_command
+
+        run_trainer_command(command, list(argv))
+
+    return run
+
+
+def _available() -> dict[str, tuple[str, Callable[[Sequence[str]], None]]]:
+    """Subcommands whose capability is installed in this package."""
+    from importlib.util import find_spec
+
+    commands: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
+        name: (text, _trainer(name)) for name, text in TRAINER_COMMANDS.items()
+    }
+    commands["shard"] = ("turn a folder of images (real photos) into shards", _shard)
+    optional = {
+        "generate": ("qdd.generation.command", "generate images at each precision", _generate),
+        "report": ("qdd.report.command", "draw the study's figures and tables from runs", _report),
+        "demo": ("qdd.demo", "the whole study in miniature, offline, on CPU", _demo),
+    }
+    for name, (module, text, function) in optional.items():
+        if find_spec(module) is not None:
+            commands[name] = (text, function)
+    return commands
+
+
+def usage(commands: dict[str, tuple[str, Callable]]) -> str:
+    lines = [
+        f"qdd-cli {__version__}: do AI-image detectors survive quantized diffusion models?",
+        "",
+        "usage: qdd-cli SUBCOMMAND [options]     (qdd-cli SUBCOMMAND --help for its options)",
+        "",
+        "subcommands:",
+    ]
+    lines += [f"  {name:<9} {text}" for name, (text, _) in commands.items()]
+    lines += [
+        "",
+        "examples:",
+        "  qdd-cli demo --out demo",
+        "  qdd-cli shard --src photos/ --out shards/real-coco --label real --source coco",
+        "  qdd-cli test --detector npr --data shards/sd3-fp4",
+    ]
+    return "\n".join(lines)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run ``qdd-cli`` with ``args`` (default: ``sys.argv[1:]``); callable from tests."""
+    argv = list(sys.argv[1:] if args is None else args)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    commands = _available()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(commands))
+        return
+    if argv[0] == "--version":
+        print(__version__)
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"qdd-cli: unknown subcommand {name!r}; choose from: {', '.join(commands)}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        commands[name][1](rest)
+    except QddError as error:
+        print(f"qdd-cli {name}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"qdd-cli {name}: interrupted; complete shards and files were kept", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Shards: schema, writer, readers and the Lightning DataModules.
+
+`ShardDataModule` is imported lazily so that light commands (``qdd-cli shard``) that only
+need the writer do not import Lightning.
+"""
+
+from typing import Any
+
+__all__ = ["ShardDataModule"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ShardDataModule":
+        from qdd.datamodules.shard import ShardDataModule
+
+        return ShardDataModule
+    raise AttributeError(name)

@@ -1,0 +1,124 @@
+"""Detection metrics per group (generator × precision against the pooled real images).
+
+One torchmetrics `Metric` keeps every sample's (logit, label, group) as ``cat`` states, so
+under DDP the states are gathered and every number is computed once over all samples —
+never an average of per-rank averages. Groups are indices into a vocabulary that every
+rank knows in advance (the manifests' group names).
+
+Ranking metrics (AUROC, AP, TPR at fixed FPR) depend only on the order of the scores, so
+logits are mapped to their normalised rank in [0, 1] before torchmetrics sees them: that
+is exact, keeps ties, and avoids both torchmetrics' "inputs in [0, 1] are probabilities"
+rule and the float saturation of sigmoid for large logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    binary_roc,
+)
+from torchmetrics.utilities import dim_zero_cat
+
+METRICS: tuple[str, ...] = (
+    "acc",
+    "real_acc",
+    "fake_acc",
+    "balanced_acc",
+    "auroc",
+    "ap",
+    "tpr_at_fpr1",
+    "tpr_at_fpr5",
+)
+
+
+def rank_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Monotone, tie-preserving map of logits onto [0, 1] (dense rank)."""
+    values, inverse = torch.unique(logits, return_inverse=True)
+    return inverse.double() / max(len(values) - 1, 1)
+
+
+def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> float:
+    """Highest true-positive rate whose false-positive rate is at most ``max_fpr``."""
+    fpr, tpr, _ = binary_roc(scores, labels)
+    return float(tpr[fpr <= max_fpr + 1e-12].max())
+
+
+def detection_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.0) -> dict:
+    """All metrics of one real-vs-fake set; ``None`` where a class is missing."""
+    labels = labels.long()
+    predicted = (logits > threshold).long()
+    real, fake = labels == 0, labels == 1
+    nan = math.nan
+    real_acc = float((predicted[real] == 0).float().mean()) if real.any() else nan
+    fake_acc = float((predicted[fake] == 1).float().mean()) if fake.any() else nan
+    result = {
+        "acc": float((predicted == labels).float().mean()) if len(labels) else nan,
+        "real_acc": real_acc,
+        "fake_acc": fake_acc,
+        "balanced_acc": (real_acc + fake_acc) / 2,
+        "auroc": nan,
+        "ap": nan,
+        "tpr_at_fpr1": nan,
+        "tpr_at_fpr5": nan,
+    }
+    if real.any() and fake.any():
+        scores = rank_scores(logits)
+        result["auroc"] = float(binary_auroc(scores, labels))
+        result["ap"] = float(binary_average_precision(scores, labels))
+        result["tpr_at_fpr1"] = tpr_at_fpr(scores, labels, 0.01)
+        result["tpr_at_fpr5"] = tpr_at_fpr(scores, labels, 0.05)
+    return {name: None if math.isnan(value) else value for name, value in result.items()}
+
+
+class GroupedDetectionMetrics(Metric):
+    """Overall and per-group metrics; a fake group is scored against all real images."""
+
+    full_state_update = False
+
+    def __init__(self, groups: Sequence[str], threshold: float = 0.0) -> None:
+        super().__init__()
+        self.groups = list(groups)
+        self.threshold = threshold
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("group_ids", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, group_ids: torch.Tensor) -> None:
+        self.logits.append(logits.detach().float().flatten())
+        self.labels.append(labels.detach().long().flatten())
+        self.group_ids.append(group_ids.detach().long().flatten())
+
+    def ensure_state(self) -> None:
+        """Give a rank that saw no sample an empty update, so the DDP gather still works."""
+        if not self.logits:
+            empty = torch.zeros(0, device=self.device)
+            self.update(empty, empty, empty)
+
+    def compute(self) -> dict:
+        logits = dim_zero_cat(self.logits).cpu()
+        labels = dim_zero_cat(self.labels).cpu()
+        group_ids = dim_zero_cat(self.group_ids).cpu()
+        real = labels == 0
+        result = {
+            "n": len(labels),
+            "overall": detection_metrics(logits, labels, self.threshold),
+            "groups": {},
+        }
+        for index, name in enumerate(self.groups):
+            fake = (group_ids == index) & (labels == 1)
+            if not fake.any():
+                continue
+            chosen = fake | real
+            metrics = detection_metrics(logits[chosen], labels[chosen], self.threshold)
+            result["groups"][name] = {
+                "n_fake": int(fake.sum()),
+                "n_real": int(real.sum()),
+                **metrics,
+            }
+        return result

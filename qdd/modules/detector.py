@@ -1,0 +1,295 @@
+"""`DetectorModule`: any registered detector, for ``qdd-cli fit`` and ``qdd-cli test``.
+
+Follows torchgeo's trainer shape: ``configure_models`` / ``configure_losses`` /
+``configure_metrics`` hooks, one MetricCollection cloned per stage. Testing also keeps
+every sample's logit, so the run folder gets ``scores.parquet`` and ``metrics.json``.
+
+Weights: ``weights`` is an official file, or a Lightning checkpoint of a previous ``fit``
+(``*.ckpt``); ``None`` means the detector's official file under ``checkpoints/``. A
+detector without weights refuses to run unless ``random_weights=True``. Frozen backbones
+(CLIP detectors) are kept out of saved checkpoints: they are rebuilt from
+``detector_args`` (the backbone weight file) on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+from qdd.detectors import build_detector, load_detector
+from qdd.detectors.weights import apply_state
+from qdd.metrics import METRICS, GroupedDetectionMetrics
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS = (
+    "key",
+    "label",
+    "source",
+    "generator",
+    "precision",
+    "quant_backend",
+    "quant_scope",
+    "model_id",
+    "group",
+    "logit",
+)
+
+
+def checkpoint_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """The detector's weights inside a Lightning checkpoint written by ``qdd-cli fit``."""
+    state = checkpoint.get("state_dict", {})
+    return {k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")}
+
+
+def group_name(label: int, source: str, generator: str, precision: str) -> str:
+    """Same rule as `qdd.datamodules.schema.group_of`, on collated string metadata."""
+    if label == 0:
+        return f"real/{source}"
+    return f"{generator or source}/{precision or 'unknown'}"
+
+
+class DetectorModule(LightningModule):
+    """Train or evaluate one forensic detector.
+
+    Args:
+        detector: registered name (``npr``, ``clipd``, ``univfd``, ``corvi``).
+        weights: official weight file or a ``qdd-cli fit`` checkpoint; default: the official
+            file under ``checkpoints/``.
+        random_weights: run without trained head weights (smoke tests only; logged loudly).
+        detector_args: passed to the detector (e.g. ``backbone``, ``backbone_weights``).
+        lr: learning rate; ``None`` keeps the detector's published recipe.
+        threshold: logit above which an image is called fake.
+    """
+
+    def __init__(
+        self,
+        detector: str = "npr",
+        weights: str | None = None,
+        random_weights: bool = False,
+        detector_args: dict[str, Any] | None = None,
+        lr: float | None = None,
+        threshold: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+        self.scores: list[dict[str, Any]] = []
+
+    # -- hooks, torchgeo style -------------------------------------------------------------
+    def configure_models(self) -> None:
+        hp = self.hparams
+        args = dict(hp.detector_args or {})
+        if hp.weights and str(hp.weights).endswith(".ckpt"):
+            checkpoint = torch.load(hp.weights, map_location="cpu", weights_only=True)
+            self.detector = build_detector(hp.detector, **args)
+            apply_state(self.detector, checkpoint_state(checkpoint), str(hp.weights))
+        else:
+            self.detector = load_detector(
+                hp.detector, hp.weights, random_weights=hp.random_weights, **args
+            )
+        # Frozen backbones are not in our checkpoints: load the rest strictly ourselves.
+        self.strict_loading = not self.detector.frozen_prefixes
+
+    def configure_losses(self) -> None:
+        self.criterion = torch.nn.BCEWithLogitsLoss()
+
+    def configure_metrics(self) -> None:
+        metrics = MetricCollection({"acc": BinaryAccuracy(), "auroc": BinaryAUROC()})
+        self.train_metrics = metrics.clone(prefix="train_")
+        self.val_metrics = metrics.clone(prefix="val_")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.detector.parameters() if p.requires_grad]
+        optimizer, scheduler = self.detector.configure_optimizer(params)
+        if self.hparams.lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = self.hparams.lr
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # -- the detector's own preprocessing, asked for by ShardDataModule --------------------
+    def train_transform(self) -> Any:
+        return self.detector.train_transform()
+
+    def eval_transform(self) -> Any:
+        return self.detector.eval_transform()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.detector(images)
+
+    # -- fit -------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        for name, module in self.detector.named_modules():
+            if name and any(f"{name}.".startswith(p) for p in self.detector.frozen_prefixes):
+                module.eval()  # frozen backbones keep eval-mode norms and no dropout
+
+    def _step(self, batch: Any, metrics: MetricCollection, stage: str) -> Tensor:
+        images, labels, _ = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels.float())
+        metrics.update(torch.sigmoid(logits.detach().double()), labels)
+        self.log(f"{stage}_loss", loss, batch_size=len(labels), prog_bar=True, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, self.train_metrics, "train")
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(self.train_metrics.compute())
+        self.train_metrics.reset()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = tuple(f"detector.{p}" for p in self.detector.frozen_prefixes)
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.detector.frozen_prefixes:
+            apply_state(self.detector, checkpoint_state(checkpoint), "checkpoint")
+
+    # -- test ------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        self.groups = sorted(datamodule.groups) if datamodule is not None else []
+        self.test_metrics = GroupedDetectionMetrics(self.groups, self.hparams.threshold)
+        self.test_metrics.to(self.device)
+        self.scores = []
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        images, labels, meta = batch
+        logits = self(images).float()
+        names = [
+            group_name(int(lab), src, gen, prec)
+            for lab, src, gen, prec in zip(
+                labels, meta["source"], meta["generator"], meta["precision"], strict=True
+            )
+        ]
+        index = {name: i for i, name in enumerate(self.groups)}
+        ids = torch.tensor([index.get(n, -1) for n in names], device=logits.device)
+        self.test_metrics.update(logits, labels, ids)
+        for i, value in enumerate(logits.cpu().tolist()):
+            row = {c: meta[c][i] or None for c in SCORE_COLUMNS if c in meta}
+            row.update(label=int(labels[i]), group=names[i], logit=value)
+            self.scores.append(row)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics.ensure_state()
+        results = self.test_metrics.compute()
+        self.test_metrics.reset()
+        for name, value in results["overall"].items():
+            if value is not None:
+                self.log(f"test_{name}", value, rank_zero_only=True)
+        self.results = results
+        self._write_outputs(results)
+
+    def _write_outputs(self, results: dict[str, Any]) -> None:
+        """scores.parquet (all ranks' rows) and metrics.json in the run folder, by rank 0."""
+        import pandas as pd
+
+        run_dir = Path(self.trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rank = self.trainer.global_rank
+        part = run_dir / f".scores.rank{rank}.parquet"
+        frame = pd.DataFrame(self.scores, columns=[*SCORE_COLUMNS])
+        frame["detector"] = self.hparams.detector
+        frame.to_parquet(part, index=False)
+        self.trainer.strategy.barrier()
+        if rank != 0:
+            return
+        parts = sorted(run_dir.glob(".scores.rank*.parquet"))
+        scores = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+        scores.sort_values(["group", "key"], kind="stable", ignore_index=True).to_parquet(
+            run_dir / "scores.parquet", index=False
+        )
+        for p in parts:
+            p.unlink()
+        metrics = {
+            "detector": self.hparams.detector,
+            "weights": self.weights_label(),
+            "data": [str(f) for f in getattr(self.trainer.datamodule, "folders", [])],
+            "threshold": self.hparams.threshold,
+            "n": results["n"],
+            "overall": results["overall"],
+            "groups": results["groups"],
+            "recipes": recipes(scores),
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json) + "\n")
+        log_table(self, metrics)
+
+    def weights_label(self) -> str:
+        if self.hparams.random_weights and not self.hparams.weights:
+            return "random"
+        return str(self.hparams.weights or self.detector.official_path())
+
+
+def recipes(scores: Any) -> dict[str, dict[str, Any]]:
+    """How each fake group was made, as recorded in its samples' metadata."""
+    fakes = scores[scores["label"] == 1]
+    columns = ["generator", "precision", "quant_backend", "quant_scope", "model_id"]
+    out = {}
+    for group, rows in fakes.groupby("group", sort=True):
+        first = rows.iloc[0]
+        out[group] = {c: (None if _missing(first[c]) else first[c]) for c in columns}
+    return out
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _json(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(type(value))
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """The console table: one row per group, then the overall row."""
+    header = ["group", "n_fake", *METRICS]
+    rows = [
+        [group, str(values["n_fake"]), *(_fmt(values[m]) for m in METRICS)]
+        for group, values in metrics["groups"].items()
+    ]
+    rows.append(["overall", str(metrics["n"]), *(_fmt(metrics["overall"][m]) for m in METRICS)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [header, *rows]]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def log_table(module: LightningModule, metrics: dict[str, Any]) -> None:
+    """Print the table and hand it to W&B when that logger is in use."""
+    table = format_table(metrics)
+    print(f"\n{metrics['detector']} on {len(metrics['data'])} folder(s)\n{table}\n", flush=True)
+    for logger in module.loggers:
+        log_table_fn = getattr(logger, "log_table", None)
+        if callable(log_table_fn) and type(logger).__name__ == "WandbLogger":
+            columns = ["group", "n_fake", *METRICS]
+            data = [[g, v["n_fake"], *(v[m] for m in METRICS)] for g, v in metrics["groups"].items()]
+            log_table_fn(key="test_groups", columns=columns, data=data)
