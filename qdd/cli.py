@@ -135,8 +135,10 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     name, rest = argv[0], argv[1:]
     if name not in commands:
-        print(f"qdd-cli: unknown subcommand {name!r}; choose from: {', '.join(commands)}",
-              file=sys.stderr)
+        print(
+            f"qdd-cli: unknown subcommand {name!r}; choose from: {', '.join(commands)}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     try:
         commands[name][1](rest)

@@ -26,7 +26,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 

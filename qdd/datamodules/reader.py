@@ -78,7 +78,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise QddError(f"{manifest_path} is not valid JSON ({error}): re-create the shards") from None
+        raise QddError(
+            f"{manifest_path} is not valid JSON ({error}): re-create the shards"
+        ) from None
     if not manifest.get("shards"):
         raise QddError(f"{folder} holds no samples (empty manifest): check what was sharded")
     for shard in manifest["shards"]:

@@ -10,7 +10,6 @@ always land on the same side.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch

@@ -185,18 +185,19 @@ def _sha256(path: Path) -> str:
 
 def scan_shard(path: Path) -> tuple[list[str], Counter[str]]:
     """Keys and group counts of one complete shard (reads only its JSON members)."""
-    keys: list[str] = []
+    keys: dict[str, None] = {}  # ordered set: a key counts once, whatever its members
     groups: Counter[str] = Counter()
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
-                if member.name.endswith(".json"):
+                key, _, ext = member.name.partition(".")
+                keys[key] = None
+                if ext == "json":
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                    keys.append(member.name[: -len(".json")])
                     groups[group_of(meta)] += 1
     except (tarfile.TarError, OSError, json.JSONDecodeError) as error:
         raise QddError(f"{path} is corrupt ({error}): delete it and re-create the shards") from None
-    return keys, groups
+    return list(keys), groups
 
 
 def existing_keys(out_dir: str | Path) -> set[str]:

@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from qdd.detectors.weights import apply_state
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from qdd.detectors import build_detector, load_detector
-from qdd.detectors.weights import apply_state
 from qdd.metrics import METRICS, GroupedDetectionMetrics
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,10 @@ class DetectorModule(LightningModule):
                 group["lr"] = group["initial_lr"] = self.hparams.lr
         if scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     # -- the detector's own preprocessing, asked for by ShardDataModule --------------------
     def train_transform(self) -> Any:
@@ -274,8 +277,10 @@ def format_table(metrics: dict[str, Any]) -> str:
     ]
     rows.append(["overall", str(metrics["n"]), *(_fmt(metrics["overall"][m]) for m in METRICS)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    ]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
@@ -291,5 +296,7 @@ def log_table(module: LightningModule, metrics: dict[str, Any]) -> None:
         log_table_fn = getattr(logger, "log_table", None)
         if callable(log_table_fn) and type(logger).__name__ == "WandbLogger":
             columns = ["group", "n_fake", *METRICS]
-            data = [[g, v["n_fake"], *(v[m] for m in METRICS)] for g, v in metrics["groups"].items()]
+            data = [
+                [g, v["n_fake"], *(v[m] for m in METRICS)] for g, v in metrics["groups"].items()
+            ]
             log_table_fn(key="test_groups", columns=columns, data=data)

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny images and tiny shard folders, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+
+def random_image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
+    """A deterministic RGB noise image (width, height)."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """A small folder tree of images in several formats and modes."""
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    random_image(0).save(root / "a.png")
+    random_image(1, (33, 31)).save(root / "sub" / "b.jpg", quality=90)
+    random_image(2).convert("L").save(root / "sub" / "gray.png")
+    random_image(3).convert("RGBA").save(root / "c.v2.webp", lossless=True)
+    return root
+
+
+def write_fake_shards(
+    folder: Path,
+    counts: list[int],
+    generator: str = "sd3",
+    precision: str = "fp4",
+    label: int = 1,
+    size: tuple[int, int] = (32, 32),
+) -> list[str]:
+    """Shards with the given number of samples each; returns the keys written."""
+    from qdd.datamodules.schema import make_meta
+    from qdd.datamodules.writer import ShardWriter, write_manifest
+
+    keys = []
+    with ShardWriter(folder, mode="new", max_count=10**6) as writer:
+        n = 0
+        for count in counts:
+            for _ in range(count):
+                key = f"p{n:05d}-s{n}"
+                meta = make_meta(label, generator, generator=generator, precision=precision)
+                writer.write(key, random_image(n, size), meta)
+                keys.append(key)
+                n += 1
+            writer.flush()
+    write_manifest(folder)
+    return keys

@@ -1,0 +1,237 @@
+"""Writer, reader and `qdd-cli shard`: round trip, bad inputs, refusing to clobber."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qdd.cli import main
+from qdd.datamodules.dataset import ShardDataset
+from qdd.datamodules.folder import find_images, unique_key
+from qdd.datamodules.reader import index_folders, read_manifest, resolve_folders
+from qdd.datamodules.schema import make_meta
+from qdd.datamodules.writer import ShardWriter, existing_keys, write_manifest
+from qdd.errors import QddError
+from tests.conftest import random_image, write_fake_shards
+
+
+def read_all(folder: Path) -> dict[str, tuple[np.ndarray, int, dict]]:
+    entries, _ = index_folders(resolve_folders(folder))
+    return {
+        meta["key"]: (image.permute(1, 2, 0).numpy(), label, meta)
+        for image, label, meta in ShardDataset(entries)
+    }
+
+
+def test_shard_cli_round_trip(photo_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "shards"
+    main(
+        [
+            "shard",
+            "--src",
+            str(photo_dir),
+            "--out",
+            str(out),
+            "--label",
+            "real",
+            "--source",
+            "mine",
+            "--max-count",
+            "2",
+        ]
+    )
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total"] == 4 and manifest["groups"] == {"real/mine": 4}
+    assert [s["name"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
+    samples = read_all(out)
+    taken: set[str] = set()
+    for path in find_images(photo_dir):
+        key = unique_key(path.relative_to(photo_dir), taken)
+        pixels, label, meta = samples[key]
+        expected = np.asarray(Image.open(path).convert("RGB"))
+        np.testing.assert_array_equal(pixels, expected)
+        assert label == 0 and meta["source"] == "mine" and meta["generator"] == ""
+    assert "c_v2" in samples  # the dot in the file name is not in the key
+
+
+def test_refuses_to_clobber_then_overwrites(photo_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "shards"
+    args = ["shard", "--src", str(photo_dir), "--out", str(out), "--label", "real", "--source", "x"]
+    main(args)
+    before = (out / "manifest.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert (out / "manifest.json").read_bytes() == before  # nothing lost
+    main([*args, "--overwrite"])
+    assert (out / "manifest.json").read_bytes() == before  # deterministic output
+
+
+def test_undecodable_images_are_reported_and_skipped(photo_dir, tmp_path, capsys) -> None:
+    (photo_dir / "broken.jpg").write_bytes(b"not an image at all")
+    out = tmp_path / "shards"
+    main(["shard", "--src", str(photo_dir), "--out", str(out), "--label", "real", "--source", "x"])
+    err = capsys.readouterr().err
+    assert f"skipped {photo_dir / 'broken.jpg'}: cannot decode" in err
+    assert json.loads((out / "manifest.json").read_text())["total"] == 4
+
+
+def test_shard_cli_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    for src in [tmp_path / "empty", tmp_path / "missing"]:
+        with pytest.raises(SystemExit):
+            main(
+                [
+                    "shard",
+                    "--src",
+                    str(src),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--label",
+                    "real",
+                    "--source",
+                    "x",
+                ]
+            )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("qdd-cli shard: error:")
+
+
+def test_skimage_photographs_round_trip(tmp_path: Path) -> None:
+    """Every pixel of scikit-image's bundled photographs survives shard → DataModule."""
+    import skimage
+
+    from qdd.datamodules.shard import ShardDataModule
+
+    src = Path(skimage.__file__).parent / "data"
+    out = tmp_path / "real-skimage"
+    main(["shard", "--src", str(src), "--out", str(out), "--label", "real", "--source", "skimage"])
+    datamodule = ShardDataModule(str(out), batch_size=1, num_workers=2)
+    datamodule.setup("test")
+    taken: set[str] = set()
+    paths = {unique_key(p.relative_to(src), taken): p for p in find_images(src)}
+    seen = 0
+    for image, label, meta in datamodule.test_dataloader():
+        expected = np.asarray(Image.open(paths[meta["key"][0]]).convert("RGB"))
+        np.testing.assert_array_equal(image[0].permute(1, 2, 0).numpy(), expected)
+        seen += 1
+    # PIL cannot read skimage's multipage_rgb.tif: it is reported and skipped, the rest land.
+    assert seen == len(paths) - 1 > 20
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_sample_exactly_once(tmp_path: Path, world_size: int, num_workers: int) -> None:
+    from torch.utils.data import DataLoader
+
+    keys = write_fake_shards(tmp_path / "s", [5, 1, 7], size=(8, 8))
+    entries, groups = index_folders([tmp_path / "s"])
+    assert groups == {"sd3/fp4": 13}
+    seen: list[str] = []
+    for rank in range(world_size):
+        dataset = ShardDataset(entries, rank=rank, world_size=world_size)
+        loader = DataLoader(dataset, batch_size=2, num_workers=num_workers)
+        rank_keys = [k for _, _, meta in loader for k in meta["key"]]
+        assert len(rank_keys) == len(dataset) > 0
+        seen += rank_keys
+    assert sorted(seen) == sorted(keys)
+
+
+def test_training_split_is_even_across_ranks(tmp_path: Path) -> None:
+    write_fake_shards(tmp_path / "s", [5, 2], size=(8, 8))
+    entries, _ = index_folders([tmp_path / "s"])
+    lengths = {
+        len(ShardDataset(entries, rank=r, world_size=3, even=True, shuffle=True)) for r in range(3)
+    }
+    assert lengths == {3}
+    first = [m["key"] for _, _, m in ShardDataset(entries, shuffle=True, even=True)]
+    again = ShardDataset(entries, shuffle=True, even=True)
+    again.set_epoch(1)
+    assert sorted(first) == sorted(m["key"] for _, _, m in again) and len(set(first)) == 7
+
+
+def test_empty_and_unmanifested_folders(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QddError, match="no shards in"):
+        read_manifest(tmp_path / "empty")
+    write_fake_shards(tmp_path / "s", [2], size=(8, 8))
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(QddError, match="no manifest.json"):
+        read_manifest(tmp_path / "s")
+    with pytest.raises(QddError, match="no shard folder matches"):
+        resolve_folders(str(tmp_path / "nothing-*"))
+
+
+def test_truncated_shard_is_an_error(tmp_path: Path) -> None:
+    write_fake_shards(tmp_path / "s", [3], size=(8, 8))
+    shard = tmp_path / "s" / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    with pytest.raises(QddError, match="truncated"):
+        index_folders([tmp_path / "s"])
+
+
+def _tar_with(folder: Path, members: dict[str, bytes]) -> None:
+    folder.mkdir()
+    with tarfile.open(folder / "shard-000000.tar", "w") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    write_manifest(folder)
+
+
+def test_corrupt_png_and_missing_json_are_logged_skips(tmp_path: Path, caplog) -> None:
+    good = io.BytesIO()
+    random_image(0, (8, 8)).save(good, format="PNG")
+    meta = json.dumps(make_meta(0, "x")).encode()
+    _tar_with(
+        tmp_path / "s",
+        {
+            "good.png": good.getvalue(),
+            "good.json": meta,
+            "bad.png": b"\x89PNG garbage",
+            "bad.json": meta,
+            "lonely.png": good.getvalue(),
+        },
+    )
+    assert read_manifest(tmp_path / "s")["total"] == 3
+    samples = read_all(tmp_path / "s")
+    assert list(samples) == ["good"]
+    assert "skipped lonely" in caplog.text and "no .json member" in caplog.text
+    assert "skipped bad" in caplog.text
+
+
+def test_resume_drops_partial_shard(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    meta = make_meta(1, "sd3", generator="sd3", precision="fp4")
+    with pytest.raises(RuntimeError):
+        with ShardWriter(out, prefix="r0", max_count=2) as writer:
+            for i in range(3):
+                writer.write(f"k{i}", random_image(i, (8, 8)), meta)
+            raise RuntimeError("killed")
+    assert existing_keys(out) == {"k0", "k1"}
+    assert list(out.glob("*.partial"))
+    with ShardWriter(out, prefix="r0", max_count=2, mode="append") as writer:
+        writer.write("k2", random_image(2, (8, 8)), meta)
+    assert not list(out.glob("*.partial"))
+    assert write_manifest(out)["total"] == 3
+
+
+def test_webdataset_reads_our_shards(tmp_path: Path) -> None:
+    import webdataset as wds
+
+    keys = write_fake_shards(tmp_path / "s", [3], size=(8, 8))
+    dataset = wds.WebDataset(str(tmp_path / "s" / "shard-000000.tar"), shardshuffle=False)
+    samples = list(dataset.decode("pil"))
+    assert [s["__key__"] for s in samples] == keys
+    assert samples[0]["json"]["precision"] == "fp4" and samples[0]["png"].size == (8, 8)
