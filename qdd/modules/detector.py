@@ -277,10 +277,15 @@ def format_table(metrics: dict[str, Any]) -> str:
     ]
     rows.append(["overall", str(metrics["n"]), *(_fmt(metrics["overall"][m]) for m in METRICS)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in [header, *rows]
-    ]
+
+    def line(cells: list[str]) -> str:
+        padded = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded)
+
+    lines = [line(r) for r in [header, *rows]]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 

@@ -121,7 +121,7 @@ def test_skimage_photographs_round_trip(tmp_path: Path) -> None:
     taken: set[str] = set()
     paths = {unique_key(p.relative_to(src), taken): p for p in find_images(src)}
     seen = 0
-    for image, label, meta in datamodule.test_dataloader():
+    for image, _label, meta in datamodule.test_dataloader():
         expected = np.asarray(Image.open(paths[meta["key"][0]]).convert("RGB"))
         np.testing.assert_array_equal(image[0].permute(1, 2, 0).numpy(), expected)
         seen += 1
