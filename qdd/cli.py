@@ -120,12 +120,31 @@ def usage(commands: dict[str, tuple[str, Callable]]) -> str:
     return "\n".join(lines)
 
 
+class _NoTips(logging.Filter):
+    """Drop Lightning's advertising tips; keep everything else it says."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def _configure_logging() -> None:
+    """qdd's own INFO lines on stderr; other libraries keep their own handlers."""
+    logger = logging.getLogger("qdd")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Run ``qdd-cli`` with ``args`` (default: ``sys.argv[1:]``); callable from tests."""
     argv = list(sys.argv[1:] if args is None else args)
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     commands = _available()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(commands))

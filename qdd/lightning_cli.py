@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -84,8 +86,10 @@ def expand_shorthands(argv: list[str]) -> list[str]:
         else:
             rest.append(arg)
         i += 1
-    if paths:
-        rest.append(f"--data.paths={json.dumps(paths if len(paths) > 1 else paths[0])}")
+    if len(paths) == 1:
+        rest.append(f"--data.paths={paths[0]}")
+    elif paths:
+        rest.append(f"--data.paths={json.dumps(paths)}")
     return front + rest
 
 
@@ -150,6 +154,7 @@ def _fit_metrics(cli: QddLightningCLI) -> None:
 def run_trainer_command(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ...``; prints the run folder last."""
     args = [command, *expand_shorthands(argv)]
+    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
     cli = QddLightningCLI(
         DetectorModule,
         ShardDataModule,
@@ -162,4 +167,6 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
         return
     if command == "fit":
         _fit_metrics(cli)
+    if "wandb" in sys.modules:  # let W&B say its goodbye before our last line
+        sys.modules["wandb"].finish()
     print(cli.trainer.default_root_dir)

@@ -10,6 +10,7 @@ always land on the same side.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from qdd.datamodules.dataset import ShardDataset, Transform
-from qdd.datamodules.reader import Entry, index_folders, resolve_folders
+from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
 from qdd.errors import QddError
 
 
@@ -25,6 +26,10 @@ def in_validation(key: str, fraction: float) -> bool:
     """Deterministic split by key: the same key is on the same side in every folder."""
     digest = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big")
     return digest < fraction * 2**32
+
+
+# ShardDataset.__len__ is exact per rank and per worker split; Lightning warns regardless.
+warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
 
 
 class EpochDataLoader(DataLoader):
@@ -74,6 +79,8 @@ class ShardDataModule(LightningDataModule):
         self.eval_transform = eval_transform
         self.entries: list[Entry] = []
         self.groups: dict[str, int] = {}
+        for folder in self.folders:  # fail before the trainer starts, not after
+            read_manifest(folder)
 
     @property
     def folders(self) -> list[Path]:

@@ -275,7 +275,8 @@ def format_table(metrics: dict[str, Any]) -> str:
         [group, str(values["n_fake"]), *(_fmt(values[m]) for m in METRICS)]
         for group, values in metrics["groups"].items()
     ]
-    rows.append(["overall", str(metrics["n"]), *(_fmt(metrics["overall"][m]) for m in METRICS)])
+    n_fake = sum(values["n_fake"] for values in metrics["groups"].values())
+    rows.append(["overall", str(n_fake), *(_fmt(metrics["overall"][m]) for m in METRICS)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
