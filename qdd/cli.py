@@ -135,7 +135,6 @@ def _configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-        logger.propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 

@@ -52,13 +52,15 @@ def resolve_folders(data: str | Path | Sequence[str | Path]) -> list[Path]:
         text = str(item)
         matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
         if not matches:
-            raise QddError(f"no shard folder matches {text!r}: check the path or glob")
+            log.warning("no shard folder matches %r", text)
         for match in matches:
             path = Path(match)
             if not path.is_dir():
                 raise QddError(f"{path} is not a folder: --data takes shard folders (or a glob)")
             if path not in folders:
                 folders.append(path)
+    if not folders:
+        raise QddError(f"no shard folder matches {', '.join(map(str, items))}: check --data")
     return folders
 
 
