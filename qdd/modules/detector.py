@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from qdd.detectors.weights import apply_state
+from qdd.errors import QddError
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
@@ -92,6 +93,8 @@ class DetectorModule(LightningModule):
         hp = self.hparams
         args = dict(hp.detector_args or {})
         if hp.weights and str(hp.weights).endswith(".ckpt"):
+            if not Path(hp.weights).is_file():
+                raise QddError(f"checkpoint {hp.weights} does not exist: check the path")
             checkpoint = torch.load(hp.weights, map_location="cpu", weights_only=True)
             self.detector = build_detector(hp.detector, **args)
             apply_state(self.detector, checkpoint_state(checkpoint), str(hp.weights))
