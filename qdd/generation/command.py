@@ -1,0 +1,336 @@
+"""``qdd-cli generate``: images of one generator at one precision, or a whole study plan.
+
+One run = one output folder of shards (``<out>/`` for a single run, ``<out>/<generator>-
+<precision>/`` per cell of a plan), each with its ``recipe.json`` and ``manifest.json``.
+Runs resume: started again on the same folder, a run makes only the keys not yet sealed.
+``--trainer.devices N`` (and the other ``--trainer.*`` flags) go to Lightning's Trainer,
+which splits the prompts over the ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qdd.errors import QddError
+from qdd.generation.registry import GENERATORS, get_generator
+
+log = logging.getLogger("qdd.generation")
+
+BACKENDS = ("auto", "emulate", "torchao", "bitsandbytes")
+SCOPES = ("denoiser", "text", "all")
+STUDY_DIR = Path(__file__).resolve().parent.parent / "configs" / "study"
+#: Trainer settings that would change the numerics behind the recipe's back.
+FORBIDDEN_TRAINER_KEYS = ("precision", "plugins")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output folder: a generator at a precision, and how to run it."""
+
+    generator: str
+    precision: str
+    out: str
+    model_path: str | None = None  #: default: the generator's hub id
+    quant_backend: str = "auto"
+    quant_scope: str = "denoiser"
+    prompts: str | None = None  #: default: the built-in set
+    limit: int | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 1
+    shard_size: int = 100
+    overwrite: bool = False
+
+
+JOB_FIELDS = {f.name for f in fields(Job)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qdd-cli generate",
+        description="Generate images of a diffusion model at one precision (or a study plan's "
+        "grid of generators x precisions) into WebDataset shards. Resumable: run it again "
+        "to complete an interrupted folder. Lightning Trainer flags: --trainer.devices N, "
+        "--trainer.accelerator gpu|cpu, --trainer.strategy ddp, --trainer.num_nodes N.",
+    )
+    parser.add_argument("--plan", help="study plan YAML (or a name under configs/study/)")
+    parser.add_argument("--generator", help=f"one of: {', '.join(GENERATORS)}")
+    parser.add_argument(
+        "--model-path", help="hub id or local diffusers folder (default: the generator's hub id)"
+    )
+    parser.add_argument("--precision", help="fp32, fp16, fp8, fp4, nf4, nvfp4, mxfp4")
+    parser.add_argument(
+        "--quant-backend",
+        choices=BACKENDS,
+        help="default auto: the real library where it runs, else emulation",
+    )
+    parser.add_argument(
+        "--quant-scope",
+        choices=SCOPES,
+        help="what is quantized: denoiser (default), +text encoders, +VAE",
+    )
+    parser.add_argument("--prompts", help="prompt file, one per line (default: built-in set)")
+    parser.add_argument("--limit", type=int, help="only the first N prompts")
+    parser.add_argument("--seed", type=int, help="base seed; image i uses seed + i (default 0)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    parser.add_argument("--height", type=int, help="image height (default: native)")
+    parser.add_argument("--width", type=int, help="image width (default: native)")
+    parser.add_argument("--batch-size", type=int, help="images per pipeline call (default 1)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        help="images per shard (default 100); a killed run redoes at most this many per rank",
+    )
+    parser.add_argument("--out", help="output folder (a plan: the parent of its folders)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="delete what --out holds and start again",
+    )
+    return parser
+
+
+def split_trainer_flags(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Pull ``--trainer.key value`` / ``--trainer.key=value`` out of ``argv``."""
+    rest: list[str] = []
+    trainer: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--trainer."):
+            name, eq, value = arg[len("--trainer.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise QddError(f"{arg} needs a value: e.g. {arg} 2")
+                value = argv[i + 1]
+                i += 1
+            trainer[name] = yaml.safe_load(value)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, trainer
+
+
+def check_trainer_kwargs(trainer: dict[str, Any]) -> dict[str, Any]:
+    for key in FORBIDDEN_TRAINER_KEYS:
+        if key in trainer:
+            raise QddError(
+                f"--trainer.{key} is not used by generate: the precision recipe sets every "
+                "dtype; pass --precision instead"
+            )
+    return trainer
+
+
+def find_plan(plan: str) -> Path:
+    """A plan file, or the name of a packaged plan (``paper`` → configs/study/paper.yaml)."""
+    path = Path(plan)
+    if path.is_file():
+        return path
+    packaged = STUDY_DIR / (path.name if path.suffix else f"{plan}.yaml")
+    if packaged.is_file():
+        return packaged
+    names = sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+    raise QddError(f"plan {plan} not found: pass a YAML file or one of {', '.join(names)}")
+
+
+def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]:
+    """The plan's grid of jobs; command-line values override the plan's."""
+    try:
+        plan = yaml.safe_load(plan_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise QddError(f"plan {plan_path} is not valid YAML ({error}): fix the file") from None
+    if not isinstance(plan, dict) or not plan.get("generators"):
+        raise QddError(f"plan {plan_path} lists no generators: add a `generators:` list")
+    plan = dict(plan)
+    trainer = dict(plan.pop("trainer", None) or {})
+    entries = plan.pop("generators")
+    default_precisions = plan.pop("precisions", None)
+    plan_out = plan.pop("out", None)
+    out = overrides.pop("out", None) or plan_out
+    if not out:
+        raise QddError(f"plan {plan_path} names no output folder: pass --out DIR")
+    for name in ("generator", "precision", "model_path"):
+        if overrides.get(name) is not None:
+            raise QddError(f"--{name.replace('_', '-')} does not go with --plan: edit the plan")
+    unknown = set(plan) - JOB_FIELDS
+    if unknown:
+        raise QddError(
+            f"plan {plan_path}: unknown key(s) {', '.join(sorted(unknown))}: "
+            f"use {', '.join(sorted(JOB_FIELDS - {'out', 'generator', 'precision'}))}"
+        )
+    jobs = []
+    for entry in entries:
+        entry = {"generator": entry} if isinstance(entry, str) else dict(entry)
+        precisions = entry.pop("precisions", default_precisions)
+        if not precisions:
+            raise QddError(
+                f"plan {plan_path}: no precisions for {entry.get('generator')}: "
+                "add a `precisions:` list"
+            )
+        unknown = set(entry) - JOB_FIELDS
+        if unknown:
+            raise QddError(
+                f"plan {plan_path}: unknown key(s) {', '.join(sorted(unknown))} in "
+                f"the entry of {entry.get('generator')}"
+            )
+        settings = {**plan, **entry, **{k: v for k, v in overrides.items() if v is not None}}
+        generator = get_generator(settings.pop("generator")).name
+        for precision in precisions:
+            folder = Path(out) / f"{generator}-{precision}"
+            jobs.append(Job(generator=generator, precision=precision, out=str(folder), **settings))
+    return jobs, trainer
+
+
+def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
+    """The command line as jobs and Trainer keyword arguments."""
+    argv, trainer = split_trainer_flags(argv)
+    args = vars(build_parser().parse_args(argv))
+    plan = args.pop("plan")
+    if plan is not None:
+        jobs, plan_trainer = jobs_from_plan(find_plan(plan), args)
+        return jobs, check_trainer_kwargs({**plan_trainer, **trainer})
+    for name in ("generator", "precision", "out"):
+        if args[name] is None:
+            raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")
+    settings = {k: v for k, v in args.items() if v is not None}
+    return [Job(**settings)], check_trainer_kwargs(trainer)
+
+
+def is_launch_leader() -> bool:
+    """True in the process that prepares folders: global rank 0 (or before a launch)."""
+    for variable in ("RANK", "SLURM_PROCID"):
+        if variable in os.environ:
+            return int(os.environ[variable]) == 0
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def make_trainer(trainer_kwargs: dict[str, Any]) -> Any:
+    import lightning as L
+
+    settings: dict[str, Any] = {
+        "accelerator": "auto",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": sys.stderr.isatty(),
+        "use_distributed_sampler": False,  # it pads with duplicates; PromptDataModule splits
+        "deterministic": "warn",
+        **trainer_kwargs,
+    }
+    try:
+        return L.Trainer(**settings)
+    except (TypeError, ValueError) as error:
+        # Lightning's MisconfigurationException is a ValueError.
+        raise QddError(
+            f"bad --trainer.* flag ({error}): see `python -c "
+            "'import lightning; help(lightning.Trainer)'`"
+        ) from None
+
+
+def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
+    """Generate one folder (resuming it if it holds part of the set); returns the folder."""
+    from qdd.datamodules.writer import write_manifest
+    from qdd.generation.jobs import Recipe, pending, prepare_folder, work_items
+    from qdd.generation.loading import compute_dtype_name, resolve_model_path
+    from qdd.generation.prompts import load_prompts, prompts_digest
+    from qdd.quant import PRECISIONS, resolve_backend
+
+    spec = get_generator(job.generator)
+    if job.precision not in PRECISIONS:
+        raise QddError(
+            f"unknown precision {job.precision!r}: choose one of {', '.join(PRECISIONS)}"
+        )
+    if job.quant_backend not in BACKENDS:
+        raise QddError(
+            f"unknown --quant-backend {job.quant_backend!r}: choose one of {', '.join(BACKENDS)}"
+        )
+    if job.quant_scope not in SCOPES:
+        raise QddError(
+            f"unknown --quant-scope {job.quant_scope!r}: choose one of {', '.join(SCOPES)}"
+        )
+    for name in ("batch_size", "shard_size", "steps", "height", "width"):
+        value = getattr(job, name)
+        if value is not None and value < 1:
+            raise QddError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    model_path = job.model_path or spec.hub_id
+    resolve_model_path(model_path)  # a missing folder fails here, before Lightning starts
+    prompts = load_prompts(job.prompts)
+    items = work_items(prompts, job.seed, job.limit)
+    trainer = make_trainer(trainer_kwargs or {})
+    device = trainer.strategy.root_device
+    quantized = job.precision not in ("fp32", "fp16")
+    backend = (
+        resolve_backend(job.precision, job.quant_backend, str(device)) if quantized else "none"
+    )
+    recipe = Recipe(
+        generator=spec.name,
+        model_id=model_path,
+        precision=job.precision,
+        quant_backend=backend,
+        quant_scope=job.quant_scope if quantized else None,
+        dtype=compute_dtype_name(spec, job.precision),
+        steps=job.steps or spec.steps,
+        guidance=spec.guidance if job.guidance is None else float(job.guidance),
+        height=job.height or spec.resolution,
+        width=job.width or spec.resolution,
+        base_seed=job.seed,
+        batch_size=job.batch_size,
+        prompts_sha=prompts_digest(prompts),
+    )
+    out = Path(job.out)
+    leader = is_launch_leader()
+    if leader:
+        prepare_folder(out, recipe, job.overwrite)
+        if quantized and job.quant_backend == "auto":
+            log.info(
+                "%s %s: --quant-backend auto chose %s on %s",
+                spec.name,
+                job.precision,
+                backend,
+                device.type,
+            )
+    _barrier()  # every rank reads the folder after the leader prepared it ...
+    todo = items if job.overwrite else pending(items, out)
+    _barrier()  # ... and before any rank writes to it
+    if todo:
+        from qdd.generation.data import PromptDataModule
+        from qdd.modules.generator import GeneratorModule
+
+        module = GeneratorModule(recipe, model_path, out, shard_size=job.shard_size)
+        data = PromptDataModule(todo, batch_size=job.batch_size)
+        trainer.predict(module, datamodule=data, return_predictions=False)
+        _barrier()
+    if trainer.is_global_zero:
+        manifest = write_manifest(out)
+        log.info("%s: %d images, %d failed", out, manifest["total"], len(manifest["failed"]))
+    return out
+
+
+def _barrier() -> None:
+    """Wait for every rank's last shard before the manifest (no-op without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def main(argv: list[str]) -> None:
+    """``qdd-cli generate ARGS``: prints the output folder (a plan: its parent) last."""
+    jobs, trainer_kwargs = parse_jobs(list(argv))
+    folders = [run_job(job, trainer_kwargs) for job in jobs]
+    if is_launch_leader():
+        print(folders[0] if len(folders) == 1 else folders[0].parent)

@@ -1,0 +1,121 @@
+"""GeneratorModule: a diffusion pipeline at one precision inside Lightning's predict loop.
+
+Lightning brings the device placement and the DDP launch (``--trainer.devices N``,
+torchrun, SLURM); the module loads its own pipeline copy on its rank's device, generates
+its share of the prompts and writes them through its own `ShardWriter` (prefix ``r<rank>``),
+so ranks never touch each other's shards. The command merges them in one manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from qdd.datamodules.writer import ShardWriter
+from qdd.generation.images import image_failure, to_uint8
+from qdd.generation.jobs import Recipe, WorkItem
+from qdd.generation.loading import QuantSummary, apply_precision, load_pipeline
+from qdd.generation.registry import get_generator
+
+log = logging.getLogger(__name__)
+# predict_step writes its images and returns nothing, on purpose.
+warnings.filterwarnings("ignore", message="predict returned None")
+
+
+class GeneratorModule(L.LightningModule):
+    """Generate and write the images of one recipe; ``predict_step`` returns nothing."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        model_path: str,
+        out_dir: str | Path,
+        shard_size: int = 100,
+    ) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.spec = get_generator(recipe.generator)
+        self.model_path = model_path
+        self.out_dir = Path(out_dir)
+        self.shard_size = shard_size
+        self.pipeline: Any = None  # a DiffusionPipeline is not an nn.Module: Lightning leaves it
+        self.summary: QuantSummary | None = None
+        self.writer: ShardWriter | None = None
+        self.n_written = 0
+        self.n_failed = 0
+
+    def setup(self, stage: str) -> None:
+        if self.pipeline is not None:
+            return
+        device = self.trainer.strategy.root_device
+        recipe = self.recipe
+        self.pipeline = load_pipeline(self.spec, self.model_path, recipe.dtype, device)
+        self.summary = apply_precision(
+            self.pipeline,
+            self.spec,
+            recipe.precision,
+            recipe.quant_backend,
+            recipe.quant_scope or "denoiser",
+            str(device),
+        )
+        if self.summary.backend != recipe.quant_backend:
+            raise RuntimeError(
+                f"backend {self.summary.backend!r} on {device}, but the recipe says "
+                f"{recipe.quant_backend!r}"
+            )
+        if self.trainer.is_global_zero:
+            log.info(
+                "%s %s on %s: backend %s, scope %s, %.1f%% of %d parameters quantized, compute %s",
+                recipe.generator,
+                recipe.precision,
+                device,
+                self.summary.backend,
+                self.summary.scope,
+                100 * self.summary.fraction,
+                self.summary.n_params,
+                self.summary.dtype,
+            )
+
+    def on_predict_start(self) -> None:
+        prefix = f"r{self.trainer.global_rank}"
+        self.writer = ShardWriter(
+            self.out_dir, prefix=prefix, max_count=self.shard_size, mode="append"
+        )
+
+    def generate(self, batch: list[WorkItem]) -> Any:
+        """The float images (N, H, W, 3) in [0, 1] of one batch, one CPU generator per image."""
+        recipe = self.recipe
+        return self.pipeline(
+            prompt=[item.prompt for item in batch],
+            generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
+            num_inference_steps=recipe.steps,
+            guidance_scale=recipe.guidance,
+            height=recipe.height,
+            width=recipe.width,
+            output_type="np",
+            **self.spec.call_kwargs,
+        ).images
+
+    def predict_step(self, batch: list[WorkItem], batch_idx: int) -> None:
+        assert self.writer is not None and self.summary is not None
+        images = self.generate(batch)
+        for item, image in zip(batch, images, strict=True):
+            meta = self.recipe.meta(item, self.summary.fraction)
+            reason = image_failure(image)
+            if reason is None:
+                self.writer.write(item.key, to_uint8(image), meta)
+                self.n_written += 1
+            else:
+                log.warning("%s %s: %s", self.out_dir.name, item.key, reason)
+                self.writer.record_failure(item.key, meta, reason)
+                self.n_failed += 1
+
+    def on_predict_end(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
