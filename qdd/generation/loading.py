@@ -71,7 +71,7 @@ def resolve_model_path(model_path: str) -> str:
 
 
 def load_pipeline(spec: GeneratorSpec, model_path: str, dtype: str, device: Any) -> Any:
-    """``from_pretrained`` in ``dtype`` on ``device``, progress bars off; hub failures → QddError."""
+    """``from_pretrained`` in ``dtype`` on ``device``; hub failures become a `QddError`."""
     import diffusers
     import torch
     import transformers
