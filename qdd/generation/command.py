@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -312,7 +313,9 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
 
         module = GeneratorModule(recipe, model_path, out, shard_size=job.shard_size)
         data = PromptDataModule(todo, batch_size=job.batch_size)
-        trainer.predict(module, datamodule=data, return_predictions=False)
+        with warnings.catch_warnings():  # predict_step writes and returns None on purpose
+            warnings.filterwarnings("ignore", message="predict returned None")
+            trainer.predict(module, datamodule=data, return_predictions=False)
         _barrier()
     if trainer.is_global_zero:
         manifest = write_manifest(out)

@@ -90,7 +90,7 @@ def load_pipeline(spec: GeneratorSpec, model_path: str, dtype: str, device: Any)
                 f"cannot load the pipeline in {model_path} ({error}): re-save it with "
                 "save_pretrained or pass another --model-path"
             ) from None
-        reason = str(error).splitlines()[0][:200]
+        reason = str(error).splitlines()[0].split(" (")[0][:200]
         raise QddError(
             f"cannot load {model_path} from the Hugging Face hub ({reason}): download it "
             f"first (`hf download {model_path}`, then HF_HUB_OFFLINE=1) or pass a local folder"

@@ -3,7 +3,8 @@
 Tests and ``qdd-cli demo`` save them with ``save_pretrained`` and load them back through
 the same ``--model-path DIR`` path a real checkpoint takes. Every width is a multiple of 32
 so that the 4-bit block formats (16, 32, 64 elements) divide every Linear layer, as in the
-real models. The VAEs downsample by 2 (not 8) to keep 64² images cheap on a CPU.
+real models. The VAEs downsample by 4 (not 8): a 64² image has a 16² latent, cheap on a CPU
+also in float16/bfloat16, whose convolutions have no fast CPU kernels.
 """
 
 from __future__ import annotations
@@ -94,12 +95,12 @@ def _vae(latent_channels: int, flow: bool) -> Any:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 32),  # narrow at full resolution: half convs are slow on CPU
         layers_per_block=1,
         latent_channels=latent_channels,
-        norm_num_groups=32,
+        norm_num_groups=8,
         sample_size=64,
         scaling_factor=1.5 if flow else 0.18215,
         **extra,
@@ -113,7 +114,7 @@ def _sd_components(name: str) -> dict[str, Any]:
     v2 = name == "sd21"
     tokenizer = clip_tokenizer()
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=16,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -158,7 +159,7 @@ def _sdxl_components() -> dict[str, Any]:
     tokenizer = clip_tokenizer()
     time_dim = 16  # 6 size/crop numbers x 16 + the 32 pooled text: 128 input features
     unet = UNet2DConditionModel(
-        sample_size=32,
+        sample_size=16,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -201,7 +202,7 @@ def _sd3_components(name: str) -> dict[str, Any]:
 
     tokenizer, t5_tok = clip_tokenizer(), t5_tokenizer()
     transformer = SD3Transformer2DModel(
-        sample_size=32,
+        sample_size=16,
         patch_size=2,
         in_channels=4,
         out_channels=4,

@@ -9,7 +9,6 @@ so ranks never touch each other's shards. The command merges them in one manifes
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,6 @@ from qdd.generation.loading import QuantSummary, apply_precision, load_pipeline
 from qdd.generation.registry import get_generator
 
 log = logging.getLogger(__name__)
-# predict_step writes its images and returns nothing, on purpose.
-warnings.filterwarnings("ignore", message="predict returned None")
 
 
 class GeneratorModule(L.LightningModule):

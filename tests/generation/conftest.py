@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,19 +22,40 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: build_tiny_pipeline(name, root / name) for name in TINY}
 
 
-def generate(
-    capsys: pytest.CaptureFixture[str], *args: str, steps: int = 2, limit: int = 2
-) -> Path:
+@pytest.fixture
+def generate(capsys: pytest.CaptureFixture[str]) -> Callable[..., Path]:
     """``qdd-cli generate ARGS`` at 64² with few steps; returns the folder it printed last."""
     from qdd.cli import main
 
-    capsys.readouterr()
-    main(["generate", "--steps", str(steps), "--limit", str(limit), "--height", str(SIZE),
-          "--width", str(SIZE), "--trainer.accelerator", "cpu", *args])
-    return Path(capsys.readouterr().out.strip().splitlines()[-1])
+    def run(*args: str, steps: int = 2, limit: int = 2) -> Path:
+        capsys.readouterr()
+        main(
+            [
+                "generate",
+                "--steps",
+                str(steps),
+                "--limit",
+                str(limit),
+                "--height",
+                str(SIZE),
+                "--width",
+                str(SIZE),
+                "--trainer.accelerator",
+                "cpu",
+                *args,
+            ]
+        )
+        return Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+    return run
 
 
-def read_samples(folder: Path) -> dict[str, tuple[bytes, dict]]:
+@pytest.fixture
+def read_samples() -> Callable[[Path], dict[str, tuple[bytes, dict]]]:
+    return samples_of
+
+
+def samples_of(folder: Path) -> dict[str, tuple[bytes, dict]]:
     """Every sample of a folder's complete shards: key -> (png bytes, metadata)."""
     samples: dict[str, dict[str, bytes]] = {}
     for shard in sorted(folder.glob("*.tar")):

@@ -31,7 +31,9 @@ def test_tiny_pipeline_round_trips(name: str, tmp_path: Path) -> None:
         assert layer.in_features % 32 == 0, layer_name
         assert layer.weight.numel() % 64 == 0, layer_name
     n_params = sum(
-        p.numel() for c in pipeline.components.values() if hasattr(c, "parameters")
+        p.numel()
+        for c in pipeline.components.values()
+        if hasattr(c, "parameters")
         for p in c.parameters()
     )
     assert n_params < 3_000_000

@@ -1,0 +1,294 @@
+"""``qdd-cli generate`` end to end on tiny saved pipelines: every precision, offline, CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qdd.datamodules.schema import FIELDS
+
+PRECISIONS = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
+
+
+def test_precision_list_matches_qdd_quant() -> None:
+    from qdd.quant import PRECISIONS as QUANT_PRECISIONS
+
+    assert set(PRECISIONS) == set(QUANT_PRECISIONS)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("generator", ["sd15", "sdxl", "sd3", "flux-schnell"])
+def test_every_generator_at_every_precision(
+    generator: str,
+    precision: str,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    generate,
+    read_samples,
+) -> None:
+    out = generate(
+        "--generator",
+        generator,
+        "--model-path",
+        str(tiny_models[generator]),
+        "--precision",
+        precision,
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert out == tmp_path / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total"] == 2 and manifest["groups"] == {f"{generator}/{precision}": 2}
+    samples = read_samples(out)
+    assert sorted(samples) == ["p00000-s0", "p00001-s1"]
+    quantized = precision not in ("fp32", "fp16")
+    for png, meta in samples.values():
+        assert png.startswith(b"\x89PNG")
+        assert set(FIELDS) <= set(meta)
+        assert (meta["generator"], meta["precision"], meta["label"]) == (generator, precision, 1)
+        assert (meta["width"], meta["height"], meta["steps"]) == (64, 64, 2)
+        assert meta["model_id"] == str(tiny_models[generator])
+        half = "bfloat16" if generator in ("sd3", "flux-schnell") else "float16"
+        assert meta["dtype"] == ("float32" if precision == "fp32" else half)
+        if quantized:
+            assert meta["quant_scope"] == "denoiser" and meta["quant_backend"] != "none"
+            assert 0.2 < meta["quant_fraction"] <= 1.0
+        else:
+            assert meta["quant_backend"] == "none" and meta["quant_fraction"] == 0.0
+
+
+def test_same_seed_gives_byte_identical_pngs_and_fp4_differs(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
+) -> None:
+    common = ["--generator", "sd3", "--model-path", str(tiny_models["sd3"])]
+    first = generate(*common, "--precision", "fp4", "--out", str(tmp_path / "a"))
+    again = generate(*common, "--precision", "fp4", "--out", str(tmp_path / "b"))
+    fp32 = generate(*common, "--precision", "fp32", "--out", str(tmp_path / "c"))
+    a, b, c = read_samples(first), read_samples(again), read_samples(fp32)
+    assert {k: v[0] for k, v in a.items()} == {k: v[0] for k, v in b.items()}
+    assert sorted(a) == sorted(c)  # paired keys across precisions
+    for key in a:
+        assert a[key][0] != c[key][0], key
+    shas = [json.loads((f / "manifest.json").read_text())["shards"] for f in (first, again)]
+    assert [s["sha256"] for s in shas[0]] == [s["sha256"] for s in shas[1]]
+
+
+def test_emulated_fp4_equals_bitsandbytes_on_cpu(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    common = ["--generator", "sd3", "--model-path", str(tiny_models["sd3"]), "--precision", "fp4"]
+    emulated = generate(*common, "--quant-backend", "emulate", "--out", str(tmp_path / "e"))
+    real = generate(*common, "--quant-backend", "bitsandbytes", "--out", str(tmp_path / "b"))
+    e, b = read_samples(emulated), read_samples(real)
+    assert {k: v[1]["quant_backend"] for k, v in b.items()} == dict.fromkeys(b, "bitsandbytes")
+    assert {k: v[1]["quant_fraction"] for k, v in e.items()} == {
+        k: v[1]["quant_fraction"] for k, v in b.items()
+    }
+    assert {k: v[0] for k, v in e.items()} == {k: v[0] for k, v in b.items()}
+
+
+def test_interrupted_run_resumes_without_duplicates(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples, monkeypatch
+) -> None:
+    from qdd.modules.generator import GeneratorModule
+
+    args = [
+        "--generator",
+        "sd15",
+        "--model-path",
+        str(tiny_models["sd15"]),
+        "--precision",
+        "fp32",
+        "--shard-size",
+        "2",
+    ]
+    reference = read_samples(generate(*args, "--out", str(tmp_path / "ref"), limit=5))
+
+    original = GeneratorModule.predict_step
+    calls = []
+
+    def crash_after_three(self, batch, batch_idx):  # noqa: ANN001, ANN202
+        calls.append(batch_idx)
+        if len(calls) > 3:
+            raise RuntimeError("killed")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GeneratorModule, "predict_step", crash_after_three)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        generate(*args, "--out", str(out), limit=5)
+    assert len(list(out.glob("*.tar"))) == 1  # p0, p1 sealed; p2 left in a .partial shard
+    assert len(list(out.glob("*.tar.partial"))) == 1
+    assert not (out / "manifest.json").exists()
+
+    monkeypatch.setattr(GeneratorModule, "predict_step", original)
+    generate(*args, "--out", str(out), limit=5)
+    assert not list(out.glob("*.tar.partial"))
+    resumed = read_samples(out)  # read_samples would merge a duplicate: count keys per shard
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(s["count"] for s in manifest["shards"]) == manifest["total"] == 5
+    assert {k: v[0] for k, v in resumed.items()} == {k: v[0] for k, v in reference.items()}
+
+    generate(*args, "--out", str(out), limit=5)  # complete: nothing to do
+    assert json.loads((out / "manifest.json").read_text())["total"] == 5
+
+
+def test_nan_and_black_images_are_recorded_as_failures(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples, monkeypatch
+) -> None:
+    import numpy as np
+
+    from qdd.modules.generator import GeneratorModule
+
+    original = GeneratorModule.generate
+
+    def broken(self, batch):  # noqa: ANN001, ANN202
+        images = original(self, batch)
+        if batch[0].prompt_id == 1:
+            images[0, 3, 3, 0] = np.nan
+        if batch[0].prompt_id == 2:
+            images[:] = 0.0
+        return images
+
+    monkeypatch.setattr(GeneratorModule, "generate", broken)
+    out = generate(
+        "--generator",
+        "sd15",
+        "--model-path",
+        str(tiny_models["sd15"]),
+        "--precision",
+        "fp16",
+        "--out",
+        str(tmp_path / "o"),
+        limit=3,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total"] == 1 and sorted(read_samples(out)) == ["p00000-s0"]
+    reasons = {f["key"]: f["reason"] for f in manifest["failed"]}
+    assert set(reasons) == {"p00001-s1", "p00002-s2"}
+    assert "NaN" in reasons["p00001-s1"] and "black" in reasons["p00002-s2"]
+
+
+def test_image_failure_checks() -> None:
+    import numpy as np
+
+    from qdd.generation.images import image_failure, to_uint8
+
+    good = np.full((4, 4, 3), 0.5, dtype=np.float32)
+    assert image_failure(good) is None
+    assert image_failure(np.full_like(good, 0.001)) is not None  # rounds to black
+    assert to_uint8(np.array([0.0, 0.5, 1.0, 0.499])).tolist() == [0, 128, 255, 127]
+
+
+def test_ddp_splits_prompts_across_ranks_without_overlap(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
+) -> None:
+    args = ["--generator", "sd3", "--model-path", str(tiny_models["sd3"]), "--precision", "fp32"]
+    single = read_samples(generate(*args, "--out", str(tmp_path / "one"), limit=5))
+    out = generate(
+        *args,
+        "--out",
+        str(tmp_path / "two"),
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_fork",
+        limit=5,
+    )
+    assert sorted(p.name.split("-")[0] for p in out.glob("*.tar")) == ["r0", "r1"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total"] == 5 == sum(s["count"] for s in manifest["shards"])
+    assert {k: v[0] for k, v in read_samples(out).items()} == {k: v[0] for k, v in single.items()}
+
+
+def test_rank_split_is_a_partition() -> None:
+    from qdd.generation.data import PromptDataModule
+    from qdd.generation.jobs import work_items
+
+    items = work_items([str(i) for i in range(7)], 0)
+    data = PromptDataModule(items)
+    shares = [data.rank_items(rank, 3) for rank in range(3)]
+    keys = [i.key for share in shares for i in share]
+    assert sorted(keys) == sorted(i.key for i in items) and len(set(keys)) == 7
+
+
+def test_plan_runs_a_grid(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
+) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        "out: ignored\nprecisions: [fp32, fp8]\nseed: 10\ngenerators:\n"
+        f"  - generator: sd15\n    model_path: {tiny_models['sd15']}\n"
+        f"  - generator: flux-schnell\n    model_path: {tiny_models['flux-schnell']}\n"
+        "    precisions: [fp4]\n"
+    )
+    out = generate("--plan", str(plan), "--out", str(tmp_path / "grid"), limit=1)
+    assert out == tmp_path / "grid"
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["flux-schnell-fp4", "sd15-fp32", "sd15-fp8"]
+    for folder in folders:
+        assert list(read_samples(out / folder)) == ["p00000-s10"]
+
+
+def test_packaged_paper_plan_is_six_generators_by_four_precisions() -> None:
+    from qdd.generation.command import find_plan, jobs_from_plan
+
+    jobs, _ = jobs_from_plan(find_plan("configs/study/paper.yaml"), {})
+    assert len(jobs) == 24 and len({j.generator for j in jobs}) == 6
+    assert {j.precision for j in jobs} == {"fp32", "fp16", "fp8", "fp4"}
+    assert all(j.model_path is None for j in jobs)  # hub ids from the registry
+    for name in ("formats", "smoke"):
+        assert jobs_from_plan(find_plan(name), {})[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--generator", "sd9", "--precision", "fp4"], "unknown generator"),
+        (["--generator", "sd3", "--precision", "fp5"], "unknown precision"),
+        (["--generator", "sd3", "--precision", "fp4", "--model-path", "./no/such"], "not found"),
+        (
+            ["--generator", "sd3", "--precision", "fp4", "--model-path", "nobody/no-model"],
+            "Hugging Face hub",
+        ),
+        (
+            ["--generator", "sd3", "--precision", "fp4", "--trainer.precision", "16"],
+            "trainer.precision",
+        ),
+        (["--plan", "no-such-plan"], "plan no-such-plan not found"),
+    ],
+)
+def test_user_errors_are_one_line(
+    args: list[str], message: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from qdd.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *args, "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2  # the QddError path: one line, no traceback
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_folder_of_another_recipe_is_refused(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples, capsys
+) -> None:
+    args = [
+        "--generator",
+        "sd15",
+        "--model-path",
+        str(tiny_models["sd15"]),
+        "--precision",
+        "fp32",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    generate(*args, limit=1)
+    with pytest.raises(SystemExit):
+        generate(*args, steps=3, limit=1)
+    assert "different recipe (steps: 2 -> 3)" in capsys.readouterr().err
+    out = generate(*args, "--overwrite", steps=3, limit=1)
+    assert read_samples(out)["p00000-s0"][1]["steps"] == 3
