@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from qdd.detectors.weights import apply_state
-from qdd.errors import QddError
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from qdd.detectors import build_detector, load_detector
+from qdd.detectors.weights import apply_state
+from qdd.errors import QddError
 from qdd.metrics import METRICS, GroupedDetectionMetrics
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,10 @@ class DetectorModule(LightningModule):
         logits = self(images)
         loss = self.criterion(logits, labels.float())
         metrics.update(torch.sigmoid(logits.detach().double()), labels)
-        self.log(f"{stage}_loss", loss, batch_size=len(labels), prog_bar=True, sync_dist=True)
+        self.log(
+            f"{stage}_loss", loss, batch_size=len(labels), prog_bar=True, sync_dist=True,
+            on_step=stage == "train", on_epoch=True,
+        )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

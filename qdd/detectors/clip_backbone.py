@@ -1,0 +1,87 @@
+"""Frozen open_clip image towers for the feature-based detectors (CLIP-D, UnivFD).
+
+Only the image tower is kept: the text tower of ViT-L/14 is 123 M parameters the detectors
+never use. Weights come from a local open_clip file or an open_clip pretrained tag; a tag
+that cannot be fetched (offline machine) is a user error with the fix in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qdd.errors import QddError
+
+log = logging.getLogger(__name__)
+
+#: Our tiny config (same code path as ViT-L/14, random init) for tests and the demo.
+TINY_CONFIG = Path(__file__).with_name("configs") / "qdd-tiny-vit.json"
+
+
+def _register_configs() -> None:
+    import open_clip
+
+    if TINY_CONFIG.stem not in open_clip.list_models():
+        open_clip.add_model_config(TINY_CONFIG)
+
+
+def load_image_tower(model: str, weights: str | None, *, projected: bool) -> nn.Module:
+    """The frozen, eval-mode image tower of open_clip ``model``.
+
+    Args:
+        model: open_clip architecture name (``ViT-L-14``, ``ViT-L-14-quickgelu``, …).
+        weights: a local weight file, an open_clip pretrained tag, or ``None`` for a
+            random tower (seeded, so a fitted head reloads onto the same features).
+        projected: keep the final projection (UnivFD) or drop it for the pre-projection
+            token after ``ln_post`` (CLIP-D).
+    """
+    import open_clip
+
+    _register_configs()
+    if model not in open_clip.list_models():
+        raise QddError(
+            f"unknown CLIP backbone {model!r}: use an open_clip model name such as ViT-L-14"
+        )
+    if weights is None:
+        log.warning("CLIP backbone %s has random weights (asked for explicitly)", model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip = open_clip.create_model(model, pretrained=None)
+    else:
+        clip = _create_pretrained(open_clip, model, weights)
+    tower = clip.visual
+    if not projected:
+        tower.proj = None
+    tower.requires_grad_(False)
+    return tower.eval()
+
+
+def _create_pretrained(open_clip, model: str, weights: str) -> nn.Module:  # noqa: ANN001
+    local = Path(weights).expanduser()
+    looks_like_path = local.suffix in (".bin", ".pt", ".pth", ".safetensors") or "/" in weights
+    if looks_like_path and not local.is_file():
+        raise QddError(
+            f"CLIP backbone weights {weights} do not exist: download them (see "
+            "checkpoints/README.md) and pass --model.detector_args.backbone_weights FILE"
+        )
+    source = str(local) if looks_like_path else weights
+    try:
+        return open_clip.create_model(model, pretrained=source, require_pretrained=True)
+    except QddError:
+        raise
+    except Exception as error:  # network, missing tag, mismatched file: all need the user
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise QddError(
+            f"cannot load CLIP backbone {model} weights {weights!r} ({reason}): on an offline "
+            "machine download the open_clip weight file and pass "
+            "--model.detector_args.backbone_weights FILE"
+        ) from None
+
+
+def image_size(tower: nn.Module) -> int:
+    """The square input size the tower was built for (224 for ViT-L/14)."""
+    size = tower.image_size
+    return int(size[0] if isinstance(size, tuple | list) else size)

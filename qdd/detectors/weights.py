@@ -1,0 +1,126 @@
+"""Loading detector weights: official files unchanged, our checkpoints, and loud failures.
+
+A detector must never evaluate with random weights by accident, so every way weights can
+be wrong — a missing file, an unreadable one, a key or shape mismatch — is a `QddError`
+naming the file, what did not match, and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qdd.detectors.base import Detector
+from qdd.detectors.registry import build_detector, detector_class
+from qdd.errors import QddError
+
+log = logging.getLogger(__name__)
+
+#: Keys official files wrap their state_dict in, in the order they are tried.
+WRAPPERS = ("model", "state_dict", "net")
+
+
+def checkpoints_dir() -> Path:
+    """``$QDD_CHECKPOINTS`` or ./checkpoints: where official weight files are looked for."""
+    return Path(os.environ.get("QDD_CHECKPOINTS", "checkpoints"))
+
+
+def official_path(cls: type[Detector]) -> Path:
+    return checkpoints_dir() / cls.official_weights
+
+
+def unwrap_state(raw: Any) -> dict[str, Tensor]:
+    """A flat state_dict from a raw one, one wrapped in model/state_dict/net, or DDP's."""
+    state = raw
+    while isinstance(state, dict) and not any(isinstance(v, Tensor) for v in state.values()):
+        inner = next((state[k] for k in WRAPPERS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a state_dict, found {type(state).__name__}")
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
+
+
+def read_state(path: str | Path) -> dict[str, Tensor]:
+    """The flat state_dict stored in ``path`` (tensors only, loaded safely on CPU)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise QddError(
+            f"weights file {path} does not exist: download it (see checkpoints/README.md) "
+            "or pass --weights FILE"
+        )
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return unwrap_state(raw)
+    except Exception as error:
+        raise QddError(
+            f"cannot read weights {path} ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}): pass a PyTorch state_dict file"
+        ) from None
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    more = f" … (+{len(keys) - limit})" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def apply_state(detector: Detector, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into the detector's trainable part, strictly, or explain the mismatch."""
+    state = type(detector).adapt_state(state)
+    state = {k: v for k, v in state.items() if not k.startswith(detector.frozen_prefixes)}
+    expected = detector.head_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)}≠{tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_names(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch {_names(wrong, 2)}")
+    if problems:
+        raise QddError(
+            f"{source} does not fit detector {detector.name} ({'; '.join(problems)}): "
+            f"pass the {detector.name} weights listed in checkpoints/README.md, or check "
+            "--model.detector_args"
+        )
+    detector.load_state_dict(state, strict=False)
+
+
+def load_detector(
+    name: str, weights: str | Path | None = None, random_weights: bool = False, **args: Any
+) -> Detector:
+    """Build detector ``name`` and load its weights: ``weights``, else the official file.
+
+    Without either, it refuses — unless ``random_weights`` asks for an untrained head.
+    """
+    cls = detector_class(name)
+    path = Path(weights).expanduser() if weights else official_path(cls)
+    if weights is None and not path.is_file():
+        if not random_weights:
+            raise QddError(
+                f"no weights for detector {cls.name}: {path} not found; download it "
+                "(checkpoints/README.md), pass --weights FILE, or --random-weights for a smoke test"
+            )
+        detector = build_detector(name, **args)
+        log.warning("detector %s runs with RANDOM head weights (--random-weights)", cls.name)
+        return detector
+    state = read_state(path)
+    detector = build_detector(name, **args)
+    apply_state(detector, state, str(path))
+    log.info("detector %s: weights from %s", cls.name, path)
+    return detector
