@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 
 from qdd.cli import main
 from qdd.datamodules.schema import make_meta
@@ -26,8 +26,15 @@ FAST = [
 ]
 
 
-def write_set(folder: Path, n: int, label: int, generator: str | None, precision: str | None,
-              smooth: bool = False, offset: int = 0) -> None:
+def write_set(
+    folder: Path,
+    n: int,
+    label: int,
+    generator: str | None,
+    precision: str | None,
+    smooth: bool = False,
+    offset: int = 0,
+) -> None:
     """Noise images (real) or blurred noise images (fake): a learnable difference."""
     source = generator or "noise"
     with ShardWriter(folder, max_count=7) as writer:
@@ -35,8 +42,13 @@ def write_set(folder: Path, n: int, label: int, generator: str | None, precision
             image = random_image(i, (48, 48))
             if smooth:
                 image = image.filter(ImageFilter.GaussianBlur(2))
-            meta = make_meta(label, source, generator=generator, precision=precision,
-                             quant_backend="emulate" if precision == "fp4" else None)
+            meta = make_meta(
+                label,
+                source,
+                generator=generator,
+                precision=precision,
+                quant_backend="emulate" if precision == "fp4" else None,
+            )
             writer.write(f"p{i:05d}-s{i}", image, meta)
     write_manifest(folder)
 
@@ -56,8 +68,20 @@ def last_line(capsys: pytest.CaptureFixture) -> str:
 
 def test_test_writes_run_folder(shards: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    main(["test", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
-          "--out", str(out), "--data.batch_size=8", *FAST])
+    main(
+        [
+            "test",
+            "--detector",
+            "npr",
+            "--random-weights",
+            "--data",
+            str(shards / "*"),
+            "--out",
+            str(out),
+            "--data.batch_size=8",
+            *FAST,
+        ]
+    )
     assert last_line(capsys) == str(out)
     assert (out / "config.yaml").exists()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -76,8 +100,7 @@ def test_missing_weights_and_unknown_detector_fail_loudly(shards: Path, tmp_path
         (["--detector", "npr"], "checkpoints"),
         (["--detector", "npr", "--weights", str(tmp_path / "nope.pth")], "nope.pth"),
         (["--detector", "nosuchdetector"], "npr"),
-        (["--detector", "npr", "--random-weights", "--data", str(tmp_path / "empty")],
-         "empty"),
+        (["--detector", "npr", "--random-weights", "--data", str(tmp_path / "empty")], "empty"),
     ]:
         (tmp_path / "empty").mkdir(exist_ok=True)
         data = [] if "--data" in args else ["--data", str(shards / "*")]
@@ -90,10 +113,25 @@ def test_missing_weights_and_unknown_detector_fail_loudly(shards: Path, tmp_path
 
 def test_fit_lowers_loss_and_checkpoint_reloads(shards: Path, tmp_path: Path, capsys) -> None:
     fit_dir = tmp_path / "fit"
-    main(["fit", "--detector", "npr", "--random-weights",
-          "--data", str(shards / "real-noise"), "--data", str(shards / "tiny-fp32"),
-          "--out", str(fit_dir), "--data.batch_size=8", "--data.val_fraction=0.25",
-          "--trainer.max_epochs=4", "--trainer.log_every_n_steps=1", *FAST])
+    main(
+        [
+            "fit",
+            "--detector",
+            "npr",
+            "--random-weights",
+            "--data",
+            str(shards / "real-noise"),
+            "--data",
+            str(shards / "tiny-fp32"),
+            "--out",
+            str(fit_dir),
+            "--data.batch_size=8",
+            "--data.val_fraction=0.25",
+            "--trainer.max_epochs=4",
+            "--trainer.log_every_n_steps=1",
+            *FAST,
+        ]
+    )
     assert last_line(capsys) == str(fit_dir)
     history = pd.read_csv(fit_dir / "metrics.csv")
     losses = history["train_loss_epoch"].dropna().to_numpy()
@@ -105,8 +143,19 @@ def test_fit_lowers_loss_and_checkpoint_reloads(shards: Path, tmp_path: Path, ca
     runs = []
     for flag in (["--ckpt_path", ckpt], ["--weights", ckpt]):
         run = tmp_path / f"test{len(runs)}"
-        main(["test", "--detector", "npr", *flag, "--data", str(shards / "*"),
-              "--out", str(run), *FAST])
+        main(
+            [
+                "test",
+                "--detector",
+                "npr",
+                *flag,
+                "--data",
+                str(shards / "*"),
+                "--out",
+                str(run),
+                *FAST,
+            ]
+        )
         runs.append(pd.read_parquet(run / "scores.parquet"))
     np.testing.assert_array_equal(runs[0]["logit"], runs[1]["logit"])
 
@@ -138,12 +187,128 @@ def test_ddp_two_processes_see_each_sample_once(shards: Path, tmp_path: Path) ->
     out = tmp_path / "ddp"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "qdd", "test", "--detector", "npr", "--random-weights",
-         "--data", str(shards / "*"), "--out", str(out), "--data.batch_size=5",
-         "--trainer.strategy=ddp", "--trainer.devices=2", *FAST],
-        check=True, env=env, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "qdd",
+            "test",
+            "--detector",
+            "npr",
+            "--random-weights",
+            "--data",
+            str(shards / "*"),
+            "--out",
+            str(out),
+            "--data.batch_size=5",
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            *FAST,
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == 56
     assert not scores.duplicated(["key", "group"]).any()
     assert json.loads((out / "metrics.json").read_text())["n"] == 56
+
+
+@pytest.mark.parametrize("detector", ["npr", "clipd", "univfd", "corvi"])
+def test_every_detector_tests_over_cli_made_shards(
+    detector: str, shards: Path, tmp_path: Path, capsys
+) -> None:
+    """Real photos sharded by `qdd-cli shard`, fakes from the generator's writer."""
+    from qdd.detectors.tiny import tiny_detector_args
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        random_image(50 + i, (48, 48)).save(photos / f"photo{i}.png")
+    main(
+        [
+            "shard",
+            "--src",
+            str(photos),
+            "--out",
+            str(tmp_path / "real"),
+            "--label",
+            "real",
+            "--source",
+            "photos",
+        ]
+    )
+    out = tmp_path / "run"
+    main(
+        [
+            "test",
+            "--detector",
+            detector,
+            "--random-weights",
+            "--model.detector_args",
+            json.dumps(tiny_detector_args(detector)),
+            "--data",
+            str(tmp_path / "real"),
+            "--data",
+            str(shards / "tiny-fp4"),
+            "--out",
+            str(out),
+            "--data.batch_size=4",
+            *FAST,
+        ]
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["detector"] == detector and metrics["n"] == 22
+    assert metrics["groups"]["tiny/fp4"]["n_real"] == 6
+    assert 0.0 <= metrics["overall"]["auroc"] <= 1.0
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert scores["logit"].notna().all() and set(scores["detector"]) == {detector}
+
+
+def test_clipd_fit_saves_only_the_head_and_reloads(shards: Path, tmp_path: Path) -> None:
+    from qdd.detectors.tiny import tiny_detector_args
+
+    args = ["--model.detector_args", json.dumps(tiny_detector_args("clipd"))]
+    fit_dir = tmp_path / "fit"
+    main(
+        [
+            "fit",
+            "--detector",
+            "clipd",
+            "--random-weights",
+            *args,
+            "--data",
+            str(shards / "real-noise"),
+            "--data",
+            str(shards / "tiny-fp32"),
+            "--out",
+            str(fit_dir),
+            "--data.batch_size=8",
+            "--trainer.max_epochs=2",
+            *FAST,
+        ]
+    )
+    summary = json.loads((fit_dir / "metrics.json").read_text())
+    ckpt = summary["last_checkpoint"] or summary["best_checkpoint"]
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert set(state) == {"detector.fc.weight", "detector.fc.bias"}
+    logits = []
+    for flag in (["--ckpt_path", ckpt], ["--weights", ckpt]):
+        run = tmp_path / f"test{len(logits)}"
+        main(
+            [
+                "test",
+                "--detector",
+                "clipd",
+                *args,
+                *flag,
+                "--data",
+                str(shards / "tiny-fp4"),
+                "--out",
+                str(run),
+                *FAST,
+            ]
+        )
+        logits.append(pd.read_parquet(run / "scores.parquet")["logit"].to_numpy())
+    np.testing.assert_array_equal(logits[0], logits[1])
