@@ -155,6 +155,13 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ...``; prints the run folder last."""
     args = [command, *expand_shorthands(argv)]
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
+    # Our shard dataset splits itself per rank and worker, so its __len__ is exact.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    # Frozen CLIP towers stay in eval mode on purpose (no dropout, fixed norms).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
+    # The run folder already holds config.yaml when the CSV logger starts; nothing is lost.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
     cli = QddLightningCLI(
         DetectorModule,
         ShardDataModule,
