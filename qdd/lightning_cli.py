@@ -133,6 +133,7 @@ class QddLightningCLI(LightningCLI):
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.dirpath is None:
             callback.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
+            callback.save_last = True  # checkpoints/last.ckpt: a path users can predict
 
 
 def _fit_metrics(cli: QddLightningCLI) -> None:
