@@ -1,0 +1,1 @@
+"""LightningModules: DetectorModule (test and fit), GeneratorModule (predict)."""
