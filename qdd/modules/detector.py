@@ -104,6 +104,8 @@ class DetectorModule(LightningModule):
             )
         # Frozen backbones are not in our checkpoints: load the rest strictly ourselves.
         self.strict_loading = not self.detector.frozen_prefixes
+        # NHWC convolutions run ~1.5x faster on CPU (oneDNN) and on tensor cores.
+        self.detector.to(memory_format=torch.channels_last)
 
     def configure_losses(self) -> None:
         self.criterion = torch.nn.BCEWithLogitsLoss()
