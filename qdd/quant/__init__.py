@@ -1,0 +1,21 @@
+"""Precision formats: exact emulations and the real bitsandbytes/torchao backends."""
+
+from qdd.quant.backends import (
+    BACKENDS,
+    QuantReport,
+    diffusers_quantization_config,
+    quantize_module_,
+    resolve_backend,
+)
+from qdd.quant.formats import PRECISIONS, QUANTIZED, fake_quantize
+
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "QUANTIZED",
+    "QuantReport",
+    "diffusers_quantization_config",
+    "fake_quantize",
+    "quantize_module_",
+    "resolve_backend",
+]

@@ -1,0 +1,194 @@
+"""Applying a precision to a module: the real library backends and the exact emulation.
+
+``auto`` picks a real backend only where it has real kernels (CUDA); elsewhere the
+emulation, which is bit-exact against the same library's quantize/dequantize, runs
+anywhere. What ran is recorded in every sample's metadata.
+
+On CPU, bitsandbytes' ``Linear4bit`` (0.50) dequantizes the weight to the input's dtype
+(C kernel: ``code × absmax`` in fp32, then cast) and calls ``F.linear(x, W, bias)``; on CPUs
+with AVX512-BF16 it repacks weights for a fused kernel instead, whose rounding differs.
+The emulated module does the same cast-then-``F.linear``, so their outputs are equal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdd.errors import QddError
+from qdd.quant.formats import LAST_DIM_MULTIPLE, QUANTIZED, fake_quantize
+
+log = logging.getLogger(__name__)
+
+BACKENDS: tuple[str, ...] = ("auto", "emulate", "torchao", "bitsandbytes")
+#: Which real library implements each format.
+LIBRARY = {"fp4": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao",
+           "nvfp4": "torchao", "mxfp4": "torchao"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What `quantize_module_` did: format, backend, and how much of the module it covers."""
+
+    precision: str
+    backend: str
+    compute_dtype: str
+    n_quantized: int  #: parameters in quantized Linear weights
+    n_params: int  #: all parameters of the module
+
+    @property
+    def fraction(self) -> float:
+        return self.n_quantized / self.n_params if self.n_params else 0.0
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def resolve_backend(precision: str, backend: str, device: torch.device | str) -> str:
+    """The backend that will run ``precision`` on ``device`` ('none' when unquantized)."""
+    if backend not in BACKENDS:
+        raise QddError(f"unknown quantization backend {backend!r}: one of {', '.join(BACKENDS)}")
+    if precision not in QUANTIZED:
+        return "none"
+    device = torch.device(device)
+    library = LIBRARY[precision]
+    capability = _capability(device)
+    if backend == "auto":
+        if capability is None:
+            return "emulate"  # exact, and no slower than the libraries' CPU fallbacks
+        if precision in ("nvfp4", "mxfp4") and capability < (10, 0):
+            return "emulate"  # FP4 tensor cores: Blackwell (sm100) and newer
+        if precision == "fp8" and capability < (8, 9):
+            return "emulate"
+        return library
+    if backend == "emulate":
+        return backend
+    if backend != library:
+        raise QddError(
+            f"--quant-backend {backend} does not implement {precision}: use {library} or emulate"
+        )
+    _check_installed(library)
+    if precision in ("nvfp4", "mxfp4") and (capability or (0, 0)) < (10, 0):
+        raise QddError(
+            f"{precision} through torchao needs an sm100+ (Blackwell) GPU, not {device}: "
+            "use --quant-backend emulate (bit-exact)"
+        )
+    return backend
+
+
+def _check_installed(library: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(library) is None:
+        raise QddError(f"{library} is not installed: pip install {library}, or use emulate")
+
+
+def _quantizable(module: nn.Module, precision: str) -> bool:
+    if not isinstance(module, nn.Linear):
+        return False
+    multiple = LAST_DIM_MULTIPLE.get(precision)
+    shape = module.weight.shape
+    return multiple is None or (shape[-1] % multiple == 0 and shape[0] % multiple == 0)
+
+
+def quantize_module_(
+    module: nn.Module, precision: str, backend: str, compute_dtype: torch.dtype
+) -> QuantReport:
+    """Cast ``module`` to ``compute_dtype``, then quantize its Linear weights in place."""
+    module.to(compute_dtype)
+    n_params = sum(p.numel() for p in module.parameters())
+    dtype_name = str(compute_dtype).removeprefix("torch.")
+    if precision not in QUANTIZED:
+        return QuantReport(precision, "none", dtype_name, 0, n_params)
+    if backend == "auto":
+        raise ValueError("resolve the backend first (resolve_backend)")
+    targets = {name: m for name, m in module.named_modules() if _quantizable(m, precision)}
+    n_quantized = sum(m.weight.numel() for m in targets.values())
+    if backend == "emulate":
+        with torch.no_grad():
+            for linear in targets.values():
+                linear.weight.copy_(fake_quantize(linear.weight, precision).to(compute_dtype))
+    elif backend == "bitsandbytes":
+        _to_bitsandbytes(module, targets, precision, compute_dtype)
+    elif backend == "torchao":
+        _to_torchao(module, set(targets), precision)
+    else:
+        raise ValueError(f"unknown backend {backend!r}")
+    log.debug("%s/%s: %d of %d parameters quantized", precision, backend, n_quantized, n_params)
+    return QuantReport(precision, backend, dtype_name, n_quantized, n_params)
+
+
+def _to_bitsandbytes(
+    module: nn.Module, targets: dict[str, nn.Linear], precision: str, dtype: torch.dtype
+) -> None:
+    """Swap each Linear for bnb's Linear4bit holding the same weights, quantized."""
+    import bitsandbytes as bnb
+
+    for name, linear in targets.items():
+        device = linear.weight.device
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            compute_dtype=dtype, compress_statistics=False, quant_type=precision,
+            quant_storage=torch.uint8, device="meta",
+        )  # fmt: skip
+        layer.weight = bnb.nn.Params4bit(
+            linear.weight.data.to("cpu"), requires_grad=False, quant_type=precision,
+            blocksize=64, compress_statistics=False,
+        ).to(device)  # fmt: skip
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        layer.eval()
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, layer)
+
+
+def torchao_config(precision: str) -> Any:
+    """The torchao config that stores weights in ``precision``."""
+    if precision == "fp8":
+        from torchao.quantization import Float8WeightOnlyConfig, PerRow
+
+        return Float8WeightOnlyConfig(granularity=PerRow())
+    if precision == "nvfp4":
+        from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
+
+        return NVFP4WeightOnlyConfig(use_dynamic_per_tensor_scale=True)
+    if precision == "mxfp4":
+        from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig
+
+        return MXDynamicActivationMXWeightConfig(
+            activation_dtype=torch.float4_e2m1fn_x2, weight_dtype=torch.float4_e2m1fn_x2
+        )
+    raise ValueError(f"torchao does not implement {precision}")
+
+
+def _to_torchao(module: nn.Module, names: set[str], precision: str) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(module, torchao_config(precision), filter_fn=lambda _, fqn: fqn in names)
+
+
+def diffusers_quantization_config(precision: str, backend: str, compute_dtype: torch.dtype) -> Any:
+    """The diffusers config that quantizes a component inside ``from_pretrained`` (GPU).
+
+    ``None`` for the emulation and the unquantized levels, which are applied after loading.
+    """
+    if precision not in QUANTIZED or backend in ("emulate", "none"):
+        return None
+    if backend == "bitsandbytes":
+        from diffusers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=precision, bnb_4bit_compute_dtype=compute_dtype
+        )
+    if backend == "torchao":
+        from diffusers import TorchAoConfig
+
+        return TorchAoConfig(torchao_config(precision))
+    raise ValueError(f"unknown backend {backend!r}")

@@ -1,0 +1,184 @@
+"""The precision formats as exact pure-PyTorch quantize→dequantize ("fake quantization").
+
+Each function reproduces one library's numerics operation for operation, so that an image
+made with the emulation equals one made with the library's real kernels (checked bit for
+bit in tests/quant). Where this code and a paper disagree, the library wins: the study
+measures what people actually deploy.
+
+- ``fp4``/``nf4``: bitsandbytes 4-bit. The weight is flattened row-major into blocks of 64;
+  each block keeps its fp32 absmax; values are scaled by the *reciprocal* of the absmax
+  (``x * (1/absmax)``, not ``x / absmax``) except the ragged last block, which divides;
+  the nearest of 16 code values is taken (ties toward the lower code); dequantization is
+  ``value * absmax`` in fp32. FP4's values are exact (2/3, 1/192 …): the 4-decimal table
+  in ``bitsandbytes.backends.utils`` is not the one its kernels use.
+- ``fp8``: torchao ``Float8WeightOnlyConfig``: e4m3, one scale per output row,
+  ``amax / 448`` computed in the weight's own dtype, values divided by it in fp32.
+- ``nvfp4``: torchao ``NVFP4WeightOnlyConfig``: E2M1 per 16 values, an E4M3 block scale
+  relative to an fp32 per-tensor scale ``amax / (448·6)``.
+- ``mxfp4``: torchao MX (OCP MX v1.0): E2M1 per 32 values, a power-of-two E8M0 scale
+  ``2^(floor(log2 amax) − 2)`` (torchao's FLOOR mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
+QUANTIZED: frozenset[str] = frozenset({"fp8", "fp4", "nf4", "nvfp4", "mxfp4"})
+
+#: bitsandbytes' 4-bit code books (dequantized value of each 4-bit code, fp32).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+#: bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit), in code order, before it is
+#: divided by its largest value (12) in fp32 — as bitsandbytes builds it.
+FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
+           -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)  # fmt: skip
+BNB_BLOCK = 64
+
+#: E2M1 (FP4 of NVFP4/MXFP4): the non-negative values; the sign is a separate bit.
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+E4M3_EPS = torch.finfo(torch.float8_e4m3fn).tiny  # torchao clamps block scales to this
+NVFP4_BLOCK, MXFP4_BLOCK = 16, 32
+
+#: Elements processed at once: bounds the temporary memory on Flux-size weights.
+CHUNK = 1 << 24
+
+
+def _sorted_code(code: Tensor) -> tuple[Tensor, Tensor]:
+    """(code values in ascending order, decision midpoints between neighbours)."""
+    values = code.sort(stable=True).values
+    return values, (values[:-1] + values[1:]) / 2
+
+
+def bnb_code(precision: str, device: torch.device | str = "cpu") -> Tensor:
+    """The 16 dequantized values of bitsandbytes' ``fp4`` or ``nf4`` (fp32)."""
+    if precision == "nf4":
+        return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    raw = torch.tensor(FP4_RAW, dtype=torch.float32, device=device)
+    return raw / raw.abs().max()
+
+
+def _bnb_blocks(x: Tensor, values: Tensor, midpoints: Tensor, reciprocal: bool) -> Tensor:
+    """One or more whole blocks (rows of ``x``): scale, snap to the code, rescale."""
+    absmax = x.abs().amax(dim=-1, keepdim=True)
+    safe = absmax.clamp(min=1e-38)
+    scaled = x * (1.0 / safe) if reciprocal else x / safe
+    index = torch.bucketize(scaled.clamp(-1, 1), midpoints)
+    return values[index] * (absmax if reciprocal else safe)
+
+
+def bnb_4bit(weight: Tensor, precision: str, block: int = BNB_BLOCK) -> Tensor:
+    """bitsandbytes ``quantize_4bit`` then ``dequantize_4bit`` (fp32 result)."""
+    flat = weight.reshape(-1).float()
+    values, midpoints = _sorted_code(bnb_code(precision, flat.device))
+    out = torch.empty_like(flat)
+    full = flat.numel() - flat.numel() % block
+    step = CHUNK - CHUNK % block
+    for start in range(0, full, step):
+        stop = min(start + step, full)
+        blocks = flat[start:stop].view(-1, block)
+        out[start:stop] = _bnb_blocks(blocks, values, midpoints, reciprocal=True).view(-1)
+    if full < flat.numel():  # the ragged last block divides instead of multiplying
+        out[full:] = _bnb_blocks(flat[None, full:], values, midpoints, reciprocal=False)[0]
+    return out.view(weight.shape)
+
+
+def fp8_rowwise(weight: Tensor) -> Tensor:
+    """torchao float8 weight-only (e4m3, per-row scale) quantize→dequantize."""
+    rows = weight.reshape(weight.shape[0], -1)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=weight.device)
+    step = max(1, CHUNK // max(1, rows.shape[1]))
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step]
+        scale = (chunk.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).float()
+        scaled = (chunk.float() / scale).clamp(-E4M3_MAX, E4M3_MAX)
+        out[start : start + step] = scaled.to(torch.float8_e4m3fn).float() * scale
+    return out.view(weight.shape)
+
+
+def round_to_e2m1(x: Tensor) -> Tensor:
+    """Round fp32 values (already within ±6) to the nearest E2M1 value, ties to even."""
+    grid = torch.tensor(E2M1_GRID, dtype=torch.float32, device=x.device)
+    midpoints = (grid[:-1] + grid[1:]) / 2
+    magnitude = x.abs()
+    index = torch.bucketize(magnitude, midpoints)  # a tie goes to the lower neighbour …
+    tie = magnitude == midpoints[index.clamp(max=len(midpoints) - 1)]
+    index = index + (tie & (index % 2 == 1)).long()  # … unless that one's mantissa is odd
+    return torch.copysign(grid[index], x)
+
+
+def _e2m1_blocks(weight: Tensor, block: int, scales: Callable[[Tensor], Tensor]) -> Tensor:
+    """Blocks of ``block`` along the last dim: scale from ``scales``, E2M1 elements."""
+    rows = weight.reshape(-1, weight.shape[-1])
+    out = torch.empty(rows.shape, dtype=torch.float32, device=weight.device)
+    step = max(1, CHUNK // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        blocks = rows[start : start + step].float().unflatten(-1, (-1, block))
+        divide_by, multiply_by = scales(blocks)
+        elements = round_to_e2m1((blocks * divide_by).clamp(-E2M1_MAX, E2M1_MAX))
+        out[start : start + step] = (elements * multiply_by).flatten(-2)
+    return out.view(weight.shape)
+
+
+def nvfp4(weight: Tensor) -> Tensor:
+    """torchao NVFP4 weight-only with the dynamic per-tensor scale."""
+    if weight.shape[-1] % NVFP4_BLOCK:
+        raise ValueError(f"nvfp4 needs the last dim divisible by {NVFP4_BLOCK}")
+    tensor_scale = weight.abs().max().float() / (E4M3_MAX * E2M1_MAX)
+
+    def scales(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        block_scale = blocks.abs().amax(dim=-1, keepdim=True) / E2M1_MAX
+        fp8 = (block_scale / tensor_scale).clamp(E4M3_EPS, E4M3_MAX).to(torch.float8_e4m3fn)
+        fp8 = fp8.float()
+        return (1.0 / tensor_scale) / fp8, fp8 * tensor_scale
+
+    return _e2m1_blocks(weight, NVFP4_BLOCK, scales)
+
+
+def mxfp4(weight: Tensor) -> Tensor:
+    """torchao MXFP4 (FLOOR scale mode) quantize→dequantize."""
+    if weight.shape[-1] % MXFP4_BLOCK:
+        raise ValueError(f"mxfp4 needs the last dim divisible by {MXFP4_BLOCK}")
+
+    def scales(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        amax = blocks.abs().amax(dim=-1, keepdim=True)
+        exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2(amax))
+        biased = (exponent - 2).clamp(-127, 128) + 127  # E4M3's largest power of two is 4
+        scale = (biased << 23).view(torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
+        return 1.0 / scale, scale
+
+    return _e2m1_blocks(weight, MXFP4_BLOCK, scales)  # ×(1/2^k) is exact: same as ÷2^k
+
+
+FAKE_QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
+    "fp4": lambda w: bnb_4bit(w, "fp4"),
+    "nf4": lambda w: bnb_4bit(w, "nf4"),
+    "fp8": fp8_rowwise,
+    "nvfp4": nvfp4,
+    "mxfp4": mxfp4,
+}
+
+#: Block size along the last dim that a format needs (Linear layers that miss it stay
+#: unquantized, as the real backends refuse them).
+LAST_DIM_MULTIPLE = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}
+
+
+def fake_quantize(weight: Tensor, precision: str) -> Tensor:
+    """Quantize→dequantize one weight with the exact numerics of ``precision`` (fp32 out)."""
+    try:
+        quantizer = FAKE_QUANTIZERS[precision]
+    except KeyError:
+        raise ValueError(
+            f"{precision!r} is not a quantized precision: one of {sorted(FAKE_QUANTIZERS)}"
+        ) from None
+    with torch.no_grad():
+        return quantizer(weight.detach())

@@ -1,0 +1,106 @@
+"""Emulated formats against the libraries' own quantize/dequantize, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qdd.quant import fake_quantize
+from qdd.quant.formats import round_to_e2m1
+
+
+def weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random weights with the awkward cases: a zero row, outliers, tiny values."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    w[0] = 0.0  # a zero row (one or more zero blocks)
+    w.view(-1)[7] = 3.0  # an outlier
+    w.view(-1)[-3] = -1e-30  # far below everything else
+    return w.to(dtype)
+
+
+SHAPES = [(64, 128), (48, 96), (96, 40), (5, 64 * 3 + 32)]  # rows not multiples of blocks
+
+
+@pytest.mark.parametrize("precision", ["fp4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [*SHAPES, (7, 9)])  # (7, 9): a ragged last block
+def test_bnb_4bit_bit_exact(precision: str, dtype: torch.dtype, shape: tuple) -> None:
+    F = pytest.importorskip("bitsandbytes.functional")
+    w = weights(shape, dtype)
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type=precision)
+    expected = F.dequantize_4bit(packed, state)  # in the weight's dtype
+    assert expected.dtype == dtype
+    assert torch.equal(fake_quantize(w, precision).to(dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_rowwise_bit_exact_against_torchao(dtype: torch.dtype, shape: tuple) -> None:
+    pytest.importorskip("torchao")
+    from torchao.quantization.quant_primitives import (
+        _choose_scale_float8,
+        _dequantize_affine_float8,
+        _quantize_affine_float8,
+    )
+
+    w = weights(shape, dtype, seed=1)
+    w[0, 0] = 1e-3  # torchao divides by a zero row's scale (NaN): real weights have none
+    block = [1, shape[1]]
+    scale = _choose_scale_float8(w, block, torch.float8_e4m3fn)
+    expected = _dequantize_affine_float8(_quantize_affine_float8(w, scale), scale, dtype)
+    assert torch.equal(fake_quantize(w, "fp8").to(dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 128), (48, 96), (16, 32)])
+def test_nvfp4_bit_exact_against_torchao(dtype: torch.dtype, shape: tuple) -> None:
+    pytest.importorskip("torchao")
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+    w = weights(shape, dtype, seed=2)
+    tensor_scale = per_tensor_amax_to_scale(torch.max(torch.abs(w)))
+    expected = NVFP4Tensor.to_nvfp4(w, per_tensor_scale=tensor_scale).dequantize(dtype)
+    assert torch.equal(fake_quantize(w, "nvfp4").to(dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 128), (48, 96), (32, 32)])
+def test_mxfp4_bit_exact_against_torchao(dtype: torch.dtype, shape: tuple) -> None:
+    pytest.importorskip("torchao")
+    from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
+
+    w = weights(shape, dtype, seed=3)
+    scale, data = to_mx(w, torch.float4_e2m1fn_x2, 32)
+    expected = to_dtype(data, scale, torch.float4_e2m1fn_x2, 32, dtype)
+    assert torch.equal(fake_quantize(w, "mxfp4").to(dtype), expected)
+
+
+def test_e2m1_rounds_ties_to_even() -> None:
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -5.0, 0.26, 6.0])
+    expected = torch.tensor([0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.0, -4.0, 0.5, 6.0])
+    assert torch.equal(round_to_e2m1(x), expected)
+
+
+def test_large_weights_are_processed_in_chunks(monkeypatch) -> None:
+    from qdd.quant import formats
+
+    w = weights((96, 128), torch.bfloat16, seed=4)
+    whole = {p: fake_quantize(w, p) for p in ("fp4", "fp8", "nvfp4", "mxfp4")}
+    monkeypatch.setattr(formats, "CHUNK", 1000)  # not a multiple of any block
+    for precision, expected in whole.items():
+        assert torch.equal(fake_quantize(w, precision), expected), precision
+
+
+def test_formats_really_quantize() -> None:
+    w = weights((64, 128), torch.float32, seed=5)
+    levels = {"fp4": 16, "nf4": 16, "nvfp4": 16, "mxfp4": 16}
+    for precision, most in levels.items():
+        q = fake_quantize(w, precision)
+        assert not torch.equal(q, w)
+        block = 16 if precision == "nvfp4" else 32 if precision == "mxfp4" else 64
+        per_block = q.reshape(-1, block)
+        assert max(len(row.unique()) for row in per_block) <= most
+    assert fake_quantize(w, "fp8").unique().numel() < w.unique().numel()
+    with pytest.raises(ValueError, match="not a quantized precision"):
+        fake_quantize(w, "fp16")
