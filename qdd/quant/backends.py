@@ -90,12 +90,23 @@ def _check_installed(library: str) -> None:
         raise QddError(f"{library} is not installed: pip install {library}, or use emulate")
 
 
+class UnfusedBiasLinear(nn.Linear):
+    """``x @ W.T`` then ``+ bias``: torchao's float8 weight-only layers add the bias apart
+    from the matmul, which rounds differently from ``F.linear``'s fused add in bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x, self.weight.t())
+        return out if self.bias is None else out + self.bias
+
+
 def _quantizable(module: nn.Module, precision: str) -> bool:
     if not isinstance(module, nn.Linear):
         return False
-    multiple = LAST_DIM_MULTIPLE.get(precision)
     shape = module.weight.shape
-    return multiple is None or (shape[-1] % multiple == 0 and shape[0] % multiple == 0)
+    if precision == "nvfp4":  # torchao refuses NVFP4 weights unless both dims fit
+        return shape[0] % 16 == 0 and shape[1] % 16 == 0
+    multiple = LAST_DIM_MULTIPLE.get(precision)
+    return multiple is None or shape[-1] % multiple == 0
 
 
 def quantize_module_(
@@ -115,6 +126,8 @@ def quantize_module_(
         with torch.no_grad():
             for linear in targets.values():
                 linear.weight.copy_(fake_quantize(linear.weight, precision).to(compute_dtype))
+                if precision == "fp8" and type(linear) is nn.Linear:
+                    linear.__class__ = UnfusedBiasLinear  # same parameters, torchao's op order
     elif backend == "bitsandbytes":
         _to_bitsandbytes(module, targets, precision, compute_dtype)
     elif backend == "torchao":

@@ -1,0 +1,97 @@
+"""Quantized modules: the emulation against the real backends' layers, and backend choice."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qdd.errors import QddError
+from qdd.quant import QuantReport, quantize_module_, resolve_backend
+
+
+def tiny_block(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 96, bias=False), nn.LayerNorm(96),
+        nn.Linear(96, 32),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["fp4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [(1, 64), (3, 7, 64)])  # gemv-shaped and token batches
+def test_emulated_4bit_module_equals_bitsandbytes_linear4bit(precision, dtype, batch) -> None:
+    pytest.importorskip("bitsandbytes")
+    emulated, real = tiny_block(), tiny_block()
+    r1 = quantize_module_(emulated, precision, "emulate", dtype)
+    r2 = quantize_module_(real, precision, "bitsandbytes", dtype)
+    assert type(real[0]).__name__ == "Linear4bit" and r1.n_quantized == r2.n_quantized
+    x = torch.randn(batch, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(emulated(x), real(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_fp8_module_equals_torchao_on_cpu(dtype: torch.dtype) -> None:
+    pytest.importorskip("torchao")
+    emulated, real = tiny_block(2), tiny_block(2)
+    quantize_module_(emulated, "fp8", "emulate", dtype)
+    quantize_module_(real, "fp8", "torchao", dtype)
+    x = torch.randn(4, 64).to(dtype)
+    with torch.inference_mode():
+        assert torch.equal(emulated(x), real(x))
+
+
+def test_report_counts_quantized_linear_weights() -> None:
+    block = tiny_block()
+    report = quantize_module_(block, "nvfp4", "emulate", torch.bfloat16)
+    assert isinstance(report, QuantReport) and report.compute_dtype == "bfloat16"
+    linear_weights = 64 * 128 + 128 * 96 + 96 * 32
+    assert report.n_quantized == linear_weights
+    assert report.n_params == sum(p.numel() for p in block.parameters())
+    assert 0.9 < report.fraction < 1.0
+    assert block[0].weight.dtype == torch.bfloat16
+    fp16 = quantize_module_(tiny_block(), "fp16", "none", torch.float16)
+    assert fp16.n_quantized == 0 and fp16.fraction == 0.0
+
+
+def test_formats_that_need_blocks_skip_layers_that_do_not_fit() -> None:
+    odd = nn.Sequential(nn.Linear(40, 64), nn.Linear(64, 48))  # 40 is not a multiple of 32
+    before = copy.deepcopy(odd)
+    report = quantize_module_(odd, "mxfp4", "emulate", torch.float32)
+    assert report.n_quantized == 64 * 48
+    assert torch.equal(odd[0].weight, before[0].weight)
+    assert not torch.equal(odd[1].weight, before[1].weight)
+
+
+def test_resolve_backend_on_cpu() -> None:
+    for precision in ("fp8", "fp4", "nf4", "nvfp4", "mxfp4"):
+        assert resolve_backend(precision, "auto", "cpu") == "emulate"
+        assert resolve_backend(precision, "emulate", "cpu") == "emulate"
+    assert resolve_backend("fp32", "auto", "cpu") == "none"
+    assert resolve_backend("fp4", "bitsandbytes", "cpu") == "bitsandbytes"
+    assert resolve_backend("fp8", "torchao", "cpu") == "torchao"
+    with pytest.raises(QddError, match="does not implement fp4: use bitsandbytes or emulate"):
+        resolve_backend("fp4", "torchao", "cpu")
+    with pytest.raises(QddError, match="sm100"):
+        resolve_backend("nvfp4", "torchao", "cpu")
+    with pytest.raises(QddError, match="unknown quantization backend"):
+        resolve_backend("fp4", "tensorrt", "cpu")
+
+
+@pytest.mark.gpu
+def test_real_kernels_on_gpu_match_emulation_closely() -> None:
+    """On CUDA the libraries' own kernels run; weights must dequantize identically."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import bitsandbytes.functional as F
+
+    from qdd.quant import fake_quantize
+
+    w = torch.randn(256, 512, device="cuda", dtype=torch.bfloat16)
+    for precision in ("fp4", "nf4"):
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type=precision)
+        assert torch.equal(F.dequantize_4bit(packed, state), fake_quantize(w, precision).bfloat16())
