@@ -1,0 +1,1 @@
+"""The study's figures and tables from finished test runs (`qdd-cli report`)."""
