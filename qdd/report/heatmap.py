@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from qdd.report.palette import order_generators, order_precisions
 from qdd.report.style import RC, new_figure
 
-LABELS = {"fake_acc": "fake accuracy (logit > threshold)", "auroc": "AUROC vs real images",
+LABELS = {"fake_acc": "fake accuracy", "auroc": "AUROC vs real images",
           "balanced_acc": "balanced accuracy", "ap": "average precision"}  # fmt: skip
 
 

@@ -186,18 +186,21 @@ def test_image_failure_checks() -> None:
 def test_ddp_splits_prompts_across_ranks_without_overlap(
     tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
 ) -> None:
+    """Two DDP ranks on CPU, in a fresh process as users run it: forking a process whose
+    OpenMP pool is already running (this pytest process) can deadlock."""
+    import os
+    import subprocess
+    import sys
+
     args = ["--generator", "sd3", "--model-path", str(tiny_models["sd3"]), "--precision", "fp32"]
     single = read_samples(generate(*args, "--out", str(tmp_path / "one"), limit=5))
-    out = generate(
-        *args,
-        "--out",
-        str(tmp_path / "two"),
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "ddp_fork",
-        limit=5,
-    )
+    out = tmp_path / "two"
+    subprocess.run(
+        [sys.executable, "-m", "qdd", "generate", *args, "--steps", "2", "--limit", "5",
+         "--height", "64", "--width", "64", "--out", str(out),
+         "--trainer.devices", "2", "--trainer.strategy", "ddp_fork"],
+        check=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
     assert sorted(p.name.split("-")[0] for p in out.glob("*.tar")) == ["r0", "r1"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["total"] == 5 == sum(s["count"] for s in manifest["shards"])
