@@ -161,6 +161,8 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
     # Frozen CLIP towers stay in eval mode on purpose (no dropout, fixed norms).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
+    # Testing a fit checkpoint in a new run folder: its old checkpoint dir is irrelevant.
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
     # The run folder already holds config.yaml when the CSV logger starts; nothing is lost.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
     cli = QddLightningCLI(

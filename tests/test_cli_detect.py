@@ -181,7 +181,6 @@ def test_print_config_and_help(capsys) -> None:
     assert "detector: npr" in printed and "somewhere" in printed
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_see_each_sample_once(shards: Path, tmp_path: Path) -> None:
     """The path users take: a real `python -m qdd` with DDP on 2 CPU processes."""
     out = tmp_path / "ddp"
@@ -312,3 +311,12 @@ def test_clipd_fit_saves_only_the_head_and_reloads(shards: Path, tmp_path: Path)
         )
         logits.append(pd.read_parquet(run / "scores.parquet")["logit"].to_numpy())
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_predict_writes_scores_without_metrics(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "predict"
+    main(["predict", "--detector", "npr", "--random-weights", "--data", str(shards / "tiny-fp4"),
+          "--out", str(out), *FAST])
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == 16 and set(scores["group"]) == {"tiny/fp4"}
+    assert not (out / "metrics.json").exists()

@@ -150,8 +150,13 @@ class DetectorModule(LightningModule):
         loss = self.criterion(logits, labels.float())
         metrics.update(torch.sigmoid(logits.detach().double()), labels)
         self.log(
-            f"{stage}_loss", loss, batch_size=len(labels), prog_bar=True, sync_dist=True,
-            on_step=stage == "train", on_epoch=True,
+            f"{stage}_loss",
+            loss,
+            batch_size=len(labels),
+            prog_bar=True,
+            sync_dist=True,
+            on_step=stage == "train",
+            on_epoch=True,
         )
         return loss
 
@@ -188,7 +193,8 @@ class DetectorModule(LightningModule):
         self.test_metrics.to(self.device)
         self.scores = []
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
+    def _score(self, batch: Any) -> tuple[Tensor, Tensor, list[str]]:
+        """Logits of a batch, each kept as a scores row with its group and metadata."""
         images, labels, meta = batch
         logits = self(images).float()
         names = [
@@ -197,13 +203,17 @@ class DetectorModule(LightningModule):
                 labels, meta["source"], meta["generator"], meta["precision"], strict=True
             )
         ]
-        index = {name: i for i, name in enumerate(self.groups)}
-        ids = torch.tensor([index.get(n, -1) for n in names], device=logits.device)
-        self.test_metrics.update(logits, labels, ids)
         for i, value in enumerate(logits.cpu().tolist()):
             row = {c: meta[c][i] or None for c in SCORE_COLUMNS if c in meta}
             row.update(label=int(labels[i]), group=names[i], logit=value)
             self.scores.append(row)
+        return logits, labels, names
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        logits, labels, names = self._score(batch)
+        index = {name: i for i, name in enumerate(self.groups)}
+        ids = torch.tensor([index.get(n, -1) for n in names], device=logits.device)
+        self.test_metrics.update(logits, labels, ids)
 
     def on_test_epoch_end(self) -> None:
         self.test_metrics.ensure_state()
@@ -215,8 +225,18 @@ class DetectorModule(LightningModule):
         self.results = results
         self._write_outputs(results)
 
-    def _write_outputs(self, results: dict[str, Any]) -> None:
-        """scores.parquet (all ranks' rows) and metrics.json in the run folder, by rank 0."""
+    # -- predict: scores only, for shards whose labels are unknown or not needed -----------
+    def on_predict_epoch_start(self) -> None:
+        self.scores = []
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._score(batch)[0]
+
+    def on_predict_epoch_end(self) -> None:
+        self._gather_scores()
+
+    def _gather_scores(self) -> Any:
+        """All ranks' rows in run_dir/scores.parquet (written by rank 0, None elsewhere)."""
         import pandas as pd
 
         run_dir = Path(self.trainer.default_root_dir)
@@ -228,14 +248,22 @@ class DetectorModule(LightningModule):
         frame.to_parquet(part, index=False)
         self.trainer.strategy.barrier()
         if rank != 0:
-            return
+            return None
         parts = sorted(run_dir.glob(".scores.rank*.parquet"))
         scores = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-        scores.sort_values(["group", "key"], kind="stable", ignore_index=True).to_parquet(
-            run_dir / "scores.parquet", index=False
-        )
+        scores = scores.sort_values(["group", "key"], kind="stable", ignore_index=True)
+        scores.to_parquet(run_dir / "scores.parquet", index=False)
         for p in parts:
             p.unlink()
+        return scores
+
+    def _write_outputs(self, results: dict[str, Any]) -> None:
+        """scores.parquet (all ranks' rows) and metrics.json in the run folder, by rank 0."""
+
+        scores = self._gather_scores()
+        if scores is None:
+            return
+        run_dir = Path(self.trainer.default_root_dir)
         metrics = {
             "detector": self.hparams.detector,
             "weights": self.weights_label(),
