@@ -37,6 +37,8 @@ class Detector(torch.nn.Module):
     #: File name of the official weights under ``checkpoints/`` (see checkpoints/README.md).
     official_weights: ClassVar[str]
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: Where the trained weights came from (a file), or "random": recorded in metrics.json.
+    weights_source: str = "random"
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

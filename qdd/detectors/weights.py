@@ -122,5 +122,6 @@ def load_detector(
     state = read_state(path)
     detector = build_detector(name, **args)
     apply_state(detector, state, str(path))
+    detector.weights_source = str(path)
     log.info("detector %s: weights from %s", cls.name, path)
     return detector

@@ -98,6 +98,7 @@ class DetectorModule(LightningModule):
             checkpoint = torch.load(hp.weights, map_location="cpu", weights_only=True)
             self.detector = build_detector(hp.detector, **args)
             apply_state(self.detector, checkpoint_state(checkpoint), str(hp.weights))
+            self.detector.weights_source = str(hp.weights)
         else:
             self.detector = load_detector(
                 hp.detector, hp.weights, random_weights=hp.random_weights, **args
@@ -266,7 +267,7 @@ class DetectorModule(LightningModule):
         run_dir = Path(self.trainer.default_root_dir)
         metrics = {
             "detector": self.hparams.detector,
-            "weights": self.weights_label(),
+            "weights": self.detector.weights_source,
             "data": [str(f) for f in getattr(self.trainer.datamodule, "folders", [])],
             "threshold": self.hparams.threshold,
             "n": results["n"],
@@ -276,11 +277,6 @@ class DetectorModule(LightningModule):
         }
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json) + "\n")
         log_table(self, metrics)
-
-    def weights_label(self) -> str:
-        if self.hparams.random_weights and not self.hparams.weights:
-            return "random"
-        return str(self.hparams.weights or self.detector.official_path())
 
 
 def recipes(scores: Any) -> dict[str, dict[str, Any]]:

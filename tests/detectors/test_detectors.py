@@ -97,9 +97,11 @@ def test_missing_official_weights_refuse_unless_random_is_asked(tmp_path, monkey
     monkeypatch.setenv("QDD_CHECKPOINTS", str(tmp_path))
     with pytest.raises(QddError, match=r"no weights for detector npr: .*NPR.pth not found"):
         load_detector("npr")
-    assert load_detector("npr", random_weights=True) is not None
+    assert load_detector("npr", random_weights=True).weights_source == "random"
     torch.save(build_detector("npr").state_dict(), tmp_path / "NPR.pth")
     assert load_detector("npr").official_path() == tmp_path / "NPR.pth"
+    # weights that exist are used, and recorded as such, even when random ones are allowed
+    assert load_detector("npr", random_weights=True).weights_source == str(tmp_path / "NPR.pth")
 
 
 def test_univfd_bare_head_maps_to_fc(tmp_path: Path) -> None:
