@@ -130,16 +130,22 @@ def main() -> None:
             )
     best = {name: min(values) for name, values in timings.items()}
     rate = {name: args.images / seconds for name, seconds in best.items()}
-    print(f"\nNPR test throughput, {args.images} images of {args.size}², batch {args.batch_size}, "
-          f"{args.num_workers} worker(s), torch threads {torch.get_num_threads()}")
+    print(
+        f"\nNPR test throughput, {args.images} images of {args.size}², batch {args.batch_size}, "
+        f"{args.num_workers} worker(s), torch threads {torch.get_num_threads()}"
+    )
     print("| loop | images/s |\n|---|---|")
-    for name, label in [("forward", "forward only (pre-decoded tensors)"),
-                        ("qdd", "qdd-cli test (shards → metrics)"),
-                        ("official", "official NPR loop (ImageFolder + Resize)")]:
+    for name, label in [
+        ("forward", "forward only (pre-decoded tensors)"),
+        ("qdd", "qdd-cli test (shards → metrics)"),
+        ("official", "official NPR loop (ImageFolder + Resize)"),
+    ]:
         print(f"| {label} | {rate[name]:.1f} |")
     print(f"\n(a) qdd / forward-only = {rate['qdd'] / rate['forward']:.3f}  (target ≥ 0.9)")
-    print(f"(b) qdd / official     = {rate['qdd'] / rate['official']:.3f}  (target ≥ 1.0, "
-          "stretch 1.2)")
+    print(
+        f"(b) qdd / official     = {rate['qdd'] / rate['official']:.3f}  (target ≥ 1.0, "
+        "stretch 1.2)"
+    )
 
 
 if __name__ == "__main__":

@@ -315,8 +315,19 @@ def test_clipd_fit_saves_only_the_head_and_reloads(shards: Path, tmp_path: Path)
 
 def test_predict_writes_scores_without_metrics(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "predict"
-    main(["predict", "--detector", "npr", "--random-weights", "--data", str(shards / "tiny-fp4"),
-          "--out", str(out), *FAST])
+    main(
+        [
+            "predict",
+            "--detector",
+            "npr",
+            "--random-weights",
+            "--data",
+            str(shards / "tiny-fp4"),
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == 16 and set(scores["group"]) == {"tiny/fp4"}
     assert not (out / "metrics.json").exists()

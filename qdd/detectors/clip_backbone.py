@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -59,7 +60,7 @@ def load_image_tower(model: str, weights: str | None, *, projected: bool) -> nn.
     return tower.eval()
 
 
-def _create_pretrained(open_clip, model: str, weights: str) -> nn.Module:  # noqa: ANN001
+def _create_pretrained(open_clip: ModuleType, model: str, weights: str) -> nn.Module:
     local = Path(weights).expanduser()
     looks_like_path = local.suffix in (".bin", ".pt", ".pth", ".safetensors") or "/" in weights
     if looks_like_path and not local.is_file():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from qdd.report.palette import color, order_generators, order_precisions
 from qdd.report.style import RC, new_figure
 
 
-def density_curve(ax, values: np.ndarray, grid: np.ndarray, **style) -> None:  # noqa: ANN001
+def density_curve(ax: Axes, values: np.ndarray, grid: np.ndarray, **style: object) -> None:
     """A Gaussian KDE; one value (or all equal) is drawn as a vertical marker instead."""
     from scipy.stats import gaussian_kde
 
