@@ -25,6 +25,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from qdd.datamodules.dataset import META_FIELDS
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.weights import apply_state
 from qdd.errors import QddError
@@ -32,18 +33,9 @@ from qdd.metrics import METRICS, GroupedDetectionMetrics
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = (
-    "key",
-    "label",
-    "source",
-    "generator",
-    "precision",
-    "quant_backend",
-    "quant_scope",
-    "model_id",
-    "group",
-    "logit",
-)
+#: One row of scores.parquet: the sample's metadata as the data loader passes it along,
+#: its label, its group and the detector's logit.
+SCORE_COLUMNS = ("key", "label", *META_FIELDS[1:], "group", "logit")
 
 
 def checkpoint_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
