@@ -50,13 +50,15 @@ class NPR(Detector):
     """NPR detector; ``resize`` is the square test-time resize (256 in the paper).
 
     Args:
-        resize: test-time resize to ``resize``², and train-time resize before cropping.
+        resize: resize to ``resize``² at test time and before the training crop; ``None``
+            keeps the original size (the official GANGen-Detection protocol; batch 1 for
+            mixed sizes).
         crop: train-time random crop (224 in the paper).
     """
 
     official_weights = "NPR.pth"
 
-    def __init__(self, resize: int = 256, crop: int = 224) -> None:
+    def __init__(self, resize: int | None = 256, crop: int = 224) -> None:
         super().__init__()
         self.resize, self.crop = resize, crop
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
@@ -76,17 +78,19 @@ class NPR(Detector):
         x = self.layer2(self.layer1(x))
         return self.fc1(x.mean(dim=(2, 3))).squeeze(1)
 
+    def _resize(self) -> list[Transform]:
+        return [] if self.resize is None else [transforms.Resize((self.resize, self.resize))]
+
     def eval_transform(self) -> Transform:
-        size = (self.resize, self.resize)
         return transforms.Compose(
-            [transforms.Resize(size), *to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD)]
+            [*self._resize(), *to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD)]
         )
 
     def train_transform(self) -> Transform:
         return transforms.Compose(
             [
-                transforms.Resize((self.resize, self.resize)),
-                transforms.RandomCrop(self.crop),
+                *self._resize(),
+                transforms.RandomCrop(self.crop, pad_if_needed=True),
                 transforms.RandomHorizontalFlip(),
                 *to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD),
             ]

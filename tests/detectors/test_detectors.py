@@ -131,6 +131,7 @@ def test_clipd_feature_is_the_normalised_pre_projection_token() -> None:
 def test_transforms_follow_each_paper() -> None:
     image = random_image(0, (80, 60))
     assert tuple(build_detector("npr").eval_transform()(image).shape) == (3, 256, 256)
+    assert tuple(build_detector("npr", resize=None).eval_transform()(image).shape) == (3, 60, 80)
     assert tuple(tiny("corvi").eval_transform()(image).shape) == (3, 60, 80)  # full size
     assert tuple(tiny("clipd").eval_transform()(image).shape) == (3, 32, 32)
     assert tuple(tiny("univfd").eval_transform()(image).shape) == (3, 32, 32)
