@@ -1,13 +1,18 @@
 """Applying a precision to a module: the real library backends and the exact emulation.
 
-``auto`` picks a real backend only where it has real kernels (CUDA); elsewhere the
-emulation, which is bit-exact against the same library's quantize/dequantize, runs
-anywhere. What ran is recorded in every sample's metadata.
+The emulation is bit-exact against each library's own quantize/dequantize, so ``auto`` may
+take either; it takes the library where the library runs here (see `resolve_backend`).
+What ran is recorded in every sample's metadata.
 
-On CPU, bitsandbytes' ``Linear4bit`` (0.50) dequantizes the weight to the input's dtype
-(C kernel: ``code × absmax`` in fp32, then cast) and calls ``F.linear(x, W, bias)``; on CPUs
-with AVX512-BF16 it repacks weights for a fused kernel instead, whose rounding differs.
-The emulated module does the same cast-then-``F.linear``, so their outputs are equal.
+What bitsandbytes' ``Linear4bit`` computes on CPU (0.50, CPUs without AVX512-BF16, as here):
+``x`` and the bias are cast to ``compute_dtype``; without autograd, ``matmul_4bit`` calls
+the default ``gemm_4bit`` for every batch size (batch 1 too: no separate gemv), which
+dequantizes the weight to ``compute_dtype`` (``code × absmax`` in fp32, then one cast) and
+calls ``F.linear(x, W, bias)``; the result is cast back to the input's dtype. The emulated
+module holds that same dequantized ``W`` and calls the same ``F.linear``, so outputs are
+equal. On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight for a fused bf16 kernel
+(bf16 absmax, bias added afterwards), whose rounding differs; on CUDA its kernels differ too.
+torchao's weight-only layers (fp8, nvfp4) dequantize and run a plain matmul as well.
 """
 
 from __future__ import annotations
@@ -45,49 +50,55 @@ class QuantReport:
         return self.n_quantized / self.n_params if self.n_params else 0.0
 
 
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(device)
-
-
 def resolve_backend(precision: str, backend: str, device: torch.device | str) -> str:
-    """The backend that will run ``precision`` on ``device`` ('none' when unquantized)."""
+    """The backend that will run ``precision`` on ``device`` ('none' when unquantized).
+
+    ``auto`` takes the real library where it runs here: bitsandbytes for fp4/nf4 on CUDA,
+    torchao for fp8 (CPU or CUDA) and for nvfp4 on sm100+; the emulation otherwise, and
+    always for mxfp4 (torchao has no weight-only MX recipe).
+    """
     if backend not in BACKENDS:
         raise QddError(f"unknown quantization backend {backend!r}: one of {', '.join(BACKENDS)}")
     if precision not in QUANTIZED:
         return "none"
     device = torch.device(device)
     library = LIBRARY[precision]
-    capability = _capability(device)
     if backend == "auto":
-        if capability is None:
-            return "emulate"  # exact, and no slower than the libraries' CPU fallbacks
-        if precision in ("nvfp4", "mxfp4") and capability < (10, 0):
-            return "emulate"  # FP4 tensor cores: Blackwell (sm100) and newer
-        if precision == "fp8" and capability < (8, 9):
-            return "emulate"
-        return library
+        return library if _runs_here(precision, device) else "emulate"
     if backend == "emulate":
         return backend
     if backend != library:
         raise QddError(
             f"--quant-backend {backend} does not implement {precision}: use {library} or emulate"
         )
-    _check_installed(library)
-    if precision in ("nvfp4", "mxfp4") and (capability or (0, 0)) < (10, 0):
+    if precision == "mxfp4":
         raise QddError(
-            f"{precision} through torchao needs an sm100+ (Blackwell) GPU, not {device}: "
-            "use --quant-backend emulate (bit-exact)"
+            "mxfp4 through torchao would also quantize activations (its only MX recipe, "
+            "MXDynamicActivationMXWeightConfig, is W4A4): use --quant-backend emulate, "
+            "bit-exact with torchao's MX weights"
         )
+    if not _installed(library):
+        raise QddError(f"{library} is not installed: pip install {library}, or use emulate")
     return backend
 
 
-def _check_installed(library: str) -> None:
+def _runs_here(precision: str, device: torch.device) -> bool:
+    """Whether ``auto`` should pick the real library for ``precision`` on ``device``."""
+    if precision == "mxfp4" or not _installed(LIBRARY[precision]):
+        return False
+    if precision == "fp8":
+        return device.type in ("cpu", "cuda")
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    if precision == "nvfp4":  # FP4 tensor cores: Blackwell (sm100) and newer
+        return torch.cuda.get_device_capability(device) >= (10, 0)
+    return True  # bitsandbytes fp4/nf4
+
+
+def _installed(library: str) -> bool:
     import importlib.util
 
-    if importlib.util.find_spec(library) is None:
-        raise QddError(f"{library} is not installed: pip install {library}, or use emulate")
+    return importlib.util.find_spec(library) is not None
 
 
 class UnfusedBiasLinear(nn.Linear):
@@ -131,6 +142,8 @@ def quantize_module_(
     elif backend == "bitsandbytes":
         _to_bitsandbytes(module, targets, precision, compute_dtype)
     elif backend == "torchao":
+        if precision == "fp8":
+            _refuse_zero_rows(targets)
         _to_torchao(module, set(targets), precision)
     else:
         raise ValueError(f"unknown backend {backend!r}")
@@ -172,13 +185,18 @@ def torchao_config(precision: str) -> Any:
         from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
 
         return NVFP4WeightOnlyConfig(use_dynamic_per_tensor_scale=True)
-    if precision == "mxfp4":
-        from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig
+    raise ValueError(f"torchao has no weight-only recipe for {precision}")
 
-        return MXDynamicActivationMXWeightConfig(
-            activation_dtype=torch.float4_e2m1fn_x2, weight_dtype=torch.float4_e2m1fn_x2
+
+def _refuse_zero_rows(targets: dict[str, nn.Linear]) -> None:
+    """torchao's float8 divides an all-zero row by its zero scale: NaN weights, NaN images."""
+    zero = [name for name, m in targets.items() if (m.weight.abs().amax(dim=1) == 0).any()]
+    if zero:
+        raise QddError(
+            f"torchao float8 would turn the all-zero weight rows of {len(zero)} Linear "
+            f"layer(s) (first: {zero[0]}) into NaN: use --quant-backend emulate, which keeps "
+            "them zero and is bit-exact with torchao elsewhere"
         )
-    raise ValueError(f"torchao does not implement {precision}")
 
 
 def _to_torchao(module: nn.Module, names: set[str], precision: str) -> None:

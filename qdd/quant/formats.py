@@ -12,11 +12,15 @@ measures what people actually deploy.
   ``value * absmax`` in fp32. FP4's values are exact (2/3, 1/192 …): the 4-decimal table
   in ``bitsandbytes.backends.utils`` is not the one its kernels use.
 - ``fp8``: torchao ``Float8WeightOnlyConfig``: e4m3, one scale per output row,
-  ``amax / 448`` computed in the weight's own dtype, values divided by it in fp32.
+  ``amax / 448`` computed in the weight's own dtype, values divided by it in fp32. An
+  all-zero row stays zero here; torchao divides it by its zero scale and gets NaN.
 - ``nvfp4``: torchao ``NVFP4WeightOnlyConfig``: E2M1 per 16 values, an E4M3 block scale
-  relative to an fp32 per-tensor scale ``amax / (448·6)``.
-- ``mxfp4``: torchao MX (OCP MX v1.0): E2M1 per 32 values, a power-of-two E8M0 scale
-  ``2^(floor(log2 amax) − 2)`` (torchao's FLOOR mode).
+  relative to an fp32 per-tensor scale ``amax / (448·6)``; values are multiplied by
+  ``(1/tensor_scale)/block_scale``.
+- ``mxfp4``: torchao MX: E2M1 per 32 values, a power-of-two E8M0 scale. By default the
+  RCEIL rule of torchao's MX inference recipe (``MXDynamicActivationMXWeightConfig``) and of
+  Blackwell hardware, ``2^ceil(log2(amax/6))``, so the block maximum is never clipped;
+  ``scaling="floor"`` gives ``to_mx``'s default (OCP MX v1.0), ``2^(floor(log2 amax) − 2)``.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ def fp8_rowwise(weight: Tensor) -> Tensor:
     for start in range(0, rows.shape[0], step):
         chunk = rows[start : start + step]
         scale = (chunk.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).float()
-        scaled = (chunk.float() / scale).clamp(-E4M3_MAX, E4M3_MAX)
+        scaled = torch.where(scale > 0, chunk.float() / scale, 0.0)  # torchao: 0/0 = NaN
+        scaled = scaled.clamp(-E4M3_MAX, E4M3_MAX)
         out[start : start + step] = scaled.to(torch.float8_e4m3fn).float() * scale
     return out.view(weight.shape)
 
@@ -116,7 +121,9 @@ def round_to_e2m1(x: Tensor) -> Tensor:
     return torch.copysign(grid[index], x)
 
 
-def _e2m1_blocks(weight: Tensor, block: int, scales: Callable[[Tensor], Tensor]) -> Tensor:
+def _e2m1_blocks(
+    weight: Tensor, block: int, scales: Callable[[Tensor], tuple[Tensor, Tensor]]
+) -> Tensor:
     """Blocks of ``block`` along the last dim: scale from ``scales``, E2M1 elements."""
     rows = weight.reshape(-1, weight.shape[-1])
     out = torch.empty(rows.shape, dtype=torch.float32, device=weight.device)
@@ -144,19 +151,40 @@ def nvfp4(weight: Tensor) -> Tensor:
     return _e2m1_blocks(weight, NVFP4_BLOCK, scales)
 
 
-def mxfp4(weight: Tensor) -> Tensor:
-    """torchao MXFP4 (FLOOR scale mode) quantize→dequantize."""
+def _power_of_two(biased_exponent: Tensor) -> Tensor:
+    """``2^(e − 127)`` as fp32, bit for bit (``e = 0`` is the subnormal ``2^−127``)."""
+    bits = torch.where(biased_exponent > 0, biased_exponent.int() << 23, 1 << 22)
+    return bits.view(torch.float32)
+
+
+def _mx_scales_rceil(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """torchao ``_to_mx_rceil`` (its eager path, also taken on CUDA without compile)."""
+    descale = blocks.abs().amax(dim=-1, keepdim=True) / E2M1_MAX
+    exponent = torch.ceil(torch.log2(descale)).clamp(-127, 127) + 127
+    reciprocal = torch.where(exponent == 0, 1.0, torch.exp2(127 - exponent))
+    return reciprocal, _power_of_two(exponent)
+
+
+def _mx_scales_floor(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """torchao ``to_mx`` FLOOR: ``2^(floor(log2 amax) − 2)``, 2 being log2 of E2M1's max."""
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2(amax))
+    biased = (exponent - 2).clamp(-127, 128) + 127
+    divisor = (biased << 23).view(torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
+    return 1.0 / divisor, _power_of_two(biased)  # ×(1/2^k) is exact: same as torchao's ÷2^k
+
+
+MX_SCALINGS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    "rceil": _mx_scales_rceil,
+    "floor": _mx_scales_floor,
+}
+
+
+def mxfp4(weight: Tensor, scaling: str = "rceil") -> Tensor:
+    """torchao MXFP4 quantize→dequantize (``scaling``: ``rceil`` or ``floor``)."""
     if weight.shape[-1] % MXFP4_BLOCK:
         raise ValueError(f"mxfp4 needs the last dim divisible by {MXFP4_BLOCK}")
-
-    def scales(blocks: Tensor) -> tuple[Tensor, Tensor]:
-        amax = blocks.abs().amax(dim=-1, keepdim=True)
-        exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - 127  # floor(log2(amax))
-        biased = (exponent - 2).clamp(-127, 128) + 127  # E4M3's largest power of two is 4
-        scale = (biased << 23).view(torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
-        return 1.0 / scale, scale
-
-    return _e2m1_blocks(weight, MXFP4_BLOCK, scales)  # ×(1/2^k) is exact: same as ÷2^k
+    return _e2m1_blocks(weight, MXFP4_BLOCK, MX_SCALINGS[scaling])
 
 
 FAKE_QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {

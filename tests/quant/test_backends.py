@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -34,15 +35,29 @@ def test_emulated_4bit_module_equals_bitsandbytes_linear4bit(precision, dtype, b
         assert torch.equal(emulated(x), real(x))
 
 
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_fp8_module_equals_torchao_on_cpu(dtype: torch.dtype) -> None:
+def test_emulated_module_equals_torchao_on_cpu(precision: str, dtype: torch.dtype) -> None:
     pytest.importorskip("torchao")
     emulated, real = tiny_block(2), tiny_block(2)
-    quantize_module_(emulated, "fp8", "emulate", dtype)
-    quantize_module_(real, "fp8", "torchao", dtype)
-    x = torch.randn(4, 64).to(dtype)
+    quantize_module_(emulated, precision, "emulate", dtype)
+    quantize_module_(real, precision, "torchao", dtype)
+    assert type(real[0].weight).__name__ in ("Float8Tensor", "NVFP4Tensor")
+    x = torch.randn(3, 4, 64).to(dtype)
     with torch.inference_mode():
         assert torch.equal(emulated(x), real(x))
+
+
+def test_fp8_zero_rows_stay_zero_in_emulation_and_are_refused_by_torchao() -> None:
+    pytest.importorskip("torchao")
+    block = tiny_block(3)
+    with torch.no_grad():
+        block[2].weight[5] = 0.0
+    emulated = copy.deepcopy(block)
+    quantize_module_(emulated, "fp8", "emulate", torch.bfloat16)
+    assert not emulated[2].weight[5].any()
+    with pytest.raises(QddError, match=r"all-zero weight rows of 1 Linear layer\(s\) \(first: 2\)"):
+        quantize_module_(block, "fp8", "torchao", torch.bfloat16)
 
 
 def test_report_counts_quantized_linear_weights() -> None:
@@ -68,18 +83,41 @@ def test_formats_that_need_blocks_skip_layers_that_do_not_fit() -> None:
 
 
 def test_resolve_backend_on_cpu() -> None:
-    for precision in ("fp8", "fp4", "nf4", "nvfp4", "mxfp4"):
+    torchao = importlib.util.find_spec("torchao") is not None
+    assert resolve_backend("fp8", "auto", "cpu") == ("torchao" if torchao else "emulate")
+    for precision in ("fp4", "nf4", "nvfp4", "mxfp4"):
         assert resolve_backend(precision, "auto", "cpu") == "emulate"
+        assert resolve_backend(precision, "auto", "cuda") == "emulate"  # no CUDA here
+    for precision in ("fp8", "fp4", "nf4", "nvfp4", "mxfp4"):
         assert resolve_backend(precision, "emulate", "cpu") == "emulate"
     assert resolve_backend("fp32", "auto", "cpu") == "none"
-    assert resolve_backend("fp4", "bitsandbytes", "cpu") == "bitsandbytes"
-    assert resolve_backend("fp8", "torchao", "cpu") == "torchao"
+    assert resolve_backend("fp16", "bitsandbytes", "cpu") == "none"
     with pytest.raises(QddError, match="does not implement fp4: use bitsandbytes or emulate"):
         resolve_backend("fp4", "torchao", "cpu")
-    with pytest.raises(QddError, match="sm100"):
-        resolve_backend("nvfp4", "torchao", "cpu")
+    with pytest.raises(QddError, match="does not implement nvfp4: use torchao or emulate"):
+        resolve_backend("nvfp4", "bitsandbytes", "cpu")
+    with pytest.raises(QddError, match="also quantize activations.*use --quant-backend emulate"):
+        resolve_backend("mxfp4", "torchao", "cpu")
     with pytest.raises(QddError, match="unknown quantization backend"):
         resolve_backend("fp4", "tensorrt", "cpu")
+
+
+def test_resolve_explicit_library_backends_on_cpu() -> None:
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torchao")
+    assert resolve_backend("fp4", "bitsandbytes", "cpu") == "bitsandbytes"
+    assert resolve_backend("nf4", "bitsandbytes", "cpu") == "bitsandbytes"
+    assert resolve_backend("fp8", "torchao", "cpu") == "torchao"
+    assert resolve_backend("nvfp4", "torchao", "cpu") == "torchao"  # weight-only: dequantizes
+
+
+def test_missing_library_is_a_clear_error(monkeypatch) -> None:
+    from qdd.quant import backends
+
+    monkeypatch.setattr(backends, "_installed", lambda library: False)
+    assert resolve_backend("fp8", "auto", "cpu") == "emulate"
+    with pytest.raises(QddError, match="bitsandbytes is not installed: pip install bitsandbytes"):
+        resolve_backend("nf4", "bitsandbytes", "cpu")
 
 
 @pytest.mark.gpu

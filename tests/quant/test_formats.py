@@ -14,7 +14,7 @@ def weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g) * 0.05
     w[0] = 0.0  # a zero row (one or more zero blocks)
-    w.view(-1)[7] = 3.0  # an outlier
+    w[1, 7 % shape[1]] = 3.0  # an outlier
     w.view(-1)[-3] = -1e-30  # far below everything else
     return w.to(dtype)
 
@@ -45,11 +45,13 @@ def test_fp8_rowwise_bit_exact_against_torchao(dtype: torch.dtype, shape: tuple)
     )
 
     w = weights(shape, dtype, seed=1)
-    w[0, 0] = 1e-3  # torchao divides by a zero row's scale (NaN): real weights have none
     block = [1, shape[1]]
     scale = _choose_scale_float8(w, block, torch.float8_e4m3fn)
     expected = _dequantize_affine_float8(_quantize_affine_float8(w, scale), scale, dtype)
-    assert torch.equal(fake_quantize(w, "fp8").to(dtype), expected)
+    ours = fake_quantize(w, "fp8").to(dtype)
+    assert expected[0].isnan().all()  # torchao: the zero row divided by its zero scale
+    assert torch.equal(ours[0], torch.zeros_like(ours[0]))  # we keep it zero
+    assert torch.equal(ours[1:], expected[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,16 +66,44 @@ def test_nvfp4_bit_exact_against_torchao(dtype: torch.dtype, shape: tuple) -> No
     assert torch.equal(fake_quantize(w, "nvfp4").to(dtype), expected)
 
 
+def mx_edge_weights(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """`weights` plus a subnormal block, a block just above a power of two, a linear ramp."""
+    w = weights(shape, dtype, seed=3)
+    w[1, :32] = 1e-39 if dtype == torch.float32 else 1e-38
+    w[2, :32] = 6 * 2.0**-10 * (1 + 2**-23) if dtype == torch.float32 else 0.3
+    w[3, :32] = torch.linspace(-1, 1, 32)
+    return w
+
+
+@pytest.mark.parametrize("scaling", ["rceil", "floor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(64, 128), (48, 96), (32, 32)])
-def test_mxfp4_bit_exact_against_torchao(dtype: torch.dtype, shape: tuple) -> None:
+@pytest.mark.parametrize("shape", [(64, 128), (48, 96), (32, 32), (4, 320)])
+def test_mxfp4_bit_exact_against_torchao(scaling: str, dtype: torch.dtype, shape: tuple) -> None:
     pytest.importorskip("torchao")
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
     from torchao.prototype.mx_formats.mx_tensor import to_dtype, to_mx
 
-    w = weights(shape, dtype, seed=3)
-    scale, data = to_mx(w, torch.float4_e2m1fn_x2, 32)
+    from qdd.quant.formats import mxfp4
+
+    w = mx_edge_weights(shape, dtype)
+    mode = getattr(ScaleCalculationMode, scaling.upper())
+    scale, data = to_mx(w, torch.float4_e2m1fn_x2, 32, mode)
     expected = to_dtype(data, scale, torch.float4_e2m1fn_x2, 32, dtype)
-    assert torch.equal(fake_quantize(w, "mxfp4").to(dtype), expected)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(mxfp4(w, scaling).to(dtype).view(bits), expected.view(bits))
+
+
+def test_mxfp4_default_is_torchao_inference_recipe_rceil() -> None:
+    pytest.importorskip("torchao")
+    from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig
+    from torchao.prototype.mx_formats.config import ScaleCalculationMode
+
+    assert MXDynamicActivationMXWeightConfig().scaling_mode == ScaleCalculationMode.RCEIL
+    w = mx_edge_weights((64, 128), torch.float32)
+    from qdd.quant.formats import mxfp4
+
+    assert torch.equal(fake_quantize(w, "mxfp4"), mxfp4(w, "rceil"))
+    assert not torch.equal(mxfp4(w, "rceil"), mxfp4(w, "floor"))
 
 
 def test_e2m1_rounds_ties_to_even() -> None:
