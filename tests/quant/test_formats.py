@@ -112,6 +112,26 @@ def test_e2m1_rounds_ties_to_even() -> None:
     assert torch.equal(round_to_e2m1(x), expected)
 
 
+def test_e2m1_rounding_equals_nearest_code_search_and_torchao() -> None:
+    from qdd.quant.formats import E2M1_GRID
+
+    x = torch.arange(-6 * 256, 6 * 256 + 1) / 256  # every midpoint and tie included
+    x = torch.cat([x, torch.tensor([-0.0, 1e-30, -1e-30, 5.9999995, 0.2499999])])
+    grid = torch.tensor(E2M1_GRID)
+    distance = (x.abs()[:, None] - grid).abs()
+    nearest = distance == distance.min(dim=1, keepdim=True).values
+    even = torch.arange(len(E2M1_GRID)) % 2 == 0  # even index = even mantissa
+    index = torch.where(
+        nearest.sum(1) > 1, (nearest & even).int().argmax(1), nearest.int().argmax(1)
+    )
+    reference = torch.copysign(grid[index], x)
+    ours = round_to_e2m1(x)
+    assert torch.equal(ours.view(torch.int32), reference.view(torch.int32))
+    kernels = pytest.importorskip("torchao.prototype.mx_formats.kernels")
+    torchao = kernels.f4_unpacked_to_f32(kernels.f32_to_f4_unpacked(x))
+    assert torch.equal(ours.view(torch.int32), torchao.view(torch.int32))
+
+
 def test_large_weights_are_processed_in_chunks(monkeypatch) -> None:
     from qdd.quant import formats
 
