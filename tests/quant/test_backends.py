@@ -120,9 +120,28 @@ def test_missing_library_is_a_clear_error(monkeypatch) -> None:
         resolve_backend("nf4", "bitsandbytes", "cpu")
 
 
+def test_diffusers_configs_carry_the_same_recipe() -> None:
+    pytest.importorskip("diffusers")
+    pytest.importorskip("torchao")
+    from qdd.quant import diffusers_quantization_config
+
+    bnb = diffusers_quantization_config("nf4", "bitsandbytes", torch.bfloat16)
+    assert type(bnb).__name__ == "BitsAndBytesConfig" and bnb.load_in_4bit
+    assert bnb.bnb_4bit_quant_type == "nf4" and bnb.bnb_4bit_compute_dtype == torch.bfloat16
+    assert not bnb.bnb_4bit_use_double_quant  # one fp32 absmax per 64, as emulated
+    fp8 = diffusers_quantization_config("fp8", "torchao", torch.bfloat16)
+    assert type(fp8.quant_type).__name__ == "Float8WeightOnlyConfig"
+    assert type(fp8.quant_type.granularity).__name__ == "PerRow"
+    nvfp4 = diffusers_quantization_config("nvfp4", "torchao", torch.bfloat16)
+    assert type(nvfp4.quant_type).__name__ == "NVFP4WeightOnlyConfig"
+    assert nvfp4.quant_type.use_dynamic_per_tensor_scale
+    assert diffusers_quantization_config("fp4", "emulate", torch.bfloat16) is None
+    assert diffusers_quantization_config("fp16", "none", torch.float16) is None
+
+
 @pytest.mark.gpu
-def test_real_kernels_on_gpu_match_emulation_closely() -> None:
-    """On CUDA the libraries' own kernels run; weights must dequantize identically."""
+def test_real_kernels_on_gpu_match_emulation() -> None:
+    """On CUDA the libraries' own kernels run: unverified so far (no GPU in this project)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     import bitsandbytes.functional as F
@@ -133,3 +152,10 @@ def test_real_kernels_on_gpu_match_emulation_closely() -> None:
     for precision in ("fp4", "nf4"):
         packed, state = F.quantize_4bit(w, blocksize=64, quant_type=precision)
         assert torch.equal(F.dequantize_4bit(packed, state), fake_quantize(w, precision).bfloat16())
+    for precision in ("fp8", "nvfp4"):
+        emulated, real = tiny_block(4).cuda(), tiny_block(4).cuda()
+        quantize_module_(emulated, precision, "emulate", torch.bfloat16)
+        quantize_module_(real, precision, "torchao", torch.bfloat16)
+        x = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            assert torch.equal(emulated(x), real(x)), precision
