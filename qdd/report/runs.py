@@ -1,4 +1,11 @@
-"""Reading test-run folders (scores.parquet + metrics.json) and merging them per detector."""
+"""Reading test-run folders (scores.parquet + metrics.json) and merging them per detector.
+
+Several runs of one detector on different data are one detector's results: their scores
+are concatenated (an image scored twice, e.g. the same real shard in two runs, counts once)
+and their group metrics collected. Runs of one detector with *different weights* (the
+official file and a retrained checkpoint) are kept apart, as ``<detector>-<weights>``:
+pooling them would mix two models in one curve.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,12 @@ from typing import Any
 import pandas as pd
 
 from qdd.errors import QddError
+from qdd.report.palette import order_generators, order_precisions
+
+#: Columns every figure needs; the rest of scores.parquet is carried along when present.
+REQUIRED = ("key", "label", "generator", "precision", "group", "logit")
+#: Weight file names that say nothing about the model (Lightning's defaults).
+GENERIC_STEMS = {"last", "best", "model", "weights", "checkpoint"}
 
 
 @dataclass
@@ -27,46 +40,99 @@ class DetectorResults:
         return float(self.runs[0]["threshold"]) if self.runs else 0.0
 
 
+def _fix(folder: Path) -> str:
+    return f"make it with `qdd-cli test --detector D --data SHARDS --out {folder}`"
+
+
 def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One ``qdd-cli test`` run folder, or a one-line error saying how to make one."""
+    if not folder.exists():
+        raise QddError(f"run folder {folder} does not exist: check the path, or {_fix(folder)}")
     if not folder.is_dir():
-        raise QddError(f"run folder {folder} does not exist: pass folders made by qdd-cli test")
+        raise QddError(f"{folder} is not a folder: pass run folders of qdd-cli test")
+    if not any(folder.iterdir()):
+        raise QddError(f"run folder {folder} is empty: {_fix(folder)}")
     scores_path, metrics_path = folder / "scores.parquet", folder / "metrics.json"
     for path in (scores_path, metrics_path):
         if not path.is_file():
             raise QddError(
-                f"{folder} has no {path.name}: it is not a finished qdd-cli test run "
-                "(re-run qdd-cli test --out there)"
+                f"{folder} has no {path.name}: it is not a finished qdd-cli test run; "
+                f"{_fix(folder)} (fit runs have no scores)"
             )
     try:
         scores = pd.read_parquet(scores_path)
         metrics = json.loads(metrics_path.read_text())
     except Exception as error:
-        raise QddError(f"cannot read run {folder} ({error}): re-run qdd-cli test") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise QddError(f"cannot read run {folder} ({reason}): re-run qdd-cli test") from None
+    lacking = [c for c in REQUIRED if c not in scores.columns]
+    if lacking:
+        raise QddError(
+            f"{scores_path} lacks column(s) {', '.join(lacking)}: re-run qdd-cli test to "
+            "write it with this qdd version"
+        )
     if scores.empty:
         raise QddError(f"{scores_path} holds no scores: re-run qdd-cli test on non-empty shards")
+    if not isinstance(metrics, dict):
+        raise QddError(f"{metrics_path} is not a metrics object: re-run qdd-cli test")
     return scores, metrics
 
 
+def _weights_label(weights: str | None) -> str:
+    """A short name for a weight file: its stem, or the fit run it came from."""
+    if not weights:
+        return "unknown"
+    path = Path(str(weights))
+    if path.stem not in GENERIC_STEMS and not path.stem.startswith("epoch="):
+        return path.stem
+    parents = [p.name for p in path.parents if p.name and p.name != "checkpoints"]
+    return parents[0] if parents else path.stem
+
+
+def _names(runs: list[tuple[Path, pd.DataFrame, dict[str, Any]]]) -> list[str]:
+    """The results name of each run: the detector, plus its weights where they differ."""
+    detectors = [
+        str(m.get("detector") or (s["detector"].iloc[0] if "detector" in s else "detector"))
+        for _, s, m in runs
+    ]
+    weights: dict[str, list[str]] = {}
+    for detector, (_, _, metrics) in zip(detectors, runs, strict=True):
+        w = str(metrics.get("weights"))
+        if w not in weights.setdefault(detector, []):
+            weights[detector].append(w)
+    names = []
+    for detector, (_, _, metrics) in zip(detectors, runs, strict=True):
+        options = weights[detector]
+        if len(options) == 1:
+            names.append(detector)
+            continue
+        labels = [_weights_label(w) for w in options]
+        if len(set(labels)) < len(labels):
+            labels = [str(i + 1) for i in range(len(options))]
+        names.append(f"{detector}-{labels[options.index(str(metrics.get('weights')))]}")
+    return names
+
+
 def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
-    """Runs merged per detector (several runs may cover different data for one detector)."""
+    """Runs merged per detector (and per weights, where one detector ran with several)."""
     if not folders:
         raise QddError("no run folders given: pass one or more folders made by qdd-cli test")
+    runs = [(Path(f), *read_run(Path(f))) for f in folders]
     results: dict[str, DetectorResults] = {}
-    for folder in folders:
-        scores, metrics = read_run(Path(folder))
-        name = str(metrics.get("detector") or scores["detector"].iloc[0])
+    for name, (folder, scores, metrics) in zip(_names(runs), runs, strict=True):
         scores = scores.assign(detector=name)
         entry = results.get(name)
         if entry is None:
             entry = results[name] = DetectorResults(name, scores)
         else:
-            entry.scores = pd.concat([entry.scores, scores], ignore_index=True)
-        entry.groups.update(metrics.get("groups", {}))
-        entry.recipes.update(metrics.get("recipes", {}))
+            merged = pd.concat([entry.scores, scores], ignore_index=True)
+            entry.scores = merged.drop_duplicates(["group", "key"], ignore_index=True)
+        entry.groups.update(metrics.get("groups") or {})
+        entry.recipes.update(metrics.get("recipes") or {})
         entry.runs.append(
             {"folder": str(folder), "weights": metrics.get("weights"),
-             "threshold": metrics.get("threshold", 0.0), "n": metrics.get("n")}
+             "threshold": metrics.get("threshold", 0.0), "n": metrics.get("n", len(scores)),
+             "data": metrics.get("data") or []}
         )  # fmt: skip
     return results
 
@@ -87,10 +153,12 @@ def missing_groups(results: dict[str, DetectorResults]) -> list[str]:
     table = group_table(results)
     if table.empty:
         return []
-    grid = {(g, p) for g in table["generator"].unique() for p in table["precision"].unique()}
+    generators = order_generators(table["generator"].unique())
+    precisions = order_precisions(table["precision"].unique())
     gaps = []
     for name in sorted(results):
         rows = table[table["detector"] == name]
         have = set(zip(rows["generator"], rows["precision"], strict=True))
-        gaps += [f"{g}/{p} for {name}" for g, p in sorted(grid - have)]
+        grid = [(g, p) for g in generators for p in precisions]
+        gaps += [f"{g}/{p} for {name}" for g, p in grid if (g, p) not in have]
     return gaps
