@@ -83,6 +83,8 @@ def plot_kde(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> Fig
             labels.append("real")
         handles.append(Line2D([], [], color="black", linestyle=":", linewidth=0.9))
         labels.append(f"threshold ({threshold:g})")
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 1.2, height)  # room for the legend, outside the panels
         fig.legend(handles, labels, loc="outside right center", frameon=False)
         fig.suptitle(f"{detector}: logit distribution per precision ({len(real)} real images)")
     return fig
