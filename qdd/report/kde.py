@@ -86,5 +86,5 @@ def plot_kde(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> Fig
         width, height = fig.get_size_inches()
         fig.set_size_inches(width + 1.2, height)  # room for the legend, outside the panels
         fig.legend(handles, labels, loc="outside right center", frameon=False)
-        fig.suptitle(f"{detector}: logit distribution per precision ({len(real)} real images)")
+        fig.suptitle(f"{detector}: logit distribution per precision (real images: {len(real)})")
     return fig

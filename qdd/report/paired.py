@@ -119,11 +119,13 @@ def plot_paired(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> 
             flipped = int(shifts.loc[generator, "flipped_to_real"])
             n = int(shifts.loc[generator, "pairs"])
             end = means[i] - errors[i] if means[i] < 0 else means[i] + errors[i]
-            bars.annotate(f"{means[i]:+.2f}\n{flipped}/{n} → real", (x[i], end),
+            mean = f"{means[i]:+.2f}".replace("-", "\N{MINUS SIGN}")
+            bars.annotate(f"{mean}\n{flipped}/{n} → real", (x[i], end),
                           xytext=(0, -3 if means[i] < 0 else 3), textcoords="offset points",
                           ha="center", va="top" if means[i] < 0 else "bottom",
                           fontsize=7.5)  # fmt: skip
         bars.margins(y=0.25)
+        bars.set_xlim(-0.8, len(generators) - 0.2)
         bars.set_xticks(x, generators, rotation=30, ha="right", rotation_mode="anchor")
         bars.set_ylabel(f"mean logit shift, {precision} − {REFERENCE}")
         bars.set_title("per generator (± s.e.m.)")
