@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -20,11 +21,24 @@ CAPTIONS = {
 }
 
 
+def data_summary(folders: list[str]) -> str:
+    """Shard folders as given, or their common parent and count when there are many."""
+    if not folders:
+        return "–"
+    if len(folders) <= 3:
+        return ", ".join(folders)
+    try:
+        parent = os.path.commonpath(folders)
+    except ValueError:  # absolute and relative paths mixed
+        parent = ""
+    return f"{len(folders)} folders" + (f" under {parent}" if parent else "")
+
+
 def runs_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
     """One row per run folder: which weights ran, at which threshold, on which data."""
     rows = [
         {"detector": name, "weights": run["weights"], "threshold": run["threshold"],
-         "images": run["n"], "data": ", ".join(map(str, run["data"])) or "–",
+         "images": run["n"], "data": data_summary([str(d) for d in run["data"]]),
          "run folder": run["folder"]}
         for name, entry in sorted(results.items()) for run in entry.runs
     ]  # fmt: skip

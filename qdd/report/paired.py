@@ -119,7 +119,9 @@ def plot_paired(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> 
             flipped = int(shifts.loc[generator, "flipped_to_real"])
             n = int(shifts.loc[generator, "pairs"])
             end = means[i] - errors[i] if means[i] < 0 else means[i] + errors[i]
-            mean = f"{means[i]:+.2f}".replace("-", "\N{MINUS SIGN}")
+            mean = (f"{means[i]:+.2f}" if abs(means[i]) >= 0.1 else f"{means[i]:+.2g}").replace(
+                "-", "\N{MINUS SIGN}"
+            )
             bars.annotate(f"{mean}\n{flipped}/{n} → real", (x[i], end),
                           xytext=(0, -3 if means[i] < 0 else 3), textcoords="offset points",
                           ha="center", va="top" if means[i] < 0 else "bottom",

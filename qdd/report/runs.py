@@ -75,7 +75,22 @@ def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise QddError(f"{scores_path} holds no scores: re-run qdd-cli test on non-empty shards")
     if not isinstance(metrics, dict):
         raise QddError(f"{metrics_path} is not a metrics object: re-run qdd-cli test")
-    return scores, metrics
+    return _named_fakes(scores), metrics
+
+
+def _named_fakes(scores: pd.DataFrame) -> pd.DataFrame:
+    """Fakes without generator/precision metadata take them from their group name.
+
+    A fake shard made with ``qdd-cli shard --label fake`` has no precision; its group
+    (``<source>/unknown``) is how metrics.json names it, so the figures use the same name.
+    """
+    fake = scores["label"] == 1
+    generator, _, precision = scores["group"].astype(str).str.rpartition("/").T.to_numpy()
+    scores = scores.astype({"generator": object, "precision": object})
+    for column, fallback in (("generator", generator), ("precision", precision)):
+        absent = fake & scores[column].isna()
+        scores.loc[absent, column] = fallback[absent.to_numpy()]
+    return scores
 
 
 def _weights_label(weights: str | None) -> str:

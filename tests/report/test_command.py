@@ -119,3 +119,23 @@ def test_bad_run_folders_are_one_line_errors(make_run, tmp_path, capsys) -> None
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no metrics.json" in err
+
+
+def test_fakes_without_precision_are_named_by_their_group(make_run) -> None:
+    run = make_run("mj", "npr", {"sd3": ["fp32"]})
+    scores = pd.read_parquet(run / "scores.parquet")
+    fakes = scores["label"] == 1
+    scores.loc[fakes, ["generator", "precision"]] = None  # a `qdd-cli shard --label fake` set
+    scores.loc[fakes, "group"] = "midjourney/unknown"
+    scores.to_parquet(run / "scores.parquet")
+    loaded = load_runs([run])["npr"].scores
+    assert set(loaded.loc[loaded["label"] == 1, "precision"]) == {"unknown"}
+    assert set(loaded.loc[loaded["label"] == 0, "precision"].dropna()) == set()
+
+
+def test_many_shard_folders_are_summarised_in_the_runs_table() -> None:
+    from qdd.report.index import data_summary
+
+    assert data_summary(["a/x", "a/y"]) == "a/x, a/y"
+    assert data_summary([f"s/test/g{i}" for i in range(29)]) == "29 folders under s/test"
+    assert data_summary([]) == "–"
