@@ -12,6 +12,8 @@ parsing, so everything else (``--config``, ``--trainer.*``, ``--model.*``, ``--d
 ``--weights F``             ``--model.weights=F``
 ``--random-weights``        ``--model.random_weights=true``
 ``--out DIR``               the run folder (``--trainer.default_root_dir=DIR``)
+``--trainer cpu|gpu|ddp``   ``--config`` of the packaged preset ``configs/trainer/NAME.yaml``
+                            (any other value is left to LightningCLI)
 ``--perturb SPEC``          a test-time perturbation (``jpeg:75``, ``resize:0.5``, ``blur:1.0``;
                             repeatable) → ``--data.perturb=[...]``; ``none`` is always run
 ==========================  ==================================================================
@@ -51,6 +53,12 @@ def _preset(kind: str, value: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _trainer_preset(value: str) -> Path | None:
+    """``configs/trainer/<value>.yaml`` when ``value`` names a packaged trainer preset."""
+    candidate = CONFIGS / "trainer" / f"{value}.yaml"
+    return candidate if value.isidentifier() and candidate.is_file() else None
+
+
 def expand_shorthands(argv: list[str]) -> list[str]:
     """Rewrite the CLI contract's short flags into LightningCLI arguments."""
     front: list[str] = []
@@ -84,6 +92,9 @@ def expand_shorthands(argv: list[str]) -> list[str]:
             rest.append(f"--model.weights={value}")
         elif name == "--out":
             rest.append(f"--trainer.default_root_dir={value}")
+        elif name == "--trainer" and not eq and i + 1 < len(argv) and _trainer_preset(argv[i + 1]):
+            front.append(f"--config={_trainer_preset(argv[i + 1])}")
+            i += 1
         elif name == "--perturb":
             perturb.append(value)
         elif arg == "--random-weights":
