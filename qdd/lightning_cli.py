@@ -174,6 +174,8 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ...``; prints the run folder last."""
     args = [command, *expand_shorthands(argv)]
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
+    # Test metrics are computed once on rank 0 from all ranks' gathered scores.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('test_")
     # DetectorModule normalises uint8 batches on the device in on_after_batch_transfer.
     warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
     # Frozen CLIP towers stay in eval mode on purpose (no dropout, fixed norms).
