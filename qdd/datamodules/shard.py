@@ -161,45 +161,13 @@ class ShardDataModule(LightningDataModule):
             )
         return entries
 
-    def _loader_options(self, persistent: bool) -> dict[str, Any]:
-        """Workers, pinned memory and prefetch for this trainer's devices."""
-        trainer = self.trainer
-        device = trainer.strategy.root_device.type if trainer else "cpu"
-        per_node = trainer.num_devices if trainer else 1
-        accelerator = "cpu" if device == "cpu" else "gpu"
-        workers = self.num_workers
-        if workers is None:
-            workers = default_num_workers(accelerator, per_node)
-        options: dict[str, Any] = {"num_workers": workers, "pin_memory": device == "cuda"}
-        if workers > 0:
-            options["persistent_workers"] = persistent
-            if device != "cpu":
-                options["prefetch_factor"] = 4  # keep the accelerator fed across slow batches
-        return options
-
     def _eval_loader(
         self, entries: Sequence[Entry], perturbed: bool, persistent: bool = False
     ) -> DataLoader:
         perturbations = self.perturbations if perturbed else []
         dataset = ShardDataset(entries, self._transform("eval"), perturbations)
-        trainer = self.trainer
-        world = trainer.world_size if trainer else 1
-        sampler = None
-        if world > 1:
-            if len(dataset) < world:
-                raise QddError(
-                    f"{len(dataset)} samples for {world} processes: every process needs at "
-                    "least one; use fewer devices"
-                )
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=Collate(dataset.perturbation_names),
-            **self._loader_options(persistent),
+        return evaluation_loader(
+            dataset, self.batch_size, self.trainer, self.num_workers, persistent=persistent
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -210,7 +178,7 @@ class ShardDataModule(LightningDataModule):
             shuffle=True,  # Lightning swaps in a seeded DistributedSampler under DDP
             generator=torch.Generator().manual_seed(self.seed),
             collate_fn=Collate(dataset.perturbation_names),
-            **self._loader_options(persistent=True),
+            **loader_options(self.trainer, self.num_workers, persistent=True),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -222,6 +190,50 @@ class ShardDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.entries, perturbed=True)
+
+
+def loader_options(trainer: Any, num_workers: int | None, persistent: bool) -> dict[str, Any]:
+    """DataLoader workers, pinned memory and prefetch for this trainer's devices."""
+    device = trainer.strategy.root_device.type if trainer else "cpu"
+    per_node = trainer.num_devices if trainer else 1
+    workers = num_workers
+    if workers is None:
+        workers = default_num_workers("cpu" if device == "cpu" else "gpu", per_node)
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": device == "cuda"}
+    if workers > 0:
+        options["persistent_workers"] = persistent
+        if device != "cpu":
+            options["prefetch_factor"] = 4  # keep the accelerator fed across slow batches
+    return options
+
+
+def evaluation_loader(
+    dataset: ShardDataset,
+    batch_size: int,
+    trainer: Any,
+    num_workers: int | None = None,
+    persistent: bool = False,
+) -> DataLoader:
+    """An exactly-once loader of ``dataset`` for this trainer's rank (validate, test,
+    predict): ``UnrepeatedDistributedSampler`` under DDP, which Lightning leaves alone."""
+    world = trainer.world_size if trainer else 1
+    sampler = None
+    if world > 1:
+        if len(dataset) < world:
+            raise QddError(
+                f"{len(dataset)} samples for {world} processes: every process needs at "
+                "least one; use fewer devices"
+            )
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=Collate(dataset.perturbation_names),
+        **loader_options(trainer, num_workers, persistent),
+    )
 
 
 def _perturbations(specs: list[str]) -> list[Any]:

@@ -277,14 +277,19 @@ class DetectorModule(LightningModule):
 
     def _score(self, batch: Any) -> Tensor:
         """Logits of a batch; the rows' metadata and the batch's skipped samples are kept."""
-        images, _, meta = batch
-        self._skipped.extend(meta["skipped"])
+        images, labels, meta = batch
+        self._skipped.extend(meta.get("skipped", []))
         if len(images) == 0:  # every sample of this batch was skipped
             return images.new_zeros(0)
         logits = self(images).float().flatten()
         self._logits.append(logits)
         for field in ROW_FIELDS:
-            self._rows[field].extend(meta[field])
+            values = meta.get(field)
+            if values is None:  # a loader other than ShardDataModule's: plain defaults
+                n = len(logits)
+                default = {"label": None, PERTURBATION: [UNPERTURBED] * n}.get(field, [""] * n)
+                values = labels.tolist() if default is None else default
+            self._rows[field].extend(values)
         return logits
 
     def _gather_scores(self) -> tuple[Any, list[dict[str, str]]]:
