@@ -20,6 +20,9 @@ A sample that cannot be read (PNG that does not decode, a member missing) become
 `Skipped` record instead of an exception: it travels through the batch to the
 LightningModule, which counts and names it in metrics.json.
 
+With ``--data.reencode`` (see `qdd.reencode`) the decoded image is first JPEG re-encoded,
+to take the JPEG-vs-PNG confound out of the comparison; perturbations come after.
+
 With test-time perturbations (``--perturb``), one item decodes its image once and yields
 one preprocessed tensor per perturbation, so ``P`` perturbations cost one decode, and each
 perturbation still sees every sample exactly once.
@@ -37,6 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from qdd.datamodules.reader import Entry, read_sample
+from qdd.reencode import Reencoder
 
 #: Metadata passed along with each image (strings only, so batches collate cleanly).
 META_FIELDS = (
@@ -88,6 +92,8 @@ class ShardDataset(Dataset):
         transform: the detector's preprocessing (PIL → tensor); default: uint8 tensor.
         perturbations: test-time perturbations applied after decoding and before
             ``transform``; ``None`` means the unperturbed image only.
+        reencode: JPEG re-encoding applied right after decoding (`qdd.reencode`), or
+            ``None``.
     """
 
     def __init__(
@@ -95,8 +101,10 @@ class ShardDataset(Dataset):
         entries: Sequence[Entry],
         transform: Transform | None = None,
         perturbations: Sequence[Perturbation] | None = None,
+        reencode: Reencoder | None = None,
     ) -> None:
         self.entries = list(entries)
+        self.reencode = reencode
         self.transform = transform or pil_to_tensor
         self.perturbations = list(perturbations or [])
 
@@ -113,6 +121,8 @@ class ShardDataset(Dataset):
             image, meta = read_sample(entry)
         except ValueError as error:  # logged by the module that counts it
             return Skipped(entry.key, entry.shard, str(error))
+        if self.reencode is not None:
+            image = self.reencode.apply(image, entry.key, meta)
         info = {"key": entry.key}
         info.update({f: str(meta.get(f) or "") for f in META_FIELDS if f != "key"})
         if not self.perturbations:

@@ -162,6 +162,21 @@ def read_sample(entry: Entry) -> tuple[Image.Image, dict[str, Any]]:
     return (image if image.mode == "RGB" else image.convert("RGB")), meta
 
 
+def read_meta(entry: Entry) -> dict[str, Any]:
+    """One sample's JSON alone (no image decoded); ``ValueError`` if it cannot be read."""
+    if entry.meta is None:
+        raise ValueError("no .json member")
+    fd = os.open(entry.shard, os.O_RDONLY)
+    try:
+        raw = _read(fd, entry.meta)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"bad JSON: {error}") from None
+
+
 def read_entry(entry: Entry) -> tuple[Image.Image, dict[str, Any]] | None:
     """`read_sample`, or ``None`` (logged) if the sample cannot be read."""
     try:

@@ -27,8 +27,15 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from qdd.datamodules.dataset import Collate, ShardDataset, Transform
-from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
+from qdd.datamodules.reader import (
+    Entry,
+    index_folders,
+    read_manifest,
+    read_meta,
+    resolve_folders,
+)
 from qdd.errors import QddError
+from qdd.reencode import MATCH, Reencoder, build_reencoder, check_spec
 
 #: Upper bound on automatic DataLoader workers: beyond this the decode rate stops scaling
 #: on typical nodes and each worker costs memory.
@@ -82,6 +89,9 @@ class ShardDataModule(LightningDataModule):
             see `qdd.perturb`), applied after decoding and before the detector's own
             preprocessing in test and predict; the unperturbed pass (``none``) is always
             included.
+        reencode: ``jpeg:Q`` or ``match`` (see `qdd.reencode`): JPEG re-encoding right
+            after decoding, in every stage, that removes the JPEG-vs-PNG confound
+            between real photos and fakes; ``None`` leaves images as stored.
         train_transform: overrides the detector's training preprocessing.
         eval_transform: overrides the detector's test preprocessing.
     """
@@ -94,6 +104,7 @@ class ShardDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         perturb: list[str] | None = None,
+        reencode: str | None = None,
         train_transform: Transform | None = None,
         eval_transform: Transform | None = None,
     ) -> None:
@@ -109,6 +120,8 @@ class ShardDataModule(LightningDataModule):
         self.seed = seed
         self.perturb = list(perturb or [])
         self.perturbations = _perturbations(self.perturb)
+        self.reencode = None if reencode is None else check_spec(reencode)
+        self.reencoder: Reencoder | None = None
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.entries: list[Entry] = []
@@ -138,6 +151,9 @@ class ShardDataModule(LightningDataModule):
         self.entries, self.groups = index_folders(self.folders)
         if not self.entries:
             raise QddError(f"no readable samples in {self.paths}: check the shards")
+        if self.reencode is not None:
+            metas = _readable_metas(self.entries) if self.reencode == MATCH else []
+            self.reencoder = build_reencoder(self.reencode, metas)
 
     # -- loaders ---------------------------------------------------------------------------
     def _transform(self, kind: str) -> Transform | None:
@@ -165,13 +181,15 @@ class ShardDataModule(LightningDataModule):
         self, entries: Sequence[Entry], perturbed: bool, persistent: bool = False
     ) -> DataLoader:
         perturbations = self.perturbations if perturbed else []
-        dataset = ShardDataset(entries, self._transform("eval"), perturbations)
+        dataset = ShardDataset(entries, self._transform("eval"), perturbations, self.reencoder)
         return evaluation_loader(
             dataset, self.batch_size, self.trainer, self.num_workers, persistent=persistent
         )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = ShardDataset(self._split(validation=False), self._transform("train"))
+        dataset = ShardDataset(
+            self._split(validation=False), self._transform("train"), reencode=self.reencoder
+        )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -234,6 +252,17 @@ def evaluation_loader(
         collate_fn=Collate(dataset.perturbation_names),
         **loader_options(trainer, num_workers, persistent),
     )
+
+
+def _readable_metas(entries: Sequence[Entry]) -> list[dict[str, Any]]:
+    """Every sample's JSON that can be read (the others are counted as skipped later)."""
+    metas = []
+    for entry in entries:
+        try:
+            metas.append(read_meta(entry))
+        except ValueError:
+            continue
+    return metas
 
 
 def _perturbations(specs: list[str]) -> list[Any]:

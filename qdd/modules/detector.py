@@ -245,6 +245,7 @@ class DetectorModule(LightningModule):
             "detector": self.hparams.detector,
             "weights": self.detector.weights_source,
             "data": [str(f) for f in getattr(datamodule, "folders", [])],
+            "reencode": getattr(datamodule, "reencode", None),
             "threshold": self.hparams.threshold,
             "n": results["n"],
             "expected": getattr(datamodule, "expected", None),
