@@ -148,3 +148,16 @@ def test_samples_written_from_pixels_say_png(tmp_path: Path) -> None:
     assert json.loads(found["k0.json"])["source_format"] == "png"
     assert json.loads(found["k0.json"])["jpeg_quality"] is None
     assert json.loads(found["k1.json"])["source_format"] == "jpeg"  # the caller's word wins
+
+
+def test_copied_png_read_back_is_checked(tmp_path: Path) -> None:
+    """A plain PNG travels from a worker as its CRC; a file changed since is not stored."""
+    from qdd.datamodules.folder import _prepare_in_worker, _with_bytes
+
+    path = tmp_path / "plain.png"
+    random_image(0, (8, 8)).save(path)
+    sent = _prepare_in_worker(path)
+    assert sent.copied and sent.png == b"" and sent.crc is not None
+    assert _with_bytes(path, sent).png == path.read_bytes()
+    random_image(1, (8, 8)).save(path)
+    assert _with_bytes(path, sent).error == "file changed while sharding"
