@@ -123,3 +123,4 @@ def test_metrics_record_the_reencoding(tmp_path: Path) -> None:
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reencode"] == "jpeg:50" and metrics["n"] == 6
+    assert metrics["formats"] == {"real/cam": {"png": 3}, "sd3/fp4": {"png": 3}}

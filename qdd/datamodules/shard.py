@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from qdd.datamodules.reader import (
     read_meta,
     resolve_folders,
 )
+from qdd.datamodules.writer import formats_by_group
 from qdd.errors import QddError
 from qdd.reencode import MATCH, Reencoder, build_reencoder, check_spec
 
@@ -126,6 +128,7 @@ class ShardDataModule(LightningDataModule):
         self.eval_transform = eval_transform
         self.entries: list[Entry] = []
         self.groups: dict[str, int] = {}
+        self.formats: dict[str, dict[str, int]] = {}
         for folder in self.folders:  # fail before the trainer starts, not after
             read_manifest(folder)
 
@@ -151,6 +154,7 @@ class ShardDataModule(LightningDataModule):
         self.entries, self.groups = index_folders(self.folders)
         if not self.entries:
             raise QddError(f"no readable samples in {self.paths}: check the shards")
+        self.formats = _formats(self.folders)
         if self.reencode is not None:
             metas = _readable_metas(self.entries) if self.reencode == MATCH else []
             self.reencoder = build_reencoder(self.reencode, metas)
@@ -252,6 +256,16 @@ def evaluation_loader(
         collate_fn=Collate(dataset.perturbation_names),
         **loader_options(trainer, num_workers, persistent),
     )
+
+
+def _formats(folders: Sequence[Path]) -> dict[str, dict[str, int]]:
+    """Source formats per group over the folders' manifests (older manifests have none)."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for folder in folders:
+        for group, by_format in read_manifest(folder).get("formats", {}).items():
+            for source_format, count in by_format.items():
+                counts[group, source_format] += count
+    return formats_by_group(counts)
 
 
 def _readable_metas(entries: Sequence[Entry]) -> list[dict[str, Any]]:

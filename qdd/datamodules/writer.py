@@ -188,10 +188,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def scan_shard(path: Path) -> tuple[list[str], Counter[str]]:
-    """Keys and group counts of one complete shard (reads only its JSON members)."""
+def scan_shard(path: Path) -> tuple[list[str], Counter[str], Counter[tuple[str, str]]]:
+    """Keys, group counts and (group, source format) counts of one complete shard.
+
+    Reads only the JSON members. Samples written before formats were recorded count as
+    ``"unknown"``.
+    """
     keys: dict[str, None] = {}  # ordered set: a key counts once, whatever its members
     groups: Counter[str] = Counter()
+    formats: Counter[tuple[str, str]] = Counter()
     try:
         with tarfile.open(path, "r:") as tar:
             for member in tar:
@@ -200,9 +205,10 @@ def scan_shard(path: Path) -> tuple[list[str], Counter[str]]:
                 if ext == "json":
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
                     groups[group_of(meta)] += 1
+                    formats[group_of(meta), meta.get("source_format") or "unknown"] += 1
     except (tarfile.TarError, OSError, json.JSONDecodeError) as error:
         raise QddError(f"{path} is corrupt ({error}): delete it and re-create the shards") from None
-    return list(keys), groups
+    return list(keys), groups, formats
 
 
 def existing_keys(out_dir: str | Path) -> set[str]:
@@ -213,12 +219,21 @@ def existing_keys(out_dir: str | Path) -> set[str]:
     return keys
 
 
+def formats_by_group(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """``{group: {source_format: count}}``, sorted: what format each group's pixels came from
+    (a real set of JPEGs against PNG fakes is a confound a detector can learn)."""
+    nested: dict[str, dict[str, int]] = {}
+    for (group, source_format), count in sorted(counts.items()):
+        nested.setdefault(group, {})[source_format] = count
+    return nested
+
+
 def write_manifest(out_dir: str | Path) -> dict[str, Any]:
     """Describe every complete shard of ``out_dir`` in ``manifest.json`` (atomic, written last)."""
     folder = Path(out_dir)
-    shards, groups, seen = [], Counter(), set()
+    shards, groups, formats, seen = [], Counter(), Counter(), set()
     for path in shard_files(folder):
-        keys, shard_groups = scan_shard(path)
+        keys, shard_groups, shard_formats = scan_shard(path)
         duplicates = seen.intersection(keys)
         if duplicates:
             raise QddError(
@@ -227,6 +242,7 @@ def write_manifest(out_dir: str | Path) -> dict[str, Any]:
             )
         seen.update(keys)
         groups.update(shard_groups)
+        formats.update(shard_formats)
         shards.append(
             {
                 "name": path.name,
@@ -246,6 +262,7 @@ def write_manifest(out_dir: str | Path) -> dict[str, Any]:
         "qdd_version": qdd.__version__,
         "total": len(seen),
         "groups": dict(sorted(groups.items())),
+        "formats": formats_by_group(formats),
         "shards": shards,
         "failed": [{"key": f["key"], "reason": f["reason"]} for f in failed],
     }

@@ -246,6 +246,7 @@ class DetectorModule(LightningModule):
             "weights": self.detector.weights_source,
             "data": [str(f) for f in getattr(datamodule, "folders", [])],
             "reencode": getattr(datamodule, "reencode", None),
+            "formats": getattr(datamodule, "formats", None),
             "threshold": self.hparams.threshold,
             "n": results["n"],
             "expected": getattr(datamodule, "expected", None),

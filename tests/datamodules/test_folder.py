@@ -86,6 +86,7 @@ def test_provenance_and_plain_pngs_copied(mixed_dir: Path, tmp_path: Path) -> No
     out = tmp_path / "shards"
     manifest = shard_folder(mixed_dir, out, label=REAL, source="mix", workers=1)
     assert manifest["total"] == 7
+    assert manifest["formats"] == {"real/mix": {"jpeg": 1, "png": 5, "webp": 1}}
     found = members(out)
     meta = {
         name[: -len(".json")]: json.loads(data) for name, data in found.items() if ".json" in name
