@@ -16,9 +16,8 @@ import numpy as np
 import pandas as pd
 
 from qdd.errors import QddError
-from qdd.metrics import METRICS
 from qdd.report.runs import NONE, DetectorResults, group_table, load_runs
-from qdd.report.stats import accuracy, group_metrics
+from qdd.report.stats import METRICS, accuracy, group_metrics
 
 #: Metrics a comparison can rank by (all: higher is better).
 RANKABLE = (*METRICS, "acc_calibrated")

@@ -108,7 +108,9 @@ def plot_kde(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> Fig
                     and name not in (REFERENCE, "real")
                     and reference[2] is not None
                 ):
-                    ax.plot(grid, base + reference[2], color=color(REFERENCE), linewidth=0.8,
+                    # only where FP32 has mass: a dashed baseline would hide the ridge's own
+                    outline = np.where(reference[2] > 0.005 * tallest, reference[2], np.nan)
+                    ax.plot(grid, base + outline, color=color(REFERENCE), linewidth=0.8,
                             linestyle="--", label=f"_{REFERENCE} reference",
                             zorder=2.5 + k)  # fmt: skip
                 ticks.append(base)

@@ -17,6 +17,10 @@ import math
 
 import numpy as np
 
+#: The metrics of `qdd.metrics.METRICS`, in its order (named here so that a report does not
+#: import torchmetrics, ~10 s; a test keeps the two equal).
+METRICS: tuple[str, ...] = ("acc", "real_acc", "fake_acc", "balanced_acc", "auroc", "ap",
+                            "tpr_at_fpr1", "tpr_at_fpr5")  # fmt: skip
 #: Bootstrap resamples and seed of every interval that is not a Wilson interval.
 BOOTSTRAP = 1000
 SEED = 0

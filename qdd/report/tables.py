@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qdd.metrics import METRICS
 from qdd.report.palette import order_generators, order_precisions
 from qdd.report.runs import NONE
+from qdd.report.stats import METRICS
 
 
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:

@@ -12,11 +12,14 @@ from sklearn.metrics import roc_auc_score
 
 from qdd.errors import QddError
 from qdd.report.runs import group_table, load_runs
-from qdd.report.stats import bootstrap, group_metrics, wilson
+from qdd.report.stats import METRICS, bootstrap, group_metrics, wilson
 from tests.report.conftest import reference_metrics
 
-METRICS = ("acc", "real_acc", "fake_acc", "balanced_acc", "auroc", "ap", "tpr_at_fpr1",
-           "tpr_at_fpr5")  # fmt: skip
+
+def test_the_report_computes_the_metrics_qdd_cli_test_computes() -> None:
+    from qdd import metrics
+
+    assert METRICS == metrics.METRICS
 
 
 def test_group_metrics_match_scikit_learn_with_ties() -> None:
