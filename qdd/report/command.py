@@ -30,14 +30,14 @@ def build_report(runs: list[Path], out: Path) -> Path:
     import pandas as pd
 
     from qdd.report.confounds import format_warnings
-    from qdd.report.heatmap import plot_heatmap
+    from qdd.report.heatmap import has_low_fraction, plot_heatmap
     from qdd.report.index import write_index
     from qdd.report.kde import plot_kde
     from qdd.report.paired import plot_paired, shift_table
-    from qdd.report.robustness import plot_robustness, precision_table
+    from qdd.report.robustness import plot_robustness, precision_table, spec_rank
     from qdd.report.runs import NONE, group_table, load_runs, missing_groups
     from qdd.report.style import save
-    from qdd.report.tables import metric_pivot, perturbation_rank, sorted_groups, write_table
+    from qdd.report.tables import metric_pivot, sorted_groups, write_table
 
     results = load_runs([Path(r) for r in runs])
     out = Path(out)
@@ -67,7 +67,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     if table.empty:
         notes.append("no fake images in these runs: no heatmaps or metric tables")
     else:
-        perturbations = sorted(table["perturbation"].unique(), key=perturbation_rank)
+        perturbations = sorted(table["perturbation"].unique(), key=spec_rank)
         for metric in HEATMAP_METRICS:
             if table.loc[table["perturbation"] == NONE, metric].isna().all():
                 notes.append(f"no {metric} values in these runs: heatmap_{metric} not drawn")
@@ -89,7 +89,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
             columns = ["detector", "perturbation", "precision", "n_fake", "n_real", "fake_acc",
                        "fake_acc_lo", "fake_acc_hi", "real_acc", "auroc", "auroc_lo",
                        "auroc_hi"]  # fmt: skip
-            robust = robust.assign(_r=robust["perturbation"].map(perturbation_rank))
+            robust = robust.assign(_r=robust["perturbation"].map(spec_rank))
             robust = robust.sort_values(["detector", "_r", "precision"], kind="stable")
             tables["robustness"] = write_table(robust[columns], out / "tables", "robustness")
     if shifts:
@@ -105,7 +105,8 @@ def build_report(runs: list[Path], out: Path) -> Path:
         print(note, file=sys.stderr)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    return write_index(out, results, figures, tables, missing, notes, warnings)
+    marked = has_low_fraction(table)
+    return write_index(out, results, figures, tables, missing, notes, warnings, marked)
 
 
 def main(argv: list[str]) -> None:

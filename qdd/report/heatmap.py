@@ -72,6 +72,14 @@ def low_fraction(table: pd.DataFrame, generators: list[str], precisions: list[st
     return quantized & (fraction < LOW_FRACTION)  # NaN (not recorded) compares False
 
 
+def has_low_fraction(table: pd.DataFrame) -> bool:
+    """Whether any quantized cell of ``table`` is marked as under `LOW_FRACTION`."""
+    if table.empty:
+        return False
+    quantized = ~table["precision"].isin(UNQUANTIZED)
+    return bool((quantized & (table["quant_fraction"] < LOW_FRACTION)).any())
+
+
 def cell_text(value: float, lo: float, hi: float, n: float, metric: str) -> str:
     d = digits(metric)
     text = f"{value:.{d}f}"
@@ -104,7 +112,7 @@ def plot_heatmap(
     precisions = order_precisions(table["precision"].unique())
     panels = [(p, d) for p in perturbations for d in detectors]
     size = (0.95 * len(precisions) + 1.6, 0.62 * len(generators) + 1.5)
-    max_cols = len(detectors) if len(perturbations) > 1 else 2
+    max_cols = len(detectors) if len(perturbations) > 1 and len(detectors) > 1 else 2
     fig, axes = panel_grid(len(panels), panel=size, max_cols=max_cols)
     cmap, norm = mpl.colormaps[CMAP], norm_for(metric)
     missing = marked = False
@@ -158,5 +166,5 @@ def plot_heatmap(
             notes.append("–: not measured")
         if marked:
             notes.append(f"{LOW_MARK}: under {LOW_FRACTION:.0%} of the parameters quantized")
-        fig.suptitle(f"{label} per generator × precision\n" + " · ".join(notes))
+        fig.suptitle(f"{label} per generator × precision\n" + "\n".join(notes))
     return fig

@@ -113,8 +113,13 @@ def write_index(
     missing: list[str],
     notes: list[str],
     warnings: list[str],
+    marked: bool = False,
 ) -> Path:
-    """Write ``out``/report.md; figures and tables are linked by paths relative to it."""
+    """Write ``out``/report.md; figures and tables are linked by paths relative to it.
+
+    ``marked``: some heatmap cell carries the low-quantized-fraction mark.
+    """
+    perturbed = any((e.scores["perturbation"] != NONE).any() for e in results.values())
     lines = ["# qdd report", ""]
     if is_demo(results):
         lines += [DEMO_CAVEAT, ""]
@@ -124,9 +129,18 @@ def write_index(
         "runs' pooled scores.parquet: each generator × precision against the real images of "
         "the same perturbation, with its count n and a 95 % interval (Wilson for "
         f"accuracies; percentile bootstrap, {BOOTSTRAP} resamples of the real and the fake "
-        f"images apart, seed {SEED}, for balanced accuracy and AUROC). Figures of the main "
-        f"views use the unperturbed pass (`{NONE}`). Heatmap cells marked ▼ had under "
-        f"{LOW_FRACTION:.0%} of their scoped parameters quantized (see Recipes).",
+        f"images apart, seed {SEED}, for balanced accuracy and AUROC)."
+        + (
+            f" The KDE, paired views and main heatmaps use the unperturbed pass (`{NONE}`)."
+            if perturbed
+            else ""
+        )
+        + (
+            f" Heatmap cells marked ▼ had under {LOW_FRACTION:.0%} of their scoped "
+            "parameters quantized (see Recipes)."
+            if marked
+            else ""
+        ),
         "",
     ]
     if warnings:

@@ -34,15 +34,32 @@ def strength(spec: str) -> float:
         return math.nan
 
 
-def ordered_specs(kind: str, specs: list[str]) -> list[str]:
-    """Weakest first: descending numbers for jpeg/crop, |log s| for resize, else ascending."""
+def severity(spec: str) -> float:
+    """How strong a perturbation is, for ordering within its kind (larger: stronger).
+
+    JPEG quality and crop share weaken as they grow; a resize by s is as strong as |log s|;
+    other kinds (blur σ, noise σ) grow with their number. Unparsed strengths sort last.
+    """
+    kind, value = spec.partition(":")[0], strength(spec)
+    if math.isnan(value):
+        return math.inf
     if kind in DESCENDING:
-        key = lambda s: -strength(s)  # noqa: E731
-    elif kind == "resize":
-        key = lambda s: abs(math.log(strength(s))) if strength(s) > 0 else math.inf  # noqa: E731
-    else:
-        key = strength
-    return sorted(specs, key=lambda s: (np.nan_to_num(key(s), nan=math.inf), s))
+        return -value
+    if kind == "resize":
+        return abs(math.log(value)) if value > 0 else math.inf
+    return value
+
+
+def spec_rank(spec: str) -> tuple:
+    """``none`` first, then by kind, weakest first."""
+    if spec == NONE:
+        return (0, "", 0.0, spec)
+    return (1, spec.partition(":")[0], severity(spec), spec)
+
+
+def ordered_specs(kind: str, specs: list[str]) -> list[str]:
+    """One kind's specs, weakest first."""
+    return sorted(specs, key=spec_rank)
 
 
 def kinds(perturbations: list[str]) -> dict[str, list[str]]:
@@ -109,7 +126,7 @@ def plot_robustness(table: pd.DataFrame, detector: str) -> Figure | None:
                 if row == len(ROWS) - 1:
                     ax.set_xlabel(f"{kind} strength (weakest first)")
                 if column == 0:
-                    ax.set_ylabel(label if metric != "fake_acc" else "accuracy")
+                    ax.set_ylabel(label if metric != "fake_acc" else "accuracy (real: dashed)")
                 if row == 0:
                     ax.set_title(kind)
         handles, labels = axes[0, 0].get_legend_handles_labels()

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from qdd.report.palette import order_generators, order_precisions
+from qdd.report.robustness import spec_rank
 from qdd.report.runs import NONE
 from qdd.report.stats import METRICS
 
@@ -43,24 +44,13 @@ def sorted_groups(table: pd.DataFrame) -> pd.DataFrame:
     table = table.assign(
         _g=table["generator"].map(generators),
         _p=table["precision"].map(precisions),
-        _p_order=table["perturbation"].map(perturbation_rank),
+        _p_order=table["perturbation"].map(spec_rank),
     ).sort_values(["detector", "_p_order", "_g", "_p"], kind="stable")
     columns = ["detector", "perturbation", "generator", "precision", "quant_scope",
                "quant_fraction", "source_format", "n_fake", "n_real"]  # fmt: skip
     for m in (*METRICS, "acc_calibrated"):
         columns += [m, f"{m}_lo", f"{m}_hi"]
     return table[[c for c in columns if c in table.columns]].reset_index(drop=True)
-
-
-def perturbation_rank(name: str) -> tuple:
-    """``none`` first, then by kind and numeric strength."""
-    if name == NONE:
-        return (0, "", 0.0)
-    kind, _, strength = name.partition(":")
-    try:
-        return (1, kind, float(strength))
-    except ValueError:
-        return (1, kind, float("inf"))
 
 
 def with_interval(table: pd.DataFrame, metric: str) -> pd.Series:

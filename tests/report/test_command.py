@@ -74,6 +74,7 @@ def test_report_command_writes_every_file_and_names_gaps(make_run, tmp_path, cap
     assert (shift.loc[shift["precision"] == "fp4", "mean_shift"] < -2).all()
     assert (shift["pairs"] == 12).all()
     assert "3 test runs of 3 detectors" in index and "Demo:" not in index
+    assert "unperturbed" not in index and "▼" not in index  # neither applies here
     assert "## Warnings" not in index  # no format recorded: nothing to warn about
 
 
@@ -191,7 +192,9 @@ def test_perturbations_reach_heatmaps_curves_and_tables(make_run, tmp_path) -> N
     for stem in ("perturbed_fake_acc", "perturbed_auroc", "robustness_npr"):
         assert (out / f"{stem}.png").is_file() and f"]({stem}.png)" in index
     groups = pd.read_csv(out / "tables" / "groups.csv")
-    assert groups["perturbation"].tolist() == ["none"] * 2 + ["jpeg:50"] * 2 + ["jpeg:90"] * 2
+    # none first, then weakest first: JPEG quality 90 before 50
+    assert groups["perturbation"].tolist() == ["none"] * 2 + ["jpeg:90"] * 2 + ["jpeg:50"] * 2
+    assert "use the unperturbed pass (`none`)" in index
     robust = pd.read_csv(out / "tables" / "robustness.csv")
     assert len(robust) == 3 * 2
     # the main views use the unperturbed pass only
@@ -203,7 +206,7 @@ def test_perturbations_reach_heatmaps_curves_and_tables(make_run, tmp_path) -> N
 def test_quantized_fraction_and_scope_are_listed_per_group(make_run, tmp_path) -> None:
     run = make_run("q", "npr", {"sd15": ["fp32", "fp4"], "sd3": ["fp4"]})
     index = build_report([run], tmp_path / "r").read_text()
-    assert "| sd15 | fp4 | emulate | denoiser | 0.310 |" in index
+    assert "| sd15 | fp4 | emulate | denoiser | 0.310 |" in index and "marked ▼" in index
     assert "| sd3 | fp4 | emulate | denoiser | 0.999 |" in index
     groups = pd.read_csv(tmp_path / "r" / "tables" / "groups.csv")
     assert (
