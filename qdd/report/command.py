@@ -122,11 +122,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="rank the runs (one row each, best first) instead of merging them; "
                         "the first run is the reference of the difference heatmap")  # fmt: skip
-    parser.add_argument("--metric", default="auroc",
-                        help="metric to rank by with --compare (default auroc)")  # fmt: skip
+    parser.add_argument("--metric", help="metric to rank by with --compare (default auroc)")
     parser.add_argument(
         "--group",
-        default="overall",
         help="test group to rank on with --compare: overall (default), a "
         "generator/precision such as sd3/fp4, a generator or a precision",
     )
@@ -134,6 +132,12 @@ def main(argv: list[str]) -> None:
     if args.compare:
         from qdd.report.compare import build_comparison
 
-        print(build_comparison(args.runs, args.out, args.metric, args.group))
+        metric, group = args.metric or "auroc", args.group or "overall"
+        print(build_comparison(args.runs, args.out, metric, group))
         return
+    if args.metric or args.group:
+        from qdd.errors import QddError
+
+        raise QddError("--metric and --group choose what --compare ranks by: add --compare, "
+                       "or drop them for the full report")  # fmt: skip
     print(build_report(args.runs, args.out))
