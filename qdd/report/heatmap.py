@@ -165,6 +165,6 @@ def plot_heatmap(
         if missing:
             notes.append("–: not measured")
         if marked:
-            notes.append(f"{LOW_MARK}: under {LOW_FRACTION:.0%} of the parameters quantized")
+            notes.append(f"{LOW_MARK}: under {LOW_FRACTION:.0%} of the scoped parameters quantized")
         fig.suptitle(f"{label} per generator × precision\n" + "\n".join(notes))
     return fig

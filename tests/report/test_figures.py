@@ -130,7 +130,7 @@ def test_heatmap_titles_say_only_what_is_true(make_run) -> None:
     assert "▼" not in title  # sd3 and flux are ~100 % quantized: nothing marked
     sd15 = group_table(load_runs([make_run("sd15", "npr", {"sd15": ["fp32", "fp8", "fp4"]})]))
     fig = plot_heatmap(sd15, "fake_acc")
-    assert "▼: under 50%" in fig.get_suptitle()
+    assert "▼: under 50% of the scoped parameters" in fig.get_suptitle()
     marks = [t for t in fig.axes[0].texts if t.get_gid() == "low_fraction"]
     assert len(marks) == 2  # fp8 and fp4 of SD1.5 (31 %); never fp32
 
