@@ -38,11 +38,10 @@ GENERIC_STEMS = {"last", "best", "model", "weights", "checkpoint"}
 
 @dataclass
 class DetectorResults:
-    """Everything one detector's runs say: pooled per-image scores, thresholds, recipes."""
+    """Everything one detector's runs say: pooled per-image scores and their thresholds."""
 
     detector: str
     scores: pd.DataFrame
-    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)  # run folder, weights, threshold
     threshold: float = 0.0
     calibrated_threshold: float | None = None
@@ -202,7 +201,6 @@ def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
             merged = pd.concat([entry.scores, scores], ignore_index=True)
             entry.scores = merged.drop_duplicates(["perturbation", "group", "key"],
                                                   ignore_index=True)  # fmt: skip
-        entry.recipes.update(metrics.get("recipes") or {})
         entry.runs.append(run)
     return results
 
