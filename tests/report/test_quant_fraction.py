@@ -7,6 +7,7 @@ weights over all their parameters (only nn.Linear layers are quantized, as in bi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ from qdd.cli import main
 from qdd.report.command import build_report
 from qdd.report.heatmap import plot_heatmap
 from qdd.report.runs import group_table, load_runs
+from qdd.report.stats import METRICS
 from tests.conftest import random_image
 
 DENOISER = {
@@ -79,6 +81,16 @@ def test_report_quantized_fraction_matches_a_count_of_linear_parameters(tmp_path
         assert cells.loc[(generator, "fp32"), "quant_fraction"] == 0
         assert f"| {generator} | fp4 | emulate | denoiser | {share:.3f} |" in index
     assert expected["sd15"] < 0.5 < expected["sd3"]  # the tiny models keep the real contrast
+    # the report's numpy metrics equal the torchmetrics ones qdd-cli test wrote
+    written = json.loads((run / "metrics.json").read_text())["groups"]
+    for group, values in written.items():
+        generator, _, precision = group.rpartition("/")
+        for name in METRICS:
+            ours = cells.loc[(generator, precision), name]
+            if values[name] is None:
+                assert pd.isna(ours), (group, name)
+            else:
+                assert ours == pytest.approx(values[name], abs=1e-6), (group, name)
     # the ▼ mark: SD1.5's FP4 cell (under half quantized), not SD3's, not FP32
     heatmap = plot_heatmap(group_table(load_runs([run])), "fake_acc")
     marks = [t for t in heatmap.axes[0].texts if t.get_gid() == "low_fraction"]
