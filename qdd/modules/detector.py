@@ -316,15 +316,15 @@ class DetectorModule(LightningModule):
             (s for part in parts for s in part["skipped"]), key=lambda s: (s["shard"], s["key"])
         )
         scores = pd.DataFrame(columns)
-        for field in META_FIELDS:  # empty metadata strings are missing values
-            scores[field] = scores[field].where(scores[field] != "", None)
         scores["group"] = [
-            group_name(label, source or "", generator or "", precision or "")
+            group_name(label, source, generator, precision)
             for label, source, generator, precision in zip(
-                scores["label"], scores["source"], scores["generator"], scores["precision"],
+                columns["label"], columns["source"], columns["generator"], columns["precision"],
                 strict=True,
             )
         ]  # fmt: skip
+        for field in META_FIELDS:  # empty metadata strings are missing values
+            scores[field] = scores[field].where(scores[field] != "", None)
         names = list(getattr(self.trainer.datamodule, "perturbation_names", [UNPERTURBED]))
         order = scores[PERTURBATION].map({name: i for i, name in enumerate(names)})
         scores = (
