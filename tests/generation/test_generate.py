@@ -50,6 +50,7 @@ def test_every_generator_at_every_precision(
     for png, meta in samples.values():
         assert png.startswith(b"\x89PNG")
         assert set(FIELDS) <= set(meta)
+        assert meta["source_format"] == "png" and meta["jpeg_quality"] is None
         assert (meta["generator"], meta["precision"], meta["label"]) == (generator, precision, 1)
         assert (meta["width"], meta["height"], meta["steps"]) == (64, 64, 2)
         assert meta["model_id"] == str(tiny_models[generator])
