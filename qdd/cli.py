@@ -133,6 +133,13 @@ def usage(commands: dict[str, tuple[str, Callable]]) -> str:
     return "\n".join(lines)
 
 
+class _NotQdd(logging.Filter):
+    """qdd's records have their own handler; the root handler prints everyone else's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "qdd" and not record.name.startswith("qdd.")
+
+
 def _configure_logging(verbose: bool) -> None:
     """qdd's own INFO lines (DEBUG with --verbose) on stderr; other libraries keep their own
     handlers, less the messages `qdd.quiet` lists as not applying (all shown with --verbose).
@@ -143,6 +150,15 @@ def _configure_logging(verbose: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger()
+    if not root.handlers:
+        # What Python prints for unhandled WARNINGs anyway, in place: without it, the first
+        # library to call logging.warning() (open_clip does) installs basicConfig's handler,
+        # and every qdd line is printed twice from then on.
+        fallback = logging.StreamHandler()
+        fallback.setLevel(logging.WARNING)
+        fallback.addFilter(_NotQdd())
+        root.addHandler(fallback)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     from qdd.quiet import silence
@@ -157,6 +173,9 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = [a for a in argv if a != "--verbose"]
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    from qdd.threads import prefer_passive_waits
+
+    prefer_passive_waits()  # before any subcommand imports torch
     _configure_logging(verbose)
     commands = _available()
     if not argv or argv[0] in ("-h", "--help"):

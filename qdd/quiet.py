@@ -79,6 +79,12 @@ SILENCED: tuple[Silenced, ...] = (
         "an optional faster CPU kernel; bitsandbytes falls back to its own, same numerics",
     ),
     Silenced(
+        "root",
+        r"No pretrained weights loaded for model '.*'\. Model initialized randomly",
+        "open_clip, for a backbone built without weights; qdd.detectors.clip_backbone warns "
+        "about the same backbone itself (and builds one only when asked for explicitly)",
+    ),
+    Silenced(
         "torch.utils._pytree",
         r"is an Enum subclass and is now natively supported by torch\.compile",
         "torchao registers its enums the old way at import; qdd does not use torch.compile",
