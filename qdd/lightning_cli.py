@@ -68,7 +68,8 @@ class QddLightningCLI(LightningCLI):
             config.model.random_weights = False
 
     def after_instantiate_classes(self) -> None:
-        use_threads(workers=self.datamodule.num_workers, processes=self.trainer.num_devices)
+        workers = getattr(self.datamodule, "num_workers", 0)
+        use_threads(workers=workers, processes=self.trainer.num_devices)
         if self.subcommand == "fit":
             self.trainer.callbacks.append(ValidateAtMaxSteps())
         callback = self.trainer.checkpoint_callback
