@@ -33,10 +33,10 @@ HELP_ALL = "--help-all"
 _PURPOSE = {
     "fit": "Train a detector on shards: real vs fake, split into train/validation by key.\n"
     "Writes checkpoints/ (last.ckpt and the best), metrics.json and config.yaml into --out.",
-    "validate": "Run a detector's validation loop on shards (the fit split's validation side).",
+    "validate": "Run a detector's validation loop on shards (the validation side of a fit).",
     "test": "Benchmark a detector on shards: metrics per generator x precision.\n"
     "Writes metrics.json, scores.parquet (one logit per image) and config.yaml into --out.",
-    "predict": "Score shards with a detector (no labels needed).",
+    "predict": "Score shards with a detector: scores.parquet (one logit per image), no metrics.",
 }
 
 _EXAMPLES = {
