@@ -84,7 +84,8 @@ def _trainer(command: str) -> Callable[[Sequence[str]], None]:
             print(short_help(command))
             return
         if HELP_ALL not in argv and "--print_config" not in " ".join(argv):
-            check_data(expand_shorthands(list(argv)))  # seconds before Lightning is imported
+            # before Lightning is imported (~7 s), weights are read or models are built
+            check_data(expand_shorthands(list(argv)))
         from qdd.lightning_cli import run_trainer_command
 
         run_trainer_command(command, list(argv))
@@ -133,11 +134,16 @@ def usage(commands: dict[str, tuple[str, Callable]]) -> str:
     return "\n".join(lines)
 
 
-class _NotQdd(logging.Filter):
-    """qdd's records have their own handler; the root handler prints everyone else's."""
+class _Unhandled(logging.Filter):
+    """Pass only records no handler below the root printed: Python's own last-resort rule."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.name != "qdd" and not record.name.startswith("qdd.")
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.getLogger():
+            if logger.handlers or not logger.propagate:
+                return False
+            logger = logger.parent
+        return True
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -154,10 +160,10 @@ def _configure_logging(verbose: bool) -> None:
     if not root.handlers:
         # What Python prints for unhandled WARNINGs anyway, in place: without it, the first
         # library to call logging.warning() (open_clip does) installs basicConfig's handler,
-        # and every qdd line is printed twice from then on.
+        # and every qdd (and Lightning) warning is printed twice from then on.
         fallback = logging.StreamHandler()
         fallback.setLevel(logging.WARNING)
-        fallback.addFilter(_NotQdd())
+        fallback.addFilter(_Unhandled())
         root.addHandler(fallback)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"

@@ -24,7 +24,7 @@ from qdd.datamodules.shard import ShardDataModule
 from qdd.errors import QddError
 from qdd.modules.detector import DetectorModule
 from qdd.threads import use_threads
-from qdd.trainer_args import HELP_ALL, check_data, expand_shorthands
+from qdd.trainer_args import HELP_ALL, expand_shorthands
 
 __all__ = ["QddLightningCLI", "expand_shorthands", "run_trainer_command"]
 
@@ -134,9 +134,7 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ...``; prints the run folder last."""
     if HELP_ALL in argv:  # LightningCLI's own, full help
         argv = ["--help" if a == HELP_ALL else a for a in argv]
-    args = [command, *expand_shorthands(argv)]
-    if not {"--help", "--print_config"} & {a.split("=")[0] for a in args}:
-        check_data(args)  # before weights are read or models built
+    args = [command, *expand_shorthands(argv)]  # (qdd.cli checked --data before importing us)
     cli = QddLightningCLI(
         DetectorModule,
         ShardDataModule,

@@ -133,3 +133,28 @@ def test_threads_fit_the_cores(monkeypatch) -> None:
         assert use_threads() == torch.get_num_threads() <= 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_warning_is_printed_once() -> None:
+    """A library's logging.warning() must not make qdd's (or anyone's) lines print twice."""
+    done = run_python(
+        """
+        import logging
+        from qdd.cli import main
+        main(["--help"])
+        own = logging.getLogger("somelib")  # a library with its own handler, as Lightning's
+        own.addHandler(logging.StreamHandler())
+        logging.warning("open_clip style warning on the root logger")
+        logging.getLogger("qdd.x").warning("a qdd warning")
+        logging.getLogger("somelib.y").warning("a library warning")
+        logging.getLogger("other.z").warning("an unhandled warning")
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        "open_clip style warning on the root logger",
+        "WARNING qdd.x: a qdd warning",
+        "a library warning",
+        "an unhandled warning",
+    ]
