@@ -32,6 +32,8 @@ META_FIELDS = (
     "quant_backend",
     "quant_scope",
     "model_id",
+    "quant_fraction",
+    "source_format",
 )
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -92,5 +94,5 @@ class ShardDataset(IterableDataset):
                 continue
             image, meta = sample
             info = {"key": entry.key}
-            info.update({f: str(meta.get(f) or "") for f in META_FIELDS if f != "key"})
+            info.update({f: "" if meta.get(f) is None else str(meta[f]) for f in META_FIELDS[1:]})
             yield self.transform(image), int(meta["label"]), info
