@@ -76,7 +76,8 @@ SILENCED: tuple[Silenced, ...] = (
     Silenced(
         "bitsandbytes.backends.cpu.ops",
         r"No module named 'kernels'",
-        "an optional faster CPU kernel; bitsandbytes falls back to its own, same numerics",
+        "an optional CPU kernel for bitsandbytes' 4-bit matmul, tried at import; qdd's 4-bit "
+        "levels on CPU run its exact emulation (--quant-backend auto), not that kernel",
     ),
     Silenced(
         "root",
