@@ -148,6 +148,10 @@ class ShardDataModule(LightningDataModule):
         """Samples the manifests promise (what a complete evaluation scores)."""
         return sum(self.groups.values())
 
+    def workers_for(self, trainer: Any) -> int:
+        """The DataLoader workers this module's loaders will start under ``trainer``."""
+        return loader_options(trainer, self.num_workers, persistent=False)["num_workers"]
+
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and len(self.perturbation_names) > 1:
             raise QddError(
