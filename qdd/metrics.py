@@ -27,6 +27,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 METRICS: tuple[str, ...] = (
     "acc",
+    "acc_calibrated",
     "real_acc",
     "fake_acc",
     "balanced_acc",
@@ -49,8 +50,17 @@ def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> fl
     return float(tpr[fpr <= max_fpr + 1e-12].max())
 
 
-def detection_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.0) -> dict:
-    """All metrics of one real-vs-fake set; ``None`` where a class is missing."""
+def detection_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float = 0.0,
+    calibrated: float | None = None,
+) -> dict:
+    """All metrics of one real-vs-fake set; ``None`` where a class is missing.
+
+    ``acc`` is taken at ``threshold``, ``acc_calibrated`` at the validation-calibrated
+    threshold ``calibrated`` (``None`` when the weights carry none).
+    """
     labels = labels.long()
     predicted = (logits > threshold).long()
     real, fake = labels == 0, labels == 1
@@ -59,6 +69,7 @@ def detection_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: flo
     fake_acc = float((predicted[fake] == 1).float().mean()) if fake.any() else nan
     result = {
         "acc": float((predicted == labels).float().mean()) if len(labels) else nan,
+        "acc_calibrated": nan,
         "real_acc": real_acc,
         "fake_acc": fake_acc,
         "balanced_acc": (real_acc + fake_acc) / 2,
@@ -67,6 +78,8 @@ def detection_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: flo
         "tpr_at_fpr1": nan,
         "tpr_at_fpr5": nan,
     }
+    if calibrated is not None and len(labels):
+        result["acc_calibrated"] = float(((logits > calibrated).long() == labels).float().mean())
     if real.any() and fake.any():
         scores = rank_scores(logits)
         result["auroc"] = float(binary_auroc(scores, labels))
@@ -81,10 +94,13 @@ class GroupedDetectionMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, groups: Sequence[str], threshold: float = 0.0) -> None:
+    def __init__(
+        self, groups: Sequence[str], threshold: float = 0.0, calibrated: float | None = None
+    ) -> None:
         super().__init__()
         self.groups = list(groups)
         self.threshold = threshold
+        self.calibrated = calibrated
         self.add_state("logits", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("group_ids", default=[], dist_reduce_fx="cat")
@@ -107,7 +123,7 @@ class GroupedDetectionMetrics(Metric):
         real = labels == 0
         result = {
             "n": len(labels),
-            "overall": detection_metrics(logits, labels, self.threshold),
+            "overall": detection_metrics(logits, labels, self.threshold, self.calibrated),
             "groups": {},
         }
         for index, name in enumerate(self.groups):
@@ -115,7 +131,9 @@ class GroupedDetectionMetrics(Metric):
             if not fake.any():
                 continue
             chosen = fake | real
-            metrics = detection_metrics(logits[chosen], labels[chosen], self.threshold)
+            metrics = detection_metrics(
+                logits[chosen], labels[chosen], self.threshold, self.calibrated
+            )
             result["groups"][name] = {
                 "n_fake": int(fake.sum()),
                 "n_real": int(real.sum()),

@@ -9,6 +9,10 @@ Weights: ``weights`` is an official file, or a Lightning checkpoint of a previou
 detector without weights refuses to run unless ``random_weights=True``. Frozen backbones
 (CLIP detectors) are kept out of saved checkpoints: they are rebuilt from
 ``detector_args`` (the backbone weight file) on load.
+
+Calibration: every validation epoch of ``fit`` fits a decision threshold on the gathered
+validation logits (`qdd.calibration`, rule ``calibration``); checkpoints carry it under
+``qdd_calibration`` and ``test`` reports accuracy at it beside accuracy at ``threshold``.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from qdd.calibration import fit_threshold, parse_rule
 from qdd.datamodules.dataset import META_FIELDS
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.weights import apply_state
@@ -61,7 +66,9 @@ class DetectorModule(LightningModule):
         random_weights: run without trained head weights (smoke tests only; logged loudly).
         detector_args: passed to the detector (e.g. ``backbone``, ``backbone_weights``).
         lr: learning rate; ``None`` keeps the detector's published recipe.
-        threshold: logit above which an image is called fake.
+        threshold: logit above which an image is called fake (``acc``; 0 by convention).
+        calibration: rule that fits a threshold on validation logits during ``fit``:
+            ``balanced_acc`` or ``fpr@P`` (see `qdd.calibration`).
     """
 
     def __init__(
@@ -72,9 +79,13 @@ class DetectorModule(LightningModule):
         detector_args: dict[str, Any] | None = None,
         lr: float | None = None,
         threshold: float = 0.0,
+        calibration: str = "balanced_acc",
     ) -> None:
         super().__init__()
+        parse_rule(calibration)  # a bad rule fails now, not after the first epoch
         self.save_hyperparameters()
+        #: The threshold fitted on validation (`qdd.calibration.fit_threshold`), or None.
+        self.calibration: dict[str, Any] | None = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -91,6 +102,7 @@ class DetectorModule(LightningModule):
             self.detector = build_detector(hp.detector, **args)
             apply_state(self.detector, checkpoint_state(checkpoint), str(hp.weights))
             self.detector.weights_source = str(hp.weights)
+            self.calibration = checkpoint.get("qdd_calibration")
         else:
             self.detector = load_detector(
                 hp.detector, hp.weights, random_weights=hp.random_weights, **args
@@ -107,6 +119,9 @@ class DetectorModule(LightningModule):
         metrics = MetricCollection({"acc": BinaryAccuracy(), "auroc": BinaryAUROC()})
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
+        # Exact over all ranks (sums and gathered logits), so DDP equals one process.
+        self.val_loss = MeanMetric()
+        self.val_logits, self.val_labels = CatMetric(), CatMetric()
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.detector.parameters() if p.requires_grad]
@@ -161,13 +176,27 @@ class DetectorModule(LightningModule):
         self.train_metrics.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, self.val_metrics, "val")
+        images, labels, _ = batch
+        logits = self(images)
+        self.val_loss.update(self.criterion(logits, labels.float()), weight=len(labels))
+        self.val_metrics.update(torch.sigmoid(logits.double()), labels)
+        self.val_logits.update(logits.double())
+        self.val_labels.update(labels.double())
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
+        # Already reduced over ranks by torchmetrics: every rank logs the same floats.
+        self.log("val_loss", float(self.val_loss.compute()), prog_bar=True)
+        self.log_dict({k: float(v) for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        logits, labels = self.val_logits.compute(), self.val_labels.compute()
+        for metric in (self.val_loss, self.val_metrics, self.val_logits, self.val_labels):
+            metric.reset()
+        if self.trainer.sanity_checking:
+            return  # a few batches: not a calibration
+        self.calibration = fit_threshold(logits, labels, self.hparams.calibration)
+        self.log("val_threshold", self.calibration["threshold"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qdd_calibration"] = self.calibration
         prefixes = tuple(f"detector.{p}" for p in self.detector.frozen_prefixes)
         if prefixes:
             state = checkpoint["state_dict"]
@@ -175,6 +204,7 @@ class DetectorModule(LightningModule):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.calibration = checkpoint.get("qdd_calibration")
         if self.detector.frozen_prefixes:
             apply_state(self.detector, checkpoint_state(checkpoint), "checkpoint")
 
@@ -182,9 +212,16 @@ class DetectorModule(LightningModule):
     def on_test_epoch_start(self) -> None:
         datamodule = self.trainer.datamodule
         self.groups = sorted(datamodule.groups) if datamodule is not None else []
-        self.test_metrics = GroupedDetectionMetrics(self.groups, self.hparams.threshold)
+        self.test_metrics = GroupedDetectionMetrics(
+            self.groups, self.hparams.threshold, self.calibrated_threshold
+        )
         self.test_metrics.to(self.device)
         self.scores = []
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        """The threshold fitted on validation that these weights carry, or None."""
+        return None if self.calibration is None else self.calibration["threshold"]
 
     def _score(self, batch: Any) -> tuple[Tensor, Tensor, list[str]]:
         """Logits of a batch, each kept as a scores row with its group and metadata."""
@@ -262,6 +299,8 @@ class DetectorModule(LightningModule):
             "weights": self.detector.weights_source,
             "data": [str(f) for f in getattr(self.trainer.datamodule, "folders", [])],
             "threshold": self.hparams.threshold,
+            "calibrated_threshold": self.calibrated_threshold,
+            "calibration": self.calibration,
             "n": results["n"],
             "overall": results["overall"],
             "groups": results["groups"],
