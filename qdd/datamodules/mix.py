@@ -1,8 +1,8 @@
 """`MixDataModule`: train on a weighted mix of shard sources, validate and test on held-out splits.
 
-Splits. Every sample belongs to exactly one split (train / val / test), decided by a hash
-of its ``prompt_id`` (samples without one — real photographs — by their key). The split is
-a pure function of that id, so
+Splits. Every sample belongs to exactly one split (train / val / test), decided by its
+``prompt_id`` (samples without one — real photographs — by a hash of their key; see
+`split_position`). The split is a pure function of that id, so
 
 - an image's FP4 and FP32 twins, and one prompt across generators, are always on the same
   side, whichever folders a run names: no prompt_id is both trained and tested on;
@@ -72,12 +72,28 @@ class Sample:
     unit: str  # what the split hashes: "prompt:<prompt_id>" or "key:<key>"
 
 
+GOLDEN = 0.6180339887498949
+
+
+def split_position(unit: str) -> float:
+    """A unit's fixed position in [0, 1).
+
+    Integer prompt ids use the golden-ratio sequence ``frac(id × 0.618…)``, which spreads
+    any run of consecutive ids evenly (24 prompts at test_fraction 0.2 give 5 test prompts,
+    not a binomial draw); anything else (real photos' keys) a SHA-1 hash.
+    """
+    kind, _, value = unit.partition(":")
+    if kind == "prompt" and value.lstrip("-").isdigit():
+        return (int(value) * GOLDEN) % 1.0
+    return int.from_bytes(hashlib.sha1(unit.encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(unit: str, val_fraction: float, test_fraction: float) -> str:
     """The split of a prompt (or real image): test below ``test_fraction``, then val."""
-    digest = int.from_bytes(hashlib.sha1(unit.encode()).digest()[:8], "big") / 2**64
-    if digest < test_fraction:
+    position = split_position(unit)
+    if position < test_fraction:
         return "test"
-    if digest < test_fraction + val_fraction:
+    if position < test_fraction + val_fraction:
         return "val"
     return "train"
 
