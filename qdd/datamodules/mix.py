@@ -19,24 +19,29 @@ over its samples. With ``class_balance`` (the default) real and fake are each dr
 probability 1/2 and the weights split a class's half among its sources; without it the
 weights are the sources' shares of all draws. The draws are cut into global batches of
 ``world_size × batch_size``, rank ``r`` taking the ``r``-th part of each: so DDP on N
-processes sees the same global batches as one process with an N-times larger batch.
+processes sees the same global batches as one process with an N-times larger batch, and
+each draw's random augmentation is seeded by its position among the draws (not by the
+process or worker that happens to run it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
-from qdd.datamodules.dataset import ShardDataset, Transform
-from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
+from qdd.datamodules.dataset import META_FIELDS, ShardDataset, Transform, _slice
+from qdd.datamodules.reader import Entry, index_folders, read_entry, read_manifest, resolve_folders
 from qdd.datamodules.schema import REAL, group_of
 from qdd.datamodules.shard import EpochDataLoader
 from qdd.errors import QddError
@@ -139,6 +144,19 @@ def index_samples(folders: list[Path]) -> list[Sample]:
     return samples
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python's and torch's global RNGs seeded for one call, then restored."""
+    state = random.getstate()
+    random.seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed % 2**63)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 class WeightedShardDataset(ShardDataset):
     """Per epoch, ``num_samples`` weighted draws with replacement, cut into global batches."""
 
@@ -167,9 +185,41 @@ class WeightedShardDataset(ShardDataset):
             self.probabilities, self.num_samples, replacement=True, generator=generator
         )
 
-    def rank_entries(self) -> list[Entry]:
+    def _rank_draws(self) -> list[tuple[int, int]]:
+        """(position among all draws, entry index) of this rank's draws, in order."""
         batches = self.draws().view(-1, self.world_size, self.batch_size)
-        return [self.entries[i] for i in batches[:, self.rank].reshape(-1).tolist()]
+        positions = torch.arange(self.num_samples).view_as(batches)
+        pairs = zip(
+            positions[:, self.rank].reshape(-1).tolist(),
+            batches[:, self.rank].reshape(-1).tolist(),
+            strict=True,
+        )
+        return list(pairs)
+
+    def rank_entries(self) -> list[Entry]:
+        return [self.entries[i] for _, i in self._rank_draws()]
+
+    def __iter__(self):
+        """Like `ShardDataset`, but each draw's augmentation is seeded by its position.
+
+        Random crops and flips then depend on (seed, epoch, draw) only — not on the number
+        of processes or workers, nor on the order they run in.
+        """
+        draws = self._rank_draws()
+        worker = get_worker_info()
+        if worker is not None:
+            draws = list(_slice(draws, worker.id, worker.num_workers))
+        for position, index in draws:
+            entry = self.entries[index]
+            sample = read_entry(entry)
+            if sample is None:
+                continue
+            image, meta = sample
+            with seeded((self.seed * 1_000_003 + self.epoch) * 2**24 + position):
+                tensor = self.transform(image)
+            info = {"key": entry.key}
+            info.update({f: str(meta.get(f) or "") for f in META_FIELDS if f != "key"})
+            yield tensor, int(meta["label"]), info
 
 
 class MixDataModule(LightningDataModule):
