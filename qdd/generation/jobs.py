@@ -67,8 +67,10 @@ class Recipe:
     batch_size: int  #: batch size changes numerics at ~1e-6: fixed per folder
     prompts_sha: str
 
-    def meta(self, item: WorkItem, quant_fraction: float) -> dict[str, Any]:
-        """The sample's json: every schema field, plus the quantized fraction and dtype."""
+    def meta(
+        self, item: WorkItem, quant_fraction: float, provenance: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The sample's json: every schema field, the quantized fraction, dtype, provenance."""
         return make_meta(
             FAKE,
             self.generator,
@@ -86,6 +88,7 @@ class Recipe:
             height=self.height,
             quant_fraction=quant_fraction,
             dtype=self.dtype,
+            **(provenance or {}),
         )
 
 

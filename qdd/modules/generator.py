@@ -19,6 +19,7 @@ from qdd.datamodules.writer import ShardWriter
 from qdd.generation.images import image_failure, to_uint8
 from qdd.generation.jobs import Recipe, WorkItem
 from qdd.generation.loading import QuantSummary, apply_precision, load_pipeline
+from qdd.generation.provenance import provenance
 from qdd.generation.registry import get_generator
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class GeneratorModule(L.LightningModule):
         self.shard_size = shard_size
         self.pipeline: Any = None  # a DiffusionPipeline is not an nn.Module: Lightning leaves it
         self.summary: QuantSummary | None = None
+        self.provenance: dict[str, Any] = {}
         self.writer: ShardWriter | None = None
         self.n_written = 0
         self.n_failed = 0
@@ -60,6 +62,7 @@ class GeneratorModule(L.LightningModule):
             recipe.quant_scope or "denoiser",
             str(device),
         )
+        self.provenance = provenance(device, recipe.precision, self.summary.backend)
         if self.summary.backend != recipe.quant_backend:
             raise RuntimeError(
                 f"backend {self.summary.backend!r} on {device}, but the recipe says "
@@ -102,7 +105,7 @@ class GeneratorModule(L.LightningModule):
         assert self.writer is not None and self.summary is not None
         images = self.generate(batch)
         for item, image in zip(batch, images, strict=True):
-            meta = self.recipe.meta(item, self.summary.fraction)
+            meta = self.recipe.meta(item, self.summary.fraction, self.provenance)
             reason = image_failure(image)
             if reason is None:
                 self.writer.write(item.key, to_uint8(image), meta)

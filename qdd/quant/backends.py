@@ -121,9 +121,16 @@ def _quantizable(module: nn.Module, precision: str) -> bool:
 
 
 def quantize_module_(
-    module: nn.Module, precision: str, backend: str, compute_dtype: torch.dtype
+    module: nn.Module,
+    precision: str,
+    backend: str,
+    compute_dtype: torch.dtype,
+    bnb_semantics: str = "cuda",
 ) -> QuantReport:
-    """Cast ``module`` to ``compute_dtype``, then quantize its Linear weights in place."""
+    """Cast ``module`` to ``compute_dtype``, then quantize its Linear weights in place.
+
+    ``bnb_semantics``: which bitsandbytes the emulated fp4/nf4 reproduce (`qdd.quant.bnb4bit`).
+    """
     module.to(compute_dtype)
     n_params = sum(p.numel() for p in module.parameters())
     dtype_name = str(compute_dtype).removeprefix("torch.")
@@ -136,7 +143,8 @@ def quantize_module_(
     if backend == "emulate":
         with torch.no_grad():
             for linear in targets.values():
-                linear.weight.copy_(fake_quantize(linear.weight, precision).to(compute_dtype))
+                quantized = fake_quantize(linear.weight, precision, bnb_semantics)
+                linear.weight.copy_(quantized.to(compute_dtype))
                 if precision == "fp8" and type(linear) is nn.Linear:
                     linear.__class__ = UnfusedBiasLinear  # same parameters, torchao's op order
     elif backend == "bitsandbytes":
@@ -157,6 +165,7 @@ def _to_bitsandbytes(
     """Swap each Linear for bnb's Linear4bit holding the same weights, quantized."""
     import bitsandbytes as bnb
 
+    _refuse_fused_cpu_shapes(targets)
     for name, linear in targets.items():
         device = linear.weight.device
         layer = bnb.nn.Linear4bit(
@@ -173,6 +182,22 @@ def _to_bitsandbytes(
         layer.eval()
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, layer)
+
+
+def _refuse_fused_cpu_shapes(targets: dict[str, nn.Linear]) -> None:
+    """bitsandbytes' fused CPU kernel (AVX512-BF16 CPUs) repacks weights in tiles of 32
+    outputs × 64 inputs and crashes at the first forward on layers that do not tile."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    cpu = {name: m for name, m in targets.items() if m.weight.device.type == "cpu"}
+    odd = [name for name, m in cpu.items() if m.in_features % 64 or m.out_features % 32]
+    if odd and has_avx512bf16():
+        first = cpu[odd[0]]
+        raise QddError(
+            "bitsandbytes' fused CPU kernel needs Linear layers of 32·n outputs × 64·n inputs, "
+            f"{len(odd)} layer(s) are not (first: {odd[0]}, {first.out_features} × "
+            f"{first.in_features}): use --quant-backend emulate"
+        )
 
 
 def torchao_config(precision: str) -> Any:

@@ -5,12 +5,9 @@ made with the emulation equals one made with the library's real kernels (checked
 bit in tests/quant). Where this code and a paper disagree, the library wins: the study
 measures what people actually deploy.
 
-- ``fp4``/``nf4``: bitsandbytes 4-bit. The weight is flattened row-major into blocks of 64;
-  each block keeps its fp32 absmax; values are scaled by the *reciprocal* of the absmax
-  (``x * (1/absmax)``, not ``x / absmax``) except the ragged last block, which divides;
-  the nearest of 16 code values is taken (ties toward the lower code); dequantization is
-  ``value * absmax`` in fp32. FP4's values are exact (2/3, 1/192 …): the 4-decimal table
-  in ``bitsandbytes.backends.utils`` is not the one its kernels use.
+- ``fp4``/``nf4``: bitsandbytes 4-bit, blocks of 64 with an fp32 absmax, as its CUDA
+  kernels compute it (their approximate reciprocal and float-literal pivots; the CPU
+  library's nearest-code variant on request): `qdd.quant.bnb4bit`.
 - ``fp8``: torchao ``Float8WeightOnlyConfig``: e4m3, one scale per output row,
   ``amax / 448`` computed in the weight's own dtype, values divided by it in fp32. An
   all-zero row stays zero here; torchao divides it by its zero scale and gets NaN.
@@ -30,21 +27,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from qdd.quant.bnb4bit import CHUNK, bnb_4bit
+
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
 QUANTIZED: frozenset[str] = frozenset({"fp8", "fp4", "nf4", "nvfp4", "mxfp4"})
-
-#: bitsandbytes' 4-bit code books (dequantized value of each 4-bit code, fp32).
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)  # fmt: skip
-#: bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit), in code order, before it is
-#: divided by its largest value (12) in fp32 — as bitsandbytes builds it.
-FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-           -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)  # fmt: skip
-BNB_BLOCK = 64
 
 #: E2M1 (FP4 of NVFP4/MXFP4): the non-negative values; the sign is a separate bit.
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -52,48 +38,6 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_EPS = torch.finfo(torch.float8_e4m3fn).tiny  # torchao clamps block scales to this
 NVFP4_BLOCK, MXFP4_BLOCK = 16, 32
-
-#: Elements processed at once: bounds the temporary memory on Flux-size weights.
-CHUNK = 1 << 24
-
-
-def _sorted_code(code: Tensor) -> tuple[Tensor, Tensor]:
-    """(code values in ascending order, decision midpoints between neighbours)."""
-    values = code.sort(stable=True).values
-    return values, (values[:-1] + values[1:]) / 2
-
-
-def bnb_code(precision: str, device: torch.device | str = "cpu") -> Tensor:
-    """The 16 dequantized values of bitsandbytes' ``fp4`` or ``nf4`` (fp32)."""
-    if precision == "nf4":
-        return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
-    raw = torch.tensor(FP4_RAW, dtype=torch.float32, device=device)
-    return raw / raw.abs().max()
-
-
-def _bnb_blocks(x: Tensor, values: Tensor, midpoints: Tensor, reciprocal: bool) -> Tensor:
-    """One or more whole blocks (rows of ``x``): scale, snap to the code, rescale."""
-    absmax = x.abs().amax(dim=-1, keepdim=True)
-    safe = absmax.clamp(min=1e-38)
-    scaled = x * (1.0 / safe) if reciprocal else x / safe
-    index = torch.bucketize(scaled.clamp(-1, 1), midpoints)
-    return values[index] * (absmax if reciprocal else safe)
-
-
-def bnb_4bit(weight: Tensor, precision: str, block: int = BNB_BLOCK) -> Tensor:
-    """bitsandbytes ``quantize_4bit`` then ``dequantize_4bit`` (fp32 result)."""
-    flat = weight.reshape(-1).float()
-    values, midpoints = _sorted_code(bnb_code(precision, flat.device))
-    out = torch.empty_like(flat)
-    full = flat.numel() - flat.numel() % block
-    step = CHUNK - CHUNK % block
-    for start in range(0, full, step):
-        stop = min(start + step, full)
-        blocks = flat[start:stop].view(-1, block)
-        out[start:stop] = _bnb_blocks(blocks, values, midpoints, reciprocal=True).view(-1)
-    if full < flat.numel():  # the ragged last block divides instead of multiplying
-        out[full:] = _bnb_blocks(flat[None, full:], values, midpoints, reciprocal=False)[0]
-    return out.view(weight.shape)
 
 
 def fp8_rowwise(weight: Tensor) -> Tensor:
@@ -190,8 +134,6 @@ def mxfp4(weight: Tensor, scaling: str = "rceil") -> Tensor:
 
 
 FAKE_QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
-    "fp4": lambda w: bnb_4bit(w, "fp4"),
-    "nf4": lambda w: bnb_4bit(w, "nf4"),
     "fp8": fp8_rowwise,
     "nvfp4": nvfp4,
     "mxfp4": mxfp4,
@@ -202,13 +144,21 @@ FAKE_QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
 LAST_DIM_MULTIPLE = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}
 
 
-def fake_quantize(weight: Tensor, precision: str) -> Tensor:
-    """Quantize→dequantize one weight with the exact numerics of ``precision`` (fp32 out)."""
+def fake_quantize(weight: Tensor, precision: str, bnb_semantics: str = "cuda") -> Tensor:
+    """Quantize→dequantize one weight with the exact numerics of ``precision`` (fp32 out).
+
+    ``bnb_semantics`` picks which bitsandbytes implementation fp4/nf4 reproduce: ``cuda``
+    (its CUDA kernels, the default) or ``cpu`` (its PyTorch path); see `qdd.quant.bnb4bit`.
+    """
+    if precision in ("fp4", "nf4"):
+        with torch.no_grad():
+            return bnb_4bit(weight.detach(), precision, bnb_semantics)
     try:
         quantizer = FAKE_QUANTIZERS[precision]
     except KeyError:
         raise ValueError(
-            f"{precision!r} is not a quantized precision: one of {sorted(FAKE_QUANTIZERS)}"
+            f"{precision!r} is not a quantized precision: one of "
+            f"{sorted(['fp4', 'nf4', *FAKE_QUANTIZERS])}"
         ) from None
     with torch.no_grad():
         return quantizer(weight.detach())

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from qdd.quant import fake_quantize
+from qdd.quant.bnb4bit import BNB_BLOCK, bnb_4bit, bnb_decode
+from qdd.quant.cuda_rcp import MEASURED_FLIPS, cuda_reciprocal, flip_mantissas
 from qdd.quant.formats import round_to_e2m1
 
 
@@ -22,16 +27,119 @@ def weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.
 SHAPES = [(64, 128), (48, 96), (96, 40), (5, 64 * 3 + 32)]  # rows not multiples of blocks
 
 
+DATA = Path(__file__).parent / "data"
+#: The full CUDA recordings, beside the repository (a checkout's ../shared); optional.
+RECORDINGS = Path(__file__).parents[3] / "shared" / "fixtures" / "gpu"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit patterns (tells -0 from +0, unlike ==)."""
+    return a.dtype == b.dtype and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+@pytest.mark.parametrize("precision", ["fp4", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulation_equals_bitsandbytes_cuda_kernels(precision: str, dtype: str) -> None:
+    """Blocks of bitsandbytes' own CUDA output (H200): ties, reciprocal flips, a sample."""
+    recorded = load_file(DATA / f"bnb_cuda_4bit_{dtype}.safetensors")
+    weight, expected = recorded["weight"], recorded[f"{precision}.dequantized"]
+    assert weight.dtype == DTYPES[dtype] and weight.shape[1] == BNB_BLOCK
+    assert torch.equal(recorded[f"{precision}.absmax"], weight.float().abs().amax(dim=1))
+    decoded = bnb_decode(
+        recorded[f"{precision}.packed"], recorded[f"{precision}.absmax"], precision, weight.numel()
+    )
+    assert same_bits(decoded.view(weight.shape).to(weight.dtype), expected)  # codes × absmax
+    assert same_bits(fake_quantize(weight, precision).to(weight.dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_recordings_contain_what_tells_implementations_apart(dtype: str) -> None:
+    """The copied blocks hold ties where a nearest-code quantizer differs from CUDA."""
+    recorded = load_file(DATA / f"bnb_cuda_4bit_{dtype}.safetensors")
+    weight = recorded["weight"]
+    nearest = fake_quantize(weight, "fp4", bnb_semantics="cpu").to(weight.dtype)
+    differ = (nearest != recorded["fp4.dequantized"]).sum().item()
+    assert differ == {"bfloat16": 689, "float16": 77, "float32": 0}[dtype]  # as recorded
+
+
+@pytest.mark.skipif(
+    not RECORDINGS.is_dir(), reason="the full CUDA recordings are not beside the repo"
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulation_equals_full_cuda_recordings(dtype: str) -> None:
+    recorded = load_file(RECORDINGS / f"bnb_cuda_4bit_{dtype}.safetensors")
+    weight = recorded["weight"]
+    for precision in ("fp4", "nf4"):
+        ours = fake_quantize(weight, precision).to(weight.dtype)
+        assert same_bits(ours, recorded[f"{precision}.dequantized"]), precision
+
+
+def test_cuda_semantics_at_the_edges() -> None:
+    """Kernel pivots are float literals, x > t goes up; an all-zero block gives +0 / -0."""
+    absmax = 1.0
+    for ratio, fp4, nf4 in [
+        (7 / 12, 2 / 3, 0.5626170039176941),  # FP4 tie: 0.583333f < 7/12 goes up
+        (5 / 12, 1 / 3, 0.44070982933044434),  # FP4 tie: 0.4166667f > 5/12 goes down
+        (-0.0, 0.0, 0.0),
+    ]:
+        w = torch.zeros(BNB_BLOCK)
+        w[0], w[1] = absmax, ratio
+        assert bnb_4bit(w, "fp4")[1].item() == pytest.approx(fp4)
+        assert bnb_4bit(w, "nf4")[1].item() == pytest.approx(nf4)
+    zero = torch.zeros(BNB_BLOCK)
+    assert not bnb_4bit(zero, "fp4").signbit().any()
+    assert bnb_4bit(zero, "nf4").signbit().all()  # code 0 (-1.0) × absmax 0
+
+
+def test_cuda_reciprocal_is_the_nearest_or_its_measured_neighbour() -> None:
+    a = torch.tensor([1.0, 3.0, 0.064453125, 0.06005859375, 0.0, 0.1])
+    ours = cuda_reciprocal(a)
+    nearest = 1.0 / a
+    ulps = (ours.view(torch.int32) - nearest.view(torch.int32)).abs()
+    assert ulps.max() <= 1 and torch.equal(ours[[0, 4]], nearest[[0, 4]])  # 1 and 1/0
+    flipped = torch.isin(a.view(torch.int32) & 0x7FFFFF, flip_mantissas())
+    assert torch.equal(ulps == 1, flipped)
+    assert flipped[2] and 0x040000 in MEASURED_FLIPS  # 0.064453125: measured on the H200
+    error = (ours.double() - 1 / a.double()).abs()[:4]
+    assert error.le(ours.double()[:4] * 2**-23).all()  # within one ulp of the exact 1/a
+
+
+BNB_SHAPES = [*SHAPES, (7, 9)]  # (7, 9): a ragged last block
+
+
 @pytest.mark.parametrize("precision", ["fp4", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [*SHAPES, (7, 9)])  # (7, 9): a ragged last block
-def test_bnb_4bit_bit_exact(precision: str, dtype: torch.dtype, shape: tuple) -> None:
+@pytest.mark.parametrize("shape", BNB_SHAPES)
+def test_cpu_semantics_equal_bitsandbytes_codes(precision: str, dtype: torch.dtype, shape) -> None:
+    """bitsandbytes' CPU quantize (its PyTorch op on any CPU), decoded by hand."""
     F = pytest.importorskip("bitsandbytes.functional")
     w = weights(shape, dtype)
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type=precision)
+    decoded = bnb_decode(packed, state.absmax, precision, w.numel()).view(shape).to(dtype)
+    assert same_bits(fake_quantize(w, precision, bnb_semantics="cpu").to(dtype), decoded)
+
+
+def bnb_cpu_dequantize_is_plain(shape: tuple) -> bool:
+    """bitsandbytes dequantizes with its AVX512 C++ kernel (other rounding) on AVX512 CPUs,
+    unless the last dim is odd; elsewhere its kernels compute code × absmax plainly."""
+    ops = pytest.importorskip("bitsandbytes.backends.cpu.ops")
+    return not getattr(ops, "_has_avx512", True) or shape[-1] % 2 == 1
+
+
+@pytest.mark.parametrize("precision", ["fp4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", BNB_SHAPES)
+def test_cpu_semantics_equal_bitsandbytes_dequantize(precision, dtype, shape) -> None:
+    F = pytest.importorskip("bitsandbytes.functional")
+    if not bnb_cpu_dequantize_is_plain(shape):
+        pytest.skip("bitsandbytes' AVX512 dequantize kernel rounds differently on this CPU")
+    w = weights(shape, dtype)
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type=precision)
     expected = F.dequantize_4bit(packed, state)  # in the weight's dtype
-    assert expected.dtype == dtype
-    assert torch.equal(fake_quantize(w, precision).to(dtype), expected)
+    # Values, not bits: the library's CPU code table has +0 where CUDA's FP4 has -0 (code 8).
+    assert torch.equal(fake_quantize(w, precision, bnb_semantics="cpu").to(dtype), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -137,7 +245,10 @@ def test_large_weights_are_processed_in_chunks(monkeypatch) -> None:
 
     w = weights((96, 128), torch.bfloat16, seed=4)
     whole = {p: fake_quantize(w, p) for p in ("fp4", "fp8", "nvfp4", "mxfp4")}
+    from qdd.quant import bnb4bit
+
     monkeypatch.setattr(formats, "CHUNK", 1000)  # not a multiple of any block
+    monkeypatch.setattr(bnb4bit, "CHUNK", 1000)
     for precision, expected in whole.items():
         assert torch.equal(fake_quantize(w, precision), expected), precision
 
