@@ -38,6 +38,13 @@ def _shard(argv: Sequence[str]) -> None:
     parser.add_argument("--source", required=True, help="name of the image source, e.g. coco")
     parser.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that decode images (default: every core this process may use); "
+        "the shards are identical for any count",
+    )
     args = parser.parse_args(argv)
     from qdd.datamodules.folder import shard_folder
     from qdd.datamodules.schema import FAKE, REAL
@@ -50,6 +57,7 @@ def _shard(argv: Sequence[str]) -> None:
         generator=args.source if args.label == "fake" else None,
         max_count=args.max_count,
         overwrite=args.overwrite,
+        workers=args.workers,
     )
     print(f"{manifest['total']} samples in {len(manifest['shards'])} shard(s)", file=sys.stderr)
     print(args.out)

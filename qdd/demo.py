@@ -35,6 +35,8 @@ from qdd.errors import QddError
 
 GENERATORS = ("sd15", "sdxl", "sd3", "flux-schnell")
 DETECTORS = ("npr", "clipd", "univfd", "corvi")
+#: A JPEG sweep for one detector, so the report can draw a robustness curve.
+PERTURB = {"npr": ("jpeg:95", "jpeg:75", "jpeg:50")}
 TILE = 64
 #: The sub-folders a demo writes (and --overwrite replaces).
 PARTS = ("photos", "prompts", "models", "shards", "runs", "report")
@@ -205,6 +207,7 @@ def main(argv: list[str]) -> None:
                 str(test_dir),
                 "--trainer.accelerator=cpu",
                 "--data.batch_size=32",
+                *(arg for spec in PERTURB.get(detector, ()) for arg in ("--perturb", spec)),
             ]
         )
         test_runs.append(str(test_dir))

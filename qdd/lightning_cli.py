@@ -12,6 +12,10 @@ parsing, so everything else (``--config``, ``--trainer.*``, ``--model.*``, ``--d
 ``--weights F``             ``--model.weights=F``
 ``--random-weights``        ``--model.random_weights=true``
 ``--out DIR``               the run folder (``--trainer.default_root_dir=DIR``)
+``--trainer cpu|gpu|ddp``   ``--config`` of the packaged preset ``configs/trainer/NAME.yaml``
+                            (any other value is left to LightningCLI)
+``--perturb SPEC``          a test-time perturbation (``jpeg:75``, ``resize:0.5``, ``blur:1.0``;
+                            repeatable) → ``--data.perturb=[...]``; ``none`` is always run
 ==========================  ==================================================================
 
 Presets are applied first, so later flags such as ``--data.batch_size=8`` still override.
@@ -67,16 +71,23 @@ def _preset(kind: str, value: str) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def _trainer_preset(value: str) -> Path | None:
+    """``configs/trainer/<value>.yaml`` when ``value`` names a packaged trainer preset."""
+    candidate = CONFIGS / "trainer" / f"{value}.yaml"
+    return candidate if value.isidentifier() and candidate.is_file() else None
+
+
 def expand_shorthands(argv: list[str]) -> list[str]:
     """Rewrite the CLI contract's short flags into LightningCLI arguments."""
     front: list[str] = []
     rest: list[str] = []
     paths: list[str] = []
+    perturb: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         name, eq, inline = arg.partition("=")
-        takes_value = name in ("--detector", "--data", "--weights", "--out")
+        takes_value = name in ("--detector", "--data", "--weights", "--out", "--perturb")
         if takes_value:
             if eq:
                 value = inline
@@ -99,6 +110,11 @@ def expand_shorthands(argv: list[str]) -> list[str]:
             rest.append(f"--model.weights={value}")
         elif name == "--out":
             rest.append(f"--trainer.default_root_dir={value}")
+        elif name == "--trainer" and not eq and i + 1 < len(argv) and _trainer_preset(argv[i + 1]):
+            front.append(f"--config={_trainer_preset(argv[i + 1])}")
+            i += 1
+        elif name == "--perturb":
+            perturb.append(value)
         elif arg == "--random-weights":
             rest.append("--model.random_weights=true")
         else:
@@ -108,6 +124,8 @@ def expand_shorthands(argv: list[str]) -> list[str]:
         rest.append(f"--data.paths={paths[0]}")
     elif paths:
         rest.append(f"--data.paths={json.dumps(paths)}")
+    if perturb:
+        rest.append(f"--data.perturb={json.dumps(perturb)}")
     return front + rest
 
 
@@ -276,8 +294,10 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
     expanded = expand_shorthands(argv)
     args = [command, *expanded]
     warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
-    # Our shard dataset splits itself per rank and worker, so its __len__ is exact.
-    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    # Test metrics are computed once on rank 0 from all ranks' gathered scores.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('test_")
+    # DetectorModule normalises uint8 batches on the device in on_after_batch_transfer.
+    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
     # Frozen CLIP towers stay in eval mode on purpose (no dropout, fixed norms).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")

@@ -3,7 +3,9 @@
 One torchmetrics `Metric` keeps every sample's (logit, label, group) as ``cat`` states, so
 under DDP the states are gathered and every number is computed once over all samples —
 never an average of per-rank averages. Groups are indices into a vocabulary that every
-rank knows in advance (the manifests' group names).
+rank knows in advance (the manifests' group names). ``qdd-cli test`` gathers every
+sample's score to rank 0 anyway (for scores.parquet), so it calls `grouped_metrics` once
+per perturbation on the gathered scores instead of updating a metric every batch.
 
 Ranking metrics (AUROC, AP, TPR at fixed FPR) depend only on the order of the scores, so
 logits are mapped to their normalised rank in [0, 1] before torchmetrics sees them: that
@@ -117,26 +119,43 @@ class GroupedDetectionMetrics(Metric):
             self.update(empty, empty, empty)
 
     def compute(self) -> dict:
-        logits = dim_zero_cat(self.logits).cpu()
-        labels = dim_zero_cat(self.labels).cpu()
-        group_ids = dim_zero_cat(self.group_ids).cpu()
-        real = labels == 0
-        result = {
-            "n": len(labels),
-            "overall": detection_metrics(logits, labels, self.threshold, self.calibrated),
-            "groups": {},
+        return grouped_metrics(
+            dim_zero_cat(self.logits).cpu(),
+            dim_zero_cat(self.labels).cpu(),
+            dim_zero_cat(self.group_ids).cpu(),
+            self.groups,
+            self.threshold,
+            self.calibrated,
+        )
+
+
+def grouped_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    group_ids: torch.Tensor,
+    groups: Sequence[str],
+    threshold: float = 0.0,
+    calibrated: float | None = None,
+) -> dict:
+    """``{"n", "overall", "groups"}``: overall metrics, and each fake group (index into
+    ``groups``; -1 for none) against all real images. ``calibrated``: the threshold of
+    ``acc_calibrated`` (see `detection_metrics`)."""
+    logits, labels, group_ids = logits.float(), labels.long(), group_ids.long()
+    real = labels == 0
+    result = {
+        "n": len(labels),
+        "overall": detection_metrics(logits, labels, threshold, calibrated),
+        "groups": {},
+    }
+    for index, name in enumerate(groups):
+        fake = (group_ids == index) & (labels == 1)
+        if not fake.any():
+            continue
+        chosen = fake | real
+        metrics = detection_metrics(logits[chosen], labels[chosen], threshold, calibrated)
+        result["groups"][name] = {
+            "n_fake": int(fake.sum()),
+            "n_real": int(real.sum()),
+            **metrics,
         }
-        for index, name in enumerate(self.groups):
-            fake = (group_ids == index) & (labels == 1)
-            if not fake.any():
-                continue
-            chosen = fake | real
-            metrics = detection_metrics(
-                logits[chosen], labels[chosen], self.threshold, self.calibrated
-            )
-            result["groups"][name] = {
-                "n_fake": int(fake.sum()),
-                "n_real": int(real.sum()),
-                **metrics,
-            }
-        return result
+    return result

@@ -1,14 +1,23 @@
-"""NPR test throughput, end to end (shards → metrics), against two references.
+"""NPR test throughput: where `qdd-cli test` stands against its ceilings, in one run.
 
-(a) the detector's forward pass alone on pre-decoded tensors of the same batches
-    (the ceiling: target ratio ≥ 0.9);
-(b) the official NPR evaluation loop, re-created from its published description:
-    torchvision ImageFolder over 0_real/1_fake PNG files + PIL Resize((256, 256)) +
-    ToTensor + ImageNet Normalize + DataLoader, same images, same weights, same batch size
-    (target ≥ 1.0×, stretch 1.2×).
+Five loops over the same PNG images (marginal images/s: a run on N images minus a run on
+N/4, so start-up — imports, Lightning set-up, worker start — cancels):
 
-Run: ``python scripts/bench_eval.py [--images 256] [--size 512] [--batch-size 32]``.
-Weights are random (throughput does not depend on them); nothing is downloaded.
+- forward only: the detector alone on batches decoded and preprocessed beforehand (on the
+  device, channels-last, as qdd runs it);
+- loader alone: `ShardDataModule`'s test loader, batches copied to the device and
+  normalised, no model;
+- `qdd-cli test` end to end (shards → scores.parquet + metrics.json);
+- the official-style loop: torchvision ImageFolder + PIL ``Resize((256, 256))`` + ToTensor +
+  Normalize + DataLoader, NCHW model, ``.sigmoid().tolist()`` per batch, as NPR's own
+  evaluation code does;
+- the decode ceiling: one core's PNG decode + resize time per image, times the workers.
+
+Ratios printed: end to end / forward only, end to end / official loop, end to end / decode
+ceiling. Weights are random (throughput does not depend on them); nothing is downloaded.
+
+Run: ``python scripts/bench_eval.py --device cpu|cuda [--images 256] [--size 512]
+[--batch-size 32] [--num-workers N]`` (workers default to qdd's own default).
 """
 
 from __future__ import annotations
@@ -16,9 +25,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,27 +39,97 @@ from PIL import Image
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
-def make_images(root: Path, n: int, size: int) -> tuple[Path, Path]:
-    """PNG photos-like images in ImageFolder layout and the same images as shards."""
-    from qdd.datamodules.folder import shard_folder
-    from qdd.datamodules.schema import FAKE, REAL
-
+def make_images(root: Path, n: int, size: int) -> Path:
+    """``n`` photo-like PNGs of ``size``², half real and half fake, ImageFolder layout."""
     rng = np.random.default_rng(0)
-    folder = root / "imagefolder"
+    folder = root / "all"
     for name in ("0_real", "1_fake"):
         (folder / name).mkdir(parents=True)
     for i in range(n):
         base = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
         image = Image.fromarray(base).resize((size, size), Image.BICUBIC)
         image.save(folder / ("0_real" if i % 2 == 0 else "1_fake") / f"img{i:05d}.png")
-    shards = root / "shards"
-    shard_folder(folder / "0_real", shards / "real", label=REAL, source="bench")
-    shard_folder(folder / "1_fake", shards / "fake", label=FAKE, source="bench", generator="bench")
-    return folder, shards
+    return folder
 
 
-def official_loop(folder: Path, detector: torch.nn.Module, batch_size: int, workers: int) -> float:
-    """The published NPR test loop: ImageFolder + Resize((256,256)) + DataLoader."""
+def subset(folder: Path, root: Path, n: int) -> tuple[Path, Path]:
+    """The first ``n`` images as an ImageFolder (hard links) and as qdd shards."""
+    from qdd.datamodules.folder import shard_folder
+    from qdd.datamodules.schema import FAKE, REAL
+
+    images = root / f"imagefolder{n}"
+    for name in ("0_real", "1_fake"):
+        (images / name).mkdir(parents=True)
+    for path in sorted(folder.glob("*/*.png"), key=lambda p: p.name)[:n]:
+        os.link(path, images / path.parent.name / path.name)
+    shards = root / f"shards{n}"
+    shard_folder(images / "0_real", shards / "real", label=REAL, source="bench")
+    shard_folder(images / "1_fake", shards / "fake", label=FAKE, source="bench", generator="bench")
+    return images, shards
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def eval_loader(shards: Path, detector: torch.nn.Module, batch_size: int, workers: int) -> Any:
+    """qdd's test loader (uint8 batches) and the normalisation it leaves to the device."""
+    from qdd.datamodules.shard import ShardDataModule
+    from qdd.modules.detector import split_normalization
+
+    host, (mean, std) = split_normalization(detector.eval_transform())
+    datamodule = ShardDataModule(
+        str(shards / "*"), batch_size=batch_size, num_workers=workers, eval_transform=host
+    )
+    datamodule.setup("test")
+    loader = datamodule.test_dataloader()
+    return loader, mean, std
+
+
+def forward_only(shards: Path, detector, batch_size: int, device: torch.device) -> float:
+    loader, mean, std = eval_loader(shards, detector, batch_size, 0)
+    mean, std = mean.to(device), std.to(device)
+    batches = [images.to(device).float().div(255).sub_(mean).div_(std) for images, _, _ in loader]
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images in batches:
+            detector(images)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def loader_alone(shards: Path, detector, batch_size: int, workers: int, device) -> float:
+    start = time.perf_counter()
+    loader, mean, std = eval_loader(shards, detector, batch_size, workers)
+    loader.pin_memory = device.type == "cuda"
+    mean, std = mean.to(device), std.to(device)
+    for images, _, _ in loader:
+        images.to(device, non_blocking=True).float().div(255).sub_(mean).div_(std)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def end_to_end(shards: Path, batch_size: int, workers: int, device, out: Path) -> float:
+    """`qdd-cli test --detector npr --random-weights`, in this process."""
+    from qdd.cli import main
+
+    args = [
+        "test", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
+        "--out", str(out), f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+        "--trainer.devices=1",
+    ]  # fmt: skip
+    start = time.perf_counter()
+    main(args)
+    return time.perf_counter() - start
+
+
+def official(folder: Path, detector, batch_size: int, workers: int, device) -> float:
+    """NPR's published test loop: ImageFolder + Resize((256,256)) + DataLoader."""
     from torchvision import datasets, transforms
 
     transform = transforms.Compose(
@@ -57,95 +139,104 @@ def official_loop(folder: Path, detector: torch.nn.Module, batch_size: int, work
             transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
         ]
     )
-    loader = torch.utils.data.DataLoader(
-        datasets.ImageFolder(str(folder), transform), batch_size=batch_size, num_workers=workers
-    )
     start = time.perf_counter()
-    labels, scores = [], []
+    loader = torch.utils.data.DataLoader(
+        datasets.ImageFolder(str(folder), transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    scores, labels = [], []
     with torch.inference_mode():
         for images, label in loader:
-            scores.append(detector(images).sigmoid())
-            labels.append(label)
-    torch.cat(scores), torch.cat(labels)
+            scores.extend(detector(images.to(device)).sigmoid().flatten().tolist())
+            labels.extend(label.tolist())
     return time.perf_counter() - start
 
 
-def qdd_loop(shards: Path, batch_size: int, workers: int, out: Path) -> float:
-    """`qdd-cli test --detector npr --random-weights` through Lightning, shards → metrics."""
-    from qdd.cli import main
+def decode_seconds(folder: Path, detector, n: int = 32) -> float:
+    """One core: seconds per image to read, decode and preprocess (qdd's host part)."""
+    from qdd.modules.detector import split_normalization
 
-    args = [
-        "test", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
-        "--out", str(out), f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        "--trainer.accelerator=cpu",
-    ]  # fmt: skip
+    host, _ = split_normalization(detector.eval_transform())
+    paths = sorted(folder.glob("*/*.png"))[:n]
     start = time.perf_counter()
-    main(args)
-    return time.perf_counter() - start
+    for path in paths:
+        with Image.open(path) as image:
+            host(image.convert("RGB"))
+    return (time.perf_counter() - start) / len(paths)
 
 
-def forward_only(shards: Path, detector: torch.nn.Module, batch_size: int) -> float:
-    """The detector alone on the same batches, decoded and preprocessed beforehand."""
-    from qdd.datamodules.dataset import ShardDataset
-    from qdd.datamodules.reader import index_folders, resolve_folders
-
-    entries, _ = index_folders(resolve_folders(str(shards / "*")))
-    dataset = ShardDataset(entries, detector.eval_transform())
-    batches = list(torch.utils.data.DataLoader(dataset, batch_size=batch_size))
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for images, _, _ in batches:
-            detector(images)
-    return time.perf_counter() - start
+def marginal(run: Callable[[int], float], small: int, big: int, repeats: int) -> float:
+    """Images/s between a run on ``small`` and one on ``big`` images (best of ``repeats``)."""
+    times = {n: min(run(n) for _ in range(repeats)) for n in (small, big)}
+    return (big - small) / max(times[big] - times[small], 1e-9)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--images", type=int, default=256, help="the big run (small: 1/4)")
     parser.add_argument("--size", type=int, default=512, help="side of the source images")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2, help="best of N timings each")
+    parser.add_argument("--num-workers", type=int, help="default: qdd's own default")
+    parser.add_argument("--repeats", type=int, default=1, help="best of N timings each")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    device = torch.device(args.device)
 
+    from qdd.datamodules.shard import default_num_workers, usable_cores
     from qdd.detectors import load_detector
 
-    official = load_detector("npr", random_weights=True).eval()
-    # qdd runs detectors channels-last; forward-only uses the same model so that (a) measures
-    # only the pipeline's overhead, while the official loop keeps the published NCHW model.
-    detector = load_detector("npr", random_weights=True).eval()
-    detector.load_state_dict(official.state_dict())
-    detector.to(memory_format=torch.channels_last)
+    workers = args.num_workers
+    if workers is None:
+        workers = default_num_workers("cpu" if device.type == "cpu" else "gpu")
+    nchw = load_detector("npr", random_weights=True).eval().to(device)
+    nhwc = load_detector("npr", random_weights=True).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc.to(device, memory_format=torch.channels_last)
+    small, big = args.images // 4, args.images
+    rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder, shards = make_images(Path(tmp), args.images, args.size)
-        timings = {"forward": [], "qdd": [], "official": []}
-        for repeat in range(args.repeats):
-            timings["forward"].append(forward_only(shards, detector, args.batch_size))
-            out = Path(tmp) / f"run{repeat}"
-            timings["qdd"].append(qdd_loop(shards, args.batch_size, args.num_workers, out))
-            timings["official"].append(
-                official_loop(folder, official, args.batch_size, args.num_workers)
-            )
-    best = {name: min(values) for name, values in timings.items()}
-    rate = {name: args.images / seconds for name, seconds in best.items()}
+        root = Path(tmp)
+        folder = make_images(root, big, args.size)
+        data = {n: subset(folder, root, n) for n in (small, big)}
+        bs = args.batch_size
+        runs = {
+            "forward": lambda n: forward_only(data[n][1], nhwc, bs, device),
+            "loader": lambda n: loader_alone(data[n][1], nhwc, bs, workers, device),
+            "qdd": lambda n: end_to_end(data[n][1], bs, workers, device, root / f"run{n}"),
+            "official": lambda n: official(data[n][0], nchw, bs, workers, device),
+        }
+        end_to_end(data[small][1], bs, workers, device, root / "warm-up")  # imports, caches
+        for name, run in runs.items():
+            rates[name] = marginal(run, small, big, args.repeats)
+        per_image = decode_seconds(folder, nhwc)
+    rates["ceiling"] = max(workers, 1) / per_image
+
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     print(
-        f"\nNPR test throughput, {args.images} images of {args.size}², batch {args.batch_size}, "
-        f"{args.num_workers} worker(s), torch threads {torch.get_num_threads()}"
+        f"\nNPR test throughput on {args.device} ({name or platform.machine()}, "
+        f"{usable_cores()} usable cores, torch threads {torch.get_num_threads()}): "
+        f"marginal images/s between {small} and {big} PNGs of {args.size}², "
+        f"batch {args.batch_size}, {workers} DataLoader worker(s)"
     )
     print("| loop | images/s |\n|---|---|")
-    for name, label in [
-        ("forward", "forward only (pre-decoded tensors)"),
-        ("qdd", "qdd-cli test (shards → metrics)"),
-        ("official", "official NPR loop (ImageFolder + Resize)"),
-    ]:
-        print(f"| {label} | {rate[name]:.1f} |")
-    print(f"\n(a) qdd / forward-only = {rate['qdd'] / rate['forward']:.3f}  (target ≥ 0.9)")
-    print(
-        f"(b) qdd / official     = {rate['qdd'] / rate['official']:.3f}  (target ≥ 1.0, "
-        "stretch 1.2)"
-    )
+    labels = {
+        "forward": "forward only (pre-decoded batches, channels-last)",
+        "loader": "ShardDataModule test loader alone, no model",
+        "qdd": "`qdd-cli test` end to end",
+        "official": "official-style loop (ImageFolder + Resize((256,256)) + DataLoader)",
+        "ceiling": f"decode ceiling ({per_image * 1e3:.1f} ms/image on one core × "
+        f"{max(workers, 1)})",
+    }
+    for key, label in labels.items():
+        print(f"| {label} | {rates[key]:.1f} |")
+    print(f"\nend to end / forward only   = {rates['qdd'] / rates['forward']:.3f}")
+    print(f"end to end / official loop  = {rates['qdd'] / rates['official']:.3f}")
+    print(f"end to end / decode ceiling = {rates['qdd'] / rates['ceiling']:.3f}")
 
 
 if __name__ == "__main__":

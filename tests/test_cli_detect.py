@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -179,39 +176,6 @@ def test_print_config_and_help(capsys) -> None:
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "detector: npr" in printed and "somewhere" in printed
-
-
-def test_ddp_two_processes_see_each_sample_once(shards: Path, tmp_path: Path) -> None:
-    """The path users take: a real `python -m qdd` with DDP on 2 CPU processes."""
-    out = tmp_path / "ddp"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qdd",
-            "test",
-            "--detector",
-            "npr",
-            "--random-weights",
-            "--data",
-            str(shards / "*"),
-            "--out",
-            str(out),
-            "--data.batch_size=5",
-            "--trainer.strategy=ddp",
-            "--trainer.devices=2",
-            *FAST,
-        ],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=600,
-    )
-    scores = pd.read_parquet(out / "scores.parquet")
-    assert len(scores) == 56
-    assert not scores.duplicated(["key", "group"]).any()
-    assert json.loads((out / "metrics.json").read_text())["n"] == 56
 
 
 @pytest.mark.parametrize("detector", ["npr", "clipd", "univfd", "corvi"])

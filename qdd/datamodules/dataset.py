@@ -1,27 +1,42 @@
-"""An iterable over shard samples that splits work by DDP rank and DataLoader worker.
+"""Shard samples as a map-style dataset: item ``i`` is the manifests' ``i``-th sample.
 
-Why not WebDataset's own pipeline: evaluation must see every sample exactly once, also
-under DDP with uneven shards, and a spawn-started worker can miss the rank. Here the rank
-and world size are handed in by the DataModule (which knows them from the trainer), the
-sample list comes from the manifests, and each (rank, worker) reads one contiguous slice.
+Why map-style and not an iterable (WebDataset-style) pipeline: with an iterable dataset
+every DataLoader worker yields its own partial last batch, so a loader gives more batches
+than its ``len()`` and Lightning, which stops at ``len()``, silently drops samples (46 of
+49 images with 3 workers and batch 5). With a map-style dataset the *sampler* decides which
+indices a process sees and the DataLoader cuts them into batches in the main process, so
+the number of batches is exact for any worker count and batch size, and exactly-once
+becomes a property of the sampler alone: `ShardDataModule` uses
+``UnrepeatedDistributedSampler`` for evaluation (rank ``r`` gets indices ``r::world``, no
+padding, so no sample is scored twice) and Lightning's ordinary distributed sampler for
+training (padding there only keeps ranks in step).
 
-- ``even=False`` (evaluation): slices differ by at most one sample, nothing is repeated.
-- ``even=True`` (training): the list is reshuffled per epoch and padded by wrap-around to
-  a multiple of the world size, so every rank runs the same number of steps (no DDP hang).
+Random access is cheap because shards are plain uncompressed tars: the reader indexes
+every member's byte offset once from the tar headers, and an item is two ``os.pread``
+calls (no shared file offset, so forked workers cannot disturb each other) plus the PNG
+decode, which dominates.
+
+A sample that cannot be read (PNG that does not decode, a member missing) becomes a
+`Skipped` record instead of an exception: it travels through the batch to the
+LightningModule, which counts and names it in metrics.json.
+
+With test-time perturbations (``--perturb``), one item decodes its image once and yields
+one preprocessed tensor per perturbation, so ``P`` perturbations cost one decode, and each
+perturbation still sees every sample exactly once.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from qdd.datamodules.reader import Entry, read_entry
+from qdd.datamodules.reader import Entry, read_sample
 
 #: Metadata passed along with each image (strings only, so batches collate cleanly).
 META_FIELDS = (
@@ -33,64 +48,107 @@ META_FIELDS = (
     "quant_scope",
     "model_id",
 )
+#: The unperturbed pass, as named in scores.parquet and metrics.json.
+UNPERTURBED = "none"
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
-def _slice(items: Sequence[Any], part: int, parts: int) -> Sequence[Any]:
-    """The ``part``-th of ``parts`` contiguous slices (sizes differ by at most one)."""
-    n = len(items)
-    return items[part * n // parts : (part + 1) * n // parts]
+class Perturbation(Protocol):
+    """What `qdd.perturb` provides: a named, deterministic post-processing operation."""
+
+    name: str
+
+    def apply(self, image: Image.Image, key: str) -> Image.Image: ...
 
 
-class ShardDataset(IterableDataset):
-    """Yields ``(image, label, meta)`` for this rank's share of ``entries``."""
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that could not be read, and why (reported in metrics.json)."""
+
+    key: str
+    shard: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One decoded sample: one tensor per perturbation, its label and metadata."""
+
+    images: list[torch.Tensor]
+    label: int
+    meta: dict[str, str]
+
+
+class ShardDataset(Dataset):
+    """Map-style dataset over manifest entries.
+
+    Args:
+        entries: the samples, as indexed by `qdd.datamodules.reader.index_folders`.
+        transform: the detector's preprocessing (PIL → tensor); default: uint8 tensor.
+        perturbations: test-time perturbations applied after decoding and before
+            ``transform``; ``None`` means the unperturbed image only.
+    """
 
     def __init__(
         self,
         entries: Sequence[Entry],
         transform: Transform | None = None,
-        *,
-        rank: int = 0,
-        world_size: int = 1,
-        shuffle: bool = False,
-        even: bool = False,
-        seed: int = 0,
+        perturbations: Sequence[Perturbation] | None = None,
     ) -> None:
         self.entries = list(entries)
         self.transform = transform or pil_to_tensor
-        self.rank, self.world_size = rank, world_size
-        self.shuffle, self.even, self.seed = shuffle, even, seed
-        self.epoch = 0
+        self.perturbations = list(perturbations or [])
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def rank_entries(self) -> Sequence[Entry]:
-        order = list(self.entries)
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(order)
-        if not self.even:
-            return _slice(order, self.rank, self.world_size)
-        per_rank = -(-len(order) // self.world_size)
-        padded = (order * (1 + per_rank * self.world_size // max(len(order), 1)))[
-            : per_rank * self.world_size
-        ]
-        return padded[self.rank * per_rank : (self.rank + 1) * per_rank]
+    @property
+    def perturbation_names(self) -> list[str]:
+        return [p.name for p in self.perturbations] or [UNPERTURBED]
 
     def __len__(self) -> int:
-        return len(self.rank_entries())
+        return len(self.entries)
 
-    def __iter__(self):
-        entries = self.rank_entries()
-        worker = get_worker_info()
-        if worker is not None:
-            entries = _slice(entries, worker.id, worker.num_workers)
-        for entry in entries:
-            sample = read_entry(entry)
-            if sample is None:
-                continue
-            image, meta = sample
-            info = {"key": entry.key}
-            info.update({f: str(meta.get(f) or "") for f in META_FIELDS if f != "key"})
-            yield self.transform(image), int(meta["label"]), info
+    def __getitem__(self, index: int) -> Sample | Skipped:
+        entry = self.entries[index]
+        try:
+            image, meta = read_sample(entry)
+        except ValueError as error:  # logged by the module that counts it
+            return Skipped(entry.key, entry.shard, str(error))
+        info = {"key": entry.key}
+        info.update({f: str(meta.get(f) or "") for f in META_FIELDS if f != "key"})
+        if not self.perturbations:
+            images = [self.transform(image)]
+        else:
+            images = [self.transform(p.apply(image, entry.key)) for p in self.perturbations]
+        return Sample(images, int(meta["label"]), info)
+
+
+def collate(items: list[Sample | Skipped], perturbations: Sequence[str]) -> tuple[Any, ...]:
+    """``(images, labels, meta)``: images stacked sample-major, one row per perturbation.
+
+    ``meta`` holds lists aligned with the rows (``key`` … ``model_id``, ``label`` as Python
+    ints so bookkeeping never waits on the device, ``perturbation``) and ``skipped``: the
+    `Skipped` records of this batch as dicts (not aligned). A batch whose samples were all skipped
+    has zero rows.
+    """
+    samples = [item for item in items if isinstance(item, Sample)]
+    meta: dict[str, list[Any]] = {f: [] for f in (*META_FIELDS, "label", "perturbation")}
+    for sample in samples:
+        for name in perturbations:
+            for field in META_FIELDS:
+                meta[field].append(sample.meta[field])
+            meta["label"].append(sample.label)
+            meta["perturbation"].append(name)
+    meta["skipped"] = [asdict(item) for item in items if isinstance(item, Skipped)]
+    tensors = [image for sample in samples for image in sample.images]
+    images = torch.stack(tensors) if tensors else torch.zeros(0)
+    return images, torch.tensor(meta["label"], dtype=torch.long), meta
+
+
+class Collate:
+    """`collate` bound to the perturbation names (a class, so workers can pickle it)."""
+
+    def __init__(self, perturbations: Sequence[str]) -> None:
+        self.perturbations = list(perturbations)
+
+    def __call__(self, items: list[Sample | Skipped]) -> tuple[Any, ...]:
+        return collate(items, self.perturbations)

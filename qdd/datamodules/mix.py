@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -38,13 +39,15 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler
 
-from qdd.datamodules.dataset import META_FIELDS, ShardDataset, Transform, _slice
-from qdd.datamodules.reader import Entry, index_folders, read_entry, read_manifest, resolve_folders
+from qdd.datamodules.dataset import UNPERTURBED, Collate, Sample, ShardDataset, Skipped, Transform
+from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
 from qdd.datamodules.schema import REAL, group_of
-from qdd.datamodules.shard import EpochDataLoader
+from qdd.datamodules.shard import evaluation_loader, loader_options
 from qdd.errors import QddError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -67,7 +70,7 @@ class Source:
 
 
 @dataclass(frozen=True)
-class Sample:
+class Indexed:
     """An indexed sample: where it lies, and what the split and the sampler need."""
 
     entry: Entry
@@ -111,13 +114,16 @@ def split_unit(key: str, meta: dict[str, Any]) -> str:
     return f"key:{key}"
 
 
-def index_samples(folders: list[Path]) -> list[Sample]:
+def index_samples(folders: list[Path]) -> list[Indexed]:
     """Every sample of ``folders`` with its metadata (JSON members only; no image decoded)."""
     entries, _ = index_folders(folders)
     samples = []
     handles: dict[str, Any] = {}
     try:
         for entry in entries:
+            if entry.meta is None or entry.png is None:
+                log.warning("skipped %s in %s: a member is missing", entry.key, entry.shard)
+                continue
             handle = handles.get(entry.shard) or handles.setdefault(
                 entry.shard, open(entry.shard, "rb")
             )
@@ -130,7 +136,7 @@ def index_samples(folders: list[Path]) -> list[Sample]:
                     "re-create the shards"
                 ) from None
             samples.append(
-                Sample(
+                Indexed(
                     entry,
                     int(meta["label"]),
                     group_of(meta),
@@ -157,69 +163,65 @@ def seeded(seed: int) -> Iterator[None]:
             random.setstate(state)
 
 
-class WeightedShardDataset(ShardDataset):
-    """Per epoch, ``num_samples`` weighted draws with replacement, cut into global batches."""
+class DrawDataset(ShardDataset):
+    """Items are ``(seed, index)`` pairs: entry ``index``, augmented under ``seed``."""
+
+    def __getitem__(self, item: tuple[int, int]) -> Sample | Skipped:  # type: ignore[override]
+        seed, index = item
+        with seeded(seed):
+            return super().__getitem__(index)
+
+
+class WeightedDrawSampler(DistributedSampler):
+    """Per epoch, ``num_samples`` weighted draws with replacement, cut into global batches.
+
+    Yields this rank's ``(seed, index)`` pairs; the seed depends on (seed, epoch, position
+    among all draws) only. A `DistributedSampler`, so Lightning leaves it in place under DDP.
+    """
 
     def __init__(
         self,
-        entries: list[Entry],
+        dataset: DrawDataset,
         probabilities: torch.Tensor,
         num_samples: int,
         batch_size: int,
-        transform: Transform | None = None,
         *,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
     ) -> None:
-        super().__init__(entries, transform, rank=rank, world_size=world_size, seed=seed)
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, seed=seed)
         self.probabilities = probabilities.double()
         self.batch_size = batch_size
         global_batch = batch_size * world_size
-        self.num_samples = -(-num_samples // global_batch) * global_batch
+        self.total = -(-num_samples // global_batch) * global_batch
 
     def draws(self) -> torch.Tensor:
         """Indices of this epoch's draws (all ranks), in global-batch order."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.multinomial(
-            self.probabilities, self.num_samples, replacement=True, generator=generator
+            self.probabilities, self.total, replacement=True, generator=generator
         )
 
-    def _rank_draws(self) -> list[tuple[int, int]]:
-        """(position among all draws, entry index) of this rank's draws, in order."""
-        batches = self.draws().view(-1, self.world_size, self.batch_size)
-        positions = torch.arange(self.num_samples).view_as(batches)
-        pairs = zip(
-            positions[:, self.rank].reshape(-1).tolist(),
-            batches[:, self.rank].reshape(-1).tolist(),
-            strict=True,
-        )
-        return list(pairs)
+    def rank_draws(self) -> list[tuple[int, int]]:
+        """(seed, entry index) of this rank's draws, in order."""
+        batches = self.draws().view(-1, self.num_replicas, self.batch_size)
+        positions = torch.arange(self.total).view_as(batches)
+        base = (self.seed * 1_000_003 + self.epoch) * 2**24
+        return [
+            (base + p, i)
+            for p, i in zip(
+                positions[:, self.rank].reshape(-1).tolist(),
+                batches[:, self.rank].reshape(-1).tolist(),
+                strict=True,
+            )
+        ]
 
-    def rank_entries(self) -> list[Entry]:
-        return [self.entries[i] for _, i in self._rank_draws()]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.rank_draws())
 
-    def __iter__(self):
-        """Like `ShardDataset`, but each draw's augmentation is seeded by its position.
-
-        Random crops and flips then depend on (seed, epoch, draw) only — not on the number
-        of processes or workers, nor on the order they run in.
-        """
-        draws = self._rank_draws()
-        worker = get_worker_info()
-        if worker is not None:
-            draws = list(_slice(draws, worker.id, worker.num_workers))
-        for position, index in draws:
-            entry = self.entries[index]
-            sample = read_entry(entry)
-            if sample is None:
-                continue
-            image, meta = sample
-            with seeded((self.seed * 1_000_003 + self.epoch) * 2**24 + position):
-                tensor = self.transform(image)
-            info = {"key": entry.key}
-            info.update({f: str(meta.get(f) or "") for f in META_FIELDS if f != "key"})
-            yield tensor, int(meta["label"]), info
+    def __len__(self) -> int:
+        return self.total // self.num_replicas
 
 
 class MixDataModule(LightningDataModule):
@@ -237,7 +239,8 @@ class MixDataModule(LightningDataModule):
         source_weights: overrides ``weight`` of sources by name (for sweeps).
         samples_per_epoch: draws per epoch; default: the number of training samples.
         batch_size: images per batch and process.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes; ``None`` picks them from the cores
+            (as `ShardDataModule` does).
         seed: seed of the sampler (combined with the epoch).
         train_transform: overrides the detector's training preprocessing.
         eval_transform: overrides the detector's test preprocessing.
@@ -255,7 +258,7 @@ class MixDataModule(LightningDataModule):
         source_weights: dict[str, float] | None = None,
         samples_per_epoch: int | None = None,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
         train_transform: Transform | None = None,
         eval_transform: Transform | None = None,
@@ -291,7 +294,7 @@ class MixDataModule(LightningDataModule):
         for source in self.sources:
             if source.weight < 0:
                 raise QddError(f"train source {source.label} has weight {source.weight}: use ≥ 0")
-        self.split: dict[str, list[Sample]] = {}
+        self.split: dict[str, list[Indexed]] = {}
         self.source_of: list[str] = []
         self.probabilities = torch.zeros(0)
         self.groups: dict[str, int] = {}
@@ -305,7 +308,16 @@ class MixDataModule(LightningDataModule):
         """The test folders (recorded in a test run's metrics.json)."""
         return resolve_folders(self.test_paths) if self.test_paths else []
 
-    def _take(self, paths: list[str], split: str, holdout: bool) -> list[Sample]:
+    @property
+    def expected(self) -> int:
+        """Samples of the test split (what a complete test run scores)."""
+        return sum(self.groups.values())
+
+    @property
+    def perturbation_names(self) -> list[str]:
+        return [UNPERTURBED]  # test-time perturbations: `ShardDataModule` (--perturb)
+
+    def _take(self, paths: list[str], split: str, holdout: bool) -> list[Indexed]:
         if not paths:
             return []
         return [
@@ -343,7 +355,7 @@ class MixDataModule(LightningDataModule):
     def _setup_train(self) -> None:
         if not self.sources:
             raise QddError("no training sources: list them under data.train as {path, weight}")
-        samples: list[Sample] = []
+        samples: list[Indexed] = []
         owner: dict[str, str] = {}
         for source in self.sources:
             taken = self._take([source.path], "train", holdout=True)
@@ -427,44 +439,40 @@ class MixDataModule(LightningDataModule):
         if own is not None:
             return own
         module = self.trainer.lightning_module if self.trainer else None
+        loader_transform = getattr(module, "loader_transform", None)
+        if callable(loader_transform):
+            return loader_transform(kind)  # up to uint8; normalised on the device
         factory = getattr(module, f"{kind}_transform", None)
         return factory() if callable(factory) else None
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-
-    def _loader(self, dataset: ShardDataset) -> DataLoader:
-        return EpochDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
-
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank()
-        dataset = WeightedShardDataset(
-            [s.entry for s in self.split["train"]],
+        trainer = self.trainer
+        dataset = DrawDataset([s.entry for s in self.split["train"]], self._transform("train"))
+        sampler = WeightedDrawSampler(
+            dataset,
             self.probabilities,
             self.samples_per_epoch or len(self.split["train"]),
             self.batch_size,
-            self._transform("train"),
-            rank=rank,
-            world_size=world,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
             seed=self.seed,
         )
-        return self._loader(dataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=Collate(dataset.perturbation_names),
+            **loader_options(trainer, self.num_workers, persistent=True),
+        )
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        rank, world = self._rank()
-        entries = [s.entry for s in self.split[split]]
-        return self._loader(
-            ShardDataset(entries, self._transform("eval"), rank=rank, world_size=world)
+    def _eval_loader(self, split: str, persistent: bool = False) -> DataLoader:
+        dataset = ShardDataset([s.entry for s in self.split[split]], self._transform("eval"))
+        return evaluation_loader(
+            dataset, self.batch_size, self.trainer, self.num_workers, persistent=persistent
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self._eval_loader("val", persistent=True)
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")

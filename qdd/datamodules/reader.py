@@ -3,11 +3,13 @@
 Readers trust the manifest: a folder without one, a shard that is missing or truncated, or
 a count that disagrees is an error the user must fix (re-create the shards), because
 evaluation has to see every sample exactly once. Problems inside one sample (a PNG that
-does not decode, a PNG without its JSON) are logged and that sample is skipped: one bad
-image should not sink a 10 000-image evaluation, and the skip is visible in the log.
+does not decode, a PNG without its JSON) skip that sample only: one bad image should not
+sink a 10 000-image evaluation. Such a sample still gets an `Entry` (with the missing
+member as ``None``), so the data path reports it by key (``n_skipped`` in metrics.json)
+instead of it vanishing at indexing time.
 
-Shards are plain uncompressed tars, so a sample is read by seeking to its members'
-offsets: any process can read any subset of samples, which is how DDP ranks and
+Shards are plain uncompressed tars, so a sample is read at its members' byte offsets
+(``os.pread``): any process can read any subset of samples, which is how DDP ranks and
 DataLoader workers split the work without overlap.
 """
 
@@ -17,6 +19,7 @@ import glob
 import io
 import json
 import logging
+import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,8 +41,8 @@ class Entry:
 
     shard: str
     key: str
-    png: tuple[int, int]  # (offset, size) of the PNG bytes
-    meta: tuple[int, int]  # (offset, size) of the JSON bytes
+    png: tuple[int, int] | None  # (offset, size) of the PNG bytes; None if absent
+    meta: tuple[int, int] | None  # (offset, size) of the JSON bytes; None if absent
 
 
 def resolve_folders(data: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -115,14 +118,9 @@ def index_shard(path: Path, expected: int) -> list[Entry]:
             f"{path} holds {len(members)} samples but {MANIFEST} says {expected}: "
             "re-create the shards"
         )
-    entries = []
-    for key, parts in members.items():
-        if "png" not in parts or "json" not in parts:
-            missing = "png" if "png" not in parts else "json"
-            log.warning("skipped %s in %s: no .%s member", key, path, missing)
-            continue
-        entries.append(Entry(str(path), key, parts["png"], parts["json"]))
-    return entries
+    return [
+        Entry(str(path), key, parts.get("png"), parts.get("json")) for key, parts in members.items()
+    ]
 
 
 def index_folders(folders: Sequence[Path]) -> tuple[list[Entry], dict[str, int]]:
@@ -138,20 +136,36 @@ def index_folders(folders: Sequence[Path]) -> tuple[list[Entry], dict[str, int]]
     return entries, groups
 
 
-def _read(handle: io.BufferedReader, span: tuple[int, int]) -> bytes:
-    handle.seek(span[0])
-    return handle.read(span[1])
+def _read(fd: int, span: tuple[int, int]) -> bytes:
+    data = os.pread(fd, span[1], span[0])
+    if len(data) != span[1]:
+        raise ValueError(f"short read ({len(data)} of {span[1]} bytes)")
+    return data
 
 
-def read_entry(entry: Entry) -> tuple[Image.Image, dict[str, Any]] | None:
-    """Decode one sample: (RGB image, metadata), or ``None`` (logged) if it is corrupt."""
-    with open(entry.shard, "rb") as handle:
-        png, raw = _read(handle, entry.png), _read(handle, entry.meta)
+def read_sample(entry: Entry) -> tuple[Image.Image, dict[str, Any]]:
+    """Decode one sample: (RGB image, metadata); ``ValueError`` says why it cannot be read."""
+    for member, span in (("png", entry.png), ("json", entry.meta)):
+        if span is None:
+            raise ValueError(f"no .{member} member")
+    fd = os.open(entry.shard, os.O_RDONLY)
+    try:
+        png, raw = _read(fd, entry.png), _read(fd, entry.meta)
+    finally:
+        os.close(fd)
     try:
         meta = json.loads(raw)
         image = Image.open(io.BytesIO(png))
         image.load()
     except Exception as error:  # PIL raises many types for bad data
+        raise ValueError(f"cannot decode: {error}") from None
+    return (image if image.mode == "RGB" else image.convert("RGB")), meta
+
+
+def read_entry(entry: Entry) -> tuple[Image.Image, dict[str, Any]] | None:
+    """`read_sample`, or ``None`` (logged) if the sample cannot be read."""
+    try:
+        return read_sample(entry)
+    except ValueError as error:
         log.warning("skipped %s in %s: %s", entry.key, entry.shard, error)
         return None
-    return image.convert("RGB"), meta

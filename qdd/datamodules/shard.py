@@ -1,25 +1,64 @@
 """`ShardDataModule`: WebDataset shard folders as a LightningDataModule.
 
 The preprocessing is the detector's, not the data's: a transform handed in wins; otherwise
-the DataModule asks the LightningModule for ``train_transform()`` / ``eval_transform()``,
-and falls back to a plain uint8 tensor. For ``fit`` the samples are split into train and
-validation by a hash of the key, so an image and its twins at other precisions (same key)
-always land on the same side.
+the DataModule asks the LightningModule for ``loader_transform(kind)`` (or
+``train_transform()`` / ``eval_transform()``), and falls back to a plain uint8 tensor. For
+``fit`` the samples are split into train and validation by a hash of the key, so an image
+and its twins at other precisions (same key) always land on the same side.
+
+Exactly once: evaluation loaders (validate, test, predict) use a map-style dataset with
+``UnrepeatedDistributedSampler`` (no padding, ranks differ by at most one sample), so every
+sample is scored once for any worker count, batch size and number of ranks. Training uses
+Lightning's own distributed sampler (padding keeps ranks in step; duplicates are harmless
+there).
 """
 
 from __future__ import annotations
 
 import hashlib
-import warnings
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from qdd.datamodules.dataset import ShardDataset, Transform
+from qdd.datamodules.dataset import Collate, ShardDataset, Transform
 from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
 from qdd.errors import QddError
+
+#: Upper bound on automatic DataLoader workers: beyond this the decode rate stops scaling
+#: on typical nodes and each worker costs memory.
+MAX_AUTO_WORKERS = 16
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_num_workers(accelerator: str, processes_per_node: int = 1) -> int:
+    """DataLoader workers per process when the user does not choose.
+
+    On a GPU the model leaves the CPU to the loader: each process takes its share of the
+    cores minus one for itself (that runs the loop and collates). On a CPU the model's
+    own threads need the cores; decoding is a small share of the work there, so one
+    worker keeps it off the critical path without stealing compute. Combine with the
+    thread policy: torch threads per process = cores / processes - workers on GPU, all of
+    the process's share on CPU.
+    """
+    share = usable_cores() // max(processes_per_node, 1)
+    if share <= 1:
+        return 0
+    if accelerator == "cpu":
+        return 1
+    return min(share - 1, MAX_AUTO_WORKERS)
 
 
 def in_validation(key: str, fraction: float) -> bool:
@@ -28,33 +67,21 @@ def in_validation(key: str, fraction: float) -> bool:
     return digest < fraction * 2**32
 
 
-# ShardDataset.__len__ is exact per rank and per worker split; Lightning warns regardless.
-warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
-
-
-class EpochDataLoader(DataLoader):
-    """Tells the dataset which epoch starts, so training reshuffles every epoch.
-
-    (Lightning only calls ``set_epoch`` on samplers, and an IterableDataset has none.)
-    """
-
-    def __iter__(self):
-        dataset = self.dataset
-        if isinstance(dataset, ShardDataset):
-            dataset.set_epoch(getattr(self, "_epoch", 0))
-            self._epoch = getattr(self, "_epoch", 0) + 1
-        return super().__iter__()
-
-
 class ShardDataModule(LightningDataModule):
     """Shard folders → batches of ``(images, labels, meta)``.
 
     Args:
         paths: shard folder(s) or glob(s) to evaluate on (and to train on for ``fit``).
-        batch_size: images per batch.
-        num_workers: DataLoader worker processes (each reads its own slice).
+        batch_size: samples per batch (with ``P`` perturbations a test batch holds
+            ``P`` × ``batch_size`` images).
+        num_workers: DataLoader worker processes; ``None`` picks them from the cores this
+            process may use (see `default_num_workers`).
         val_fraction: share of keys held out for validation in ``fit``.
         seed: shuffling seed for training.
+        perturb: test-time perturbations (``jpeg:75``, ``resize:0.5``, ``blur:1.0`` …,
+            see `qdd.perturb`), applied after decoding and before the detector's own
+            preprocessing in test and predict; the unperturbed pass (``none``) is always
+            included.
         train_transform: overrides the detector's training preprocessing.
         eval_transform: overrides the detector's test preprocessing.
     """
@@ -63,18 +90,25 @@ class ShardDataModule(LightningDataModule):
         self,
         paths: str | list[str],
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         val_fraction: float = 0.1,
         seed: int = 0,
+        perturb: list[str] | None = None,
         train_transform: Transform | None = None,
         eval_transform: Transform | None = None,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise QddError(f"--data.batch_size must be at least 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise QddError(f"--data.num_workers must be 0 or more, got {num_workers}")
         self.paths = paths
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
+        self.perturb = list(perturb or [])
+        self.perturbations = _perturbations(self.perturb)
         self.train_transform = train_transform
         self.eval_transform = eval_transform
         self.entries: list[Entry] = []
@@ -86,16 +120,34 @@ class ShardDataModule(LightningDataModule):
     def folders(self) -> list[Path]:
         return resolve_folders(self.paths)
 
+    @property
+    def perturbation_names(self) -> list[str]:
+        return [p.name for p in self.perturbations] or ["none"]
+
+    @property
+    def expected(self) -> int:
+        """Samples the manifests promise (what a complete evaluation scores)."""
+        return sum(self.groups.values())
+
     def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and len(self.perturbation_names) > 1:
+            raise QddError(
+                "--perturb applies to test and predict only: drop it here (training "
+                "augmentation is the detector's own)"
+            )
         self.entries, self.groups = index_folders(self.folders)
         if not self.entries:
             raise QddError(f"no readable samples in {self.paths}: check the shards")
 
+    # -- loaders ---------------------------------------------------------------------------
     def _transform(self, kind: str) -> Transform | None:
         own = self.train_transform if kind == "train" else self.eval_transform
         if own is not None:
             return own
         module = self.trainer.lightning_module if self.trainer else None
+        loader_transform = getattr(module, "loader_transform", None)
+        if callable(loader_transform):
+            return loader_transform(kind)
         factory = getattr(module, f"{kind}_transform", None)
         return factory() if callable(factory) else None
 
@@ -109,34 +161,85 @@ class ShardDataModule(LightningDataModule):
             )
         return entries
 
-    def _loader(self, entries: list[Entry], kind: str, train: bool = False) -> DataLoader:
-        trainer = self.trainer
-        rank = trainer.global_rank if trainer else 0
-        world = trainer.world_size if trainer else 1
-        dataset = ShardDataset(
-            entries,
-            self._transform(kind),
-            rank=rank,
-            world_size=world,
-            shuffle=train,
-            even=train,
-            seed=self.seed,
-        )
-        return EpochDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+    def _eval_loader(
+        self, entries: Sequence[Entry], perturbed: bool, persistent: bool = False
+    ) -> DataLoader:
+        perturbations = self.perturbations if perturbed else []
+        dataset = ShardDataset(entries, self._transform("eval"), perturbations)
+        return evaluation_loader(
+            dataset, self.batch_size, self.trainer, self.num_workers, persistent=persistent
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._split(validation=False), "train", train=True)
+        dataset = ShardDataset(self._split(validation=False), self._transform("train"))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=True,  # Lightning swaps in a seeded DistributedSampler under DDP
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=Collate(dataset.perturbation_names),
+            **loader_options(self.trainer, self.num_workers, persistent=True),
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._split(validation=True), "eval")
+        # validation runs every epoch: keep its workers
+        return self._eval_loader(self._split(validation=True), perturbed=False, persistent=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.entries, "eval")
+        return self._eval_loader(self.entries, perturbed=True)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.entries, "eval")
+        return self._eval_loader(self.entries, perturbed=True)
+
+
+def loader_options(trainer: Any, num_workers: int | None, persistent: bool) -> dict[str, Any]:
+    """DataLoader workers, pinned memory and prefetch for this trainer's devices."""
+    device = trainer.strategy.root_device.type if trainer else "cpu"
+    per_node = trainer.num_devices if trainer else 1
+    workers = num_workers
+    if workers is None:
+        workers = default_num_workers("cpu" if device == "cpu" else "gpu", per_node)
+    options: dict[str, Any] = {"num_workers": workers, "pin_memory": device == "cuda"}
+    if workers > 0:
+        options["persistent_workers"] = persistent
+        if device != "cpu":
+            options["prefetch_factor"] = 4  # keep the accelerator fed across slow batches
+    return options
+
+
+def evaluation_loader(
+    dataset: ShardDataset,
+    batch_size: int,
+    trainer: Any,
+    num_workers: int | None = None,
+    persistent: bool = False,
+) -> DataLoader:
+    """An exactly-once loader of ``dataset`` for this trainer's rank (validate, test,
+    predict): ``UnrepeatedDistributedSampler`` under DDP, which Lightning leaves alone."""
+    world = trainer.world_size if trainer else 1
+    sampler = None
+    if world > 1:
+        if len(dataset) < world:
+            raise QddError(
+                f"{len(dataset)} samples for {world} processes: every process needs at "
+                "least one; use fewer devices"
+            )
+        sampler = UnrepeatedDistributedSampler(
+            dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=Collate(dataset.perturbation_names),
+        **loader_options(trainer, num_workers, persistent),
+    )
+
+
+def _perturbations(specs: list[str]) -> list[Any]:
+    """The parsed perturbations (``none`` first), or ``[]`` when none were asked for."""
+    if not specs or all(spec.strip().lower() == "none" for spec in specs):
+        return []
+    from qdd.perturb import perturbations
+
+    return perturbations(specs)

@@ -7,7 +7,10 @@ Every part that produces images (``qdd-cli shard``, ``qdd-cli generate``) writes
   complete, so a killed run never leaves a truncated ``.tar`` behind;
 - ``manifest.json`` is written last, atomically, by `write_manifest`, from the complete
   shards actually on disk (several writers, e.g. one per DDP rank, share one folder);
-- tar headers carry no time or owner, so the same samples give byte-identical shards.
+- tar headers carry no time or owner, so the same samples give byte-identical shards;
+- every sample's JSON says what format its pixels came from (``source_format``, and
+  ``jpeg_quality`` for JPEG sources): ``qdd-cli shard`` fills them in from the source file,
+  and samples written from pixels (``qdd-cli generate``) default to ``png``, ``None``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from qdd.datamodules.schema import FORMAT, MANIFEST, check_key, group_of
 from qdd.errors import QddError
 
 FAILED = "failed.jsonl"
+#: Provenance of samples whose caller does not say otherwise: pixels saved losslessly.
+SOURCE_DEFAULTS: dict[str, Any] = {"source_format": "png", "jpeg_quality": None}
 Mode = Literal["new", "append", "overwrite"]
 
 
@@ -132,7 +137,7 @@ class ShardWriter:
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in {self.out_dir}")
         self._keys.add(key)
-        payload = _dump_json(meta)
+        payload = _dump_json({**SOURCE_DEFAULTS, **meta})
         tar = self._open()
         _add_member(tar, f"{key}.png", png)
         _add_member(tar, f"{key}.json", payload)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,21 @@ from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
 from qdd.calibration import fit_threshold, parse_rule
-from qdd.datamodules.dataset import META_FIELDS
+from qdd.datamodules.dataset import META_FIELDS, UNPERTURBED
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.weights import apply_state
 from qdd.errors import QddError
-from qdd.metrics import METRICS, GroupedDetectionMetrics
+from qdd.metrics import METRICS, grouped_metrics
 
 log = logging.getLogger(__name__)
 
 #: One row of scores.parquet: the sample's metadata as the data loader passes it along,
 #: its label, its group and the detector's logit.
 SCORE_COLUMNS = ("key", "label", *META_FIELDS[1:], "group", "logit")
+#: The column (after SCORE_COLUMNS) naming the test-time perturbation of each row.
+PERTURBATION = "perturbation"
+#: What a batch's metadata carries per row (see `qdd.datamodules.dataset.collate`).
+ROW_FIELDS = (*META_FIELDS, "label", PERTURBATION)
 
 
 def checkpoint_state(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
@@ -89,7 +94,8 @@ class DetectorModule(LightningModule):
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
-        self.scores: list[dict[str, Any]] = []
+        self._normalization: dict[str, tuple[Tensor, Tensor] | None] = {}
+        self._reset_scores()
 
     # -- hooks, torchgeo style -------------------------------------------------------------
     def configure_models(self) -> None:
@@ -143,6 +149,29 @@ class DetectorModule(LightningModule):
     def eval_transform(self) -> Any:
         return self.detector.eval_transform()
 
+    def loader_transform(self, kind: str) -> Any:
+        """The preprocessing the DataLoader runs: the detector's, up to a uint8 tensor.
+
+        Its final ``ToTensor`` + ``Normalize`` run on the device instead
+        (`on_after_batch_transfer`): the same operations on the same values, but a quarter
+        of the bytes to collate, pin and copy.
+        """
+        transform = self.train_transform() if kind == "train" else self.eval_transform()
+        host, normalization = split_normalization(transform)
+        self._normalization[kind] = normalization
+        return host
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels, meta = batch
+        if images.dtype == torch.uint8 and len(images):
+            trainer = self._trainer
+            kind = "train" if trainer is not None and trainer.training else "eval"
+            normalization = self._normalization.get(kind)
+            if normalization is not None:
+                mean, std = (t.to(images.device) for t in normalization)
+                images = images.float().div(255).sub_(mean).div_(std)
+        return images, labels, meta
+
     def forward(self, images: Tensor) -> Tensor:
         return self.detector(images)
 
@@ -152,8 +181,10 @@ class DetectorModule(LightningModule):
             if name and any(f"{name}.".startswith(p) for p in self.detector.frozen_prefixes):
                 module.eval()  # frozen backbones keep eval-mode norms and no dropout
 
-    def _step(self, batch: Any, metrics: MetricCollection, stage: str) -> Tensor:
+    def _step(self, batch: Any, metrics: MetricCollection, stage: str) -> Tensor | None:
         images, labels, _ = batch
+        if len(images) == 0:  # every sample of this batch was unreadable (logged)
+            return None
         logits = self(images)
         loss = self.criterion(logits, labels.float())
         metrics.update(torch.sigmoid(logits.detach().double()), labels)
@@ -168,7 +199,7 @@ class DetectorModule(LightningModule):
         )
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._step(batch, self.train_metrics, "train")
 
     def on_train_epoch_end(self) -> None:
@@ -177,6 +208,8 @@ class DetectorModule(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         images, labels, _ = batch
+        if len(images) == 0:  # every sample of this batch was unreadable (logged)
+            return
         logits = self(images)
         self.val_loss.update(self.criterion(logits, labels.float()), weight=len(labels))
         self.val_metrics.update(torch.sigmoid(logits.double()), labels)
@@ -209,105 +242,205 @@ class DetectorModule(LightningModule):
             apply_state(self.detector, checkpoint_state(checkpoint), "checkpoint")
 
     # -- test ------------------------------------------------------------------------------
+    # Per batch only the logits (kept on the device) and the batch's metadata lists are kept:
+    # no metric update, no device-to-host copy, no synchronisation. At the end of the epoch
+    # the scores of all ranks meet on rank 0 through the process group, which computes the
+    # metrics per perturbation and writes scores.parquet and metrics.json once.
     def on_test_epoch_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        self.groups = sorted(datamodule.groups) if datamodule is not None else []
-        self.test_metrics = GroupedDetectionMetrics(
-            self.groups, self.hparams.threshold, self.calibrated_threshold
-        )
-        self.test_metrics.to(self.device)
-        self.scores = []
+        self._reset_scores()
 
     @property
     def calibrated_threshold(self) -> float | None:
         """The threshold fitted on validation that these weights carry, or None."""
         return None if self.calibration is None else self.calibration["threshold"]
 
-    def _score(self, batch: Any) -> tuple[Tensor, Tensor, list[str]]:
-        """Logits of a batch, each kept as a scores row with its group and metadata."""
-        images, labels, meta = batch
-        logits = self(images).float()
-        names = [
-            group_name(int(lab), src, gen, prec)
-            for lab, src, gen, prec in zip(
-                labels, meta["source"], meta["generator"], meta["precision"], strict=True
-            )
-        ]
-        for i, value in enumerate(logits.cpu().tolist()):
-            row = {c: meta[c][i] or None for c in SCORE_COLUMNS if c in meta}
-            row.update(label=int(labels[i]), group=names[i], logit=value)
-            self.scores.append(row)
-        return logits, labels, names
-
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        logits, labels, names = self._score(batch)
-        index = {name: i for i, name in enumerate(self.groups)}
-        ids = torch.tensor([index.get(n, -1) for n in names], device=logits.device)
-        self.test_metrics.update(logits, labels, ids)
+        self._score(batch)
 
     def on_test_epoch_end(self) -> None:
-        self.test_metrics.ensure_state()
-        results = self.test_metrics.compute()
-        self.test_metrics.reset()
+        scores, skipped = self._gather_scores()
+        if scores is None:
+            return
+        datamodule = self.trainer.datamodule
+        groups = sorted(getattr(datamodule, "groups", {}) or set(scores["group"]))
+        names = list(getattr(datamodule, "perturbation_names", [UNPERTURBED]))
+        by_perturbation = {}
+        for name in names:
+            rows = scores[scores[PERTURBATION] == name]
+            by_perturbation[name] = frame_metrics(
+                rows, groups, self.hparams.threshold, self.calibrated_threshold
+            )
+        results = by_perturbation[UNPERTURBED]
         for name, value in results["overall"].items():
             if value is not None:
                 self.log(f"test_{name}", value, rank_zero_only=True)
+        for perturbation, result in by_perturbation.items():
+            for name, value in result["overall"].items():
+                if perturbation != UNPERTURBED and value is not None:
+                    self.log(f"test_{name}/{perturbation}", value, rank_zero_only=True)
         self.results = results
-        self._write_outputs(results)
-
-    # -- predict: scores only, for shards whose labels are unknown or not needed -----------
-    def on_predict_epoch_start(self) -> None:
-        self.scores = []
-
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._score(batch)[0]
-
-    def on_predict_epoch_end(self) -> None:
-        self._gather_scores()
-
-    def _gather_scores(self) -> Any:
-        """All ranks' rows in run_dir/scores.parquet (written by rank 0, None elsewhere)."""
-        import pandas as pd
-
-        run_dir = Path(self.trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        rank = self.trainer.global_rank
-        part = run_dir / f".scores.rank{rank}.parquet"
-        frame = pd.DataFrame(self.scores, columns=[*SCORE_COLUMNS])
-        frame["detector"] = self.hparams.detector
-        frame.to_parquet(part, index=False)
-        self.trainer.strategy.barrier()
-        if rank != 0:
-            return None
-        parts = sorted(run_dir.glob(".scores.rank*.parquet"))
-        scores = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-        scores = scores.sort_values(["group", "key"], kind="stable", ignore_index=True)
-        scores.to_parquet(run_dir / "scores.parquet", index=False)
-        for p in parts:
-            p.unlink()
-        return scores
-
-    def _write_outputs(self, results: dict[str, Any]) -> None:
-        """scores.parquet (all ranks' rows) and metrics.json in the run folder, by rank 0."""
-
-        scores = self._gather_scores()
-        if scores is None:
-            return
         run_dir = Path(self.trainer.default_root_dir)
         metrics = {
             "detector": self.hparams.detector,
             "weights": self.detector.weights_source,
-            "data": [str(f) for f in getattr(self.trainer.datamodule, "folders", [])],
+            "data": [str(f) for f in getattr(datamodule, "folders", [])],
             "threshold": self.hparams.threshold,
             "calibrated_threshold": self.calibrated_threshold,
             "calibration": self.calibration,
             "n": results["n"],
+            "expected": getattr(datamodule, "expected", None),
+            "n_skipped": len(skipped),
+            "skipped": skipped,
             "overall": results["overall"],
             "groups": results["groups"],
-            "recipes": recipes(scores),
+            "recipes": recipes(scores[scores[PERTURBATION] == UNPERTURBED]),
+            "perturbations": names,
+            "by_perturbation": by_perturbation,
         }
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json) + "\n")
         log_table(self, metrics)
+
+    # -- predict: scores only, for shards whose labels are unknown or not needed -----------
+    def on_predict_epoch_start(self) -> None:
+        self._reset_scores()
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._score(batch)
+
+    def on_predict_epoch_end(self) -> None:
+        self._gather_scores()
+
+    # -- score bookkeeping shared by test and predict ---------------------------------------
+    def _reset_scores(self) -> None:
+        self._logits: list[Tensor] = []
+        self._rows: dict[str, list[Any]] = {field: [] for field in ROW_FIELDS}
+        self._skipped: list[dict[str, str]] = []
+
+    def _score(self, batch: Any) -> Tensor:
+        """Logits of a batch; the rows' metadata and the batch's skipped samples are kept."""
+        images, labels, meta = batch
+        self._skipped.extend(meta.get("skipped", []))
+        if len(images) == 0:  # every sample of this batch was skipped
+            return images.new_zeros(0)
+        logits = self(images).float().flatten()
+        self._logits.append(logits)
+        for field in ROW_FIELDS:
+            values = meta.get(field)
+            if values is None:  # a loader other than ShardDataModule's: plain defaults
+                n = len(logits)
+                default = {"label": None, PERTURBATION: [UNPERTURBED] * n}.get(field, [""] * n)
+                values = labels.tolist() if default is None else default
+            self._rows[field].extend(values)
+        return logits
+
+    def _gather_scores(self) -> tuple[Any, list[dict[str, str]]]:
+        """All ranks' rows in run_dir/scores.parquet, written by rank 0.
+
+        Returns ``(scores, skipped)`` on rank 0 and ``(None, [])`` elsewhere. The rows
+        travel through the process group (``gather_object``), so nothing depends on a
+        file system shared between nodes. Says on stderr when the scored count differs
+        from the manifests' total.
+        """
+        import pandas as pd
+
+        logits = torch.cat(self._logits).cpu().tolist() if self._logits else []
+        local = {"rows": {**self._rows, "logit": logits}, "skipped": self._skipped}
+        parts = _gather_to_rank_zero(local, self.trainer.world_size)
+        if parts is None:
+            return None, []
+        columns = {
+            c: [v for part in parts for v in part["rows"][c]] for c in (*ROW_FIELDS, "logit")
+        }
+        skipped = sorted(
+            (s for part in parts for s in part["skipped"]), key=lambda s: (s["shard"], s["key"])
+        )
+        scores = pd.DataFrame(columns)
+        scores["group"] = [
+            group_name(label, source, generator, precision)
+            for label, source, generator, precision in zip(
+                columns["label"], columns["source"], columns["generator"], columns["precision"],
+                strict=True,
+            )
+        ]  # fmt: skip
+        for field in META_FIELDS:  # empty metadata strings are missing values
+            scores[field] = scores[field].where(scores[field] != "", None)
+        names = list(getattr(self.trainer.datamodule, "perturbation_names", [UNPERTURBED]))
+        order = scores[PERTURBATION].map({name: i for i, name in enumerate(names)})
+        scores = (
+            scores.assign(_order=order)
+            .sort_values(["_order", "group", "key"], kind="stable", ignore_index=True)
+            .drop(columns="_order")
+        )
+        scores = scores[[*SCORE_COLUMNS, PERTURBATION]].assign(detector=self.hparams.detector)
+        run_dir = Path(self.trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        scores.to_parquet(run_dir / "scores.parquet", index=False)
+        report_count(
+            int((scores[PERTURBATION] == UNPERTURBED).sum()),
+            getattr(self.trainer.datamodule, "expected", None),
+            skipped,
+        )
+        return scores, skipped
+
+
+def _gather_to_rank_zero(obj: Any, world_size: int) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (in rank order), ``None`` on the other ranks."""
+    import torch.distributed as dist
+
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    rank = dist.get_rank()
+    parts: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
+
+
+def report_count(scored: int, expected: int | None, skipped: list[dict[str, str]]) -> None:
+    """Name every skipped sample in the log, and say on stderr when the count falls short."""
+    for sample in skipped[:20]:
+        log.warning("skipped %s in %s: %s", sample["key"], sample["shard"], sample["error"])
+    if len(skipped) > 20:
+        log.warning("... and %d more skipped samples (listed in metrics.json)", len(skipped) - 20)
+    if expected is None or scored == expected:
+        return
+    message = f"scored {scored} of the {expected} samples in the manifests"
+    if skipped:
+        message += f"; {len(skipped)} could not be read (named under 'skipped' in metrics.json)"
+    missing = expected - scored - len(skipped)
+    if missing:
+        message += f"; {missing} unaccounted for: this is a bug in qdd, please report it"
+    print(f"qdd: warning: {message}", file=sys.stderr, flush=True)
+
+
+def frame_metrics(
+    scores: Any, groups: list[str], threshold: float, calibrated: float | None = None
+) -> dict[str, Any]:
+    """`grouped_metrics` of a scores frame (one perturbation)."""
+    index = {name: i for i, name in enumerate(groups)}
+    return grouped_metrics(
+        torch.tensor(scores["logit"].to_numpy(), dtype=torch.float32),
+        torch.tensor(scores["label"].to_numpy(), dtype=torch.long),
+        torch.tensor([index.get(g, -1) for g in scores["group"]], dtype=torch.long),
+        groups,
+        threshold,
+        calibrated,
+    )
+
+
+def split_normalization(transform: Any) -> tuple[Any, tuple[Tensor, Tensor] | None]:
+    """``Compose([..., ToTensor(), Normalize(m, s)])`` → ``(Compose([..., PILToTensor()]),
+    (mean, std))`` as broadcastable tensors; any other transform is returned unchanged."""
+    from torchvision import transforms
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) < 2:
+        return transform, None
+    to_tensor, normalize = steps[-2:]
+    if type(to_tensor) is not transforms.ToTensor or type(normalize) is not transforms.Normalize:
+        return transform, None
+    mean = torch.as_tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.as_tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return transforms.Compose([*steps[:-2], transforms.PILToTensor()]), (mean, std)
 
 
 def recipes(scores: Any) -> dict[str, dict[str, Any]]:
@@ -332,14 +465,26 @@ def _json(value: Any) -> Any:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """The console table: one row per group, then the overall row."""
-    header = ["group", "n_fake", *METRICS]
+    """The console table: one row per group, then the overall row; then, when the run has
+    perturbations, one overall row per perturbation."""
     rows = [
         [group, str(values["n_fake"]), *(_fmt(values[m]) for m in METRICS)]
         for group, values in metrics["groups"].items()
     ]
     n_fake = sum(values["n_fake"] for values in metrics["groups"].values())
     rows.append(["overall", str(n_fake), *(_fmt(metrics["overall"][m]) for m in METRICS)])
+    table = _grid(["group", "n_fake", *METRICS], rows)
+    perturbed = metrics.get("by_perturbation", {})
+    if len(perturbed) > 1:
+        rows = [
+            [name, str(result["n"]), *(_fmt(result["overall"][m]) for m in METRICS)]
+            for name, result in perturbed.items()
+        ]
+        table += "\n\n" + _grid(["perturbation", "n", *METRICS], rows)
+    return table
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from qdd.datamodules.mix import MixDataModule, Source, WeightedShardDataset
+from qdd.datamodules.mix import DrawDataset, MixDataModule, Source, WeightedDrawSampler
 from qdd.errors import QddError
 
 
@@ -134,18 +134,19 @@ def test_held_out_generator_is_never_trained_or_validated_on(mix_shards: Path) -
 
 
 def test_ddp_ranks_cut_the_same_global_batches_as_one_process() -> None:
-    """Two ranks with batch 4 see exactly the batches of one process with batch 8."""
-    entries = list(range(40))  # stand-ins: the sampler only indexes them
+    """Two ranks with batch 4 see exactly the batches of one process with batch 8, and
+    each draw keeps its augmentation seed."""
+    dataset = DrawDataset(list(range(40)))  # stand-ins: the sampler only indexes them
     p = torch.linspace(1, 2, 40)
     p /= p.sum()
-    one = WeightedShardDataset(entries, p, 37, 8, seed=3).rank_entries()
-    ranks = [WeightedShardDataset(entries, p, 37, 4, rank=r, world_size=2, seed=3) for r in (0, 1)]
-    cut = [r.rank_entries() for r in ranks]
-    assert len(one) == 40 and len(cut[0]) == len(cut[1]) == 20
+    one = list(WeightedDrawSampler(dataset, p, 37, 8, seed=3))
+    ranks = [WeightedDrawSampler(dataset, p, 37, 4, rank=r, world_size=2, seed=3) for r in (0, 1)]
+    cut = [list(r) for r in ranks]
+    assert len(one) == 40 and len(cut[0]) == len(cut[1]) == len(ranks[0]) == 20
     for b in range(5):
         assert one[8 * b : 8 * b + 8] == cut[0][4 * b : 4 * b + 4] + cut[1][4 * b : 4 * b + 4]
     ranks[0].set_epoch(1)
-    assert ranks[0].rank_entries() != cut[0]  # reshuffled each epoch
+    assert list(ranks[0]) != cut[0]  # reshuffled each epoch
 
 
 def test_user_errors_are_one_line(mix_shards: Path) -> None:

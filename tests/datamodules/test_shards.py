@@ -6,13 +6,16 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qdd.cli import main
-from qdd.datamodules.dataset import ShardDataset
+from qdd.datamodules.dataset import Sample, ShardDataset, Skipped
 from qdd.datamodules.folder import find_images, unique_key
 from qdd.datamodules.reader import index_folders, read_manifest, resolve_folders
 from qdd.datamodules.schema import make_meta
@@ -24,9 +27,26 @@ from tests.conftest import random_image, write_fake_shards
 def read_all(folder: Path) -> dict[str, tuple[np.ndarray, int, dict]]:
     entries, _ = index_folders(resolve_folders(folder))
     return {
-        meta["key"]: (image.permute(1, 2, 0).numpy(), label, meta)
-        for image, label, meta in ShardDataset(entries)
+        item.meta["key"]: (item.images[0].permute(1, 2, 0).numpy(), item.label, item.meta)
+        for item in ShardDataset(entries)
+        if isinstance(item, Sample)
     }
+
+
+def datamodule_on(paths: Path, world_size: int = 1, rank: int = 0, **options) -> Any:
+    """A `ShardDataModule` as the trainer of one DDP rank would see it (no model)."""
+    from qdd.datamodules.shard import ShardDataModule
+
+    datamodule = ShardDataModule(str(paths), **options)
+    datamodule.trainer = SimpleNamespace(
+        world_size=world_size,
+        global_rank=rank,
+        num_devices=world_size,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        lightning_module=None,
+    )
+    datamodule.setup("test")
+    return datamodule
 
 
 def test_shard_cli_round_trip(photo_dir: Path, tmp_path: Path, capsys) -> None:
@@ -122,42 +142,61 @@ def test_skimage_photographs_round_trip(tmp_path: Path) -> None:
     paths = {unique_key(p.relative_to(src), taken): p for p in find_images(src)}
     seen = 0
     for image, _label, meta in datamodule.test_dataloader():
-        expected = np.asarray(Image.open(paths[meta["key"][0]]).convert("RGB"))
-        np.testing.assert_array_equal(image[0].permute(1, 2, 0).numpy(), expected)
-        seen += 1
+        for i, key in enumerate(meta["key"]):
+            expected = np.asarray(Image.open(paths[key]).convert("RGB"))
+            np.testing.assert_array_equal(image[i].permute(1, 2, 0).numpy(), expected)
+            seen += 1
     # PIL cannot read skimage's multipage_rgb.tif: it is reported and skipped, the rest land.
     assert seen == len(paths) - 1 > 20
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_each_sample_exactly_once(tmp_path: Path, world_size: int, num_workers: int) -> None:
-    from torch.utils.data import DataLoader
-
+@pytest.mark.parametrize(("num_workers", "batch_size"), [(0, 2), (2, 2), (3, 4)])
+def test_each_sample_exactly_once(tmp_path: Path, world_size, num_workers, batch_size) -> None:
+    """The DataModule's test loaders of all ranks together yield every key once."""
     keys = write_fake_shards(tmp_path / "s", [5, 1, 7], size=(8, 8))
-    entries, groups = index_folders([tmp_path / "s"])
-    assert groups == {"sd3/fp4": 13}
     seen: list[str] = []
     for rank in range(world_size):
-        dataset = ShardDataset(entries, rank=rank, world_size=world_size)
-        loader = DataLoader(dataset, batch_size=2, num_workers=num_workers)
-        rank_keys = [k for _, _, meta in loader for k in meta["key"]]
-        assert len(rank_keys) == len(dataset) > 0
+        datamodule = datamodule_on(
+            tmp_path / "s", world_size, rank, num_workers=num_workers, batch_size=batch_size
+        )
+        assert datamodule.groups == {"sd3/fp4": 13} and datamodule.expected == 13
+        loader = datamodule.test_dataloader()
+        batches = list(loader)
+        assert len(batches) == len(loader)  # Lightning stops at len(): it must be exact
+        rank_keys = [k for _, _, meta in batches for k in meta["key"]]
+        assert rank_keys
         seen += rank_keys
     assert sorted(seen) == sorted(keys)
 
 
-def test_training_split_is_even_across_ranks(tmp_path: Path) -> None:
-    write_fake_shards(tmp_path / "s", [5, 2], size=(8, 8))
-    entries, _ = index_folders([tmp_path / "s"])
-    lengths = {
-        len(ShardDataset(entries, rank=r, world_size=3, even=True, shuffle=True)) for r in range(3)
-    }
-    assert lengths == {3}
-    first = [m["key"] for _, _, m in ShardDataset(entries, shuffle=True, even=True)]
-    again = ShardDataset(entries, shuffle=True, even=True)
-    again.set_epoch(1)
-    assert sorted(first) == sorted(m["key"] for _, _, m in again) and len(set(first)) == 7
+def test_more_processes_than_samples_is_an_error(tmp_path: Path) -> None:
+    write_fake_shards(tmp_path / "s", [2], size=(8, 8))
+    with pytest.raises(QddError, match="2 samples for 3 processes"):
+        datamodule_on(tmp_path / "s", world_size=3).test_dataloader()
+
+
+def test_training_loader_reshuffles_each_epoch(tmp_path: Path) -> None:
+    write_fake_shards(tmp_path / "s", [5, 9], size=(8, 8))
+    datamodule = datamodule_on(tmp_path / "s", batch_size=3, num_workers=2, val_fraction=0.2)
+    loader = datamodule.train_dataloader()
+    epochs = [[k for _, _, meta in loader for k in meta["key"]] for _ in range(2)]
+    train_keys = {e.key for e in datamodule._split(validation=False)}
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(train_keys)  # each once per epoch
+    assert epochs[0] != epochs[1]
+    again = datamodule_on(tmp_path / "s", batch_size=3, num_workers=2, val_fraction=0.2)
+    assert [k for _, _, meta in again.train_dataloader() for k in meta["key"]] == epochs[0]
+
+
+def test_default_workers_follow_the_cores(monkeypatch) -> None:
+    from qdd.datamodules import shard
+
+    monkeypatch.setattr(shard, "usable_cores", lambda: 16)
+    assert shard.default_num_workers("gpu") == 15
+    assert shard.default_num_workers("gpu", processes_per_node=4) == 3
+    assert shard.default_num_workers("cpu") == 1
+    monkeypatch.setattr(shard, "usable_cores", lambda: 1)
+    assert shard.default_num_workers("gpu") == shard.default_num_workers("cpu") == 0
 
 
 def test_empty_and_unmanifested_folders(tmp_path: Path) -> None:
@@ -190,7 +229,7 @@ def _tar_with(folder: Path, members: dict[str, bytes]) -> None:
     write_manifest(folder)
 
 
-def test_corrupt_png_and_missing_json_are_logged_skips(tmp_path: Path, caplog) -> None:
+def test_corrupt_png_and_missing_json_are_named_skips(tmp_path: Path) -> None:
     good = io.BytesIO()
     random_image(0, (8, 8)).save(good, format="PNG")
     meta = json.dumps(make_meta(0, "x")).encode()
@@ -207,8 +246,10 @@ def test_corrupt_png_and_missing_json_are_logged_skips(tmp_path: Path, caplog) -
     assert read_manifest(tmp_path / "s")["total"] == 3
     samples = read_all(tmp_path / "s")
     assert list(samples) == ["good"]
-    assert "skipped lonely" in caplog.text and "no .json member" in caplog.text
-    assert "skipped bad" in caplog.text
+    entries, _ = index_folders([tmp_path / "s"])
+    skipped = {item.key: item.error for item in ShardDataset(entries) if isinstance(item, Skipped)}
+    assert skipped.keys() == {"bad", "lonely"}
+    assert skipped["lonely"] == "no .json member" and "cannot decode" in skipped["bad"]
 
 
 def test_resume_drops_partial_shard(tmp_path: Path) -> None:
