@@ -221,13 +221,28 @@ def test_ckpt_path_keeps_the_users_model_flags(
 def test_official_weights_carry_no_calibrated_threshold(
     runs: Path, mix_shards: Path, tmp_path: Path
 ) -> None:
-    """A weight file that is not a fit checkpoint: calibrated_threshold null, acc_calibrated too."""
+    """A weight file that is not a fit checkpoint: calibrated_threshold null, acc_calibrated
+    too; and ``--perturb`` works on an experiment's test split."""
     ckpt = last_checkpoint(runs / "tuned")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     official = tmp_path / "NPR.pth"
     torch.save({k.removeprefix("detector."): v for k, v in state.items()}, official)
     args = experiment(mix_shards, FINE_TUNE, ["sd15-fp4", "real-*"])
-    main(["test", *args, "--weights", str(official), "--out", str(tmp_path / "t")])
+    main(
+        [
+            "test",
+            *args,
+            "--weights",
+            str(official),
+            "--perturb",
+            "jpeg:75",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert metrics["calibrated_threshold"] is None
     assert all(g["acc_calibrated"] is None for g in metrics["groups"].values())
+    # test-time perturbations apply to the experiment's test split as to --data folders
+    assert metrics["perturbations"] == ["none", "jpeg:75"]
+    assert metrics["by_perturbation"]["jpeg:75"]["n"] == metrics["n"]

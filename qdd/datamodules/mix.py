@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from qdd.datamodules.dataset import UNPERTURBED, Collate, Sample, ShardDataset, Skipped, Transform
 from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
 from qdd.datamodules.schema import REAL, group_of
-from qdd.datamodules.shard import evaluation_loader, loader_options
+from qdd.datamodules.shard import _perturbations, evaluation_loader, loader_options
 from qdd.errors import QddError
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,8 @@ class MixDataModule(LightningDataModule):
         num_workers: DataLoader worker processes; ``None`` picks them from the cores
             (as `ShardDataModule` does).
         seed: seed of the sampler (combined with the epoch).
+        perturb: test-time perturbations of the test split (``--perturb jpeg:75``; see
+            `ShardDataModule`).
         train_transform: overrides the detector's training preprocessing.
         eval_transform: overrides the detector's test preprocessing.
     """
@@ -260,10 +262,13 @@ class MixDataModule(LightningDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         seed: int = 0,
+        perturb: list[str] | None = None,
         train_transform: Transform | None = None,
         eval_transform: Transform | None = None,
     ) -> None:
         super().__init__()
+        self.perturb = list(perturb or [])
+        self.perturbations = _perturbations(self.perturb)
         self.sources = [s if isinstance(s, Source) else Source(**s) for s in train or []]
         self.val_paths = list(val) if val else [s.path for s in self.sources]
         self.test_paths = list(test or [])
@@ -315,7 +320,7 @@ class MixDataModule(LightningDataModule):
 
     @property
     def perturbation_names(self) -> list[str]:
-        return [UNPERTURBED]  # test-time perturbations: `ShardDataModule` (--perturb)
+        return [p.name for p in self.perturbations] or [UNPERTURBED]
 
     def _take(self, paths: list[str], split: str, holdout: bool) -> list[Indexed]:
         if not paths:
@@ -328,6 +333,11 @@ class MixDataModule(LightningDataModule):
         ]
 
     def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate") and self.perturbations:
+            raise QddError(
+                "--perturb applies to test and predict only: drop it here (training "
+                "augmentation is the detector's own)"
+            )
         if stage == "fit":
             self._setup_train()
             self.split["val"] = self._take(self.val_paths, "val", holdout=True)
@@ -466,7 +476,9 @@ class MixDataModule(LightningDataModule):
         )
 
     def _eval_loader(self, split: str, persistent: bool = False) -> DataLoader:
-        dataset = ShardDataset([s.entry for s in self.split[split]], self._transform("eval"))
+        perturbations = self.perturbations if split == "test" else []
+        entries = [s.entry for s in self.split[split]]
+        dataset = ShardDataset(entries, self._transform("eval"), perturbations)
         return evaluation_loader(
             dataset, self.batch_size, self.trainer, self.num_workers, persistent=persistent
         )
