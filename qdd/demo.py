@@ -46,8 +46,10 @@ STEPS = 2
 #: (epochs, learning rate) of the brief fit: tiny models from scratch need a higher rate
 #: than the published recipes, which start from pretrained trunks or strong features.
 FIT = {"npr": (10, 1e-3), "clipd": (30, 1e-2), "univfd": (30, 1e-2), "corvi": (4, 1e-3)}
-#: The fine-tune of the recommendation: (epochs, learning rate).
-FINE_TUNE = (3, 1e-3)
+#: The fine-tune of the recommendation: (epochs, learning rate), and how many training
+#: prompts also get an FP4 image (their FP32 twins are in the training set already).
+FINE_TUNE = (2, 1e-3)
+FP4_TRAIN_PROMPTS = 12
 
 
 def step(message: str) -> None:
@@ -160,6 +162,12 @@ def main(argv: list[str]) -> None:
                     "0" if split == "train" else "1000",
                     "--out",
                     str(shards / split / f"{generator}-{precision}"),
+                    # FP4 training twins of the first prompts only: the fine-tune needs few
+                    *(
+                        ["--limit", str(FP4_TRAIN_PROMPTS)]
+                        if precision == "fp4" and split == "train"
+                        else []
+                    ),
                 ]
             )
 
