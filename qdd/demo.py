@@ -222,7 +222,10 @@ def main(argv: list[str]) -> None:
 
     step("5/5 report")
     from qdd.report.command import build_report
+    from qdd.report.runs import mark_demo_run
 
+    for run in test_runs:  # report.md then carries the "tiny random models" caveat
+        mark_demo_run(Path(run))
     index = build_report([Path(r) for r in test_runs], out / "report")
     minutes = (time.perf_counter() - started) / 60
     step(f"done in {minutes:.1f} min — tiny random-init models: the pipeline, not the paper")

@@ -47,6 +47,8 @@ META_FIELDS = (
     "quant_backend",
     "quant_scope",
     "model_id",
+    "quant_fraction",
+    "source_format",
 )
 #: The unperturbed pass, as named in scores.parquet and metrics.json.
 UNPERTURBED = "none"
@@ -114,7 +116,7 @@ class ShardDataset(Dataset):
         except ValueError as error:  # logged by the module that counts it
             return Skipped(entry.key, entry.shard, str(error))
         info = {"key": entry.key}
-        info.update({f: str(meta.get(f) or "") for f in META_FIELDS if f != "key"})
+        info.update({f: "" if meta.get(f) is None else str(meta[f]) for f in META_FIELDS[1:]})
         if not self.perturbations:
             images = [self.transform(image)]
         else:

@@ -14,7 +14,7 @@ import torch
 
 from qdd.quant.cuda_rcp import table_source
 
-LIBRARIES = ("torch", "diffusers", "bitsandbytes", "torchao")
+LIBRARIES = ("diffusers", "bitsandbytes", "torchao")
 
 #: What each emulated precision reproduces (see qdd.quant.formats).
 EMULATION = {
@@ -54,6 +54,7 @@ def provenance(device: torch.device | str, precision: str, backend: str) -> dict
     return {
         "device": torch.device(device).type,
         "device_name": device_name(device),
+        "torch_version": torch.__version__,  # with its build tag (+cu130, +cpu)
         **{f"{name}_version": library_version(name) for name in LIBRARIES},
         "emulation": emulation_semantics(precision, backend),
     }

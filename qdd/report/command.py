@@ -1,31 +1,41 @@
 """``qdd-cli report RUN... --out DIR``: the study's figures and tables from finished runs.
 
-Nothing is re-run: every figure is drawn from the runs' scores.parquet and metrics.json.
-What the runs do not cover (a generator × precision a detector lacks, a detector without
-FP32/quantized twins) is drawn around, printed as one line per gap, and listed in report.md.
+Nothing is re-run: every number is recomputed from the runs' scores.parquet (merged runs
+pool their scores). What the runs do not cover (a generator × precision a detector lacks,
+a detector without FP32/quantized twins) is drawn around, printed as one line per gap,
+and listed in report.md. ``--compare`` ranks runs instead (`qdd.report.compare`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
-HEATMAP_METRICS = ("fake_acc", "auroc")
+HEATMAP_METRICS = ("fake_acc", "balanced_acc", "auroc")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a perturbation spec (``jpeg:75`` → ``jpeg-75``)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
 def build_report(runs: list[Path], out: Path) -> Path:
     """Draw everything into ``out``; returns the path of the index, report.md.
 
-    Raises `QddError` for a run folder that is missing, empty or not a finished test run.
+    Raises `QddError` for a run folder that is missing, empty or not a finished test run,
+    and for runs of one detector and weights that disagree on the threshold.
     """
     import pandas as pd
 
-    from qdd.report.heatmap import plot_heatmap
+    from qdd.report.confounds import format_warnings
+    from qdd.report.heatmap import has_low_fraction, plot_heatmap
     from qdd.report.index import write_index
     from qdd.report.kde import plot_kde
     from qdd.report.paired import plot_paired, shift_table
-    from qdd.report.runs import group_table, load_runs, missing_groups
+    from qdd.report.robustness import plot_robustness, precision_table, spec_rank
+    from qdd.report.runs import NONE, group_table, load_runs, missing_groups
     from qdd.report.style import save
     from qdd.report.tables import metric_pivot, sorted_groups, write_table
 
@@ -36,49 +46,98 @@ def build_report(runs: list[Path], out: Path) -> Path:
     notes: list[str] = []
     shifts = []
     for name, entry in sorted(results.items()):
-        save(plot_kde(entry.scores, name, entry.threshold), out, f"kde_{name}")
+        main = entry.main
+        if main.empty:
+            notes.append(f"{name} has no unperturbed (`{NONE}`) scores: no KDE or paired view")
+            continue
+        save(plot_kde(main, name, entry.threshold), out, f"kde_{name}")
         figures[f"kde_{name}"] = f"{name}: logit distributions per precision"
-        paired = plot_paired(entry.scores, name, entry.threshold)
+        paired = plot_paired(main, name, entry.threshold)
         if paired is None:
-            notes.append(f"no paired view for {name}: no key has both an FP32 and a quantized "
-                         "image (test it on FP32 and FP4 shards of the same prompts)")  # fmt: skip
+            notes.append(
+                f"no paired view for {name}: no key has both an FP32 and a lower-"
+                "precision image (test it on FP32 and FP4 shards of the same prompts)"
+            )
         else:
             save(paired, out, f"paired_{name}")
-            figures[f"paired_{name}"] = f"{name}: quantized vs FP32 twin, image by image"
-            shifts.append(shift_table(entry.scores, name, entry.threshold))
+            figures[f"paired_{name}"] = f"{name}: each lower precision vs its FP32 twin"
+            shifts.append(shift_table(main, name, entry.threshold))
     table = group_table(results)
     tables: dict[str, tuple[Path, Path]] = {}
     if table.empty:
-        notes.append("no fake groups in these runs' metrics.json: no heatmaps or metric tables")
+        notes.append("no fake images in these runs: no heatmaps or metric tables")
     else:
+        perturbations = sorted(table["perturbation"].unique(), key=spec_rank)
         for metric in HEATMAP_METRICS:
-            if metric not in table.columns or table[metric].isna().all():
+            if table.loc[table["perturbation"] == NONE, metric].isna().all():
                 notes.append(f"no {metric} values in these runs: heatmap_{metric} not drawn")
                 continue
             save(plot_heatmap(table, metric), out, f"heatmap_{metric}")
             figures[f"heatmap_{metric}"] = f"{metric} per generator × precision, per detector"
-            tables[metric] = write_table(metric_pivot(table, metric), out / "tables", metric)
+            tables[metric] = write_table(metric_pivot(table, metric, text=True),
+                                         out / "tables", metric)  # fmt: skip
+        if len(perturbations) > 1:
+            for metric in HEATMAP_METRICS:
+                save(plot_heatmap(table, metric, perturbations), out, f"perturbed_{metric}")
+                figures[f"perturbed_{metric}"] = f"{metric} per perturbation (rows) and detector"
+            robust = precision_table(results)
+            for name in sorted(results):
+                figure = plot_robustness(robust, name)
+                if figure is not None:
+                    save(figure, out, f"robustness_{name}")
+                    figures[f"robustness_{name}"] = f"{name}: metric vs perturbation strength"
+            columns = ["detector", "perturbation", "precision", "n_fake", "n_real", "fake_acc",
+                       "fake_acc_lo", "fake_acc_hi", "real_acc", "auroc", "auroc_lo",
+                       "auroc_hi"]  # fmt: skip
+            robust = robust.assign(_r=robust["perturbation"].map(spec_rank))
+            robust = robust.sort_values(["detector", "_r", "precision"], kind="stable")
+            tables["robustness"] = write_table(robust[columns], out / "tables", "robustness")
     if shifts:
         frame = pd.concat(shifts, ignore_index=True)
         tables["paired_shift"] = write_table(frame, out / "tables", "paired_shift")
     if not table.empty:
         tables["groups"] = write_table(sorted_groups(table), out / "tables", "groups")
-    missing = missing_groups(results)
+    missing = missing_groups(table)
+    warnings = format_warnings(results)
     for line in missing:
         print(f"missing: {line}", file=sys.stderr)
     for note in notes:
         print(note, file=sys.stderr)
-    return write_index(out, results, figures, tables, missing, notes)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    marked = has_low_fraction(table)
+    return write_index(out, results, figures, tables, missing, notes, warnings, marked)
 
 
 def main(argv: list[str]) -> None:
-    """Parse ``RUN... --out DIR`` and build the report; prints report.md's path last."""
+    """Parse the arguments and build the report (or the comparison); prints its path last."""
     parser = argparse.ArgumentParser(
         prog="qdd-cli report",
-        description="Figures (KDE per detector, heatmaps, paired FP4-vs-FP32 view) and tables "
-        "from qdd-cli test run folders, without re-running anything.",
+        description="Figures (KDE per detector, heatmaps, paired views against FP32, "
+        "robustness curves) and tables from qdd-cli test run folders, without re-running "
+        "anything; or, with --compare, one table ranking runs by a metric.",
     )
     parser.add_argument("runs", nargs="+", type=Path, help="run folders of qdd-cli test")
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder")
+    parser.add_argument("--compare", action="store_true",
+                        help="rank the runs (one row each, best first) instead of merging them; "
+                        "the first run is the reference of the difference heatmap")  # fmt: skip
+    parser.add_argument("--metric", help="metric to rank by with --compare (default auroc)")
+    parser.add_argument(
+        "--group",
+        help="test group to rank on with --compare: overall (default), a "
+        "generator/precision such as sd3/fp4, a generator or a precision",
+    )
     args = parser.parse_args(argv)
+    if args.compare:
+        from qdd.report.compare import build_comparison
+
+        metric, group = args.metric or "auroc", args.group or "overall"
+        print(build_comparison(args.runs, args.out, metric, group))
+        return
+    if args.metric or args.group:
+        from qdd.errors import QddError
+
+        raise QddError("--metric and --group choose what --compare ranks by: add --compare, "
+                       "or drop them for the full report")  # fmt: skip
     print(build_report(args.runs, args.out))

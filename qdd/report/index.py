@@ -7,18 +7,27 @@ from pathlib import Path
 
 import pandas as pd
 
+from qdd.report.heatmap import LOW_FRACTION
 from qdd.report.palette import order_generators, order_precisions
-from qdd.report.runs import DetectorResults
+from qdd.report.runs import DEMO_ORIGIN, NONE, DetectorResults
+from qdd.report.stats import BOOTSTRAP, SEED
 from qdd.report.tables import markdown
 
 #: Tables shown in full in report.md; the others are only linked (they are long).
-EMBEDDED = ("fake_acc", "auroc", "paired_shift")
+EMBEDDED = ("fake_acc", "balanced_acc", "auroc", "paired_shift")
 CAPTIONS = {
     "fake_acc": "Fake accuracy (logit > threshold) per generator × precision",
+    "balanced_acc": "Balanced accuracy (mean of real and fake accuracy)",
     "auroc": "AUROC of each fake group against the pooled real images",
-    "paired_shift": "Paired shift: quantized minus FP32 logit of the same prompt and seed",
-    "groups": "Every metric of every group",
+    "paired_shift": "Paired shift: each lower precision minus the FP32 logit of the same "
+    "prompt and seed",
+    "robustness": "Metrics per perturbation, per precision (all generators pooled)",
+    "groups": "Every metric of every group, with 95 % intervals",
 }
+#: Shown at the top of a report whose runs were made by `qdd-cli demo`.
+DEMO_CAVEAT = ("**Demo:** these runs come from `qdd-cli demo` — tiny random-init generators "
+               "and detectors trained for seconds. The numbers show that the pipeline works, "
+               "not how real detectors behave on real quantized models.")  # fmt: skip
 
 
 def data_summary(folders: list[str]) -> str:
@@ -34,28 +43,54 @@ def data_summary(folders: list[str]) -> str:
     return f"{len(folders)} folders" + (f" under {parent}" if parent else "")
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def run_counts(results: dict[str, DetectorResults]) -> str:
+    """ "3 test runs of 1 detector" (and how many sets of weights, where more than one)."""
+    runs = [run for entry in results.values() for run in entry.runs]
+    detectors = {run["detector"] for run in runs}
+    text = f"{plural(len(runs), 'test run')} of {plural(len(detectors), 'detector')}"
+    if len(results) > len(detectors):
+        text += f" ({len(results)} detector × weights combinations)"
+    return text
+
+
+def is_demo(results: dict[str, DetectorResults]) -> bool:
+    """Every run was made by `qdd-cli demo` (it writes ``origin`` into metrics.json)."""
+    runs = [run for entry in results.values() for run in entry.runs]
+    return bool(runs) and all(run.get("origin") == DEMO_ORIGIN for run in runs)
+
+
 def runs_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
     """One row per run folder: which weights ran, at which threshold, on which data."""
-    rows = [
-        {"detector": name, "weights": run["weights"], "threshold": run["threshold"],
-         "images": run["n"], "data": data_summary([str(d) for d in run["data"]]),
-         "run folder": run["folder"]}
-        for name, entry in sorted(results.items()) for run in entry.runs
-    ]  # fmt: skip
+    rows = []
+    for name, entry in sorted(results.items()):
+        for run in entry.runs:
+            row = {"detector": name, "weights": run["weights"], "threshold": run["threshold"]}
+            if any(r["calibrated_threshold"] is not None for r in entry.runs):
+                row["calibrated threshold"] = run["calibrated_threshold"]
+            row.update({"images": run["n"], "data": data_summary([str(d) for d in run["data"]]),
+                        "run folder": run["folder"]})  # fmt: skip
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
 def recipe_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
-    """How each fake group was made, once per distinct recipe, with who measured it."""
-    fields = ("quant_backend", "quant_scope", "model_id")
+    """How each fake group was made and how much of it was quantized, with who measured it."""
+    columns = ["generator", "precision", "quant backend", "quant scope", "quantized fraction",
+               "model", "detectors"]  # fmt: skip
     measured: dict[tuple, list[str]] = {}
     for name, entry in sorted(results.items()):
-        for group, recipe in entry.recipes.items():
-            generator, _, precision = group.rpartition("/")
-            key = (recipe.get("generator") or generator, recipe.get("precision") or precision,
-                   *(recipe.get(f) or "–" for f in fields))  # fmt: skip
+        fakes = entry.main[entry.main["label"] == 1]
+        for (generator, precision), part in fakes.groupby(["generator", "precision"]):
+            fraction = part["quant_fraction"].dropna()
+            key = (generator, precision, _joined(part["quant_backend"]),
+                   _joined(part["quant_scope"]),
+                   f"{fraction.mean():.3f}" if len(fraction) else "–",
+                   _joined(part["model_id"]))  # fmt: skip
             measured.setdefault(key, []).append(name)
-    columns = ["generator", "precision", "quant backend", "quant scope", "model", "detectors"]
     frame = pd.DataFrame([[*k, ", ".join(v)] for k, v in measured.items()], columns=columns)
     if frame.empty:
         return frame
@@ -65,6 +100,11 @@ def recipe_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
     return order.sort_values(["_g", "_p"], kind="stable")[columns].reset_index(drop=True)
 
 
+def _joined(values: pd.Series) -> str:
+    distinct = sorted({str(v) for v in values.dropna() if str(v)})
+    return ", ".join(distinct) if distinct else "–"
+
+
 def write_index(
     out: Path,
     results: dict[str, DetectorResults],
@@ -72,20 +112,40 @@ def write_index(
     tables: dict[str, tuple[Path, Path]],
     missing: list[str],
     notes: list[str],
+    warnings: list[str],
+    marked: bool = False,
 ) -> Path:
-    """Write ``out``/report.md; figures and tables are linked by paths relative to it."""
-    n_runs = sum(len(entry.runs) for entry in results.values())
-    lines = [
-        "# qdd report",
+    """Write ``out``/report.md; figures and tables are linked by paths relative to it.
+
+    ``marked``: some heatmap cell carries the low-quantized-fraction mark.
+    """
+    perturbed = any((e.scores["perturbation"] != NONE).any() for e in results.values())
+    lines = ["# qdd report", ""]
+    if is_demo(results):
+        lines += [DEMO_CAVEAT, ""]
+    lines += [
+        f"Drawn by `qdd-cli report` from {run_counts(results)}; nothing was re-run. Scores "
+        "are logits: above the threshold means *fake*. Every number is computed from the "
+        "runs' pooled scores.parquet: each generator × precision against the real images of "
+        "the same perturbation, with its count n and a 95 % interval (Wilson for "
+        f"accuracies; percentile bootstrap, {BOOTSTRAP} resamples of the real and the fake "
+        f"images apart, seed {SEED}, for balanced accuracy and AUROC)."
+        + (
+            f" The KDE, paired views and main heatmaps use the unperturbed pass (`{NONE}`)."
+            if perturbed
+            else ""
+        )
+        + (
+            f" Heatmap cells marked ▼ had under {LOW_FRACTION:.0%} of their scoped "
+            "parameters quantized (see Recipes)."
+            if marked
+            else ""
+        ),
         "",
-        f"Drawn by `qdd-cli report` from {n_runs} test run(s) of {len(results)} detector(s); "
-        "nothing was re-run. Scores are logits: above the threshold means *fake*. "
-        "Group metrics score each generator × precision against the pooled real images.",
-        "",
-        "## Runs",
-        "",
-        markdown(runs_table(results)),
     ]
+    if warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
+    lines += ["## Runs", "", markdown(runs_table(results))]
     if missing or notes:
         lines += ["## Gaps", ""]
         lines += [f"- missing: {line}" for line in missing] + [f"- {note}" for note in notes]
@@ -102,7 +162,10 @@ def write_index(
         lines += [f"[CSV]({csv.relative_to(out).as_posix()}) · "
                   f"[Markdown]({md.relative_to(out).as_posix()})", ""]  # fmt: skip
     recipes = recipe_table(results)
-    lines += ["## Recipes", "", "How each fake group was made, from its samples' metadata.", ""]
+    lines += ["## Recipes", "",
+              "How each fake group was made, from its samples' metadata; *quantized fraction*: "
+              "the share of the scoped components' parameters stored in the quantized format "
+              "(only Linear layers are quantized).", ""]  # fmt: skip
     lines += [markdown(recipes) if not recipes.empty else "No fake images in these runs.\n"]
     index = out / "report.md"
     index.write_text("\n".join(lines))

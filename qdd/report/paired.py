@@ -1,11 +1,15 @@
-"""The paired view: each quantized image's logit against its full-precision twin.
+"""The paired view: each lower-precision image's logit against its full-precision twin.
 
 Keys are shared across precisions (same prompt, same seed), so the shift a format causes
-is measured image by image, not only as a change of averages. FP4 is paired with FP32;
-without FP4 images the lowest-bit precision present stands in, and the title says so.
+is measured image by image, not only as a change of averages. Every precision below FP32
+(fp16, fp8, fp4, …) gets its own scatter panel against FP32; one bar panel below gives the
+mean shift per precision and generator (bars in the generator's colour) with the flips in
+both directions: fakes the format turned "real" (↓) and the ones it turned "fake" (↑).
 """
 
 from __future__ import annotations
+
+import math
 
 import matplotlib as mpl
 import numpy as np
@@ -13,22 +17,20 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from qdd.report.palette import PRECISION_ORDER, bits, color, generator_style, order_generators
-from qdd.report.style import RC, panel_grid
+from qdd.report.palette import generator_style, order_generators, order_precisions
+from qdd.report.style import RC
 
 REFERENCE = "fp32"
-TARGET = "fp4"
+#: Scatter panels per row.
+MAX_COLS = 3
 
 
-def pair_precision(scores: pd.DataFrame) -> str | None:
-    """fp4 if present, else the fewest-bit precision present; None without fp32 fakes."""
-    present = set(scores.loc[scores["label"] == 1, "precision"].dropna()) - {REFERENCE}
-    if REFERENCE not in set(scores["precision"].dropna()) or not present:
-        return None
-    if TARGET in present:
-        return TARGET
-    rank = {p: i for i, p in enumerate(PRECISION_ORDER)}
-    return min(present, key=lambda p: (bits(p) or 99, rank.get(p, len(rank)), p))
+def lower_precisions(scores: pd.DataFrame) -> list[str]:
+    """Fake precisions other than fp32, in palette order; empty without fp32 fakes."""
+    present = set(scores.loc[scores["label"] == 1, "precision"].dropna())
+    if REFERENCE not in present:
+        return []
+    return order_precisions(present - {REFERENCE, "unknown"})
 
 
 def paired_logits(scores: pd.DataFrame, precision: str) -> pd.DataFrame:
@@ -43,96 +45,133 @@ def paired_logits(scores: pd.DataFrame, precision: str) -> pd.DataFrame:
     return wide.dropna().reset_index()
 
 
+SHIFT_COLUMNS = ["detector", "precision", "generator", "pairs", "mean_shift", "sem_shift",
+                 "median_shift", "flipped_to_real", "flipped_to_fake"]  # fmt: skip
+
+
 def shift_table(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> pd.DataFrame:
-    """Per generator: pairs, mean and s.e.m. of the logit shift, fakes turned "real"."""
-    columns = ["detector", "generator", "precision", "pairs", "mean_shift", "sem_shift",
-               "median_shift", "flipped_to_real", "flipped_to_fake"]  # fmt: skip
-    precision = pair_precision(scores)
-    if precision is None:
-        return pd.DataFrame(columns=columns)
-    pairs = paired_logits(scores, precision)
+    """Per lower precision × generator: pairs, mean/s.e.m./median shift, flips both ways."""
     rows = []
-    for generator in order_generators(pairs["generator"].unique()):
-        part = pairs[pairs["generator"] == generator]
-        delta = part[precision] - part[REFERENCE]
-        was_fake, is_fake = part[REFERENCE] > threshold, part[precision] > threshold
-        rows.append({"detector": detector, "generator": generator, "precision": precision,
-                     "pairs": len(part), "mean_shift": float(delta.mean()),
-                     "sem_shift": float(delta.sem()) if len(part) > 1 else float("nan"),
-                     "median_shift": float(delta.median()),
-                     "flipped_to_real": int((was_fake & ~is_fake).sum()),
-                     "flipped_to_fake": int((~was_fake & is_fake).sum())})  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+    for precision in lower_precisions(scores):
+        pairs = paired_logits(scores, precision)
+        for generator in order_generators(pairs["generator"].unique()):
+            part = pairs[pairs["generator"] == generator]
+            delta = part[precision] - part[REFERENCE]
+            was_fake, is_fake = part[REFERENCE] > threshold, part[precision] > threshold
+            rows.append({"detector": detector, "precision": precision, "generator": generator,
+                         "pairs": len(part), "mean_shift": float(delta.mean()),
+                         "sem_shift": float(delta.sem()) if len(part) > 1 else float("nan"),
+                         "median_shift": float(delta.median()),
+                         "flipped_to_real": int((was_fake & ~is_fake).sum()),
+                         "flipped_to_fake": int((~was_fake & is_fake).sum())})  # fmt: skip
+    return pd.DataFrame(rows, columns=SHIFT_COLUMNS)
 
 
 def plot_paired(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> Figure | None:
-    """Scatter of twin logits around the diagonal, and the mean shift per generator.
+    """Scatter panels (one per lower precision) over one bar panel; None without pairs.
 
-    Left: one point per key (one scatter collection per generator), the diagonal (no
-    change) and the threshold on both axes; the corner of fakes the format turned "real"
-    is shaded. Right: one bar per generator, the mean shift ± s.e.m. None without pairs.
+    Each scatter panel: one point per key (one collection per generator, labelled by it),
+    the diagonal (no change), the threshold on both axes, and the two flip corners shaded.
+    The bar panel: one bar per precision × generator (generator colours), the mean shift
+    ± s.e.m., annotated ``↓a`` / ``↑b`` where pairs flipped (fake → real, real → fake).
+    All scatters share axes.
     """
-    precision = pair_precision(scores)
-    if precision is None:
+    shifts = shift_table(scores, detector, threshold)
+    if shifts.empty:
         return None
-    pairs = paired_logits(scores, precision)
-    if pairs.empty:
-        return None
-    generators = order_generators(pairs["generator"].unique())
+    precisions = order_precisions(shifts["precision"].unique())
+    pairs = {p: paired_logits(scores, p) for p in precisions}
+    generators = order_generators(shifts["generator"].unique())
     styles = generator_style(generators)
-    shifts = shift_table(scores, detector, threshold).set_index("generator")
-    fig, (scatter, bars) = panel_grid(2, panel=(3.7, 3.5))
+    ncols = min(MAX_COLS, len(precisions))
+    nrows = math.ceil(len(precisions) / ncols)
     with mpl.rc_context(RC):
-        values = np.concatenate([pairs[REFERENCE], pairs[precision], [threshold]])
+        fig = Figure(figsize=(3.3 * ncols + 1.4, 3.1 * nrows + 3.2), layout="constrained")
+        grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[3.1] * nrows + [3.0])
+        values = np.concatenate([np.r_[p[REFERENCE], p[q]] for q, p in pairs.items()]
+                                + [[threshold]])  # fmt: skip
         lo, hi = values.min(), values.max()
         pad = 0.06 * max(hi - lo, 1.0)
         lo, hi = lo - pad, hi + pad
-        # A patch, not a collection: the axes' collections are the generators' scatters.
-        corner = Rectangle((threshold, lo), hi - threshold, threshold - lo, linewidth=0,
-                           color=color(precision), alpha=0.08, label="_flipped")  # fmt: skip
-        scatter.add_patch(corner)
-        scatter.text(hi, lo, "fake → real ", ha="right", va="bottom", fontsize=8,
-                     color=color(precision))  # fmt: skip
-        scatter.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="_diagonal")
-        scatter.axhline(threshold, color="grey", linewidth=0.7, linestyle=":", label="_threshold")
-        scatter.axvline(threshold, color="grey", linewidth=0.7, linestyle=":", label="_threshold")
-        for generator in generators:
-            rows = pairs[pairs["generator"] == generator]
-            colour, marker = styles[generator]
-            scatter.scatter(rows[REFERENCE], rows[precision], s=14, alpha=0.7, marker=marker,
-                            color=colour, linewidths=0, label=generator)  # fmt: skip
-        scatter.set_xlim(lo, hi)
-        scatter.set_ylim(lo, hi)
-        scatter.set_aspect("equal", adjustable="box")
-        scatter.set_xlabel(f"logit of the {REFERENCE.upper()} image")
-        scatter.set_ylabel(f"logit of its {precision.upper()} twin")
-        scatter.set_title("each point: one prompt and seed")
-        scatter.legend(loc="best", frameon=False, fontsize=8, handletextpad=0.2)
-
-        means = shifts["mean_shift"].reindex(generators).to_numpy(dtype=float)
-        errors = np.nan_to_num(shifts["sem_shift"].reindex(generators).to_numpy(dtype=float))
-        x = np.arange(len(generators))
-        bars.bar(x, means, yerr=errors, capsize=3, width=0.65, color=color(precision),
-                 error_kw={"linewidth": 1.0})  # fmt: skip
-        bars.axhline(0, color="black", linewidth=0.8)
-        for i, generator in enumerate(generators):
-            flipped = int(shifts.loc[generator, "flipped_to_real"])
-            n = int(shifts.loc[generator, "pairs"])
-            end = means[i] - errors[i] if means[i] < 0 else means[i] + errors[i]
-            mean = (f"{means[i]:+.2f}" if abs(means[i]) >= 0.1 else f"{means[i]:+.2g}").replace(
-                "-", "\N{MINUS SIGN}"
-            )
-            bars.annotate(f"{mean}\n{flipped}/{n} → real", (x[i], end),
-                          xytext=(0, -3 if means[i] < 0 else 3), textcoords="offset points",
-                          ha="center", va="top" if means[i] < 0 else "bottom",
-                          fontsize=7.5)  # fmt: skip
-        bars.margins(y=0.25)
-        bars.set_xlim(-0.8, len(generators) - 0.2)
-        bars.set_xticks(x, generators, rotation=30, ha="right", rotation_mode="anchor")
-        bars.set_ylabel(f"mean logit shift, {precision} − {REFERENCE}")
-        bars.set_title("per generator (± s.e.m.)")
-        title = f"{detector}: {precision.upper()} vs {REFERENCE.upper()} twins ({len(pairs)} pairs)"
-        if precision != TARGET:
-            title += f"\nno FP4 images: {precision.upper()} is the lowest-bit precision present"
-        fig.suptitle(title)
+        first = None
+        for index, precision in enumerate(precisions):
+            ax = fig.add_subplot(grid[index // ncols, index % ncols], sharex=first, sharey=first)
+            first = first or ax
+            # patches, not collections: the axes' collections are the generators' scatters
+            for corner in ((threshold, lo, hi - threshold, threshold - lo),
+                           (lo, threshold, threshold - lo, hi - threshold)):  # fmt: skip
+                ax.add_patch(Rectangle(corner[:2], *corner[2:], linewidth=0, color="#999999",
+                                       alpha=0.12, label="_flipped"))  # fmt: skip
+            ax.text(hi, lo, "fake → real ", ha="right", va="bottom", fontsize=7, color="#555555")
+            ax.text(lo, hi, " real → fake", ha="left", va="top", fontsize=7, color="#555555")
+            ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="_diagonal")
+            ax.axhline(threshold, color="grey", linewidth=0.7, linestyle=":", label="_threshold")
+            ax.axvline(threshold, color="grey", linewidth=0.7, linestyle=":", label="_threshold")
+            part = pairs[precision]
+            for generator in order_generators(part["generator"].unique()):
+                rows = part[part["generator"] == generator]
+                colour, marker = styles[generator]
+                ax.scatter(rows[REFERENCE], rows[precision], s=12, alpha=0.75, marker=marker,
+                           color=colour, linewidths=0, label=generator)  # fmt: skip
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(lo, hi)
+            ax.set_aspect("equal", adjustable="box")
+            ax.set_title(f"{precision.upper()} vs {REFERENCE.upper()} ({len(part)} pairs)")
+            ax.set_xlabel(f"logit of the {REFERENCE.upper()} image")
+            ax.set_ylabel(f"logit of its {precision.upper()} twin")
+            if index == 0:
+                ax.legend(loc="upper left", bbox_to_anchor=(0, 0.93), frameon=False, fontsize=7,
+                          handletextpad=0.2)  # fmt: skip
+        bars = fig.add_subplot(grid[nrows, :])
+        plot_shift_bars(bars, shifts, precisions, generators, styles)
+        fig.suptitle(f"{detector}: each lower precision against its FP32 twin "
+                     f"(threshold {threshold:g})")  # fmt: skip
     return fig
+
+
+def flip_note(to_real: int, to_fake: int) -> str:
+    """``↓a`` / ``↑b`` for the flips that happened (empty when none did)."""
+    return "\n".join(t for t, n in ((f"↓{to_real}", to_real), (f"↑{to_fake}", to_fake)) if n)
+
+
+def plot_shift_bars(
+    ax: object,
+    shifts: pd.DataFrame,
+    precisions: list[str],
+    generators: list[str],
+    styles: dict[str, tuple[str, str]],
+) -> None:
+    """Grouped bars: precisions along x, one bar per generator, flips written above."""
+    width = 0.8 / len(generators)
+    table = shifts.set_index(["precision", "generator"])
+    for g, generator in enumerate(generators):
+        x, means, errors, notes = [], [], [], []
+        for i, precision in enumerate(precisions):
+            if (precision, generator) not in table.index:
+                continue
+            row = table.loc[(precision, generator)]
+            x.append(i - 0.4 + width * (g + 0.5))
+            means.append(row["mean_shift"])
+            errors.append(0.0 if np.isnan(row["sem_shift"]) else row["sem_shift"])
+            notes.append(flip_note(int(row["flipped_to_real"]), int(row["flipped_to_fake"])))
+        ax.bar(x, means, yerr=errors, width=width * 0.9, color=styles[generator][0],
+               capsize=2, error_kw={"linewidth": 0.8}, label=generator)  # fmt: skip
+        for xi, mean, error, note in zip(x, means, errors, notes, strict=True):
+            if not note:
+                continue
+            end = mean - error if mean < 0 else mean + error
+            ax.annotate(note, (xi, end), xytext=(0, -2 if mean < 0 else 2),
+                        textcoords="offset points", ha="center",
+                        va="top" if mean < 0 else "bottom", fontsize=6.5,
+                        linespacing=0.95)  # fmt: skip
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.margins(y=0.3)
+    ax.set_xticks(range(len(precisions)), [f"{p} − {REFERENCE}" for p in precisions])
+    ax.set_xlim(-0.6, len(precisions) - 0.4)
+    ax.set_ylabel("mean logit shift (± s.e.m.)")
+    flips = int(shifts["flipped_to_real"].sum() + shifts["flipped_to_fake"].sum())
+    ax.set_title("mean shift per precision and generator · "
+                 + ("↓n: n pairs turned real, ↑n: turned fake" if flips
+                    else "no pair crossed the threshold"))  # fmt: skip
+    ax.legend(loc="best", frameon=False, fontsize=7,
+              ncols=min(len(generators), 4))  # fmt: skip

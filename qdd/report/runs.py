@@ -2,9 +2,14 @@
 
 Several runs of one detector on different data are one detector's results: their scores
 are concatenated (an image scored twice, e.g. the same real shard in two runs, counts once)
-and their group metrics collected. Runs of one detector with *different weights* (the
+and every group metric is recomputed from the pooled scores (`qdd.report.stats`), never
+copied from one run's metrics.json. Runs of one detector with *different weights* (the
 official file and a retrained checkpoint) are kept apart, as ``<detector>-<weights>``:
-pooling them would mix two models in one curve.
+pooling them would mix two models in one curve. Runs with the same weights but different
+decision thresholds are refused: one pooled accuracy needs one threshold.
+
+Older runs lack the newer columns: no ``perturbation`` means every image is the unperturbed
+pass (``none``); no ``quant_fraction`` / ``source_format`` means not recorded.
 """
 
 from __future__ import annotations
@@ -18,26 +23,33 @@ import pandas as pd
 
 from qdd.errors import QddError
 from qdd.report.palette import order_generators, order_precisions
+from qdd.report.stats import BOOTSTRAP, accuracy, group_metrics
 
 #: Columns every figure needs; the rest of scores.parquet is carried along when present.
 REQUIRED = ("key", "label", "generator", "precision", "group", "logit")
+#: The unperturbed pass of `qdd-cli test --perturb`.
+NONE = "none"
+#: ``origin`` that `qdd-cli demo` writes into its runs' metrics.json (report.md then warns
+#: that the numbers come from tiny random-init models).
+DEMO_ORIGIN = "qdd-cli demo"
 #: Weight file names that say nothing about the model (Lightning's defaults).
 GENERIC_STEMS = {"last", "best", "model", "weights", "checkpoint"}
 
 
 @dataclass
 class DetectorResults:
-    """Everything one detector's runs say: per-image scores and per-group metrics."""
+    """Everything one detector's runs say: pooled per-image scores and their thresholds."""
 
     detector: str
     scores: pd.DataFrame
-    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
-    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     runs: list[dict[str, Any]] = field(default_factory=list)  # run folder, weights, threshold
+    threshold: float = 0.0
+    calibrated_threshold: float | None = None
 
     @property
-    def threshold(self) -> float:
-        return float(self.runs[0]["threshold"]) if self.runs else 0.0
+    def main(self) -> pd.DataFrame:
+        """The unperturbed pass: what the KDE, paired view and main heatmaps show."""
+        return self.scores[self.scores["perturbation"] == NONE]
 
 
 def _fix(folder: Path) -> str:
@@ -75,6 +87,13 @@ def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise QddError(f"{scores_path} holds no scores: re-run qdd-cli test on non-empty shards")
     if not isinstance(metrics, dict):
         raise QddError(f"{metrics_path} is not a metrics object: re-run qdd-cli test")
+    if "perturbation" not in scores.columns:
+        scores = scores.assign(perturbation=NONE)
+    scores["perturbation"] = scores["perturbation"].fillna(NONE).astype(str)
+    for column in ("quant_fraction", "source_format", "quant_scope"):
+        if column not in scores.columns:
+            scores[column] = None
+    scores["quant_fraction"] = pd.to_numeric(scores["quant_fraction"], errors="coerce")
     return _named_fakes(scores), metrics
 
 
@@ -128,6 +147,34 @@ def _names(runs: list[tuple[Path, pd.DataFrame, dict[str, Any]]]) -> list[str]:
     return names
 
 
+def mark_demo_run(folder: Path) -> None:
+    """Record in a run's metrics.json that `qdd-cli demo` made it."""
+    path = Path(folder) / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "origin": DEMO_ORIGIN},
+                               indent=2) + "\n")  # fmt: skip
+
+
+def _threshold(value: Any, folder: Path, key: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise QddError(f"{folder}/metrics.json: {key} {value!r} is not a number: re-run "
+                       "qdd-cli test") from None  # fmt: skip
+
+
+def _agree(entry: DetectorResults, folder: Path, key: str, value: float | None) -> None:
+    """Refuse to pool runs that decided at different thresholds."""
+    first = entry.runs[0]
+    if first[key] != value:
+        raise QddError(
+            f"runs {first['folder']} and {folder} of {entry.detector} disagree on {key} "
+            f"({first[key]} vs {value}): pooled accuracies need one threshold; report them "
+            "in separate qdd-cli report calls or re-test with one --model.threshold"
+        )
+
+
 def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
     """Runs merged per detector (and per weights, where one detector ran with several)."""
     if not folders:
@@ -136,42 +183,75 @@ def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
     results: dict[str, DetectorResults] = {}
     for name, (folder, scores, metrics) in zip(_names(runs), runs, strict=True):
         scores = scores.assign(detector=name)
+        threshold = _threshold(metrics.get("threshold", 0.0), folder, "threshold") or 0.0
+        calibrated = _threshold(metrics.get("calibrated_threshold"), folder,
+                                "calibrated_threshold")  # fmt: skip
+        run = {"folder": str(folder), "detector": str(metrics.get("detector") or name),
+               "weights": metrics.get("weights"), "threshold": threshold,
+               "calibrated_threshold": calibrated,
+               "n": len(scores[["group", "key"]].drop_duplicates()),
+               "data": metrics.get("data") or [], "origin": metrics.get("origin")}  # fmt: skip
         entry = results.get(name)
         if entry is None:
-            entry = results[name] = DetectorResults(name, scores)
+            entry = results[name] = DetectorResults(name, scores, threshold=threshold,
+                                                    calibrated_threshold=calibrated)  # fmt: skip
         else:
+            _agree(entry, folder, "threshold", threshold)
+            _agree(entry, folder, "calibrated_threshold", calibrated)
             merged = pd.concat([entry.scores, scores], ignore_index=True)
-            entry.scores = merged.drop_duplicates(["group", "key"], ignore_index=True)
-        entry.groups.update(metrics.get("groups") or {})
-        entry.recipes.update(metrics.get("recipes") or {})
-        entry.runs.append(
-            {"folder": str(folder), "weights": metrics.get("weights"),
-             "threshold": metrics.get("threshold", 0.0), "n": metrics.get("n", len(scores)),
-             "data": metrics.get("data") or []}
-        )  # fmt: skip
+            entry.scores = merged.drop_duplicates(["perturbation", "group", "key"],
+                                                  ignore_index=True)  # fmt: skip
+        entry.runs.append(run)
     return results
 
 
-def group_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
-    """One row per detector × fake group with its metrics (the tables and heatmaps)."""
+def _one(values: pd.Series) -> Any:
+    """The group's single recorded value, all distinct values joined, or None."""
+    distinct = sorted({str(v) for v in values.dropna()})
+    return ", ".join(distinct) if distinct else None
+
+
+def _fraction(values: pd.Series) -> float:
+    """The quantized fraction of a group (one per recipe); NaN when not recorded."""
+    values = values.dropna()
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def group_table(results: dict[str, DetectorResults], resamples: int = BOOTSTRAP) -> pd.DataFrame:
+    """One row per detector × perturbation × fake group, metrics recomputed from the scores.
+
+    Each fake group (generator × precision) is scored against the real images of the same
+    perturbation; columns: detector, perturbation, generator, precision, quant_fraction,
+    quant_scope, source_format, then `qdd.report.stats.group_metrics` (n, metrics, 95 %
+    intervals), and ``acc_calibrated`` where the runs carry a calibrated threshold.
+    """
     rows = []
     for name, entry in results.items():
-        for group, values in entry.groups.items():
-            generator, _, precision = group.rpartition("/")
-            rows.append({"detector": name, "generator": generator, "precision": precision,
-                         **values})  # fmt: skip
+        for perturbation, scores in entry.scores.groupby("perturbation", sort=True):
+            real = scores.loc[scores["label"] == 0, "logit"].to_numpy(dtype=float)
+            fakes = scores[scores["label"] == 1]
+            for (generator, precision), part in fakes.groupby(["generator", "precision"]):
+                fake = part["logit"].to_numpy(dtype=float)
+                row = {"detector": name, "perturbation": perturbation, "generator": generator,
+                       "precision": precision, "quant_fraction": _fraction(part["quant_fraction"]),
+                       "quant_scope": _one(part["quant_scope"]),
+                       "source_format": _one(part["source_format"]),
+                       **group_metrics(real, fake, entry.threshold, resamples)}  # fmt: skip
+                if entry.calibrated_threshold is not None:
+                    row["acc_calibrated"] = accuracy(real, fake, entry.calibrated_threshold)
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
-def missing_groups(results: dict[str, DetectorResults]) -> list[str]:
+def missing_groups(table: pd.DataFrame) -> list[str]:
     """``generator/precision for detector`` of the grid spanned by all runs, not measured."""
-    table = group_table(results)
     if table.empty:
         return []
+    table = table[table["perturbation"] == NONE]
     generators = order_generators(table["generator"].unique())
     precisions = order_precisions(table["precision"].unique())
     gaps = []
-    for name in sorted(results):
+    for name in sorted(table["detector"].unique()):
         rows = table[table["detector"] == name]
         have = set(zip(rows["generator"], rows["precision"], strict=True))
         grid = [(g, p) for g in generators for p in precisions]

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qdd.metrics import METRICS
 from qdd.report.palette import order_generators, order_precisions
+from qdd.report.robustness import spec_rank
+from qdd.report.runs import NONE
+from qdd.report.stats import METRICS
 
 
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -40,17 +42,44 @@ def sorted_groups(table: pd.DataFrame) -> pd.DataFrame:
     generators = {g: i for i, g in enumerate(order_generators(table["generator"].unique()))}
     precisions = {p: i for i, p in enumerate(order_precisions(table["precision"].unique()))}
     table = table.assign(
-        _g=table["generator"].map(generators), _p=table["precision"].map(precisions)
-    ).sort_values(["detector", "_g", "_p"])
-    columns = ["detector", "generator", "precision", "n_fake", "n_real"]
-    columns += [m for m in METRICS if m in table.columns]
+        _g=table["generator"].map(generators),
+        _p=table["precision"].map(precisions),
+        _p_order=table["perturbation"].map(spec_rank),
+    ).sort_values(["detector", "_p_order", "_g", "_p"], kind="stable")
+    columns = ["detector", "perturbation", "generator", "precision", "quant_scope",
+               "quant_fraction", "source_format", "n_fake", "n_real"]  # fmt: skip
+    for m in (*METRICS, "acc_calibrated"):
+        columns += [m, f"{m}_lo", f"{m}_hi"]
     return table[[c for c in columns if c in table.columns]].reset_index(drop=True)
 
 
-def metric_pivot(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """detector × generator rows, one column per precision."""
+def with_interval(table: pd.DataFrame, metric: str) -> pd.Series:
+    """``value [lo, hi] n=N`` per row, for reading; the CSV keeps the numbers apart."""
+    d = 3 if metric in ("auroc", "ap") else 2
+
+    def cell(row: pd.Series) -> str:
+        value = row[metric]
+        if value is None or np.isnan(value):
+            return "–"
+        text = f"{value:.{d}f}"
+        lo, hi = row.get(f"{metric}_lo", np.nan), row.get(f"{metric}_hi", np.nan)
+        if np.isfinite(lo):
+            text += f" [{lo:.{d}f}, {hi:.{d}f}]"
+        return text + f" n={int(row['n_fake'])}"
+
+    return table.apply(cell, axis=1)
+
+
+def metric_pivot(table: pd.DataFrame, metric: str, text: bool = False) -> pd.DataFrame:
+    """detector × generator rows, one column per precision (unperturbed pass).
+
+    ``text`` puts the 95 % interval and n beside each value (for Markdown).
+    """
+    table = table[table["perturbation"] == NONE]
+    if text:
+        table = table.assign(_cell=with_interval(table, metric))
     pivot = table.pivot_table(index=["detector", "generator"], columns="precision",
-                              values=metric, aggfunc="first")  # fmt: skip
+                              values="_cell" if text else metric, aggfunc="first")  # fmt: skip
     pivot = pivot.reindex(columns=order_precisions(pivot.columns))
     order = {g: i for i, g in enumerate(order_generators(table["generator"].unique()))}
     pivot = pivot.reset_index()

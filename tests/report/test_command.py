@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -11,7 +12,7 @@ from PIL import Image
 from qdd.cli import main
 from qdd.errors import QddError
 from qdd.report.command import build_report
-from qdd.report.runs import load_runs
+from qdd.report.runs import group_table, load_runs, mark_demo_run
 
 PARTIAL = {"sd3": ["fp32", "fp4"], "flux-schnell": ["fp32", "fp16", "fp8", "fp4"]}
 
@@ -34,7 +35,7 @@ def test_report_command_writes_every_file_and_names_gaps(make_run, tmp_path, cap
     assert "no paired view for corvi" in captured.err
 
     stems = ["kde_npr", "kde_clipd", "kde_corvi", "paired_npr", "paired_clipd",
-             "heatmap_fake_acc", "heatmap_auroc"]  # fmt: skip
+             "heatmap_fake_acc", "heatmap_balanced_acc", "heatmap_auroc"]  # fmt: skip
     for stem in stems:
         with Image.open(out / f"{stem}.png") as image:
             image.verify()
@@ -42,7 +43,7 @@ def test_report_command_writes_every_file_and_names_gaps(make_run, tmp_path, cap
             assert image.size[0] >= 800 and image.mode == "RGBA"
         assert ET.parse(out / f"{stem}.svg").getroot().tag.endswith("svg")
     assert not (out / "paired_corvi.png").exists()
-    for stem in ["fake_acc", "auroc", "groups", "paired_shift"]:
+    for stem in ["fake_acc", "balanced_acc", "auroc", "groups", "paired_shift"]:
         assert (out / "tables" / f"{stem}.csv").is_file()
         assert (out / "tables" / f"{stem}.md").read_text().startswith("| ")
 
@@ -62,16 +63,26 @@ def test_report_command_writes_every_file_and_names_gaps(make_run, tmp_path, cap
     ]  # fmt: skip
     fake_acc = pd.read_csv(out / "tables" / "fake_acc.csv")
     assert list(fake_acc.columns) == ["detector", "generator", "fp32", "fp16", "fp8", "fp4"]
+    cell = fake_acc.set_index(["detector", "generator"]).loc[("npr", "sd3"), "fp4"]
+    row = groups.set_index(["detector", "generator", "precision"]).loc[("npr", "sd3", "fp4")]
+    assert cell == (f"{row['fake_acc']:.2f} [{row['fake_acc_lo']:.2f}, "
+                    f"{row['fake_acc_hi']:.2f}] n=12")  # fmt: skip
     shift = pd.read_csv(out / "tables" / "paired_shift.csv")
-    assert set(shift["detector"]) == {"npr", "clipd"} and (shift["mean_shift"] < -2).all()
+    assert set(shift["detector"]) == {"npr", "clipd"} and set(shift["precision"]) == {
+        "fp16", "fp8", "fp4"
+    }  # fmt: skip
+    assert (shift.loc[shift["precision"] == "fp4", "mean_shift"] < -2).all()
     assert (shift["pairs"] == 12).all()
+    assert "3 test runs of 3 detectors" in index and "Demo:" not in index
+    assert "unperturbed" not in index and "▼" not in index  # neither applies here
+    assert "## Warnings" not in index  # no format recorded: nothing to warn about
 
 
 def test_the_same_runs_give_byte_identical_files(make_run, tmp_path) -> None:
     runs = [make_run("npr", "npr", {"sd3": ["fp32", "fp4"]})]
     first, second = build_report(runs, tmp_path / "a"), build_report(runs, tmp_path / "b")
     files = sorted(p.relative_to(first.parent) for p in first.parent.rglob("*") if p.is_file())
-    assert len(files) == 1 + 2 * 4 + 2 * 4  # index, 4 figures (png, svg), 4 tables (csv, md)
+    assert len(files) == 1 + 2 * 5 + 2 * 5  # index, 5 figures (png, svg), 5 tables (csv, md)
     for name in files:
         assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes(), name
     with Image.open(first.parent / "kde_npr.png") as image:
@@ -87,7 +98,11 @@ def test_runs_of_one_detector_merge_and_different_weights_stay_apart(make_run) -
     assert list(merged) == ["npr"]
     scores = merged["npr"].scores
     assert (scores["label"] == 0).sum() == 12  # the shared real images count once
-    assert set(merged["npr"].groups) == {"sd3/fp32", "sd3/fp4", "flux-schnell/fp32"}
+    groups = group_table(merged)
+    assert set(groups["generator"] + "/" + groups["precision"]) == {
+        "sd3/fp32", "sd3/fp4", "flux-schnell/fp32"
+    }  # fmt: skip
+    assert (groups["n_real"] == 12).all()
     retrained = make_run("c", "npr", {"sd3": ["fp4"]}, weights="runs/fit-npr/checkpoints/last.ckpt")
     apart = load_runs([a, retrained])
     assert sorted(apart) == ["npr-fit-npr", "npr-x"]
@@ -139,3 +154,117 @@ def test_many_shard_folders_are_summarised_in_the_runs_table() -> None:
     assert data_summary(["a/x", "a/y"]) == "a/x, a/y"
     assert data_summary([f"s/test/g{i}" for i in range(29)]) == "29 folders under s/test"
     assert data_summary([]) == "–"
+
+
+def test_report_counts_runs_of_one_detector_and_flags_demo_runs(make_run, tmp_path) -> None:
+    runs = [make_run(f"r{i}", "npr", {"sd3": ["fp32", "fp4"]}, seed=i) for i in range(3)]
+    index = build_report(runs, tmp_path / "plain").read_text()
+    assert "3 test runs of 1 detector;" in index and "Demo:" not in index
+    for run in runs:
+        mark_demo_run(run)
+    index = build_report(runs, tmp_path / "demo").read_text()
+    assert "**Demo:**" in index and "tiny random-init" in index
+    retrained = make_run("fit", "npr", {"sd3": ["fp4"]}, weights="runs/fit-npr/last.ckpt")
+    index = build_report([runs[0], retrained], tmp_path / "two").read_text()
+    assert "2 test runs of 1 detector (2 detector × weights combinations)" in index
+    assert "Demo:" not in index  # one run was not made by the demo
+
+
+def test_format_warning_appears_only_when_real_and_fake_formats_differ(make_run, tmp_path) -> None:
+    grid = {"sd3": ["fp32", "fp4"]}
+    mixed = make_run("jpeg", "npr", grid, real_format="jpeg")  # fakes: generated PNGs
+    index = build_report([mixed], tmp_path / "a").read_text()
+    assert "## Warnings" in index
+    assert "format confound (npr): real images are jpeg 100% but fakes are png 100%" in index
+    same = make_run("png", "npr", grid, real_format="png", fake_format="PNG")
+    assert "format confound" not in build_report([same], tmp_path / "b").read_text()
+    both_jpeg = make_run("both", "npr", grid, real_format="jpg", fake_format="jpeg")
+    assert "format confound" not in build_report([both_jpeg], tmp_path / "c").read_text()
+    unknown = make_run("old", "npr", grid)  # shards made before formats were recorded
+    assert "format confound" not in build_report([unknown], tmp_path / "d").read_text()
+
+
+def test_perturbations_reach_heatmaps_curves_and_tables(make_run, tmp_path) -> None:
+    specs = ("none", "jpeg:90", "jpeg:50")
+    run = make_run("p", "npr", {"sd3": ["fp32", "fp4"]}, perturbations=specs)
+    index = build_report([run], tmp_path / "r").read_text()
+    out = tmp_path / "r"
+    for stem in ("perturbed_fake_acc", "perturbed_auroc", "robustness_npr"):
+        assert (out / f"{stem}.png").is_file() and f"]({stem}.png)" in index
+    groups = pd.read_csv(out / "tables" / "groups.csv")
+    # none first, then weakest first: JPEG quality 90 before 50
+    assert groups["perturbation"].tolist() == ["none"] * 2 + ["jpeg:90"] * 2 + ["jpeg:50"] * 2
+    assert "use the unperturbed pass (`none`)" in index
+    robust = pd.read_csv(out / "tables" / "robustness.csv")
+    assert len(robust) == 3 * 2
+    # the main views use the unperturbed pass only
+    assert pd.read_csv(out / "tables" / "paired_shift.csv")["pairs"].tolist() == [12]
+    fig_panels = pd.read_csv(out / "tables" / "fake_acc.csv")
+    assert len(fig_panels) == 1  # npr × sd3, unperturbed
+
+
+def test_quantized_fraction_and_scope_are_listed_per_group(make_run, tmp_path) -> None:
+    run = make_run("q", "npr", {"sd15": ["fp32", "fp4"], "sd3": ["fp4"]})
+    index = build_report([run], tmp_path / "r").read_text()
+    assert "| sd15 | fp4 | emulate | denoiser | 0.310 |" in index and "marked ▼" in index
+    assert "| sd3 | fp4 | emulate | denoiser | 0.999 |" in index
+    groups = pd.read_csv(tmp_path / "r" / "tables" / "groups.csv")
+    assert (
+        groups.set_index(["generator", "precision"]).loc[("sd15", "fp4"), "quant_fraction"] == 0.31
+    )
+
+
+def test_compare_ranks_runs_best_first_with_calibrated_accuracy(make_run, tmp_path, capsys) -> None:
+    grid = {"sd3": ["fp32", "fp4"]}
+    official = make_run("official", "npr", grid, weights="checkpoints/npr.pth")
+    tuned = make_run("tuned", "npr", grid, weights="runs/fit/last.ckpt", shift=4.0,
+                     extra={"calibrated_threshold": 1.5})  # fmt: skip
+    out = tmp_path / "cmp"
+    main(["report", "--compare", str(official), str(tuned), "--metric", "fake_acc",
+          "--group", "sd3/fp4", "--out", str(out)])  # fmt: skip
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(out / "compare.md")
+    table = pd.read_csv(out / "compare.csv")
+    assert table["run"].tolist() == ["tuned", "official"] and table["rank"].tolist() == [1, 2]
+    scores = pd.read_parquet(tuned / "scores.parquet")
+    real = scores.loc[scores["label"] == 0, "logit"].to_numpy()
+    fake = scores.loc[scores["group"] == "sd3/fp4", "logit"].to_numpy()
+    tuned_row = table.iloc[0]
+    assert tuned_row["fake_acc"] == pytest.approx((fake > 0).mean())
+    assert tuned_row["acc_calibrated"] == pytest.approx(
+        ((real <= 1.5).sum() + (fake > 1.5).sum()) / (len(real) + len(fake))
+    )
+    assert tuned_row["calibrated_threshold"] == 1.5 and pd.isna(
+        table.iloc[1]["calibrated_threshold"]
+    )
+    assert tuned_row["n_fake"] == 12 and tuned_row["fake_acc_lo"] < tuned_row["fake_acc"]
+    md = (out / "compare.md").read_text()
+    assert md.index("| 1 | tuned") < md.index("| 2 | official") and "compare_fake_acc.png" in md
+    assert (out / "compare_fake_acc.png").is_file()
+    from qdd.report.command import main as report_main
+    from qdd.report.compare import build_comparison
+
+    with pytest.raises(QddError, match="--metric and --group choose what --compare ranks by"):
+        report_main([str(official), "--metric", "auroc", "--out", str(out)])
+    with pytest.raises(QddError, match="unknown --metric 'f1'"):
+        build_comparison([official], out, "f1", "overall")
+    with pytest.raises(QddError, match="no run has fake images in group 'sdxl/fp4'"):
+        build_comparison([official], out, "auroc", "sdxl/fp4")
+    with pytest.raises(QddError, match="no run carries a calibrated_threshold"):
+        build_comparison([official], out, "acc_calibrated", "overall")
+
+
+def test_compare_figure_shows_the_reference_and_differences(make_run) -> None:
+    from qdd.report.compare import load_each, plot_compare
+
+    grid = {"sd3": ["fp32", "fp4"], "sdxl": ["fp32"]}
+    runs = [make_run("a", "npr", grid), make_run("b", "npr", grid, shift=-1.0, seed=1)]
+    results = load_each(runs)
+    table = group_table(results)
+    fig = plot_compare(table, "fake_acc", ["a", "b"])
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["a (reference)", "b − a"]
+    rows = table.set_index(["detector", "generator", "precision"])["fake_acc"]
+    diff = rows["b", "sd3", "fp4"] - rows["a", "sd3", "fp4"]
+    cells = np.array([t.get_text() for t in panels[1].texts]).reshape(2, 2)
+    assert cells[1, 1] == f"{diff:+.2f}".replace("-", "\N{MINUS SIGN}")
+    assert cells[0, 1] == "–"  # sdxl/fp4 measured by neither

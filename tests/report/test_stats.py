@@ -1,0 +1,96 @@
+"""The report's numbers against scikit-learn / scipy, computed from the same scores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
+
+from qdd.errors import QddError
+from qdd.report.runs import group_table, load_runs
+from qdd.report.stats import METRICS, bootstrap, group_metrics, wilson
+from tests.report.conftest import reference_metrics
+
+
+def test_the_report_computes_the_metrics_qdd_cli_test_computes() -> None:
+    from qdd import metrics
+
+    assert METRICS == metrics.METRICS
+
+
+def test_group_metrics_match_scikit_learn_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    real = np.round(rng.normal(-1, 1.5, 150), 1)  # rounded: many ties, also across classes
+    fake = np.round(rng.normal(0.5, 1.5, 90), 1)
+    for threshold in (0.0, 0.35):
+        ours = group_metrics(real, fake, threshold, resamples=200)
+        expected = reference_metrics(real, fake, threshold)
+        for name, value in expected.items():
+            assert ours[name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_wilson_matches_scipy_and_intervals_hold_the_estimate() -> None:
+    for k, n in ((0, 10), (3, 10), (10, 10), (57, 200)):
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        assert wilson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(0, 1, 40), rng.normal(1, 1, 30)
+    m = group_metrics(real, fake, 0.0)
+    for name in ("fake_acc", "real_acc", "acc", "balanced_acc", "auroc"):
+        assert m[f"{name}_lo"] <= m[name] <= m[f"{name}_hi"], name
+
+
+def test_bootstrap_is_seeded_and_agrees_with_a_plain_loop() -> None:
+    rng = np.random.default_rng(1)
+    real, fake = np.round(rng.normal(0, 1, 60), 1), np.round(rng.normal(0.8, 1, 50), 1)
+    first, again = bootstrap(real, fake, 0.0), bootstrap(real, fake, 0.0)
+    assert first == again  # fixed seed: the same scores give the same interval
+    loop = np.random.default_rng(123)
+    draws = [roc_auc_score(np.r_[np.zeros(60), np.ones(50)],
+                           np.r_[loop.choice(real, 60), loop.choice(fake, 50)])
+             for _ in range(2000)]  # fmt: skip
+    assert first["auroc"] == pytest.approx(tuple(np.percentile(draws, [2.5, 97.5])), abs=0.025)
+
+
+def test_merged_runs_give_the_metrics_of_the_pooled_scores(make_run) -> None:
+    """Two runs of one detector whose per-group metrics differ: the report pools the scores."""
+    a = make_run("a", "npr", {"sd3": ["fp32", "fp4"]}, seed=0)
+    b = make_run("b", "npr", {"sd3": ["fp32", "fp4"]}, seed=5, shift=-2.0, n=20)
+    # different images in each run: rename b's keys so that both runs' scores are pooled
+    b_scores = pd.read_parquet(b / "scores.parquet")
+    b_scores["key"] = "b-" + b_scores["key"]
+    b_scores.to_parquet(b / "scores.parquet")
+    scores = pd.concat([pd.read_parquet(r / "scores.parquet") for r in (a, b)])
+    table = group_table(load_runs([a, b])).set_index(["generator", "precision"])
+    real = scores.loc[scores["label"] == 0, "logit"].to_numpy()
+    for precision in ("fp32", "fp4"):
+        fake = scores.loc[scores["group"] == f"sd3/{precision}", "logit"].to_numpy()
+        expected = reference_metrics(real, fake)
+        row = table.loc[("sd3", precision)]
+        for name in METRICS:
+            assert row[name] == pytest.approx(expected[name], abs=1e-12), (precision, name)
+        assert row["n_fake"] == 32 and row["n_real"] == 32
+    run_a = json.loads((a / "metrics.json").read_text())["groups"]["sd3/fp4"]["fake_acc"]
+    run_b = json.loads((b / "metrics.json").read_text())["groups"]["sd3/fp4"]["fake_acc"]
+    assert run_a != run_b and table.loc[("sd3", "fp4"), "fake_acc"] not in (run_a, run_b)
+
+
+def test_a_single_run_reproduces_its_metrics_json(make_run) -> None:
+    run = make_run("one", "clipd", threshold=0.4)
+    groups = json.loads((run / "metrics.json").read_text())["groups"]
+    table = group_table(load_runs([run]))
+    for row in table.itertuples():
+        for name in METRICS:
+            expected = groups[f"{row.generator}/{row.precision}"][name]
+            assert getattr(row, name) == pytest.approx(expected, abs=1e-12)
+
+
+def test_runs_that_disagree_on_threshold_are_refused(make_run) -> None:
+    a = make_run("a", "npr", {"sd3": ["fp32"]})
+    b = make_run("b", "npr", {"sd3": ["fp4"]}, threshold=0.5)
+    with pytest.raises(QddError, match="disagree on threshold .*0.0 vs 0.5.*one --model.threshold"):
+        load_runs([a, b])
