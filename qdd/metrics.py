@@ -29,7 +29,6 @@ from torchmetrics.utilities import dim_zero_cat
 
 METRICS: tuple[str, ...] = (
     "acc",
-    "acc_calibrated",
     "real_acc",
     "fake_acc",
     "balanced_acc",
@@ -60,8 +59,8 @@ def detection_metrics(
 ) -> dict:
     """All metrics of one real-vs-fake set; ``None`` where a class is missing.
 
-    ``acc`` is taken at ``threshold``, ``acc_calibrated`` at the validation-calibrated
-    threshold ``calibrated`` (``None`` when the weights carry none).
+    ``acc`` is taken at ``threshold``; ``acc_calibrated`` (beside the `METRICS`) at the
+    validation-calibrated threshold ``calibrated`` (``None`` when the weights carry none).
     """
     labels = labels.long()
     predicted = (logits > threshold).long()

@@ -464,23 +464,31 @@ def _json(value: Any) -> Any:
     raise TypeError(type(value))
 
 
+def table_metrics(metrics: dict[str, Any]) -> list[str]:
+    """`METRICS`, with ``acc_calibrated`` beside ``acc`` when the weights carry a threshold."""
+    if metrics.get("calibrated_threshold") is None:
+        return list(METRICS)
+    return ["acc", "acc_calibrated", *METRICS[1:]]
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """The console table: one row per group, then the overall row; then, when the run has
     perturbations, one overall row per perturbation."""
+    columns = table_metrics(metrics)
     rows = [
-        [group, str(values["n_fake"]), *(_fmt(values[m]) for m in METRICS)]
+        [group, str(values["n_fake"]), *(_fmt(values[m]) for m in columns)]
         for group, values in metrics["groups"].items()
     ]
     n_fake = sum(values["n_fake"] for values in metrics["groups"].values())
-    rows.append(["overall", str(n_fake), *(_fmt(metrics["overall"][m]) for m in METRICS)])
-    table = _grid(["group", "n_fake", *METRICS], rows)
+    rows.append(["overall", str(n_fake), *(_fmt(metrics["overall"][m]) for m in columns)])
+    table = _grid(["group", "n_fake", *columns], rows)
     perturbed = metrics.get("by_perturbation", {})
     if len(perturbed) > 1:
         rows = [
-            [name, str(result["n"]), *(_fmt(result["overall"][m]) for m in METRICS)]
+            [name, str(result["n"]), *(_fmt(result["overall"][m]) for m in columns)]
             for name, result in perturbed.items()
         ]
-        table += "\n\n" + _grid(["perturbation", "n", *METRICS], rows)
+        table += "\n\n" + _grid(["perturbation", "n", *columns], rows)
     return table
 
 
@@ -509,8 +517,9 @@ def log_table(module: LightningModule, metrics: dict[str, Any]) -> None:
     for logger in module.loggers:
         log_table_fn = getattr(logger, "log_table", None)
         if callable(log_table_fn) and type(logger).__name__ == "WandbLogger":
-            columns = ["group", "n_fake", *METRICS]
+            columns = ["group", "n_fake", *table_metrics(metrics)]
             data = [
-                [g, v["n_fake"], *(v[m] for m in METRICS)] for g, v in metrics["groups"].items()
+                [g, v["n_fake"], *(v[m] for m in table_metrics(metrics))]
+                for g, v in metrics["groups"].items()
             ]
             log_table_fn(key="test_groups", columns=columns, data=data)
