@@ -49,9 +49,6 @@ from qdd.errors import QddError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-
-
 @dataclass
 class Source:
     """One training source: shard folder(s) or a glob, its sampling weight, a short name.
