@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 from qdd import __version__
 from qdd.errors import QddError
 
+#: Set by ``--verbose`` so that the commands a demo runs in-process stay verbose too.
+VERBOSE_ENV = "QDD_VERBOSE"
+
 TRAINER_COMMANDS = {
     "fit": "train a detector on shards (FP4-augmented retraining)",
     "validate": "run a detector's validation loop",
@@ -89,6 +92,14 @@ def _demo(argv: Sequence[str]) -> None:
 
 def _trainer(command: str) -> Callable[[Sequence[str]], None]:
     def run(argv: Sequence[str]) -> None:
+        from qdd.trainer_args import HELP_ALL, check_data, expand_shorthands, short_help
+
+        if {"-h", "--help"} & set(argv):  # qdd's flags; LightningCLI's ~580 lines: --help-all
+            print(short_help(command))
+            return
+        if HELP_ALL not in argv and "--print_config" not in " ".join(argv):
+            # before Lightning is imported (~7 s), weights are read or models are built
+            check_data(expand_shorthands(list(argv)))
         from qdd.lightning_cli import run_trainer_command
 
         run_trainer_command(command, list(argv))
@@ -120,7 +131,7 @@ def usage(commands: dict[str, tuple[str, Callable]]) -> str:
     lines = [
         f"qdd-cli {__version__}: do AI-image detectors survive quantized diffusion models?",
         "",
-        "usage: qdd-cli SUBCOMMAND [options]     (qdd-cli SUBCOMMAND --help for its options)",
+        "usage: qdd-cli SUBCOMMAND [options] [--verbose]  (qdd-cli SUBCOMMAND --help: options)",
         "",
         "subcommands:",
     ]
@@ -131,34 +142,62 @@ def usage(commands: dict[str, tuple[str, Callable]]) -> str:
         "  qdd-cli demo --out demo",
         "  qdd-cli shard --src photos/ --out shards/real-coco --label real --source coco",
         "  qdd-cli test --detector npr --data shards/sd3-fp4",
+        "",
+        "--verbose shows every library message; by default qdd.quiet drops a listed few that",
+        "do not apply (e.g. diffusers' float16-on-CPU warning), and nothing else.",
     ]
     return "\n".join(lines)
 
 
-class _NoTips(logging.Filter):
-    """Drop Lightning's advertising tips; keep everything else it says."""
+class _Unhandled(logging.Filter):
+    """Pass only records no handler below the root printed: Python's own last-resort rule."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in record.getMessage()
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None and logger is not logging.getLogger():
+            if logger.handlers or not logger.propagate:
+                return False
+            logger = logger.parent
+        return True
 
 
-def _configure_logging() -> None:
-    """qdd's own INFO lines on stderr; other libraries keep their own handlers."""
+def _configure_logging(verbose: bool) -> None:
+    """qdd's own INFO lines (DEBUG with --verbose) on stderr; other libraries keep their own
+    handlers, less the messages `qdd.quiet` lists as not applying (all shown with --verbose).
+    """
     logger = logging.getLogger("qdd")
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger()
+    if not root.handlers:
+        # What Python prints for unhandled WARNINGs anyway, in place: without it, the first
+        # library to call logging.warning() (open_clip does) installs basicConfig's handler,
+        # and every qdd (and Lightning) warning is printed twice from then on.
+        fallback = logging.StreamHandler()
+        fallback.setLevel(logging.WARNING)
+        fallback.addFilter(_Unhandled())
+        root.addHandler(fallback)
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    from qdd.quiet import silence
+
+    silence(quiet=not verbose)
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Run ``qdd-cli`` with ``args`` (default: ``sys.argv[1:]``); callable from tests."""
     argv = list(sys.argv[1:] if args is None else args)
+    verbose = "--verbose" in argv or os.environ.get(VERBOSE_ENV) == "1"
+    argv = [a for a in argv if a != "--verbose"]
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    _configure_logging()
+    from qdd.threads import prefer_passive_waits
+
+    prefer_passive_waits()  # before any subcommand imports torch
+    _configure_logging(verbose)
     commands = _available()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(commands))

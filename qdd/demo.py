@@ -52,8 +52,15 @@ FINE_TUNE = (2, 1e-3)
 FP4_TRAIN_PROMPTS = 12
 
 
+_STARTED = time.perf_counter()
+
+
 def step(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """One progress line: the clock, the seconds since the demo started, the step."""
+    elapsed = time.perf_counter() - _STARTED
+    print(
+        f"[demo {time.strftime('%H:%M:%S')} +{elapsed:.0f}s] {message}", file=sys.stderr, flush=True
+    )
 
 
 def photo_tiles(out: Path, tile: int = TILE) -> tuple[Path, Path]:
@@ -102,17 +109,24 @@ def main(argv: list[str]) -> None:
         for name in PARTS:  # only what a demo writes: never a folder the user pointed at
             shutil.rmtree(out / name, ignore_errors=True)
 
-    logging.getLogger().setLevel(logging.WARNING)
-    os.environ.setdefault("WANDB_SILENT", "true")  # offline runs still logged, quietly
+    from qdd.cli import VERBOSE_ENV
     from qdd.cli import main as cli
+    from qdd.threads import usable_cores, use_threads
+
+    if os.environ.get(VERBOSE_ENV) != "1":
+        logging.getLogger().setLevel(logging.WARNING)
+        os.environ.setdefault("WANDB_SILENT", "true")  # offline runs still logged, quietly
+    threads = use_threads()
     from qdd.datamodules.folder import shard_folder
     from qdd.datamodules.schema import REAL
     from qdd.generation.prompts import default_prompts
     from qdd.generation.tiny import build_tiny_pipeline
     from qdd.quant import PRECISIONS
 
-    started = time.perf_counter()
+    global _STARTED
+    started = _STARTED = time.perf_counter()
     shards = out / "shards"
+    step(f"{threads} torch thread(s) on the {usable_cores()} core(s) this process may use")
     step("1/5 real photographs → shards (scikit-image's bundled photos, 64² tiles)")
     train_photos, test_photos = photo_tiles(out / "photos")
     shard_folder(

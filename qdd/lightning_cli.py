@@ -1,24 +1,8 @@
 """The Trainer subcommands (fit, validate, test, predict) as a LightningCLI.
 
-Short flags of the CLI contract are rewritten into plain LightningCLI arguments before
-parsing, so everything else (``--config``, ``--trainer.*``, ``--model.*``, ``--data.*``,
-``--print_config``) works as Lightning documents it:
-
-==========================  ==================================================================
-``--detector npr``          ``--config qdd/configs/detectors/npr.yaml`` (a packaged preset) or
-                            ``--config X.yaml`` for a YAML, else ``--model.detector=NAME``
-``--data X``                a preset under ``configs/data/`` or a YAML → ``--data X.yaml``;
-                            anything else (folder, glob; repeatable) → ``--data.paths``
-``--weights F``             ``--model.weights=F``
-``--random-weights``        ``--model.random_weights=true``
-``--out DIR``               the run folder (``--trainer.default_root_dir=DIR``)
-``--trainer cpu|gpu|ddp``   ``--config`` of the packaged preset ``configs/trainer/NAME.yaml``
-                            (any other value is left to LightningCLI)
-``--perturb SPEC``          a test-time perturbation (``jpeg:75``, ``resize:0.5``, ``blur:1.0``;
-                            repeatable) → ``--data.perturb=[...]``; ``none`` is always run
-==========================  ==================================================================
-
-Presets are applied first, so later flags such as ``--data.batch_size=8`` still override.
+qdd's short flags (``--detector``, ``--data``, ``--weights``, ``--random-weights``,
+``--out``) are rewritten into plain LightningCLI arguments by `qdd.trainer_args`, which
+also checks the data before this module (and Lightning) is imported.
 
 Data: a data section that lists ``train:`` sources (an experiment YAML under
 ``configs/experiments/``, or ``--data.train=...``) selects `MixDataModule` (weighted
@@ -43,90 +27,25 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from qdd.datamodules.mix import MixDataModule
 from qdd.datamodules.shard import ShardDataModule
 from qdd.errors import QddError
 from qdd.modules.detector import DetectorModule
+from qdd.threads import use_threads
+from qdd.trainer_args import HELP_ALL, expand_shorthands
+
+__all__ = ["QddLightningCLI", "expand_shorthands", "run_trainer_command"]
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).parent / "configs"
 RUN_DIR_ENV = "QDD_RUN_DIR"  # shared with DDP child processes, which re-run the command
-
-
-def _preset(kind: str, value: str) -> Path | None:
-    """A packaged preset (``configs/<kind>/<value>.yaml``) or a YAML file the user names."""
-    if value.endswith((".yaml", ".yml")):
-        if not Path(value).is_file():
-            raise QddError(f"config {value} does not exist: check the path")
-        return Path(value)
-    candidate = CONFIGS / kind / f"{value.lower().replace('-', '_')}.yaml"
-    return candidate if candidate.is_file() else None
-
-
-def _trainer_preset(value: str) -> Path | None:
-    """``configs/trainer/<value>.yaml`` when ``value`` names a packaged trainer preset."""
-    candidate = CONFIGS / "trainer" / f"{value}.yaml"
-    return candidate if value.isidentifier() and candidate.is_file() else None
-
-
-def expand_shorthands(argv: list[str]) -> list[str]:
-    """Rewrite the CLI contract's short flags into LightningCLI arguments."""
-    front: list[str] = []
-    rest: list[str] = []
-    paths: list[str] = []
-    perturb: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, inline = arg.partition("=")
-        takes_value = name in ("--detector", "--data", "--weights", "--out", "--perturb")
-        if takes_value:
-            if eq:
-                value = inline
-            elif i + 1 < len(argv):
-                value = argv[i + 1]
-                i += 1
-            else:
-                raise QddError(f"{name} needs a value")
-        if name == "--detector":
-            preset = _preset("detectors", value)
-            front += [f"--config={preset}"] if preset else []
-            rest += [] if preset else [f"--model.detector={value}"]
-        elif name == "--data":
-            preset = _preset("data", value)
-            if preset is not None:
-                front.append(f"--data={preset}")
-            else:
-                paths.append(value)
-        elif name == "--weights":
-            rest.append(f"--model.weights={value}")
-        elif name == "--out":
-            rest.append(f"--trainer.default_root_dir={value}")
-        elif name == "--trainer" and not eq and i + 1 < len(argv) and _trainer_preset(argv[i + 1]):
-            front.append(f"--config={_trainer_preset(argv[i + 1])}")
-            i += 1
-        elif name == "--perturb":
-            perturb.append(value)
-        elif arg == "--random-weights":
-            rest.append("--model.random_weights=true")
-        else:
-            rest.append(arg)
-        i += 1
-    if len(paths) == 1:
-        rest.append(f"--data.paths={paths[0]}")
-    elif paths:
-        rest.append(f"--data.paths={json.dumps(paths)}")
-    if perturb:
-        rest.append(f"--data.perturb={json.dumps(perturb)}")
-    return front + rest
 
 
 def _option(arg: str, section: str) -> str | None:
@@ -262,14 +181,54 @@ class QddLightningCLI(LightningCLI):
             config.model.random_weights = False
 
     def after_instantiate_classes(self) -> None:
+        workers = getattr(self.datamodule, "num_workers", 0)
+        use_threads(workers=workers, processes=self.trainer.num_devices)
+        if self.subcommand == "fit":
+            self.trainer.callbacks.append(ValidateAtMaxSteps())
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.dirpath is None:
             callback.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
             callback.save_last = True  # checkpoints/last.ckpt: a path users can predict
 
 
+class ValidateAtMaxSteps(Callback):
+    """Stop through ``trainer.should_stop`` when ``max_steps`` is reached mid-epoch.
+
+    Lightning validates at the end of each epoch, and when a callback asks the loop to stop,
+    but not when ``max_steps`` ends a fit mid-epoch: such a run would end unvalidated, its
+    best checkpoint chosen on nothing. Asking to stop at the last step makes Lightning run
+    the validation loop first (the ModelCheckpoint then saves on fresh val metrics).
+    """
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
+def fit_progress(trainer: Trainer) -> dict[str, Any]:
+    """How far a fit went: epochs (a fraction for a partial last one), steps, what stopped it."""
+    completed = trainer.fit_loop.epoch_progress.current.completed
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+    per_epoch = trainer.num_training_batches
+    epochs: float = completed
+    if completed and 0 < batches < per_epoch < float("inf"):
+        epochs = completed - 1 + batches / per_epoch  # the last epoch stopped part-way
+    if 0 < trainer.max_steps <= trainer.global_step:
+        stopped_by = "max_steps"
+    elif trainer.max_epochs is not None and 0 <= trainer.max_epochs <= completed:
+        stopped_by = "max_epochs"
+    else:
+        stopped_by = "stop requested (a callback, e.g. early stopping, or an interrupt)"
+    return {
+        "epochs": round(epochs, 4),
+        "steps": trainer.global_step,
+        "batches_per_epoch": per_epoch if per_epoch < float("inf") else None,
+        "stopped_by": stopped_by,
+    }
+
+
 def _fit_metrics(cli: QddLightningCLI) -> None:
-    """metrics.json of a fit run: last logged values and the best checkpoint."""
+    """metrics.json of a fit run: how far it went, last logged values, the checkpoints."""
     trainer = cli.trainer
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     callback = trainer.checkpoint_callback
@@ -277,7 +236,7 @@ def _fit_metrics(cli: QddLightningCLI) -> None:
     summary = {
         "detector": cli.model.hparams.detector,
         "weights": cli.model.detector.weights_source,
-        "epochs": trainer.current_epoch,
+        **fit_progress(trainer),
         "metrics": metrics,
         "calibrated_threshold": cli.model.calibrated_threshold,
         "calibration": cli.model.calibration,
@@ -291,20 +250,10 @@ def _fit_metrics(cli: QddLightningCLI) -> None:
 
 def run_trainer_command(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ...``; prints the run folder last."""
-    expanded = expand_shorthands(argv)
+    if HELP_ALL in argv:  # LightningCLI's own, full help
+        argv = ["--help" if a == HELP_ALL else a for a in argv]
+    expanded = expand_shorthands(argv)  # (qdd.cli checked --data before importing us)
     args = [command, *expanded]
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within")
-    # Test metrics are computed once on rank 0 from all ranks' gathered scores.
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('test_")
-    # DetectorModule normalises uint8 batches on the device in on_after_batch_transfer.
-    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
-    # Frozen CLIP towers stay in eval mode on purpose (no dropout, fixed norms).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=".*is smaller than the logging interval")
-    # Testing a fit checkpoint in a new run folder: its old checkpoint dir is irrelevant.
-    warnings.filterwarnings("ignore", message="The dirpath has changed from")
-    # The run folder already holds config.yaml when the CSV logger starts; nothing is lost.
-    warnings.filterwarnings("ignore", message="Experiment logs directory .* is not empty")
     cli = QddLightningCLI(
         DetectorModule,
         MixDataModule if uses_mix(expanded) else ShardDataModule,

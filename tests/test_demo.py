@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from qdd.cli import main
+from qdd.cli import VERBOSE_ENV, main
 from qdd.demo import DETECTORS, GENERATORS
 from qdd.quant import PRECISIONS
+from qdd.quiet import is_silenced
 from qdd.report.kde import plot_kde
 from qdd.report.paired import plot_paired
 
 
-def test_demo_runs_the_study_and_ends_with_the_report(tmp_path: Path, capsys) -> None:
+def test_demo_runs_the_study_and_ends_with_the_report(
+    tmp_path: Path, capsys, monkeypatch, recwarn
+) -> None:
+    logged: list[tuple[str, str]] = []  # (logger, message) of every record handlers receive
+    call_handlers = logging.Logger.callHandlers
+
+    def keep(self: logging.Logger, record: logging.LogRecord) -> None:
+        logged.append((record.name, record.getMessage()))
+        call_handlers(self, record)
+
+    monkeypatch.setattr(logging.Logger, "callHandlers", keep)
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
     out = tmp_path / "demo"
     main(["demo", "--out", str(out)])
+    # quiet by default: none of qdd.quiet's listed library messages reached the log ...
+    shown = [m for name, m in logged if is_silenced(name, m)]
+    shown += [str(w.message) for w in recwarn if is_silenced("warnings", str(w.message))]
+    assert shown == [], shown[:5]
+    # ... while what a user must see still did (and the collection above works)
+    assert any("RANDOM head weights" in m for _, m in logged)
     index = out / "report" / "report.md"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(index)
     text = index.read_text()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,29 @@ def unwrap_state(raw: Any) -> dict[str, Tensor]:
     return tensors
 
 
-def read_state(path: str | Path) -> dict[str, Tensor]:
-    """The flat state_dict stored in ``path`` (tensors only, loaded safely on CPU)."""
+def _why_unreadable(error: Exception) -> str:
+    """What is wrong with a file ``torch.load(weights_only=True)`` refused, in a few words.
+
+    PyTorch's own message advises re-running with ``weights_only=False``, which executes
+    whatever the pickle says: advice qdd never passes on for a file given on a command line.
+    """
+    text = str(error)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it holds a pickled Python object ({found.group(1)}), not only tensors"
+    if isinstance(error, EOFError) or "Unsupported operand" in text or "invalid load key" in text:
+        return "it is not a PyTorch tensor file (empty, truncated or another format)"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"it is not a readable PyTorch tensor file ({error.__class__.__name__}: {first[:120]})"
+
+
+def load_tensor_file(path: str | Path) -> Any:
+    """``torch.load`` of tensors and plain containers only, on CPU; failures in one line.
+
+    qdd never unpickles arbitrary objects: a weights file is data from the internet, and
+    unpickling one can run any code it carries. State dicts, official detector files and
+    Lightning checkpoints of ``qdd-cli fit`` hold only tensors, numbers and strings.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise QddError(
@@ -59,12 +81,23 @@ def read_state(path: str | Path) -> dict[str, Tensor]:
             "or pass --weights FILE"
         )
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        return unwrap_state(raw)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise QddError(
-            f"cannot read weights {path} ({error.__class__.__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}): pass a PyTorch state_dict file"
+            f"cannot read weights {path}: {_why_unreadable(error)}; qdd loads only tensors "
+            "(see README, 'Weights'): pass a file saved with torch.save(model.state_dict(), "
+            "FILE), an official file from checkpoints/README.md, or a `qdd-cli fit` checkpoint"
+        ) from None
+
+
+def read_state(path: str | Path) -> dict[str, Tensor]:
+    """The flat state_dict stored in ``path`` (tensors only, loaded safely on CPU)."""
+    raw = load_tensor_file(path)
+    try:
+        return unwrap_state(raw)
+    except ValueError as error:
+        raise QddError(
+            f"cannot read weights {path}: {error}; pass a PyTorch state_dict file"
         ) from None
 
 

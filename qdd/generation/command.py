@@ -272,6 +272,9 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
     prompts = load_prompts(job.prompts)
     items = work_items(prompts, job.seed, job.limit)
     trainer = make_trainer(trainer_kwargs or {})
+    from qdd.threads import use_threads
+
+    use_threads(processes=trainer.num_devices)
     device = trainer.strategy.root_device
     quantized = job.precision not in ("fp32", "fp16")
     backend = (

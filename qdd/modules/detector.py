@@ -33,7 +33,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from qdd.calibration import fit_threshold, parse_rule
 from qdd.datamodules.dataset import META_FIELDS, UNPERTURBED
 from qdd.detectors import build_detector, load_detector
-from qdd.detectors.weights import apply_state
+from qdd.detectors.weights import apply_state, load_tensor_file
 from qdd.errors import QddError
 from qdd.metrics import METRICS, grouped_metrics
 
@@ -104,7 +104,7 @@ class DetectorModule(LightningModule):
         if hp.weights and str(hp.weights).endswith(".ckpt"):
             if not Path(hp.weights).is_file():
                 raise QddError(f"checkpoint {hp.weights} does not exist: check the path")
-            checkpoint = torch.load(hp.weights, map_location="cpu", weights_only=True)
+            checkpoint = load_tensor_file(hp.weights)  # one-line error if it is not one
             self.detector = build_detector(hp.detector, **args)
             apply_state(self.detector, checkpoint_state(checkpoint), str(hp.weights))
             self.detector.weights_source = str(hp.weights)
