@@ -49,6 +49,7 @@ from qdd.errors import QddError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Source:
     """One training source: shard folder(s) or a glob, its sampling weight, a short name.
