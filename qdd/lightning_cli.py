@@ -181,14 +181,11 @@ class QddLightningCLI(LightningCLI):
             config.model.random_weights = False
 
     def after_instantiate_classes(self) -> None:
-        workers = getattr(self.datamodule, "num_workers", 0)
-        if workers is None:  # chosen by the loaders (eval): count what they will start
-            from qdd.datamodules.shard import default_num_workers
-
-            device = self.trainer.strategy.root_device.type
-            workers = default_num_workers(
-                "cpu" if device == "cpu" else "gpu", self.trainer.num_devices
-            )
+        workers_for = getattr(self.datamodule, "workers_for", None)
+        if callable(workers_for):  # ShardDataModule: num_workers=None picks from the cores
+            workers = workers_for(self.trainer)
+        else:
+            workers = getattr(self.datamodule, "num_workers", 0) or 0
         use_threads(workers=workers, processes=self.trainer.num_devices)
         if self.subcommand == "fit":
             self.trainer.callbacks.append(ValidateAtMaxSteps())

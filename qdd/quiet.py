@@ -34,8 +34,13 @@ SILENCED: tuple[Silenced, ...] = (
     ),
     Silenced(
         "warnings",
-        r"Your `IterableDataset` has `__len__` defined",
-        "qdd's shard dataset splits itself per rank and worker, so its __len__ is exact",
+        r"You have overridden `on_after_batch_transfer`",
+        "DetectorModule normalises the loader's uint8 batches on the device, on purpose",
+    ),
+    Silenced(
+        "warnings",
+        r"It is recommended to use `self.log\('test_",
+        "test metrics are computed once, on rank 0, from every rank's gathered scores",
     ),
     Silenced(
         "warnings",
@@ -46,16 +51,6 @@ SILENCED: tuple[Silenced, ...] = (
         "warnings",
         r"is smaller than the logging interval",
         "tiny data sets (tests, the demo) log once per epoch anyway",
-    ),
-    Silenced(
-        "warnings",
-        r"It is recommended to use `self.log\('test_",
-        "test metrics are computed once on rank 0 from all ranks' gathered scores",
-    ),
-    Silenced(
-        "warnings",
-        r"You have overridden `on_after_batch_transfer`",
-        "DetectorModule normalises uint8 batches on the device in on_after_batch_transfer",
     ),
     Silenced(
         "warnings",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -172,10 +173,26 @@ def test_fit_lowers_loss_and_checkpoint_reloads(shards: Path, tmp_path: Path, ca
 
 def test_print_config_and_help(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["test", "--detector", "npr", "--data", "somewhere", "--print_config"])
+        main(
+            [
+                "test",
+                "--detector",
+                "npr",
+                "--data",
+                "somewhere",
+                "--trainer",
+                "ddp",  # the packaged preset; later flags override it
+                "--trainer.devices=3",
+                "--perturb",
+                "jpeg:75",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "detector: npr" in printed and "somewhere" in printed
+    assert "strategy: ddp" in printed and "jpeg:75" in printed
+    assert re.search(r"devices: '?3'?\n", printed)
 
 
 @pytest.mark.parametrize("detector", ["npr", "clipd", "univfd", "corvi"])

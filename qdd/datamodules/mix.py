@@ -316,6 +316,10 @@ class MixDataModule(LightningDataModule):
         """Samples of the test split (what a complete test run scores)."""
         return sum(self.groups.values())
 
+    def workers_for(self, trainer: Any) -> int:
+        """The DataLoader workers this module's loaders will start under ``trainer``."""
+        return loader_options(trainer, self.num_workers, persistent=False)["num_workers"]
+
     @property
     def perturbation_names(self) -> list[str]:
         return [p.name for p in self.perturbations] or [UNPERTURBED]

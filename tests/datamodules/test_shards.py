@@ -194,7 +194,10 @@ def test_default_workers_follow_the_cores(monkeypatch) -> None:
     monkeypatch.setattr(shard, "usable_cores", lambda: 16)
     assert shard.default_num_workers("gpu") == 15
     assert shard.default_num_workers("gpu", processes_per_node=4) == 3
-    assert shard.default_num_workers("cpu") == 1
+    assert shard.default_num_workers("cpu") == 2
+    assert shard.default_num_workers("cpu", processes_per_node=2) == 1
+    monkeypatch.setattr(shard, "usable_cores", lambda: 4)
+    assert shard.default_num_workers("cpu") == 0 and shard.default_num_workers("gpu") == 3
     monkeypatch.setattr(shard, "usable_cores", lambda: 1)
     assert shard.default_num_workers("gpu") == shard.default_num_workers("cpu") == 0
 
