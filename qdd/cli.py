@@ -1,7 +1,7 @@
 """``qdd-cli``: one entry point for the whole study.
 
 A small dispatcher in front of LightningCLI: the Trainer subcommands (fit, validate, test,
-predict) go to `qdd.lightning_cli`, the others (shard, generate, report, demo) to plain
+predict) go to `qdd.lightning_cli`, the others (shard, generate, report, sweep, demo) to plain
 functions. Nothing heavy is imported here, so ``qdd-cli --help`` and ``qdd-cli shard`` do
 not pay for Lightning, torchmetrics or diffusers.
 
@@ -78,6 +78,12 @@ def _report(argv: Sequence[str]) -> None:
     main(list(argv))
 
 
+def _sweep(argv: Sequence[str]) -> None:
+    from qdd.sweep import main
+
+    main(list(argv))
+
+
 def _demo(argv: Sequence[str]) -> None:
     from qdd.demo import main
 
@@ -112,6 +118,7 @@ def _available() -> dict[str, tuple[str, Callable[[Sequence[str]], None]]]:
     optional = {
         "generate": ("qdd.generation.command", "generate images at each precision", _generate),
         "report": ("qdd.report.command", "draw the study's figures and tables from runs", _report),
+        "sweep": ("qdd.sweep", "run a W&B grid sweep offline: one fit run per trial", _sweep),
         "demo": ("qdd.demo", "the whole study in miniature, offline, on CPU", _demo),
     }
     for name, (module, text, function) in optional.items():

@@ -8,6 +8,9 @@ Every step runs through the same code a real study uses, only smaller:
 3. each detector, with a tiny backbone, fitted briefly on real vs FP32 fakes (as the
    published detectors were trained on full-precision fakes) — ``qdd-cli fit``;
 4. each detector tested on held-out prompts at every precision — ``qdd-cli test``;
+   then the recommendation in miniature: NPR fine-tuned from that checkpoint for a few more
+   epochs on a weighted mix with FP4 fakes (`MixDataModule`: real ½, FP32 ¼, FP4 ¼),
+   tested like the others, beside the NPR trained without them;
 5. ``qdd-cli report`` over the test runs.
 
 The numbers come from tiny random-init models: they show the pipeline, not the paper.
@@ -23,6 +26,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,6 +46,10 @@ STEPS = 2
 #: (epochs, learning rate) of the brief fit: tiny models from scratch need a higher rate
 #: than the published recipes, which start from pretrained trunks or strong features.
 FIT = {"npr": (10, 1e-3), "clipd": (30, 1e-2), "univfd": (30, 1e-2), "corvi": (4, 1e-3)}
+#: The fine-tune of the recommendation: (epochs, learning rate), and how many training
+#: prompts also get an FP4 image (their FP32 twins are in the training set already).
+FINE_TUNE = (2, 1e-3)
+FP4_TRAIN_PROMPTS = 12
 
 
 _STARTED = time.perf_counter()
@@ -145,7 +153,7 @@ def main(argv: list[str]) -> None:
     step(f"2/5 tiny generators {', '.join(GENERATORS)} at {', '.join(PRECISIONS)}")
     for generator in GENERATORS:
         model = build_tiny_pipeline(generator, out / "models" / generator)
-        plan = [("train", "fp32")] + [("test", p) for p in PRECISIONS]
+        plan = [("train", "fp32"), ("train", "fp4")] + [("test", p) for p in PRECISIONS]
         for split, precision in plan:
             cli(
                 [
@@ -168,6 +176,12 @@ def main(argv: list[str]) -> None:
                     "0" if split == "train" else "1000",
                     "--out",
                     str(shards / split / f"{generator}-{precision}"),
+                    # FP4 training twins of the first prompts only: the fine-tune needs few
+                    *(
+                        ["--limit", str(FP4_TRAIN_PROMPTS)]
+                        if precision == "fp4" and split == "train"
+                        else []
+                    ),
                 ]
             )
 
@@ -183,7 +197,9 @@ def main(argv: list[str]) -> None:
                 "--random-weights",
                 *tiny_detector_args(detector),
                 "--data",
-                str(shards / "train" / "*"),
+                str(shards / "train" / "real-*"),
+                "--data",
+                str(shards / "train" / "*-fp32"),
                 "--out",
                 str(fit_dir),
                 f"--trainer.max_epochs={FIT[detector][0]}",
@@ -215,6 +231,8 @@ def main(argv: list[str]) -> None:
             ]
         )
         test_runs.append(str(test_dir))
+        if detector == "npr":
+            test_runs += fine_tune_with_fp4(cli, out, ckpt)
 
     step("5/5 report")
     from qdd.report.command import build_report
@@ -226,6 +244,57 @@ def main(argv: list[str]) -> None:
     minutes = (time.perf_counter() - started) / 60
     step(f"done in {minutes:.1f} min — tiny random-init models: the pipeline, not the paper")
     print(index)
+
+
+def fine_tune_with_fp4(cli: Any, out: Path, start: str) -> list[str]:
+    """NPR fine-tuned from ``start`` on real + FP32 + FP4 (class-balanced), then tested."""
+    shards = out / "shards"
+    sources = [
+        {"path": str(shards / "train" / "real-*"), "weight": 1.0, "name": "real"},
+        {"path": str(shards / "train" / "*-fp32"), "weight": 1.0, "name": "fp32"},
+        {"path": str(shards / "train" / "*-fp4"), "weight": 1.0, "name": "fp4"},
+    ]
+    step("4/5 fine-tune npr with FP4 fakes mixed in (real 1/2, fp32 1/4, fp4 1/4), test it")
+    fit_dir, test_dir = out / "runs" / "fit-npr-fp4mix", out / "runs" / "test-npr-fp4mix"
+    cli(
+        [
+            "fit",
+            "--detector",
+            "npr",
+            *tiny_detector_args("npr"),
+            "--weights",
+            start,
+            "--data.train",
+            json.dumps(sources),
+            "--data.test_fraction=0",
+            "--data.val_fraction=0.2",
+            "--data.batch_size=16",
+            "--out",
+            str(fit_dir),
+            f"--trainer.max_epochs={FINE_TUNE[0]}",
+            f"--model.lr={FINE_TUNE[1]}",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
+    summary = json.loads((fit_dir / "metrics.json").read_text())
+    cli(
+        [
+            "test",
+            "--detector",
+            "npr",
+            "--ckpt_path",
+            summary["last_checkpoint"],
+            *tiny_detector_args("npr"),
+            "--data",
+            str(shards / "test" / "*"),
+            "--out",
+            str(test_dir),
+            "--trainer.accelerator=cpu",
+            "--data.batch_size=32",
+        ]
+    )
+    return [str(test_dir)]
 
 
 def tiny_detector_args(detector: str) -> list[str]:

@@ -51,8 +51,17 @@ def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> fl
     return float(tpr[fpr <= max_fpr + 1e-12].max())
 
 
-def detection_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.0) -> dict:
-    """All metrics of one real-vs-fake set; ``None`` where a class is missing."""
+def detection_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float = 0.0,
+    calibrated: float | None = None,
+) -> dict:
+    """All metrics of one real-vs-fake set; ``None`` where a class is missing.
+
+    ``acc`` is taken at ``threshold``; ``acc_calibrated`` (beside the `METRICS`) at the
+    validation-calibrated threshold ``calibrated`` (``None`` when the weights carry none).
+    """
     labels = labels.long()
     predicted = (logits > threshold).long()
     real, fake = labels == 0, labels == 1
@@ -61,6 +70,7 @@ def detection_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: flo
     fake_acc = float((predicted[fake] == 1).float().mean()) if fake.any() else nan
     result = {
         "acc": float((predicted == labels).float().mean()) if len(labels) else nan,
+        "acc_calibrated": nan,
         "real_acc": real_acc,
         "fake_acc": fake_acc,
         "balanced_acc": (real_acc + fake_acc) / 2,
@@ -69,6 +79,8 @@ def detection_metrics(logits: torch.Tensor, labels: torch.Tensor, threshold: flo
         "tpr_at_fpr1": nan,
         "tpr_at_fpr5": nan,
     }
+    if calibrated is not None and len(labels):
+        result["acc_calibrated"] = float(((logits > calibrated).long() == labels).float().mean())
     if real.any() and fake.any():
         scores = rank_scores(logits)
         result["auroc"] = float(binary_auroc(scores, labels))
@@ -83,10 +95,13 @@ class GroupedDetectionMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, groups: Sequence[str], threshold: float = 0.0) -> None:
+    def __init__(
+        self, groups: Sequence[str], threshold: float = 0.0, calibrated: float | None = None
+    ) -> None:
         super().__init__()
         self.groups = list(groups)
         self.threshold = threshold
+        self.calibrated = calibrated
         self.add_state("logits", default=[], dist_reduce_fx="cat")
         self.add_state("labels", default=[], dist_reduce_fx="cat")
         self.add_state("group_ids", default=[], dist_reduce_fx="cat")
@@ -109,6 +124,7 @@ class GroupedDetectionMetrics(Metric):
             dim_zero_cat(self.group_ids).cpu(),
             self.groups,
             self.threshold,
+            self.calibrated,
         )
 
 
@@ -118,14 +134,16 @@ def grouped_metrics(
     group_ids: torch.Tensor,
     groups: Sequence[str],
     threshold: float = 0.0,
+    calibrated: float | None = None,
 ) -> dict:
     """``{"n", "overall", "groups"}``: overall metrics, and each fake group (index into
-    ``groups``; -1 for none) against all real images."""
+    ``groups``; -1 for none) against all real images. ``calibrated``: the threshold of
+    ``acc_calibrated`` (see `detection_metrics`)."""
     logits, labels, group_ids = logits.float(), labels.long(), group_ids.long()
     real = labels == 0
     result = {
         "n": len(labels),
-        "overall": detection_metrics(logits, labels, threshold),
+        "overall": detection_metrics(logits, labels, threshold, calibrated),
         "groups": {},
     }
     for index, name in enumerate(groups):
@@ -133,7 +151,7 @@ def grouped_metrics(
         if not fake.any():
             continue
         chosen = fake | real
-        metrics = detection_metrics(logits[chosen], labels[chosen], threshold)
+        metrics = detection_metrics(logits[chosen], labels[chosen], threshold, calibrated)
         result["groups"][name] = {
             "n_fake": int(fake.sum()),
             "n_real": int(real.sum()),

@@ -85,7 +85,7 @@ def short_help(command: str) -> str:
         f"  --out DIR             the run folder (default runs/{command}-DETECTOR-TIMESTAMP/);",
         "                        printed as the last line",
         "  --ckpt_path CKPT      resume (fit) or evaluate (test) a `qdd-cli fit`",
-        "                        checkpoint; its saved --model.* settings win",
+        "                        checkpoint; --model.* flags you give win, it fills the rest",
         "  --perturb SPEC        test also after jpeg:Q, resize:S, blur:SIGMA, noise:SIGMA or",
         "                        crop:N (repeatable; the unperturbed pass always runs)",
         "  --trainer cpu|gpu|ddp a packaged Trainer preset (configs/trainer/)",

@@ -56,3 +56,44 @@ def write_fake_shards(
             writer.flush()
     write_manifest(folder)
     return keys
+
+
+@pytest.fixture(scope="session")
+def mix_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards made by the project's own commands, for the training tests.
+
+    ``real-skimage`` (``qdd-cli shard`` of scikit-image photo tiles) and ``sd15-fp32``,
+    ``sd15-fp4``, ``sd3-fp32``, ``sd3-fp4`` (``qdd-cli generate`` with tiny random-init
+    pipelines, 24 prompts each, paired by prompt_id and seed across precisions).
+    """
+    from qdd.cli import main
+    from qdd.demo import photo_tiles
+    from qdd.generation.prompts import default_prompts
+    from qdd.generation.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("mix")
+    train_tiles, _ = photo_tiles(root / "photos")
+    shards = root / "shards"
+    main(
+        [
+            "shard",
+            *("--src", str(train_tiles), "--out", str(shards / "real-skimage")),
+            *("--label", "real", "--source", "skimage"),
+        ]
+    )
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(default_prompts()[:24]) + "\n")
+    for generator in ("sd15", "sd3"):
+        model = build_tiny_pipeline(generator, root / "models" / generator)
+        for precision in ("fp32", "fp4"):
+            main(
+                [
+                    "generate",
+                    *("--generator", generator, "--model-path", str(model)),
+                    *("--precision", precision, "--prompts", str(prompts)),
+                    *("--steps", "2", "--height", "64", "--width", "64"),
+                    *("--out", str(shards / f"{generator}-{precision}")),
+                    *("--trainer.accelerator", "cpu", "--trainer.enable_progress_bar=false"),
+                ]
+            )
+    return shards

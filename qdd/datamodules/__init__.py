@@ -1,12 +1,13 @@
 """Shards: schema, writer, readers and the Lightning DataModules.
 
-`ShardDataModule` is imported lazily so that light commands (``qdd-cli shard``) that only
-need the writer do not import Lightning.
+`ShardDataModule` (shard folders as they are) and `MixDataModule` (a weighted mix of
+training sources with held-out val/test splits) are imported lazily so that light
+commands (``qdd-cli shard``) that only need the writer do not import Lightning.
 """
 
 from typing import Any
 
-__all__ = ["ShardDataModule"]
+__all__ = ["MixDataModule", "ShardDataModule"]
 
 
 def __getattr__(name: str) -> Any:
@@ -14,4 +15,8 @@ def __getattr__(name: str) -> Any:
         from qdd.datamodules.shard import ShardDataModule
 
         return ShardDataModule
+    if name == "MixDataModule":
+        from qdd.datamodules.mix import MixDataModule
+
+        return MixDataModule
     raise AttributeError(name)

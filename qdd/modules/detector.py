@@ -9,6 +9,10 @@ Weights: ``weights`` is an official file, or a Lightning checkpoint of a previou
 detector without weights refuses to run unless ``random_weights=True``. Frozen backbones
 (CLIP detectors) are kept out of saved checkpoints: they are rebuilt from
 ``detector_args`` (the backbone weight file) on load.
+
+Calibration: every validation epoch of ``fit`` fits a decision threshold on the gathered
+validation logits (`qdd.calibration`, rule ``calibration``); checkpoints carry it under
+``qdd_calibration`` and ``test`` reports accuracy at it beside accuracy at ``threshold``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from qdd.calibration import fit_threshold, parse_rule
 from qdd.datamodules.dataset import META_FIELDS, UNPERTURBED
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.weights import apply_state, load_tensor_file
@@ -66,7 +71,9 @@ class DetectorModule(LightningModule):
         random_weights: run without trained head weights (smoke tests only; logged loudly).
         detector_args: passed to the detector (e.g. ``backbone``, ``backbone_weights``).
         lr: learning rate; ``None`` keeps the detector's published recipe.
-        threshold: logit above which an image is called fake.
+        threshold: logit above which an image is called fake (``acc``; 0 by convention).
+        calibration: rule that fits a threshold on validation logits during ``fit``:
+            ``balanced_acc`` or ``fpr@P`` (see `qdd.calibration`).
     """
 
     def __init__(
@@ -77,9 +84,13 @@ class DetectorModule(LightningModule):
         detector_args: dict[str, Any] | None = None,
         lr: float | None = None,
         threshold: float = 0.0,
+        calibration: str = "balanced_acc",
     ) -> None:
         super().__init__()
+        parse_rule(calibration)  # a bad rule fails now, not after the first epoch
         self.save_hyperparameters()
+        #: The threshold fitted on validation (`qdd.calibration.fit_threshold`), or None.
+        self.calibration: dict[str, Any] | None = None
         self.configure_models()
         self.configure_losses()
         self.configure_metrics()
@@ -97,6 +108,7 @@ class DetectorModule(LightningModule):
             self.detector = build_detector(hp.detector, **args)
             apply_state(self.detector, checkpoint_state(checkpoint), str(hp.weights))
             self.detector.weights_source = str(hp.weights)
+            self.calibration = checkpoint.get("qdd_calibration")
         else:
             self.detector = load_detector(
                 hp.detector, hp.weights, random_weights=hp.random_weights, **args
@@ -113,6 +125,9 @@ class DetectorModule(LightningModule):
         metrics = MetricCollection({"acc": BinaryAccuracy(), "auroc": BinaryAUROC()})
         self.train_metrics = metrics.clone(prefix="train_")
         self.val_metrics = metrics.clone(prefix="val_")
+        # Exact over all ranks (sums and gathered logits), so DDP equals one process.
+        self.val_loss = MeanMetric()
+        self.val_logits, self.val_labels = CatMetric(), CatMetric()
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.detector.parameters() if p.requires_grad]
@@ -192,13 +207,29 @@ class DetectorModule(LightningModule):
         self.train_metrics.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, self.val_metrics, "val")
+        images, labels, _ = batch
+        if len(images) == 0:  # every sample of this batch was unreadable (logged)
+            return
+        logits = self(images)
+        self.val_loss.update(self.criterion(logits, labels.float()), weight=len(labels))
+        self.val_metrics.update(torch.sigmoid(logits.double()), labels)
+        self.val_logits.update(logits.double())
+        self.val_labels.update(labels.double())
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
+        # Already reduced over ranks by torchmetrics: every rank logs the same floats.
+        self.log("val_loss", float(self.val_loss.compute()), prog_bar=True)
+        self.log_dict({k: float(v) for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        logits, labels = self.val_logits.compute(), self.val_labels.compute()
+        for metric in (self.val_loss, self.val_metrics, self.val_logits, self.val_labels):
+            metric.reset()
+        if self.trainer.sanity_checking:
+            return  # a few batches: not a calibration
+        self.calibration = fit_threshold(logits, labels, self.hparams.calibration)
+        self.log("val_threshold", self.calibration["threshold"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["qdd_calibration"] = self.calibration
         prefixes = tuple(f"detector.{p}" for p in self.detector.frozen_prefixes)
         if prefixes:
             state = checkpoint["state_dict"]
@@ -206,6 +237,7 @@ class DetectorModule(LightningModule):
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.calibration = checkpoint.get("qdd_calibration")
         if self.detector.frozen_prefixes:
             apply_state(self.detector, checkpoint_state(checkpoint), "checkpoint")
 
@@ -216,6 +248,11 @@ class DetectorModule(LightningModule):
     # metrics per perturbation and writes scores.parquet and metrics.json once.
     def on_test_epoch_start(self) -> None:
         self._reset_scores()
+
+    @property
+    def calibrated_threshold(self) -> float | None:
+        """The threshold fitted on validation that these weights carry, or None."""
+        return None if self.calibration is None else self.calibration["threshold"]
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._score(batch)
@@ -230,7 +267,9 @@ class DetectorModule(LightningModule):
         by_perturbation = {}
         for name in names:
             rows = scores[scores[PERTURBATION] == name]
-            by_perturbation[name] = frame_metrics(rows, groups, self.hparams.threshold)
+            by_perturbation[name] = frame_metrics(
+                rows, groups, self.hparams.threshold, self.calibrated_threshold
+            )
         results = by_perturbation[UNPERTURBED]
         for name, value in results["overall"].items():
             if value is not None:
@@ -248,6 +287,8 @@ class DetectorModule(LightningModule):
             "reencode": getattr(datamodule, "reencode", None),
             "formats": getattr(datamodule, "formats", None),
             "threshold": self.hparams.threshold,
+            "calibrated_threshold": self.calibrated_threshold,
+            "calibration": self.calibration,
             "n": results["n"],
             "expected": getattr(datamodule, "expected", None),
             "n_skipped": len(skipped),
@@ -373,7 +414,9 @@ def report_count(scored: int, expected: int | None, skipped: list[dict[str, str]
     print(f"qdd: warning: {message}", file=sys.stderr, flush=True)
 
 
-def frame_metrics(scores: Any, groups: list[str], threshold: float) -> dict[str, Any]:
+def frame_metrics(
+    scores: Any, groups: list[str], threshold: float, calibrated: float | None = None
+) -> dict[str, Any]:
     """`grouped_metrics` of a scores frame (one perturbation)."""
     index = {name: i for i, name in enumerate(groups)}
     return grouped_metrics(
@@ -382,6 +425,7 @@ def frame_metrics(scores: Any, groups: list[str], threshold: float) -> dict[str,
         torch.tensor([index.get(g, -1) for g in scores["group"]], dtype=torch.long),
         groups,
         threshold,
+        calibrated,
     )
 
 
@@ -422,23 +466,31 @@ def _json(value: Any) -> Any:
     raise TypeError(type(value))
 
 
+def table_metrics(metrics: dict[str, Any]) -> list[str]:
+    """`METRICS`, with ``acc_calibrated`` beside ``acc`` when the weights carry a threshold."""
+    if metrics.get("calibrated_threshold") is None:
+        return list(METRICS)
+    return ["acc", "acc_calibrated", *METRICS[1:]]
+
+
 def format_table(metrics: dict[str, Any]) -> str:
     """The console table: one row per group, then the overall row; then, when the run has
     perturbations, one overall row per perturbation."""
+    columns = table_metrics(metrics)
     rows = [
-        [group, str(values["n_fake"]), *(_fmt(values[m]) for m in METRICS)]
+        [group, str(values["n_fake"]), *(_fmt(values[m]) for m in columns)]
         for group, values in metrics["groups"].items()
     ]
     n_fake = sum(values["n_fake"] for values in metrics["groups"].values())
-    rows.append(["overall", str(n_fake), *(_fmt(metrics["overall"][m]) for m in METRICS)])
-    table = _grid(["group", "n_fake", *METRICS], rows)
+    rows.append(["overall", str(n_fake), *(_fmt(metrics["overall"][m]) for m in columns)])
+    table = _grid(["group", "n_fake", *columns], rows)
     perturbed = metrics.get("by_perturbation", {})
     if len(perturbed) > 1:
         rows = [
-            [name, str(result["n"]), *(_fmt(result["overall"][m]) for m in METRICS)]
+            [name, str(result["n"]), *(_fmt(result["overall"][m]) for m in columns)]
             for name, result in perturbed.items()
         ]
-        table += "\n\n" + _grid(["perturbation", "n", *METRICS], rows)
+        table += "\n\n" + _grid(["perturbation", "n", *columns], rows)
     return table
 
 
@@ -467,8 +519,9 @@ def log_table(module: LightningModule, metrics: dict[str, Any]) -> None:
     for logger in module.loggers:
         log_table_fn = getattr(logger, "log_table", None)
         if callable(log_table_fn) and type(logger).__name__ == "WandbLogger":
-            columns = ["group", "n_fake", *METRICS]
+            columns = ["group", "n_fake", *table_metrics(metrics)]
             data = [
-                [g, v["n_fake"], *(v[m] for m in METRICS)] for g, v in metrics["groups"].items()
+                [g, v["n_fake"], *(v[m] for m in table_metrics(metrics))]
+                for g, v in metrics["groups"].items()
             ]
             log_table_fn(key="test_groups", columns=columns, data=data)

@@ -1,0 +1,60 @@
+"""`qdd-cli fit` under DDP on 2 CPU processes validates like one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qdd.detectors.tiny import tiny_detector_args
+
+
+@pytest.mark.slow
+def test_fit_under_ddp_matches_one_process(mix_shards: Path, tmp_path: Path) -> None:
+    """Same global batches (2 × 4 vs 1 × 8), same per-draw augmentation, exact metric sync.
+
+    CLIP-D (frozen tiny backbone, linear head, no batch norm): DDP's averaged gradient is
+    the one-process gradient up to float summation order, so validation metrics agree to
+    1e-4 (loss, threshold) and exactly for accuracy/AUROC unless a logit sits within
+    1e-4 of a decision boundary.
+    """
+    sources = [
+        {"path": str(mix_shards / name), "weight": 1.0}
+        for name in ("real-skimage", "sd15-fp32", "sd15-fp4")
+    ]
+    common = [
+        sys.executable,
+        *("-m", "qdd", "fit", "--detector", "clipd", "--random-weights"),
+        *("--model.detector_args", json.dumps(tiny_detector_args("clipd"))),
+        *("--data.train", json.dumps(sources), "--data.val_fraction=0.25"),
+        "--data.samples_per_epoch=48",
+        "--model.lr=0.01",
+        "--trainer.max_epochs=3",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    runs = {
+        "one": ["--data.batch_size=8", "--trainer.devices=1"],
+        "ddp": ["--data.batch_size=4", "--trainer.devices=2", "--trainer.strategy=ddp"],
+    }
+    metrics = {}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        subprocess.run(
+            [*common, *flags, "--out", str(out)], check=True, env=env, cwd=tmp_path, timeout=900
+        )
+        summary = json.loads((out / "metrics.json").read_text())
+        metrics[name] = {**summary["metrics"], "n_val": summary["data"]["n_val"]}
+        metrics[name]["n_cal"] = summary["calibration"]["n_real"] + summary["calibration"]["n_fake"]
+    print(json.dumps(metrics, indent=1))  # the numbers, for the record (-s)
+    one, ddp = metrics["one"], metrics["ddp"]
+    assert one["n_val"] == ddp["n_val"] == one["n_cal"] == ddp["n_cal"]  # each val image once
+    for key in ("val_loss", "val_threshold", "train_loss_epoch"):
+        assert ddp[key] == pytest.approx(one[key], abs=1e-4), key
+    for key in ("val_acc", "val_auroc"):
+        assert ddp[key] == pytest.approx(one[key], abs=1e-6), key
