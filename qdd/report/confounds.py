@@ -2,7 +2,9 @@
 
 Real photographs are usually JPEGs (stored as PNG pixels, their artefacts kept); images from
 `qdd-cli generate` never went through a lossy file. A detector can learn "JPEG = real", so
-the report warns whenever the two classes differ in source format — and only then.
+the report warns whenever the two classes differ in source format — and only then: runs
+tested with ``--data.reencode`` (both classes re-encoded, or fakes matched to the reals'
+JPEG qualities) removed that difference, which ``source_format`` still describes as stored.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def format_warnings(results: dict[str, DetectorResults]) -> list[str]:
     """One line per distinct real-vs-fake format mismatch, naming the detectors it affects."""
     found: dict[str, list[str]] = {}
     for name, entry in sorted(results.items()):
+        if all(run.get("reencode") for run in entry.runs):
+            continue  # every run re-encoded after decoding: the stored formats no longer apply
         counts = formats(entry.main)
         real, fake = counts["real"], counts["fake"]
         if not real or not fake or set(real) == set(fake):

@@ -190,7 +190,8 @@ def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
                "weights": metrics.get("weights"), "threshold": threshold,
                "calibrated_threshold": calibrated,
                "n": len(scores[["group", "key"]].drop_duplicates()),
-               "data": metrics.get("data") or [], "origin": metrics.get("origin")}  # fmt: skip
+               "data": metrics.get("data") or [], "origin": metrics.get("origin"),
+               "reencode": metrics.get("reencode")}  # fmt: skip
         entry = results.get(name)
         if entry is None:
             entry = results[name] = DetectorResults(name, scores, threshold=threshold,

@@ -182,6 +182,10 @@ def test_format_warning_appears_only_when_real_and_fake_formats_differ(make_run,
     assert "format confound" not in build_report([both_jpeg], tmp_path / "c").read_text()
     unknown = make_run("old", "npr", grid)  # shards made before formats were recorded
     assert "format confound" not in build_report([unknown], tmp_path / "d").read_text()
+    matched = make_run("matched", "npr", grid, real_format="jpeg", extra={"reencode": "match"})
+    assert "format confound" not in build_report([matched], tmp_path / "e").read_text()
+    pooled = build_report([mixed, matched], tmp_path / "f").read_text()  # one run was not
+    assert "format confound (npr)" in pooled
 
 
 def test_perturbations_reach_heatmaps_curves_and_tables(make_run, tmp_path) -> None:
