@@ -161,13 +161,26 @@ class _Unhandled(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes (like Python's last resort), so
+    a caller that swaps stderr (tests, notebooks, a closed capture) never gets a dead stream."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def _configure_logging(verbose: bool) -> None:
     """qdd's own INFO lines (DEBUG with --verbose) on stderr; other libraries keep their own
     handlers, less the messages `qdd.quiet` lists as not applying (all shown with --verbose).
     """
     logger = logging.getLogger("qdd")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -176,7 +189,7 @@ def _configure_logging(verbose: bool) -> None:
         # What Python prints for unhandled WARNINGs anyway, in place: without it, the first
         # library to call logging.warning() (open_clip does) installs basicConfig's handler,
         # and every qdd (and Lightning) warning is printed twice from then on.
-        fallback = logging.StreamHandler()
+        fallback = _StderrHandler()
         fallback.setLevel(logging.WARNING)
         fallback.addFilter(_Unhandled())
         root.addHandler(fallback)

@@ -44,7 +44,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from qdd.datamodules.dataset import UNPERTURBED, Collate, Sample, ShardDataset, Skipped, Transform
 from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
 from qdd.datamodules.schema import REAL, group_of
-from qdd.datamodules.shard import _perturbations, evaluation_loader, loader_options
+from qdd.datamodules.shard import (
+    _perturbations,
+    detector_transform,
+    evaluation_loader,
+    loader_options,
+)
 from qdd.errors import QddError
 
 log = logging.getLogger(__name__)
@@ -448,14 +453,7 @@ class MixDataModule(LightningDataModule):
     # -- loaders ----------------------------------------------------------------------------
     def _transform(self, kind: str) -> Transform | None:
         own = self.train_transform if kind == "train" else self.eval_transform
-        if own is not None:
-            return own
-        module = self.trainer.lightning_module if self.trainer else None
-        loader_transform = getattr(module, "loader_transform", None)
-        if callable(loader_transform):
-            return loader_transform(kind)  # up to uint8; normalised on the device
-        factory = getattr(module, f"{kind}_transform", None)
-        return factory() if callable(factory) else None
+        return own if own is not None else detector_transform(self.trainer, kind)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer

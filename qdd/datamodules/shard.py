@@ -169,14 +169,7 @@ class ShardDataModule(LightningDataModule):
     # -- loaders ---------------------------------------------------------------------------
     def _transform(self, kind: str) -> Transform | None:
         own = self.train_transform if kind == "train" else self.eval_transform
-        if own is not None:
-            return own
-        module = self.trainer.lightning_module if self.trainer else None
-        loader_transform = getattr(module, "loader_transform", None)
-        if callable(loader_transform):
-            return loader_transform(kind)
-        factory = getattr(module, f"{kind}_transform", None)
-        return factory() if callable(factory) else None
+        return own if own is not None else detector_transform(self.trainer, kind)
 
     def _split(self, validation: bool) -> list[Entry]:
         entries = [e for e in self.entries if in_validation(e.key, self.val_fraction) == validation]
@@ -219,6 +212,17 @@ class ShardDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.entries, perturbed=True)
+
+
+def detector_transform(trainer: Any, kind: str) -> Transform | None:
+    """The LightningModule's preprocessing for ``kind`` (train/eval): up to uint8 when it
+    normalises on the device (``loader_transform``), else its full transform, else None."""
+    module = trainer.lightning_module if trainer else None
+    loader_transform = getattr(module, "loader_transform", None)
+    if callable(loader_transform):
+        return loader_transform(kind)
+    factory = getattr(module, f"{kind}_transform", None)
+    return factory() if callable(factory) else None
 
 
 def loader_options(trainer: Any, num_workers: int | None, persistent: bool) -> dict[str, Any]:
