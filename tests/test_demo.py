@@ -41,21 +41,35 @@ def test_demo_runs_the_study_and_ends_with_the_report(
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(index)
     text = index.read_text()
     assert "## Gaps" not in text  # every generator x precision was measured
-    for stem in [*(f"kde_{d}" for d in DETECTORS), *(f"paired_{d}" for d in DETECTORS),
-                 "heatmap_fake_acc", "heatmap_auroc"]:  # fmt: skip
+    assert "tiny random" in text  # the demo caveat
+    groups = pd.read_csv(out / "report" / "tables" / "groups.csv")
+    names = sorted(groups["detector"].unique())
+    # one entry per detector; NPR twice: trained without and with FP4 fakes mixed in
+    assert [n.split("-")[0] for n in names] == sorted([*DETECTORS, "npr"])
+    assert len([n for n in names if n.startswith("npr-") and n.endswith("fp4mix")]) == 1
+    stems = [*(f"kde_{n}" for n in names), *(f"paired_{n}" for n in names)]
+    stems += [f"heatmap_{m}" for m in ("fake_acc", "balanced_acc", "auroc")]
+    # the JPEG 95/75/50 sweep of the NPR trained without FP4: its robustness curve
+    curves = sorted(p.stem for p in (out / "report").glob("robustness_*.png"))
+    assert curves == [f"robustness_{n}" for n in names if n.startswith("npr-")][:1]
+    stems += [*curves, "perturbed_fake_acc"]
+    for stem in stems:
         with Image.open(out / "report" / f"{stem}.png") as image:
             image.verify()
         assert f"{stem}.png" in text
     for detector in DETECTORS:
         scores = pd.read_parquet(out / "runs" / f"test-{detector}" / "scores.parquet")
+        scores = scores[scores["perturbation"] == "none"]
         fig = plot_kde(scores, detector)
         panels = [ax for ax in fig.axes if ax.get_title()]
         assert [ax.get_title() for ax in panels] == list(GENERATORS)
         labels = [line.get_label() for line in panels[0].lines if line.get_label()[0] != "_"]
-        assert labels == [*PRECISIONS, "real"]
-        assert len(plot_paired(scores, detector).axes[0].collections) == len(GENERATORS)
-    groups = pd.read_csv(out / "report" / "tables" / "groups.csv")
-    assert len(groups) == len(DETECTORS) * len(GENERATORS) * len(PRECISIONS)
+        assert labels == [*PRECISIONS, "real"]  # one ridge per precision, fp32 on top
+        *scatters, _ = plot_paired(scores, detector).axes
+        assert len(scatters) == len(PRECISIONS) - 1  # every lower precision against FP32
+        assert all(len(ax.collections) == len(GENERATORS) for ax in scatters)
+    groups = groups[groups["perturbation"] == "none"]
+    assert len(groups) == len(names) * len(GENERATORS) * len(PRECISIONS)
     # trained on real vs FP32 fakes, every detector separates them on held-out prompts
     fp32 = groups[groups["precision"] == "fp32"].groupby("detector")["auroc"].mean()
     assert (fp32 > 0.6).all(), fp32
