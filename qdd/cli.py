@@ -174,6 +174,20 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _reopen_closed_streams() -> None:
+    """Point library handlers whose stream was closed at the current stderr.
+
+    Lightning binds a StreamHandler to the ``sys.stderr`` of its import; when a caller that
+    runs several commands in one process swaps stderr (pytest, notebooks), its next log line
+    would fail with "I/O operation on closed file" instead of being printed.
+    """
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        for handler in getattr(logger, "handlers", ()):
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one first
+
+
 def _configure_logging(verbose: bool) -> None:
     """qdd's own INFO lines (DEBUG with --verbose) on stderr; other libraries keep their own
     handlers, less the messages `qdd.quiet` lists as not applying (all shown with --verbose).
@@ -193,6 +207,7 @@ def _configure_logging(verbose: bool) -> None:
         fallback.setLevel(logging.WARNING)
         fallback.addFilter(_Unhandled())
         root.addHandler(fallback)
+    _reopen_closed_streams()
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
     from qdd.quiet import silence

@@ -210,7 +210,13 @@ def data_paths(args: list[str]) -> list[str] | None:
 
 
 def check_data(args: list[str]) -> None:
-    """Fail on missing or broken shard folders now, before weights are read or models built."""
+    """Fail on missing or broken shard folders and unknown --perturb specs now, before
+    weights are read or models built."""
+    perturb = _value(args, "--data.perturb")
+    if perturb is not None and perturb.startswith("["):
+        from qdd.perturb import perturbations
+
+        perturbations([str(spec) for spec in json.loads(perturb)])
     paths = data_paths(args)
     if paths is None:
         return
