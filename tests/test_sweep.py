@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -107,3 +108,16 @@ def test_two_trial_sweep_runs_end_to_end(mix_shards: Path, tmp_path: Path, capsy
     # re-running keeps finished trials instead of training them again
     main(["sweep", str(path), "--out", str(out)])
     assert capsys.readouterr().err.count("done earlier, kept") == 2
+    # each trial's checkpoint tested, then the trials ranked side by side
+    tests = []
+    for i, trial in enumerate(index["trials"]):
+        ckpt = Path(trial["dir"]) / "checkpoints" / "last.ckpt"
+        main(["test", "--detector", "npr", "--ckpt_path", str(ckpt), "--data",
+              str(mix_shards / "*"), "--out", str(tmp_path / f"test-{i}"),
+              "--trainer.accelerator=cpu", "--trainer.logger=false"])  # fmt: skip
+        tests.append(capsys.readouterr().out.strip().splitlines()[-1])
+    main(["report", "--compare", *tests, "--metric", "auroc", "--out", str(tmp_path / "cmp")])
+    compare = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert len(compare) == 2 and "auroc" in compare.columns
+    assert sorted(compare["auroc"], reverse=True) == compare["auroc"].tolist()  # best first
+    assert (tmp_path / "cmp" / "compare.md").is_file()
