@@ -131,5 +131,5 @@ def plot_robustness(table: pd.DataFrame, detector: str) -> Figure | None:
                     ax.set_title(kind)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside right center", frameon=False)
-        fig.suptitle(f"{detector}: robustness per precision (all generators pooled)")
+        fig.suptitle(f"{detector}: robustness per precision\n(all generators pooled)")
     return fig
