@@ -213,23 +213,7 @@ def main(argv: list[str]) -> None:
         ckpt = summary["last_checkpoint"] or summary["best_checkpoint"]
         step(f"4/5 test {detector} on every precision")
         test_dir = out / "runs" / f"test-{detector}"
-        cli(
-            [
-                "test",
-                "--detector",
-                detector,
-                "--ckpt_path",
-                ckpt,
-                *tiny_detector_args(detector),
-                "--data",
-                str(shards / "test" / "*"),
-                "--out",
-                str(test_dir),
-                "--trainer.accelerator=cpu",
-                "--data.batch_size=32",
-                *(arg for spec in PERTURB.get(detector, ()) for arg in ("--perturb", spec)),
-            ]
-        )
+        score_test_shards(cli, detector, ckpt, shards, test_dir, PERTURB.get(detector, ()))
         test_runs.append(str(test_dir))
         if detector == "npr":
             test_runs += fine_tune_with_fp4(cli, out, ckpt)
@@ -278,23 +262,31 @@ def fine_tune_with_fp4(cli: Any, out: Path, start: str) -> list[str]:
         ]
     )
     summary = json.loads((fit_dir / "metrics.json").read_text())
+    score_test_shards(cli, "npr", summary["last_checkpoint"], shards, test_dir)
+    return [str(test_dir)]
+
+
+def score_test_shards(
+    cli: Any, detector: str, ckpt: str, shards: Path, out: Path, perturb: tuple[str, ...] = ()
+) -> None:
+    """``qdd-cli test`` of a fitted checkpoint on every test shard (and perturbation)."""
     cli(
         [
             "test",
             "--detector",
-            "npr",
+            detector,
             "--ckpt_path",
-            summary["last_checkpoint"],
-            *tiny_detector_args("npr"),
+            ckpt,
+            *tiny_detector_args(detector),
             "--data",
             str(shards / "test" / "*"),
             "--out",
-            str(test_dir),
+            str(out),
             "--trainer.accelerator=cpu",
             "--data.batch_size=32",
+            *(arg for spec in perturb for arg in ("--perturb", spec)),
         ]
     )
-    return [str(test_dir)]
 
 
 def tiny_detector_args(detector: str) -> list[str]:
