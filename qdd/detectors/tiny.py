@@ -9,7 +9,7 @@ from qdd.detectors.clip_backbone import TINY_CONFIG
 #: Detector arguments that make each detector tiny (random, seeded CLIP towers).
 TINY_ARGS: dict[str, dict[str, Any]] = {
     "npr": {"resize": 64, "crop": 56},
-    "corvi": {"layers": [1, 1, 1, 1], "crop": 48},
+    "corvi": {"layers": [1, 1, 1, 1], "crop": 32},
     "clipd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
     "univfd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
 }

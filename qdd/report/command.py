@@ -77,9 +77,13 @@ def build_report(runs: list[Path], out: Path) -> Path:
             tables[metric] = write_table(metric_pivot(table, metric, text=True),
                                          out / "tables", metric)  # fmt: skip
         if len(perturbations) > 1:
+            # Only detectors tested under perturbations: the others would be empty panels.
+            swept = table[table.groupby("detector")["perturbation"].transform("nunique") > 1]
             for metric in HEATMAP_METRICS:
-                save(plot_heatmap(table, metric, perturbations), out, f"perturbed_{metric}")
-                figures[f"perturbed_{metric}"] = f"{metric} per perturbation (rows) and detector"
+                save(plot_heatmap(swept, metric, perturbations), out, f"perturbed_{metric}")
+                figures[f"perturbed_{metric}"] = (
+                    f"{metric} per perturbation (rows) of each detector tested under them"
+                )
             robust = precision_table(results)
             for name in sorted(results):
                 figure = plot_robustness(robust, name)

@@ -65,4 +65,7 @@ def save(fig: Figure, out: Path, stem: str) -> list[Path]:
             path = out / f"{stem}{suffix}"
             fig.savefig(path, dpi=DPI, metadata=metadata)
             paths.append(path)
+            # The layout is solved once, for the PNG; the SVG reuses it (the slow part of
+            # saving text-heavy figures is constrained layout measuring every label).
+            fig.set_layout_engine("none")
     return paths

@@ -207,6 +207,26 @@ def test_perturbations_reach_heatmaps_curves_and_tables(make_run, tmp_path) -> N
     assert len(fig_panels) == 1  # npr × sd3, unperturbed
 
 
+def test_perturbed_heatmaps_hold_only_detectors_tested_under_perturbations(
+    make_run, tmp_path, monkeypatch
+) -> None:
+    import qdd.report.style as style
+
+    drawn = {}
+    monkeypatch.setattr(style, "save", lambda fig, out, stem: drawn.setdefault(stem, fig))
+    specs = ("none", "jpeg:90", "jpeg:50")
+    swept = make_run("p", "npr", {"sd3": ["fp32", "fp4"]}, perturbations=specs)
+    plain = make_run("c", "clipd", {"sd3": ["fp32", "fp4"]}, seed=1)
+    build_report([swept, plain], tmp_path / "r")
+    for metric in ("fake_acc", "auroc"):
+        panels = [ax.get_title() for ax in drawn[f"perturbed_{metric}"].axes if ax.get_title()]
+        assert [t.splitlines()[0] for t in panels] == [
+            "npr · none", "npr · jpeg:90", "npr · jpeg:50"
+        ]  # fmt: skip
+        main_panels = [ax for ax in drawn[f"heatmap_{metric}"].axes if ax.get_title()]
+        assert [ax.get_title().splitlines()[0] for ax in main_panels] == ["clipd", "npr"]
+
+
 def test_quantized_fraction_and_scope_are_listed_per_group(make_run, tmp_path) -> None:
     run = make_run("q", "npr", {"sd15": ["fp32", "fp4"], "sd3": ["fp4"]})
     index = build_report([run], tmp_path / "r").read_text()
