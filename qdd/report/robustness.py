@@ -24,6 +24,14 @@ from qdd.report.style import RC
 #: Kinds whose effect grows as the number falls (JPEG quality, kept crop or size share).
 DESCENDING = {"jpeg", "crop"}
 ROWS = (("fake_acc", "fake accuracy"), ("auroc", "AUROC"))
+#: Horizontal shift between neighbouring precisions' markers (in steps): equal values, common
+#: when quantization changes nothing, would otherwise hide every line but the last drawn.
+DODGE = 0.05
+
+
+def dodge(n: int) -> np.ndarray:
+    """Offsets of ``n`` lines, centred on 0 and `DODGE` apart."""
+    return (np.arange(n) - (n - 1) / 2) * DODGE
 
 
 def strength(spec: str) -> float:
@@ -93,8 +101,9 @@ def plot_robustness(table: pd.DataFrame, detector: str) -> Figure | None:
     """Rows: fake accuracy (with real accuracy) and AUROC; columns: perturbation kinds.
 
     Each panel's labelled lines are the precisions in palette order (then ``real`` in the
-    accuracy row); x is ``none`` then the kind's strengths, weakest first. None when the
-    detector was tested without perturbations.
+    accuracy row); x is ``none`` then the kind's strengths, weakest first, each precision
+    shifted a little sideways so that equal curves stay visible. None when the detector
+    was tested without perturbations.
     """
     rows = table[table["detector"] == detector]
     groups = kinds(list(rows["perturbation"].unique()))
@@ -110,10 +119,10 @@ def plot_robustness(table: pd.DataFrame, detector: str) -> Figure | None:
             x = np.arange(len(steps))
             for row, (metric, label) in enumerate(ROWS):
                 ax = axes[row, column]
-                for precision in precisions:
+                for precision, shift in zip(precisions, dodge(len(precisions)), strict=True):
                     part = rows[rows["precision"] == precision].set_index("perturbation")
                     y = part[metric].reindex(steps).to_numpy(dtype=float)
-                    ax.plot(x, y, marker="o", markersize=3.5, linewidth=1.5,
+                    ax.plot(x + shift, y, marker="o", markersize=3.5, linewidth=1.5,
                             color=color(precision), label=precision)  # fmt: skip
                 if metric == "fake_acc":
                     real = rows.drop_duplicates("perturbation").set_index("perturbation")

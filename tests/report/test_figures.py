@@ -228,4 +228,8 @@ def test_robustness_curves_per_kind_and_precision(make_run) -> None:
         assert fp4[x] == pytest.approx(reference_metrics(real, fake)["fake_acc"])
     auroc = fig.axes[3]
     assert [ln.get_label() for ln in auroc.lines] == ["fp32", "fp4"]
+    # equal curves stay visible: each precision's markers sit beside, not on, the other's
+    xs = [ln.get_xdata() for ln in jpeg.lines]
+    assert np.all(xs[0] < xs[1]) and np.allclose(xs[2], range(4))
+    assert np.allclose((xs[0] + xs[1]) / 2, range(4))  # centred on their step
     assert plot_robustness(precision_table(load_runs([make_run("q", "npr")])), "npr") is None
