@@ -20,7 +20,9 @@ CAPTIONS = {
     "balanced_acc": "Balanced accuracy (mean of real and fake accuracy)",
     "auroc": "AUROC of each fake group against the pooled real images",
     "paired_shift": "Paired shift: each lower precision minus the FP32 logit of the same "
-    "prompt and seed",
+    "prompt and seed; shift_lo/hi: 95 % t-interval of the mean; p_shift: Wilcoxon "
+    "signed-rank test of a zero shift; p_flips: exact McNemar test of flips to real vs to "
+    "fake (a change of fake accuracy). p-values are not corrected for the number of groups",
     "robustness": "Metrics per perturbation, per precision (all generators pooled)",
     "groups": "Every metric of every group, with 95 % intervals",
 }

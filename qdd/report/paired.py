@@ -45,25 +45,37 @@ def paired_logits(scores: pd.DataFrame, precision: str) -> pd.DataFrame:
     return wide.dropna().reset_index()
 
 
-SHIFT_COLUMNS = ["detector", "precision", "generator", "pairs", "mean_shift", "sem_shift",
-                 "median_shift", "flipped_to_real", "flipped_to_fake"]  # fmt: skip
+SHIFT_COLUMNS = ["detector", "precision", "generator", "pairs", "mean_shift", "shift_lo",
+                 "shift_hi", "median_shift", "p_shift", "flipped_to_real",
+                 "flipped_to_fake", "p_flips"]  # fmt: skip
 
 
 def shift_table(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> pd.DataFrame:
-    """Per lower precision × generator: pairs, mean/s.e.m./median shift, flips both ways."""
+    """Per lower precision × generator: the paired logit shift and the flips, with tests.
+
+    ``shift_lo``/``shift_hi``: 95 % t-interval of the mean shift; ``p_shift``: Wilcoxon
+    signed-rank p (is the shift centred on 0?); ``p_flips``: exact McNemar p (are flips to
+    "real" and to "fake" equally likely? — i.e. did fake accuracy change?). Neither p is
+    corrected for the number of groups tested.
+    """
+    from qdd.report.stats import mcnemar_p, mean_interval, signed_rank_p
+
     rows = []
     for precision in lower_precisions(scores):
         pairs = paired_logits(scores, precision)
         for generator in order_generators(pairs["generator"].unique()):
             part = pairs[pairs["generator"] == generator]
-            delta = part[precision] - part[REFERENCE]
+            delta = (part[precision] - part[REFERENCE]).to_numpy(dtype=float)
             was_fake, is_fake = part[REFERENCE] > threshold, part[precision] > threshold
+            to_real, to_fake = int((was_fake & ~is_fake).sum()), int((~was_fake & is_fake).sum())
+            lo, hi = mean_interval(delta)
             rows.append({"detector": detector, "precision": precision, "generator": generator,
                          "pairs": len(part), "mean_shift": float(delta.mean()),
-                         "sem_shift": float(delta.sem()) if len(part) > 1 else float("nan"),
-                         "median_shift": float(delta.median()),
-                         "flipped_to_real": int((was_fake & ~is_fake).sum()),
-                         "flipped_to_fake": int((~was_fake & is_fake).sum())})  # fmt: skip
+                         "shift_lo": lo, "shift_hi": hi,
+                         "median_shift": float(np.median(delta)),
+                         "p_shift": signed_rank_p(delta),
+                         "flipped_to_real": to_real, "flipped_to_fake": to_fake,
+                         "p_flips": mcnemar_p(to_real, to_fake)})  # fmt: skip
     return pd.DataFrame(rows, columns=SHIFT_COLUMNS)
 
 
@@ -73,7 +85,8 @@ def plot_paired(scores: pd.DataFrame, detector: str, threshold: float = 0.0) -> 
     Each scatter panel: one point per key (one collection per generator, labelled by it),
     the diagonal (no change), the threshold on both axes, and the two flip corners shaded.
     The bar panel: one bar per precision × generator (generator colours), the mean shift
-    ± s.e.m., annotated ``↓a`` / ``↑b`` where pairs flipped (fake → real, real → fake).
+    with its 95 % t-interval, annotated ``↓a`` / ``↑b`` where pairs flipped (fake → real,
+    real → fake).
     All scatters share axes.
     """
     shifts = shift_table(scores, detector, threshold)
@@ -152,7 +165,8 @@ def plot_shift_bars(
             row = table.loc[(precision, generator)]
             x.append(i - 0.4 + width * (g + 0.5))
             means.append(row["mean_shift"])
-            errors.append(0.0 if np.isnan(row["sem_shift"]) else row["sem_shift"])
+            half = row["shift_hi"] - row["mean_shift"]  # the t-interval is symmetric
+            errors.append(0.0 if np.isnan(half) else half)
             notes.append(flip_note(int(row["flipped_to_real"]), int(row["flipped_to_fake"])))
         ax.bar(x, means, yerr=errors, width=width * 0.9, color=styles[generator][0],
                capsize=2, error_kw={"linewidth": 0.8}, label=generator)  # fmt: skip
@@ -168,7 +182,7 @@ def plot_shift_bars(
     ax.margins(y=0.3)
     ax.set_xticks(range(len(precisions)), [f"{p} − {REFERENCE}" for p in precisions])
     ax.set_xlim(-0.6, len(precisions) - 0.4)
-    ax.set_ylabel("mean logit shift (± s.e.m.)")
+    ax.set_ylabel("mean logit shift\n(95 % t-interval)")
     flips = int(shifts["flipped_to_real"].sum() + shifts["flipped_to_fake"].sum())
     ax.set_title("mean shift per precision and generator · "
                  + ("↓n: n pairs turned real, ↑n: turned fake" if flips

@@ -149,3 +149,42 @@ def accuracy(real: np.ndarray, fake: np.ndarray, threshold: float) -> float:
     n = len(real) + len(fake)
     right = int((np.asarray(real) <= threshold).sum() + (np.asarray(fake) > threshold).sum())
     return right / n if n else math.nan
+
+
+def mean_interval(delta: np.ndarray) -> tuple[float, float]:
+    """95 % Student-t interval of the mean of paired differences; (nan, nan) below 2 pairs."""
+    from scipy.stats import t
+
+    delta = np.asarray(delta, dtype=float)
+    if len(delta) < 2:
+        return math.nan, math.nan
+    mean, sem = float(delta.mean()), float(delta.std(ddof=1) / math.sqrt(len(delta)))
+    half = float(t.ppf(0.975, len(delta) - 1)) * sem
+    return mean - half, mean + half
+
+
+def signed_rank_p(delta: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p of "the shift is centred on 0" (zero shifts dropped).
+
+    1.0 when no pair moved; nan without pairs. Exact for small samples without ties, the
+    normal approximation otherwise (scipy's ``method="auto"``).
+    """
+    from scipy.stats import wilcoxon
+
+    delta = np.asarray(delta, dtype=float)
+    if len(delta) == 0:
+        return math.nan
+    if not np.any(delta != 0):
+        return 1.0
+    return float(wilcoxon(delta, zero_method="wilcox").pvalue)
+
+
+def mcnemar_p(flipped_one_way: int, flipped_other_way: int) -> float:
+    """Exact two-sided McNemar p: are flips in one direction likelier than in the other?
+
+    The discordant pairs of a paired accuracy comparison; 1.0 when no pair flipped.
+    """
+    from scipy.stats import binomtest
+
+    n = flipped_one_way + flipped_other_way
+    return float(binomtest(flipped_one_way, n, 0.5).pvalue) if n else 1.0

@@ -14,18 +14,23 @@ from qdd.report.stats import METRICS
 
 
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub Markdown table; floats rounded, missing values as '–'."""
+    """A GitHub Markdown table; floats rounded (p-values, ``p_*``, to 2 significant digits,
+    so that 3e-05 does not read 0.000), missing values as '–'."""
 
-    def cell(value: object) -> str:
+    def cell(value: object, column: str) -> str:
         if value is None or (isinstance(value, float) and np.isnan(value)):
             return "–"
         if isinstance(value, float | np.floating):
-            return f"{value:.{digits}f}"
+            return f"{value:.2g}" if column.startswith("p_") else f"{value:.{digits}f}"
         return str(value)
 
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    columns = [str(c) for c in frame.columns]
+    header = "| " + " | ".join(columns) + " |"
     rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(False)]
+    rows = [
+        "| " + " | ".join(cell(v, c) for v, c in zip(row, columns, strict=True)) + " |"
+        for row in frame.itertuples(False)
+    ]
     return "\n".join([header, rule, *rows]) + "\n"
 
 

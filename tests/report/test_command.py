@@ -71,8 +71,17 @@ def test_report_command_writes_every_file_and_names_gaps(make_run, tmp_path, cap
     assert set(shift["detector"]) == {"npr", "clipd"} and set(shift["precision"]) == {
         "fp16", "fp8", "fp4"
     }  # fmt: skip
-    assert (shift.loc[shift["precision"] == "fp4", "mean_shift"] < -2).all()
+    fp4 = shift[shift["precision"] == "fp4"]
+    assert (fp4["mean_shift"] < -2).all() and (fp4["shift_hi"] < 0).all()
+    assert (
+        (shift["shift_lo"] < shift["mean_shift"]) & (shift["mean_shift"] < shift["shift_hi"])
+    ).all()
+    # 12 pairs shifted down by ~3 logits: the signed-rank p is at most 2 / 2^11
+    assert (fp4["p_shift"] <= 2 / 2**11).all()
     assert (shift["pairs"] == 12).all()
+    table = (out / "tables" / "paired_shift.md").read_text()
+    first = f"| {fp4['p_shift'].iloc[0]:.2g} |"
+    assert "| p_shift |" in table and first in table and first != "| 0.000 |"
     assert "3 test runs of 3 detectors" in index and "Demo:" not in index
     assert "unperturbed" not in index and "▼" not in index  # neither applies here
     assert "## Warnings" not in index  # no format recorded: nothing to warn about

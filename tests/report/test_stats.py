@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -94,3 +95,17 @@ def test_runs_that_disagree_on_threshold_are_refused(make_run) -> None:
     b = make_run("b", "npr", {"sd3": ["fp4"]}, threshold=0.5)
     with pytest.raises(QddError, match="disagree on threshold .*0.0 vs 0.5.*one --model.threshold"):
         load_runs([a, b])
+
+
+def test_paired_statistics_match_hand_computed_values() -> None:
+    from qdd.report.stats import mcnemar_p, mean_interval, signed_rank_p
+
+    # mean 2.5, s = 1.2910, t(3, 0.975) = 3.182446: 2.5 ± 2.0543
+    lo, hi = mean_interval(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert (lo, hi) == pytest.approx((0.445737, 4.554263), abs=1e-5)
+    assert all(math.isnan(v) for v in mean_interval(np.array([1.0])))
+    # five positive shifts: exact two-sided P = 2 / 2^5; McNemar 5 vs 0 flips: the same
+    assert signed_rank_p(np.array([0.1, 0.4, 0.2, 0.5, 0.3])) == pytest.approx(0.0625)
+    assert mcnemar_p(5, 0) == pytest.approx(0.0625) and mcnemar_p(0, 5) == pytest.approx(0.0625)
+    assert mcnemar_p(3, 3) == pytest.approx(1.0) and mcnemar_p(0, 0) == 1.0
+    assert signed_rank_p(np.zeros(4)) == 1.0 and math.isnan(signed_rank_p(np.array([])))
