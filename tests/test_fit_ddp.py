@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,3 +59,48 @@ def test_fit_under_ddp_matches_one_process(mix_shards: Path, tmp_path: Path) -> 
         assert ddp[key] == pytest.approx(one[key], abs=1e-4), key
     for key in ("val_acc", "val_auroc"):
         assert ddp[key] == pytest.approx(one[key], abs=1e-6), key
+
+
+def test_fit_under_ddp_survives_a_batch_of_only_unreadable_samples(tmp_path: Path) -> None:
+    """With batch size 1, a rank whose sample does not decode has an empty batch while the
+    other trains: both must still take part in the gradient all-reduce and the loss sync
+    (a rank that skipped its step left the other waiting for ever)."""
+    import tarfile
+
+    from tests.conftest import write_fake_shards
+
+    root = tmp_path / "shards"
+    write_fake_shards(root / "real-x", [8], "x", None, label=0, size=(16, 16))
+    keys = write_fake_shards(root / "g-fp4", [8], "g", "fp4", size=(16, 16))
+    shard = root / "g-fp4" / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:  # zero half the PNGs in place (the manifest holds)
+        for key in keys[::2]:
+            member = tar.getmember(f"{key}.png")
+            data[member.offset_data : member.offset_data + member.size] = b"\0" * member.size
+    shard.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    subprocess.run(
+        [
+            sys.executable,
+            *("-m", "qdd", "fit", "--detector", "npr", "--random-weights"),
+            *("--model.detector_args", json.dumps(tiny_detector_args("npr"))),
+            *("--data", str(root / "*"), "--out", str(out)),
+            "--data.batch_size=1",
+            "--trainer.max_epochs=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["epochs"] == 2 and summary["last_checkpoint"]
+    assert math.isfinite(summary["metrics"]["train_loss_epoch"])  # empty steps weigh 0

@@ -184,20 +184,32 @@ class DetectorModule(LightningModule):
     def _step(self, batch: Any, metrics: MetricCollection, stage: str) -> Tensor | None:
         images, labels, _ = batch
         if len(images) == 0:  # every sample of this batch was unreadable (logged)
-            return None
+            return self._empty_batch_loss(stage)
         logits = self(images)
         loss = self.criterion(logits, labels.float())
         metrics.update(torch.sigmoid(logits.detach().double()), labels)
-        self.log(
-            f"{stage}_loss",
-            loss,
-            batch_size=len(labels),
-            prog_bar=True,
-            sync_dist=True,
-            on_step=stage == "train",
-            on_epoch=True,
-        )
+        self._log_loss(stage, loss, batch_size=len(labels))
         return loss
+
+    def _empty_batch_loss(self, stage: str) -> Tensor | None:
+        """The step of a batch with no readable sample.
+
+        One process: None, and Lightning skips the step. Under DDP every rank must join
+        the gradient all-reduce and the loss sync, or the others fail (Lightning refuses a
+        None step there): a zero loss touching every trainable parameter, logged with
+        weight 0. The other ranks' gradients are then averaged with zeros, as for any
+        rank with fewer samples.
+        """
+        if self.trainer.world_size <= 1:
+            return None
+        zero = torch.zeros((), device=self.device)
+        loss = sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), zero)
+        self._log_loss(stage, loss, batch_size=0)
+        return loss
+
+    def _log_loss(self, stage: str, loss: Tensor, batch_size: int) -> None:
+        self.log(f"{stage}_loss", loss, batch_size=batch_size, prog_bar=True, sync_dist=True,
+                 on_step=stage == "train", on_epoch=True)  # fmt: skip
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._step(batch, self.train_metrics, "train")
