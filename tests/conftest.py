@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,15 @@ from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+
+def run_qdd(args: list[str], cwd: Path, timeout: int = 600) -> None:
+    """``python -m qdd ARGS`` in a fresh process, as a user (and DDP's launcher) runs it:
+    offline W&B, one OpenMP thread per rank, this checkout first on the path."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "qdd", *args]
+    subprocess.run(command, check=True, env=env, cwd=cwd, timeout=timeout)
 
 
 def random_image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:

@@ -7,9 +7,6 @@ divide none of them, and DDP with 2 CPU processes through a real `python -m qdd`
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pandas as pd
 import pytest
 
 from qdd.cli import main
-from tests.conftest import write_fake_shards
+from tests.conftest import run_qdd, write_fake_shards
 
 FAST = [
     "--random-weights",
@@ -149,32 +146,13 @@ def test_ddp_two_processes_every_image_once(uneven, tmp_path: Path) -> None:
     scores travel through the process group, not through files next to the run folder."""
     root, keys = uneven
     out = tmp_path / "ddp"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    subprocess.run(
+    run_qdd(
         [
-            sys.executable,
-            "-m",
-            "qdd",
-            "test",
-            "--detector",
-            "npr",
-            "--data",
-            str(root / "*"),
-            "--out",
-            str(out),
-            "--data.batch_size=4",
-            "--data.num_workers=2",
-            "--perturb",
-            "jpeg:75",
-            "--trainer.strategy=ddp",
-            "--trainer.devices=2",
-            *FAST,
+            *("test", "--detector", "npr", "--data", str(root / "*"), "--out", str(out)),
+            *("--data.batch_size=4", "--data.num_workers=2", "--perturb", "jpeg:75"),
+            *("--trainer.strategy=ddp", "--trainer.devices=2", *FAST),
         ],
-        check=True,
-        env=env,
         cwd=tmp_path,
-        timeout=600,
     )
     check_exactly_once(out, keys, ["none", "jpeg:75"])
     written = sorted(p.name for p in out.iterdir())

@@ -67,7 +67,7 @@ def test_fit_under_ddp_survives_a_batch_of_only_unreadable_samples(tmp_path: Pat
     (a rank that skipped its step left the other waiting for ever)."""
     import tarfile
 
-    from tests.conftest import write_fake_shards
+    from tests.conftest import run_qdd, write_fake_shards
 
     root = tmp_path / "shards"
     write_fake_shards(root / "real-x", [8], "x", None, label=0, size=(16, 16))
@@ -80,24 +80,16 @@ def test_fit_under_ddp_survives_a_batch_of_only_unreadable_samples(tmp_path: Pat
             data[member.offset_data : member.offset_data + member.size] = b"\0" * member.size
     shard.write_bytes(bytes(data))
     out = tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    subprocess.run(
+    run_qdd(
         [
-            sys.executable,
-            *("-m", "qdd", "fit", "--detector", "npr", "--random-weights"),
+            *("fit", "--detector", "npr", "--random-weights"),
             *("--model.detector_args", json.dumps(tiny_detector_args("npr"))),
-            *("--data", str(root / "*"), "--out", str(out)),
-            "--data.batch_size=1",
-            "--trainer.max_epochs=2",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=2",
+            *("--data", str(root / "*"), "--out", str(out), "--data.batch_size=1"),
+            *("--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.devices=2"),
             "--trainer.strategy=ddp",
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=false",
         ],
-        check=True,
-        env=env,
         cwd=tmp_path,
         timeout=300,
     )
