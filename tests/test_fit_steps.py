@@ -46,3 +46,27 @@ def test_full_epochs_are_counted_as_such(tmp_path: Path) -> None:
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["epochs"] == 2 and summary["stopped_by"] == "max_epochs"
     assert summary["steps"] == 2 * summary["batches_per_epoch"]
+
+
+def test_sanity_check_of_one_class_computes_no_metrics(tmp_path: Path) -> None:
+    """Lightning's sanity check runs a few validation batches, here only real images: their
+    AUROC would be meaningless (torchmetrics warned "No positive samples"), so none is
+    computed; the validations of the fit itself still are."""
+    import warnings
+
+    shards = tmp_path / "shards"
+    write_set(shards / "real-noise", 12, 0, None, None, offset=1000)
+    write_set(shards / "tiny-fp32", 12, 1, "tiny", "fp32", smooth=True)
+    out = tmp_path / "fit"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(
+            ["fit", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
+             "--out", str(out), "--data.batch_size=2", "--data.val_fraction=0.5",
+             "--trainer.num_sanity_val_steps=1", "--trainer.max_epochs=1",
+             "--trainer.logger=false", *FAST]
+        )  # fmt: skip
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "No positive samples" in m], messages
+    summary = json.loads((out / "metrics.json").read_text())
+    assert {"val_acc", "val_auroc"} <= set(summary["metrics"])

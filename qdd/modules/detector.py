@@ -229,14 +229,16 @@ class DetectorModule(LightningModule):
         self.val_labels.update(labels.double())
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # a few batches, often of one class: no metrics
+            for metric in (self.val_loss, self.val_metrics, self.val_logits, self.val_labels):
+                metric.reset()
+            return
         # Already reduced over ranks by torchmetrics: every rank logs the same floats.
         self.log("val_loss", float(self.val_loss.compute()), prog_bar=True)
         self.log_dict({k: float(v) for k, v in self.val_metrics.compute().items()}, prog_bar=True)
         logits, labels = self.val_logits.compute(), self.val_labels.compute()
         for metric in (self.val_loss, self.val_metrics, self.val_logits, self.val_labels):
             metric.reset()
-        if self.trainer.sanity_checking:
-            return  # a few batches: not a calibration
         self.calibration = fit_threshold(logits, labels, self.hparams.calibration)
         self.log("val_threshold", self.calibration["threshold"])
 
