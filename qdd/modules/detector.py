@@ -229,18 +229,17 @@ class DetectorModule(LightningModule):
         self.val_labels.update(labels.double())
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:  # a few batches, often of one class: no metrics
-            for metric in (self.val_loss, self.val_metrics, self.val_logits, self.val_labels):
-                metric.reset()
-            return
-        # Already reduced over ranks by torchmetrics: every rank logs the same floats.
-        self.log("val_loss", float(self.val_loss.compute()), prog_bar=True)
-        self.log_dict({k: float(v) for k, v in self.val_metrics.compute().items()}, prog_bar=True)
-        logits, labels = self.val_logits.compute(), self.val_labels.compute()
+        # The sanity check's few batches, often of one class, measure and calibrate nothing.
+        if not self.trainer.sanity_checking:
+            # Already reduced over ranks by torchmetrics: every rank logs the same floats.
+            self.log("val_loss", float(self.val_loss.compute()), prog_bar=True)
+            metrics = self.val_metrics.compute()
+            self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=True)
+            logits, labels = self.val_logits.compute(), self.val_labels.compute()
+            self.calibration = fit_threshold(logits, labels, self.hparams.calibration)
+            self.log("val_threshold", self.calibration["threshold"])
         for metric in (self.val_loss, self.val_metrics, self.val_logits, self.val_labels):
             metric.reset()
-        self.calibration = fit_threshold(logits, labels, self.hparams.calibration)
-        self.log("val_threshold", self.calibration["threshold"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["qdd_calibration"] = self.calibration
