@@ -85,7 +85,16 @@ def plot_compare(table: pd.DataFrame, metric: str, runs: list[str]) -> object:
     import matplotlib as mpl
     from matplotlib.colors import TwoSlopeNorm
 
-    from qdd.report.heatmap import LABELS, digits, metric_grid, norm_for
+    from qdd.report.heatmap import (
+        CMAP,
+        LABELS,
+        MISSING,
+        digits,
+        label_grid,
+        metric_grid,
+        norm_for,
+        text_colour,
+    )
     from qdd.report.palette import order_generators, order_precisions
     from qdd.report.style import RC, panel_grid
 
@@ -105,25 +114,18 @@ def plot_compare(table: pd.DataFrame, metric: str, runs: list[str]) -> object:
             first = run == runs[0]
             values = grids[run] if first else grids[run] - reference
             norm = norm_for(metric) if first else TwoSlopeNorm(0.0, -span, span)
-            cmap = mpl.colormaps["viridis" if first else "RdBu"]
+            cmap = mpl.colormaps[CMAP if first else "RdBu"]
             image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto",
                               interpolation="nearest")  # fmt: skip
-            ax.set_facecolor("#e4e4e4")
+            ax.set_facecolor(MISSING)
             for (i, j), value in np.ndenumerate(values):
                 text = (
                     "–" if np.isnan(value) else f"{value:+.{d}f}" if not first else f"{value:.{d}f}"
                 )
-                shade = "black"
-                if np.isfinite(value):
-                    r, g, b, _ = cmap(norm(value))
-                    shade = "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+                shade = text_colour(cmap, norm, value) if np.isfinite(value) else "black"
                 ax.text(j, i, text.replace("-", "\N{MINUS SIGN}"), ha="center", va="center",
                         fontsize=8, color=shade)  # fmt: skip
-            ax.set_xticks(range(len(precisions)), precisions, rotation=45, ha="right",
-                          rotation_mode="anchor")  # fmt: skip
-            ax.set_yticks(range(len(generators)), generators)
-            ax.tick_params(length=0)
-            ax.spines[:].set_visible(False)
+            label_grid(ax, generators, precisions)
             ax.set_title(f"{run} (reference)" if first else f"{run} − {runs[0]}", fontsize=9)
             bar = fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
             bar.outline.set_visible(False)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
-from matplotlib.colors import Normalize, TwoSlopeNorm
+from matplotlib.axes import Axes
+from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 
 from qdd.report.palette import order_generators, order_precisions
@@ -80,6 +81,21 @@ def has_low_fraction(table: pd.DataFrame) -> bool:
     return bool((quantized & (table["quant_fraction"] < LOW_FRACTION)).any())
 
 
+def text_colour(cmap: Colormap, norm: Normalize, value: float) -> str:
+    """Black on light cells, white on dark ones (the cell colour's relative luminance)."""
+    r, g, b, _ = cmap(norm(value))
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
+def label_grid(ax: Axes, generators: list[str], precisions: list[str]) -> None:
+    """Precisions along x (slanted), generators along y; no tick marks, no frame."""
+    ax.set_xticks(range(len(precisions)), precisions, rotation=45, ha="right",
+                  rotation_mode="anchor")  # fmt: skip
+    ax.set_yticks(range(len(generators)), generators)
+    ax.tick_params(length=0)
+    ax.spines[:].set_visible(False)
+
+
 def cell_text(value: float, lo: float, hi: float, n: float, metric: str) -> str:
     d = digits(metric)
     text = f"{value:.{d}f}"
@@ -133,8 +149,7 @@ def plot_heatmap(
                     missing = True
                     ax.text(j, i, "–", ha="center", va="center", color="#555555", fontsize=9)
                     continue
-                r, g, b, _ = cmap(norm(value))
-                shade = "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+                shade = text_colour(cmap, norm, value)
                 ax.text(j, i, cell_text(value, lo[i, j], hi[i, j], n[i, j], metric),
                         ha="center", va="center", color=shade, fontsize=7,
                         linespacing=1.1)  # fmt: skip
@@ -142,11 +157,7 @@ def plot_heatmap(
                     marked = True
                     ax.text(j + 0.46, i - 0.44, LOW_MARK, ha="right", va="top", color=shade,
                             fontsize=6, gid="low_fraction")  # fmt: skip
-            ax.set_xticks(range(len(precisions)), precisions, rotation=45, ha="right",
-                          rotation_mode="anchor")  # fmt: skip
-            ax.set_yticks(range(len(generators)), generators)
-            ax.tick_params(length=0)
-            ax.spines[:].set_visible(False)
+            label_grid(ax, generators, precisions)
             name = detector if perturbation == NONE else f"{detector} · {perturbation}"
             if len(perturbations) > 1 and perturbation == NONE:
                 name += " · none"
