@@ -68,6 +68,11 @@ class Perturbation(Protocol):
     def apply(self, image: Image.Image, key: str) -> Image.Image: ...
 
 
+def perturbation_names(perturbations: Sequence[Perturbation]) -> list[str]:
+    """The passes a test run scores: the perturbations', or the unperturbed one alone."""
+    return [p.name for p in perturbations] or [UNPERTURBED]
+
+
 @dataclass(frozen=True)
 class Skipped:
     """A sample that could not be read, and why (reported in metrics.json)."""
@@ -112,7 +117,7 @@ class ShardDataset(Dataset):
 
     @property
     def perturbation_names(self) -> list[str]:
-        return [p.name for p in self.perturbations] or [UNPERTURBED]
+        return perturbation_names(self.perturbations)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
-from qdd.datamodules.dataset import UNPERTURBED, Collate, Sample, ShardDataset, Skipped, Transform
+from qdd.datamodules.dataset import Collate, Sample, ShardDataset, Skipped, Transform
 from qdd.datamodules.reader import Entry, index_folders, read_manifest, resolve_folders
 from qdd.datamodules.schema import REAL, group_of
 from qdd.datamodules.shard import (
+    EvaluatedDataModule,
     _perturbations,
     detector_transform,
     evaluation_loader,
@@ -227,7 +227,7 @@ class WeightedDrawSampler(DistributedSampler):
         return self.total // self.num_replicas
 
 
-class MixDataModule(LightningDataModule):
+class MixDataModule(EvaluatedDataModule):
     """A weighted mix of shard sources for ``fit``; held-out val and test splits.
 
     Args:
@@ -315,19 +315,6 @@ class MixDataModule(LightningDataModule):
     def folders(self) -> list[Path]:
         """The test folders (recorded in a test run's metrics.json)."""
         return resolve_folders(self.test_paths) if self.test_paths else []
-
-    @property
-    def expected(self) -> int:
-        """Samples of the test split (what a complete test run scores)."""
-        return sum(self.groups.values())
-
-    def workers_for(self, trainer: Any) -> int:
-        """The DataLoader workers this module's loaders will start under ``trainer``."""
-        return loader_options(trainer, self.num_workers, persistent=False)["num_workers"]
-
-    @property
-    def perturbation_names(self) -> list[str]:
-        return [p.name for p in self.perturbations] or [UNPERTURBED]
 
     def _take(self, paths: list[str], split: str, holdout: bool) -> list[Indexed]:
         if not paths:

@@ -27,7 +27,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from qdd.datamodules.dataset import Collate, ShardDataset, Transform
+from qdd.datamodules.dataset import (
+    Collate,
+    Perturbation,
+    ShardDataset,
+    Transform,
+    perturbation_names,
+)
 from qdd.datamodules.reader import (
     Entry,
     index_folders,
@@ -79,7 +85,30 @@ def in_validation(key: str, fraction: float) -> bool:
     return digest < fraction * 2**32
 
 
-class ShardDataModule(LightningDataModule):
+class EvaluatedDataModule(LightningDataModule):
+    """What `qdd-cli test` asks of a data module, the same for `ShardDataModule` and
+    `qdd.datamodules.mix.MixDataModule`: they set ``groups`` (samples per test group, from
+    the manifests), ``perturbations`` and ``num_workers``."""
+
+    groups: dict[str, int]
+    perturbations: list[Perturbation]
+    num_workers: int | None
+
+    @property
+    def perturbation_names(self) -> list[str]:
+        return perturbation_names(self.perturbations)
+
+    @property
+    def expected(self) -> int:
+        """Samples of the test split (what a complete test run scores)."""
+        return sum(self.groups.values())
+
+    def workers_for(self, trainer: Any) -> int:
+        """The DataLoader workers this module's loaders will start under ``trainer``."""
+        return loader_options(trainer, self.num_workers, persistent=False)["num_workers"]
+
+
+class ShardDataModule(EvaluatedDataModule):
     """Shard folders → batches of ``(images, labels, meta)``.
 
     Args:
@@ -138,19 +167,6 @@ class ShardDataModule(LightningDataModule):
     @property
     def folders(self) -> list[Path]:
         return resolve_folders(self.paths)
-
-    @property
-    def perturbation_names(self) -> list[str]:
-        return [p.name for p in self.perturbations] or ["none"]
-
-    @property
-    def expected(self) -> int:
-        """Samples the manifests promise (what a complete evaluation scores)."""
-        return sum(self.groups.values())
-
-    def workers_for(self, trainer: Any) -> int:
-        """The DataLoader workers this module's loaders will start under ``trainer``."""
-        return loader_options(trainer, self.num_workers, persistent=False)["num_workers"]
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate") and len(self.perturbation_names) > 1:
