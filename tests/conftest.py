@@ -24,6 +24,19 @@ def run_qdd(args: list[str], cwd: Path, timeout: int = 600) -> None:
     subprocess.run(command, check=True, env=env, cwd=cwd, timeout=timeout)
 
 
+def zero_images(shard: Path, keys: list[str]) -> None:
+    """Overwrite the PNGs of ``keys`` in ``shard`` with zeros, in place: the tar and its
+    manifest stay valid, the images no longer decode."""
+    import tarfile
+
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        for key in keys:
+            member = tar.getmember(f"{key}.png")
+            data[member.offset_data : member.offset_data + member.size] = b"\0" * member.size
+    shard.write_bytes(bytes(data))
+
+
 def random_image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
     """A deterministic RGB noise image (width, height)."""
     rng = np.random.default_rng(seed)

@@ -95,6 +95,11 @@ def val_loss(run: Path) -> float:
     return float(history["val_loss"].dropna().iloc[-1])
 
 
+def fine_tune(args: list[str], start: str, out: Path) -> None:
+    """The FP4 fine-tune of ``start``: one recipe, whatever test set ``args`` names."""
+    main(["fit", *args, "--model.weights", start, "--trainer.max_epochs=4", "--out", str(out)])
+
+
 @pytest.fixture(scope="module")
 def runs(mix_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A stand-in for the official weights, its validation, and its FP4 fine-tune."""
@@ -105,17 +110,7 @@ def runs(mix_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     start = last_checkpoint(root / "start")
     args = experiment(mix_shards, FINE_TUNE, ["sd15-*", "sd3-*", "real-*"])
     main(["validate", *args, "--model.weights", start, "--out", str(root / "before")])
-    main(
-        [
-            "fit",
-            *args,
-            "--model.weights",
-            start,
-            "--trainer.max_epochs=4",
-            "--out",
-            str(root / "tuned"),
-        ]
-    )
+    fine_tune(args, start, root / "tuned")
     return root
 
 
@@ -160,17 +155,7 @@ def test_threshold_comes_from_validation_only(runs: Path, mix_shards: Path, tmp_
     ckpt = last_checkpoint(runs / "tuned")
     start = json.loads((runs / "tuned" / "metrics.json").read_text())["weights"]
     args = experiment(mix_shards, FINE_TUNE, ["sd3-fp4"])  # a different test set
-    main(
-        [
-            "fit",
-            *args,
-            "--model.weights",
-            start,
-            "--trainer.max_epochs=4",
-            "--out",
-            str(tmp_path / "f"),
-        ]
-    )
+    fine_tune(args, start, tmp_path / "f")
     first = torch.load(ckpt, map_location="cpu", weights_only=True)["qdd_calibration"]
     second = torch.load(last_checkpoint(tmp_path / "f"), map_location="cpu", weights_only=True)
     assert second["qdd_calibration"] == first

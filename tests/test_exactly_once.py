@@ -7,14 +7,13 @@ divide none of them, and DDP with 2 CPU processes through a real `python -m qdd`
 from __future__ import annotations
 
 import json
-import tarfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from qdd.cli import main
-from tests.conftest import run_qdd, write_fake_shards
+from tests.conftest import run_qdd, write_fake_shards, zero_images
 
 FAST = [
     "--random-weights",
@@ -23,6 +22,12 @@ FAST = [
     "--trainer.enable_model_summary=false",
     "--trainer.logger=false",
 ]
+
+
+def npr_test_args(data: Path, out: Path | None, *flags: str) -> list[str]:
+    """``qdd-cli test`` of the NPR detector (random weights) on ``data``."""
+    where = ["--out", str(out)] if out else []
+    return ["test", "--detector", "npr", "--data", str(data), *where, *flags, *FAST]
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +63,9 @@ def test_every_image_once_in_process(uneven, tmp_path: Path, workers, batch_size
     root, keys = uneven
     out = tmp_path / "run"
     main(
-        [
-            "test",
-            "--detector",
-            "npr",
-            "--data",
-            str(root / "*"),
-            "--out",
-            str(out),
-            f"--data.num_workers={workers}",
-            f"--data.batch_size={batch_size}",
-            *FAST,
-        ]
+        npr_test_args(
+            root / "*", out, f"--data.num_workers={workers}", f"--data.batch_size={batch_size}"
+        )
     )
     check_exactly_once(out, keys, ["none"])
 
@@ -78,25 +74,9 @@ def test_perturbations_keep_exactly_once(uneven, tmp_path: Path) -> None:
     """Each image scored once per perturbation; the axis reaches parquet and metrics.json."""
     root, keys = uneven
     out = tmp_path / "run"
-    main(
-        [
-            "test",
-            "--detector",
-            "npr",
-            "--data",
-            str(root / "*"),
-            "--out",
-            str(out),
-            "--perturb",
-            "jpeg:50",
-            "--perturb=blur:1.0",
-            "--perturb",
-            "jpeg:50",  # repeated: scored once
-            "--data.num_workers=2",
-            "--data.batch_size=6",
-            *FAST,
-        ]
-    )
+    # jpeg:50 given twice is scored once
+    perturb = ["--perturb", "jpeg:50", "--perturb=blur:1.0", "--perturb", "jpeg:50"]
+    main(npr_test_args(root / "*", out, *perturb, "--data.num_workers=2", "--data.batch_size=6"))
     check_exactly_once(out, keys, ["none", "jpeg:50", "blur:1"])
     scores = pd.read_parquet(out / "scores.parquet")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -115,7 +95,7 @@ def test_perturbations_keep_exactly_once(uneven, tmp_path: Path) -> None:
 def test_unknown_perturbation_is_one_line(uneven, tmp_path: Path, capsys) -> None:
     root, _ = uneven
     with pytest.raises(SystemExit) as exit_info:
-        main(["test", "--detector", "npr", "--data", str(root / "*"), "--perturb", "jpg:5", *FAST])
+        main(npr_test_args(root / "*", None, "--perturb", "jpg:5"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "jpg:5" in err[0], err
@@ -125,14 +105,9 @@ def test_unreadable_samples_are_counted_and_named(tmp_path: Path, capsys) -> Non
     root = tmp_path / "shards"
     keys = write_fake_shards(root / "g-fp4", [6], "g", "fp4", size=(16, 16))
     write_fake_shards(root / "real-x", [5], "x", None, label=0, size=(16, 16))
-    shard = root / "g-fp4" / "shard-000000.tar"
-    with tarfile.open(shard) as tar:  # corrupt one PNG in place (same size: manifest holds)
-        member = tar.getmember(f"{keys[2]}.png")
-    data = bytearray(shard.read_bytes())
-    data[member.offset_data : member.offset_data + member.size] = b"\0" * member.size
-    shard.write_bytes(bytes(data))
+    zero_images(root / "g-fp4" / "shard-000000.tar", [keys[2]])
     out = tmp_path / "run"
-    main(["test", "--detector", "npr", "--data", str(root / "*"), "--out", str(out), *FAST])
+    main(npr_test_args(root / "*", out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 10 and metrics["expected"] == 11 and metrics["n_skipped"] == 1
     assert metrics["skipped"][0]["key"] == keys[2] and "decode" in metrics["skipped"][0]["error"]
@@ -146,14 +121,9 @@ def test_ddp_two_processes_every_image_once(uneven, tmp_path: Path) -> None:
     scores travel through the process group, not through files next to the run folder."""
     root, keys = uneven
     out = tmp_path / "ddp"
-    run_qdd(
-        [
-            *("test", "--detector", "npr", "--data", str(root / "*"), "--out", str(out)),
-            *("--data.batch_size=4", "--data.num_workers=2", "--perturb", "jpeg:75"),
-            *("--trainer.strategy=ddp", "--trainer.devices=2", *FAST),
-        ],
-        cwd=tmp_path,
-    )
+    flags = ["--data.batch_size=4", "--data.num_workers=2", "--perturb", "jpeg:75"]
+    ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
+    run_qdd(npr_test_args(root / "*", out, *flags, *ddp), cwd=tmp_path)
     check_exactly_once(out, keys, ["none", "jpeg:75"])
     written = sorted(p.name for p in out.iterdir())
     assert written == ["config.yaml", "metrics.json", "scores.parquet"]  # no per-rank files

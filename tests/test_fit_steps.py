@@ -11,16 +11,21 @@ from qdd.cli import main
 from tests.test_cli_detect import FAST, write_set
 
 
-def test_max_steps_fit_validates_and_reports_partial_epoch(tmp_path: Path, capsys) -> None:
+def fit_npr(tmp_path: Path, n: int, *flags: str) -> Path:
+    """``qdd-cli fit`` of NPR (random start) on n real noise images and n smooth FP32
+    fakes; returns the run folder."""
     shards = tmp_path / "shards"
-    write_set(shards / "real-noise", 20, 0, None, None, offset=1000)
-    write_set(shards / "tiny-fp32", 20, 1, "tiny", "fp32", smooth=True)
+    write_set(shards / "real-noise", n, 0, None, None, offset=1000)
+    write_set(shards / "tiny-fp32", n, 1, "tiny", "fp32", smooth=True)
     out = tmp_path / "fit"
-    main(
-        ["fit", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
-         "--out", str(out), "--data.batch_size=4", "--data.val_fraction=0.25",
-         "--trainer.max_steps=3", "--trainer.log_every_n_steps=1", *FAST]
-    )  # fmt: skip
+    main(["fit", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
+          "--out", str(out), *flags, *FAST])  # fmt: skip
+    return out
+
+
+def test_max_steps_fit_validates_and_reports_partial_epoch(tmp_path: Path, capsys) -> None:
+    out = fit_npr(tmp_path, 20, "--data.batch_size=4", "--data.val_fraction=0.25",
+                  "--trainer.max_steps=3", "--trainer.log_every_n_steps=1")  # fmt: skip
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(out)
     summary = json.loads((out / "metrics.json").read_text())
     per_epoch = summary["batches_per_epoch"]
@@ -34,15 +39,8 @@ def test_max_steps_fit_validates_and_reports_partial_epoch(tmp_path: Path, capsy
 
 
 def test_full_epochs_are_counted_as_such(tmp_path: Path) -> None:
-    shards = tmp_path / "shards"
-    write_set(shards / "real-noise", 8, 0, None, None, offset=1000)
-    write_set(shards / "tiny-fp32", 8, 1, "tiny", "fp32", smooth=True)
-    out = tmp_path / "fit"
-    main(
-        ["fit", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
-         "--out", str(out), "--data.batch_size=8", "--data.val_fraction=0.25",
-         "--trainer.max_epochs=2", *FAST]
-    )  # fmt: skip
+    out = fit_npr(tmp_path, 8, "--data.batch_size=8", "--data.val_fraction=0.25",
+                  "--trainer.max_epochs=2")  # fmt: skip
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["epochs"] == 2 and summary["stopped_by"] == "max_epochs"
     assert summary["steps"] == 2 * summary["batches_per_epoch"]
@@ -54,18 +52,11 @@ def test_sanity_check_of_one_class_computes_no_metrics(tmp_path: Path) -> None:
     computed; the validations of the fit itself still are."""
     import warnings
 
-    shards = tmp_path / "shards"
-    write_set(shards / "real-noise", 12, 0, None, None, offset=1000)
-    write_set(shards / "tiny-fp32", 12, 1, "tiny", "fp32", smooth=True)
-    out = tmp_path / "fit"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        main(
-            ["fit", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
-             "--out", str(out), "--data.batch_size=2", "--data.val_fraction=0.5",
-             "--trainer.num_sanity_val_steps=1", "--trainer.max_epochs=1",
-             "--trainer.logger=false", *FAST]
-        )  # fmt: skip
+        out = fit_npr(tmp_path, 12, "--data.batch_size=2", "--data.val_fraction=0.5",
+                      "--trainer.num_sanity_val_steps=1", "--trainer.max_epochs=1",
+                      "--trainer.logger=false")  # fmt: skip
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "No positive samples" in m], messages
     summary = json.loads((out / "metrics.json").read_text())
