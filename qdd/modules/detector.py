@@ -276,7 +276,7 @@ class DetectorModule(LightningModule):
             return
         datamodule = self.trainer.datamodule
         groups = sorted(getattr(datamodule, "groups", {}) or set(scores["group"]))
-        names = list(getattr(datamodule, "perturbation_names", [UNPERTURBED]))
+        names = self._perturbation_names
         by_perturbation = {}
         for name in names:
             rows = scores[scores[PERTURBATION] == name]
@@ -326,6 +326,11 @@ class DetectorModule(LightningModule):
         self._gather_scores()
 
     # -- score bookkeeping shared by test and predict ---------------------------------------
+    @property
+    def _perturbation_names(self) -> list[str]:
+        """The passes the data module scores (a loader of another kind: the plain one)."""
+        return list(getattr(self.trainer.datamodule, "perturbation_names", [UNPERTURBED]))
+
     def _reset_scores(self) -> None:
         self._logits: list[Tensor] = []
         self._rows: dict[str, list[Any]] = {field: [] for field in ROW_FIELDS}
@@ -379,8 +384,7 @@ class DetectorModule(LightningModule):
         ]  # fmt: skip
         for field in META_FIELDS:  # empty metadata strings are missing values
             scores[field] = scores[field].where(scores[field] != "", None)
-        names = list(getattr(self.trainer.datamodule, "perturbation_names", [UNPERTURBED]))
-        order = scores[PERTURBATION].map({name: i for i, name in enumerate(names)})
+        order = scores[PERTURBATION].map({n: i for i, n in enumerate(self._perturbation_names)})
         scores = (
             scores.assign(_order=order)
             .sort_values(["_order", "group", "key"], kind="stable", ignore_index=True)
