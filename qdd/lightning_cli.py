@@ -182,7 +182,7 @@ class QddLightningCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         workers_for = getattr(self.datamodule, "workers_for", None)
-        if callable(workers_for):  # ShardDataModule: num_workers=None picks from the cores
+        if callable(workers_for):  # qdd's data modules: num_workers=None picks from the cores
             workers = workers_for(self.trainer)
         else:
             workers = getattr(self.datamodule, "num_workers", 0) or 0
