@@ -28,6 +28,8 @@ SEED = 0
 Z95 = 1.959963984540054
 #: Resamples per vectorised block (bounds memory for large groups).
 BLOCK = 100
+#: Most nonzero paired shifts whose signed-rank p is computed exactly (scipy's own bound).
+EXACT_PAIRS = 50
 
 
 def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -166,17 +168,28 @@ def mean_interval(delta: np.ndarray) -> tuple[float, float]:
 def signed_rank_p(delta: np.ndarray) -> float:
     """Two-sided Wilcoxon signed-rank p of "the shift is centred on 0" (zero shifts dropped).
 
-    1.0 when no pair moved; nan without pairs. Exact for small samples without ties, the
-    normal approximation otherwise (scipy's ``method="auto"``).
+    1.0 when no pair moved; nan without pairs. Exact for up to `EXACT_PAIRS` nonzero shifts
+    without ties, the normal approximation (tie-corrected variance, no continuity
+    correction) otherwise. The method is passed to scipy explicitly: what ``method="auto"``
+    does has changed between the scipy versions qdd allows (1.15 made it a permutation test
+    for small samples with ties).
     """
+    from scipy import __version__ as scipy_version
     from scipy.stats import wilcoxon
 
     delta = np.asarray(delta, dtype=float)
     if len(delta) == 0:
         return math.nan
-    if not np.any(delta != 0):
+    delta = delta[delta != 0]  # Wilcoxon's own rule; dropped here so "exact" sees no zeros
+    if len(delta) == 0:
         return 1.0
-    return float(wilcoxon(delta, zero_method="wilcox").pvalue)
+    ties = len(np.unique(np.abs(delta))) < len(delta)
+    if len(delta) <= EXACT_PAIRS and not ties:
+        method = "exact"
+    else:  # scipy 1.15 renamed "approx" to "asymptotic"
+        major, minor = (int(part) for part in scipy_version.split(".")[:2])
+        method = "asymptotic" if (major, minor) >= (1, 15) else "approx"
+    return float(wilcoxon(delta, zero_method="wilcox", correction=False, method=method).pvalue)
 
 
 def mcnemar_p(flipped_one_way: int, flipped_other_way: int) -> float:

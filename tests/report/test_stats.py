@@ -109,3 +109,26 @@ def test_paired_statistics_match_hand_computed_values() -> None:
     assert mcnemar_p(5, 0) == pytest.approx(0.0625) and mcnemar_p(0, 5) == pytest.approx(0.0625)
     assert mcnemar_p(3, 3) == pytest.approx(1.0) and mcnemar_p(0, 0) == 1.0
     assert signed_rank_p(np.zeros(4)) == 1.0 and math.isnan(signed_rank_p(np.array([])))
+
+
+def test_signed_rank_p_uses_the_documented_method_on_every_scipy() -> None:
+    """Exact without ties (up to 50 pairs), the tie-corrected normal approximation otherwise.
+
+    scipy's ``method="auto"`` turned into a permutation test for small samples with ties
+    (1.15); the report passes its method explicitly, so these hand-computed values hold on
+    every scipy qdd allows.
+    """
+    from qdd.report.stats import signed_rank_p
+
+    # |d| ranks 1.5 1.5 3.5 3.5 5 6; T- = 1.5; mean 6*7/4 = 10.5;
+    # var 6*7*13/24 - ((2^3-2) + (2^3-2))/48 = 22.75 - 0.25 = 22.5
+    z = (1.5 - 10.5) / math.sqrt(22.5)
+    tied = np.array([1.0, 2.0, 2.0, 3.0, -1.0, 4.0])
+    assert signed_rank_p(tied) == pytest.approx(math.erfc(abs(z) / math.sqrt(2)), rel=1e-12)
+    assert signed_rank_p(tied) == pytest.approx(0.0577796, abs=1e-7)  # not 0.09375 (permutation)
+    # zeros dropped first: three positive shifts left, exact P = 2 / 2^3
+    assert signed_rank_p(np.array([0.0, 0.0, 0.3, 0.1, 0.2])) == pytest.approx(0.25)
+    # 60 distinct shifts, the 10 smallest negative: T- = 55, normal approximation
+    large = np.arange(1.0, 61.0) * np.where(np.arange(60) < 10, -1, 1)
+    z = (55 - 60 * 61 / 4) / math.sqrt(60 * 61 * 121 / 24)
+    assert signed_rank_p(large) == pytest.approx(math.erfc(abs(z) / math.sqrt(2)), rel=1e-12)
