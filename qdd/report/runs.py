@@ -1,11 +1,19 @@
 """Reading test-run folders (scores.parquet + metrics.json) and merging them per detector.
 
 Several runs of one detector on different data are one detector's results: their scores
-are concatenated (an image scored twice, e.g. the same real shard in two runs, counts once)
-and every group metric is recomputed from the pooled scores (`qdd.report.stats`), never
-copied from one run's metrics.json. Runs of one detector with *different weights* (the
-official file and a retrained checkpoint) are kept apart, as ``<detector>-<weights>``:
-pooling them would mix two models in one curve. Runs with the same weights but different
+are concatenated and every group metric is recomputed from the pooled scores
+(`qdd.report.stats`), never copied from one run's metrics.json. An image is its key plus its
+recipe (`IMAGE`: perturbation, group, source, generator, precision, backend, scope, model).
+An image scored twice with the same logit (within `LOGIT_TOLERANCE`: the same real shard in
+two runs, or one run given twice) counts once; scored with *different* logits by two runs
+that carry one name (two seeds, two weight files with one file name) it is refused: pooling
+would keep whichever run came first. Within one run, an image scored twice counts once, with
+a warning (e.g. DDP padding), or is refused when the two logits differ (two images under one
+key). The pooled rows are sorted by image, so the order of the run folders changes nothing.
+
+Runs of one detector with *different weights* (the official file and a retrained
+checkpoint) are kept apart, as ``<detector>-<weights>``: pooling them would mix two models
+in one curve. Runs with the same weights but different
 decision thresholds are refused: one pooled accuracy needs one threshold.
 
 Older runs lack the newer columns: no ``perturbation`` means every image is the unperturbed
@@ -15,10 +23,12 @@ pass (``none``); no ``quant_fraction`` / ``source_format`` means not recorded.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from qdd.errors import QddError
@@ -27,6 +37,14 @@ from qdd.report.stats import BOOTSTRAP, accuracy, group_metrics
 
 #: Columns every figure needs; the rest of scores.parquet is carried along when present.
 REQUIRED = ("key", "label", "generator", "precision", "group", "logit")
+#: What makes one image: scored twice, it must give one logit (the key alone repeats across
+#: precisions and perturbations of one prompt).
+IMAGE = ("perturbation", "group", "key", "source", "generator", "precision", "quant_backend",
+         "quant_scope", "model_id")  # fmt: skip
+#: Two logits of one image closer than this (absolute + relative) are one score: the same
+#: weights in another batch composition or mixed-precision kernel differ by far less, two
+#: seeds or two weight files by far more.
+LOGIT_TOLERANCE = 1e-3
 #: The unperturbed pass of `qdd-cli test --perturb`.
 NONE = "none"
 #: ``origin`` that `qdd-cli demo` writes into its runs' metrics.json (report.md then warns
@@ -90,7 +108,7 @@ def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if "perturbation" not in scores.columns:
         scores = scores.assign(perturbation=NONE)
     scores["perturbation"] = scores["perturbation"].fillna(NONE).astype(str)
-    for column in ("quant_fraction", "source_format", "quant_scope"):
+    for column in ("quant_fraction", "source_format", *IMAGE):
         if column not in scores.columns:
             scores[column] = None
     scores["quant_fraction"] = pd.to_numeric(scores["quant_fraction"], errors="coerce")
@@ -175,14 +193,73 @@ def _agree(entry: DetectorResults, folder: Path, key: str, value: float | None) 
         )
 
 
+def _identity(scores: pd.DataFrame) -> pd.DataFrame:
+    """The `IMAGE` columns as strings (missing values as ""), for matching images."""
+    columns = scores[list(IMAGE)].astype(object)
+    return columns.where(columns.notna(), "").astype(str)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.isclose(a, b, rtol=LOGIT_TOLERANCE, atol=LOGIT_TOLERANCE, equal_nan=True)
+
+
+def _example(row: pd.Series) -> str:
+    """``sd3/fp4 key p00001-s1`` (plus the perturbation when there is one)."""
+    text = f"{row['group']} key {row['key']}"
+    return text if row["perturbation"] == NONE else f"{text} under {row['perturbation']}"
+
+
+def _once_per_image(scores: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """One run's scores with each image once: repeats with one logit counted once (said on
+    stderr), repeats with different logits refused."""
+    identity = _identity(scores)
+    repeated = identity.duplicated(keep=False)
+    if not repeated.any():
+        return scores
+    logits = scores["logit"].astype(float).groupby([identity[c] for c in IMAGE])
+    high, low = logits.transform("max"), logits.transform("min")
+    differ = (high - low > LOGIT_TOLERANCE * (1 + high.abs())).to_numpy()
+    if differ.any():
+        count = int((differ & ~identity.duplicated().to_numpy()).sum())
+        raise QddError(
+            f"run {folder} scores {_example(scores[differ].iloc[0])} twice with different "
+            f"logits ({count} such image(s)): two images share one key and recipe; "
+            "give their shard folders distinct --source names or test them in separate runs"
+        )
+    once = ~identity.duplicated()
+    print(f"warning: run {folder} scores {int((~once).sum())} image(s) more than once with "
+          "the same logit; each counted once", file=sys.stderr)  # fmt: skip
+    return scores[once.to_numpy()].reset_index(drop=True)
+
+
+def _check_agreement(name: str, earlier: list[tuple[Path, pd.DataFrame]], folder: Path,
+                     scores: pd.DataFrame) -> None:  # fmt: skip
+    """Refuse a run that scores an image of an earlier run of ``name`` with another logit."""
+    mine = _identity(scores).assign(_logit=scores["logit"].to_numpy(dtype=float))
+    for other_folder, other in earlier:
+        theirs = _identity(other).assign(_other=other["logit"].to_numpy(dtype=float))
+        both = mine.merge(theirs, on=list(IMAGE))
+        differ = ~_same(both["_logit"].to_numpy(), both["_other"].to_numpy())
+        if differ.any():
+            row = both[differ].iloc[0]
+            raise QddError(
+                f"runs {other_folder} and {folder} of {name} score the same {int(differ.sum())} "
+                f"image(s) with different logits (e.g. {_example(row)}: {row['_other']:.4g} vs "
+                f"{row['_logit']:.4g}), so they are two models under one name (another seed or "
+                "weight file): report them in separate qdd-cli report calls, or rank them "
+                "side by side with qdd-cli report --compare"
+            )
+
+
 def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
     """Runs merged per detector (and per weights, where one detector ran with several)."""
     if not folders:
         raise QddError("no run folders given: pass one or more folders made by qdd-cli test")
     runs = [(Path(f), *read_run(Path(f))) for f in folders]
     results: dict[str, DetectorResults] = {}
+    scored: dict[str, list[tuple[Path, pd.DataFrame]]] = {}
     for name, (folder, scores, metrics) in zip(_names(runs), runs, strict=True):
-        scores = scores.assign(detector=name)
+        scores = _once_per_image(scores.assign(detector=name), folder)
         threshold = _threshold(metrics.get("threshold", 0.0), folder, "threshold") or 0.0
         calibrated = _threshold(metrics.get("calibrated_threshold"), folder,
                                 "calibrated_threshold")  # fmt: skip
@@ -199,10 +276,14 @@ def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
         else:
             _agree(entry, folder, "threshold", threshold)
             _agree(entry, folder, "calibrated_threshold", calibrated)
+            _check_agreement(name, scored[name], folder, scores)
             merged = pd.concat([entry.scores, scores], ignore_index=True)
-            entry.scores = merged.drop_duplicates(["perturbation", "group", "key"],
-                                                  ignore_index=True)  # fmt: skip
+            entry.scores = merged[~_identity(merged).duplicated().to_numpy()]
+        scored.setdefault(name, []).append((folder, scores))
         entry.runs.append(run)
+    for entry in results.values():  # image order, not argument order: bootstraps draw by position
+        order = _identity(entry.scores).sort_values(list(IMAGE), kind="stable").index
+        entry.scores = entry.scores.loc[order].reset_index(drop=True)
     return results
 
 

@@ -118,6 +118,73 @@ def test_runs_of_one_detector_merge_and_different_weights_stay_apart(make_run) -
     assert set(apart["npr-fit-npr"].scores["detector"]) == {"npr-fit-npr"}
 
 
+def _rewrite(run, change) -> None:
+    """Edit a run's scores.parquet in place (``change`` takes and returns the frame)."""
+    path = run / "scores.parquet"
+    change(pd.read_parquet(path)).to_parquet(path, index=False)
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["a-b", "b-a"])
+def test_one_image_with_two_logits_in_two_runs_is_refused_in_either_order(
+    make_run, tmp_path, capsys, swap
+) -> None:
+    """Bug 2: two seeds of one model (one detector name, one weights string) on the same
+    images. Pooling kept the first run's copy of each image, so the numbers followed the
+    order of the arguments; now neither order reports, and the error names both runs."""
+    grid = {"sd3": ["fp32", "fp4"]}
+    a = make_run("seed0", "npr", grid, seed=0)
+    b = make_run("seed1", "npr", grid, seed=1, shift=-3.0)
+    runs = [b, a] if swap else [a, b]
+    with pytest.raises(QddError, match="score the same 36 image.* with different logits") as info:
+        load_runs(runs)
+    message = str(info.value)
+    assert str(a) in message and str(b) in message and "\n" not in message
+    assert "separate qdd-cli report calls" in message and "--compare" in message
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *map(str, runs), "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "r" / "report.md").exists()
+    # --compare keeps them apart: one row each, whatever the order
+    main(["report", "--compare", *map(str, runs), "--metric", "fake_acc", "--out",
+          str(tmp_path / "cmp")])  # fmt: skip
+    ranked = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert ranked["run"].tolist() == ["seed0", "seed1"]  # seed1's fakes shifted down
+
+
+def test_the_same_images_with_the_same_logits_pool_once_in_any_order(make_run) -> None:
+    grid = {"sd3": ["fp32", "fp4"]}
+    a = make_run("a", "npr", grid)
+    alone = group_table(load_runs([a]))
+    twice = group_table(load_runs([a, a]))  # one run given twice: nothing counted twice
+    pd.testing.assert_frame_equal(twice, alone)
+    # another run of the same weights: the same real images, scored again in other batches
+    # (float noise far below the tolerance), and a generator of its own
+    b = make_run("b", "npr", {"flux-schnell": ["fp32"]})
+    _rewrite(b, lambda s: s.assign(logit=s["logit"] + 1e-6 * (s["label"] == 0)))
+    ab, ba = group_table(load_runs([a, b])), group_table(load_runs([b, a]))
+    pd.testing.assert_frame_equal(ab, ba)  # intervals too: the pooled rows are in image order
+    assert (ab["n_real"] == 12).all() and len(ab) == 3
+
+
+def test_an_image_scored_twice_within_one_run_counts_once_or_is_refused(make_run, capsys) -> None:
+    grid = {"sd3": ["fp32", "fp4"]}
+    run = make_run("dup", "npr", grid)
+    alone = group_table(load_runs([run]))
+    _rewrite(run, lambda s: pd.concat([s, s[s["label"] == 0]], ignore_index=True))
+    capsys.readouterr()
+    loaded = load_runs([run])
+    assert "scores 12 image(s) more than once with the same logit; each counted once" in (
+        capsys.readouterr().err
+    )
+    assert (loaded["npr"].scores["label"] == 0).sum() == 12  # not 24
+    pd.testing.assert_frame_equal(group_table(loaded), alone)
+    # two different images under one key and recipe: which one is the image? refused
+    _rewrite(run, lambda s: s.assign(logit=s["logit"] + np.r_[np.zeros(len(s) - 1), 1.0]))
+    with pytest.raises(QddError, match="scores real/coco key photo11 twice with different logits"):
+        load_runs([run])
+
+
 def test_bad_run_folders_are_one_line_errors(make_run, tmp_path, capsys) -> None:
     with pytest.raises(QddError, match="does not exist: check the path"):
         load_runs([tmp_path / "nope"])
@@ -166,7 +233,10 @@ def test_many_shard_folders_are_summarised_in_the_runs_table() -> None:
 
 
 def test_report_counts_runs_of_one_detector_and_flags_demo_runs(make_run, tmp_path) -> None:
-    runs = [make_run(f"r{i}", "npr", {"sd3": ["fp32", "fp4"]}, seed=i) for i in range(3)]
+    # three runs of one model on three generators (the same real images, the same logits);
+    # was three seeds scoring the same images, which pooling now refuses (bug 2)
+    generators = ("sd3", "sdxl", "flux-schnell")
+    runs = [make_run(f"r{i}", "npr", {g: ["fp32", "fp4"]}) for i, g in enumerate(generators)]
     index = build_report(runs, tmp_path / "plain").read_text()
     assert "3 test runs of 1 detector;" in index and "Demo:" not in index
     for run in runs:
