@@ -367,8 +367,9 @@ def expand_command(
     ``${args_no_boolean_flags}`` ``${args}`` with true booleans as bare flags and false ones
     left out, ``${args_json}`` the parameters as one JSON object and ``${args_json_file}``
     a file holding it (``trial_dir/params.json``: both only after ``--config``, which reads
-    them as a config of dotted keys), ``${envvar:NAME}`` the variable's value. Anything else
-    is refused (`QddError`), with what to write instead.
+    them as a config of dotted keys, down to an option such as ``model.lr``: deeper names
+    such as ``data.source_weights.fp4`` are refused there), ``${envvar:NAME}`` the
+    variable's value. Anything else is refused (`QddError`), with what to write instead.
     """
     command = config.get("command")
     if not isinstance(command, list) or not command:
@@ -426,6 +427,14 @@ def expand_command(
                 f"${{{macro}}} must follow --config (`- --config` then "
                 f"`- ${{{macro}}}`): qdd-cli fit reads the parameters' JSON as a config",
             )
+    deep = [n for n in config.get("parameters") or {} if n.count(".") >= 2]
+    if deep and {"args_json", "args_json_file"} & set(used):
+        raise _fail(
+            path,
+            f"${{{used[-1]}}} passes {deep[0]} as a --config key, and qdd-cli fit reads config "
+            "keys down to an option (model.lr), not into a dict option's entries "
+            "(data.source_weights.fp4): use ${args}",
+        )
     if "args_no_boolean_flags" in used and any(
         _may_be_boolean(spec) for spec in (config.get("parameters") or {}).values()
     ):

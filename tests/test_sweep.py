@@ -259,12 +259,15 @@ def test_every_wandb_macro_is_expanded_as_wandbs_agent_does(tmp_path: Path, monk
         (["${args}", "${program}"], "no `program:`"),
         (["${args}", "${env}"], "belongs before the program"),
         (["${args}", "--out", "runs/x"], "--out is set per trial"),
+        (["--config", "${args_json}"], "passes data.source_weights.fp4 as a --config key"),
     ],
 )
 def test_macros_qdd_cannot_expand_are_refused_before_any_trial(
     tmp_path: Path, command: list[str], message: str
 ) -> None:
-    path = _sweep(tmp_path, command=["qdd-cli", "fit", "--config", "x.yaml", *command])
+    parameters = {"model.lr": {"values": [0.1]}, "data.source_weights.fp4": {"values": [0.5]}}
+    path = _sweep(tmp_path, command=["qdd-cli", "fit", "--config", "x.yaml", *command],
+                  parameters=parameters)  # fmt: skip
     out = tmp_path / "out"
     with pytest.raises(QddError, match=message) as info:
         main_sweep([str(path), "--out", str(out)])
