@@ -345,3 +345,13 @@ def test_what_qdd_runs_wandb_accepts(tmp_path: Path) -> None:
     for change in ({"method": "random", "run_cap": 4, "parameters": RANDOM}, {}):
         config = yaml.safe_load(_sweep(tmp_path, **change).read_text())
         assert sweeps.schema_violations_from_proposed_config(config) == []
+
+
+def test_metric_target_stops_at_the_goal_side() -> None:
+    from qdd.sweep import _reached
+
+    high = {"name": "val_auroc", "goal": "maximize", "target": 0.9}
+    assert _reached(0.9, high) and _reached(0.95, high) and not _reached(0.89, high)
+    low = {"name": "val_loss", "target": 0.1}  # W&B's default goal: minimize
+    assert _reached(0.05, low) and not _reached(0.2, low)
+    assert not _reached(None, high) and not _reached(0.99, {"name": "val_auroc"})
