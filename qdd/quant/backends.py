@@ -246,17 +246,43 @@ def _to_bitsandbytes(
         setattr(module.get_submodule(parent) if parent else module, child, layer)
 
 
-def _refuse_fused_cpu_shapes(targets: dict[str, nn.Linear]) -> None:
-    """bitsandbytes' fused CPU kernel (AVX512-BF16 CPUs) repacks weights in tiles of 32
-    outputs × 64 inputs and crashes at the first forward on layers that do not tile."""
+def bnb_cpu_kernel() -> str:
+    """Which bitsandbytes 0.50 CPU kernel dequantizes 4-bit weights on this CPU.
+
+    ``fused-bf16`` (AVX512-BF16: Linear4bit repacks weights for a fused kernel), ``avx512``
+    (torch's CPU capability AVX512, as bitsandbytes detects it: its C++ dequantize indexes
+    the absmax per row, wrong when blocks of 64 cross rows), or ``plain``.
+    """
     from bitsandbytes.functional import has_avx512bf16
 
+    if has_avx512bf16():
+        return "fused-bf16"
+    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "plain"
+
+
+def bnb_cpu_refuses(in_features: int, out_features: int, kernel: str) -> bool:
+    """Whether bitsandbytes' CPU ``kernel`` gets a layer of this shape wrong (or crashes)."""
+    if kernel == "fused-bf16":  # tiles of 32 outputs × 64 inputs, else a crash
+        return bool(in_features % 64 or out_features % 32)
+    if kernel == "avx512":  # blocks cross rows (odd widths take the plain fallback)
+        return bool(in_features % 64 and in_features % 2 == 0)
+    return False
+
+
+def _refuse_fused_cpu_shapes(targets: dict[str, nn.Linear]) -> None:
+    """bitsandbytes' AVX512 CPU kernels: the fused bf16 one (AVX512-BF16) crashes on layers
+    that do not tile 32 outputs × 64 inputs; the AVX512 dequantize (any AVX512 CPU) is wrong
+    when the input width is not a multiple of 64 (48×96: 4,419 of 4,608 values)."""
     cpu = {name: m for name, m in targets.items() if m.weight.device.type == "cpu"}
-    odd = [name for name, m in cpu.items() if m.in_features % 64 or m.out_features % 32]
-    if odd and has_avx512bf16():
+    if not cpu:
+        return
+    kernel = bnb_cpu_kernel()
+    odd = [n for n, m in cpu.items() if bnb_cpu_refuses(m.in_features, m.out_features, kernel)]
+    if odd:
         first = cpu[odd[0]]
+        need = "32·n outputs × 64·n inputs" if kernel == "fused-bf16" else "64·n inputs"
         raise QddError(
-            "bitsandbytes' fused CPU kernel needs Linear layers of 32·n outputs × 64·n inputs, "
+            f"bitsandbytes' {kernel} CPU kernel needs Linear layers of {need}, "
             f"{len(odd)} layer(s) are not (first: {odd[0]}, {first.out_features} × "
             f"{first.in_features}): use --quant-backend emulate"
         )

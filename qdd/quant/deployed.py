@@ -256,7 +256,9 @@ class DeployedLinear(nn.Linear):
             out = accumulated * scale * self.weight_scale.reshape(1, -1)
             out = (out if bias is None else out + bias.float()).to(dtype)
         elif self.precision == "nvfp4-w4a4":
-            out = nvfp4(x) @ self.dequantized_weight().t()
+            # An all-zero input has a zero tensor scale (NaN in torchao): it stays zero here.
+            activations = nvfp4(x) if x.any() else x.float()
+            out = activations @ self.dequantized_weight().t()
             out = (out if bias is None else out + bias.float()).to(dtype)
         else:
             lora = (x.float() @ self.proj_down.float().t()) @ self.proj_up.float().t()
