@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -121,20 +122,35 @@ def test_cpu_semantics_equal_bitsandbytes_codes(precision: str, dtype: torch.dty
     assert same_bits(fake_quantize(w, precision, bnb_semantics="cpu").to(dtype), decoded)
 
 
-def bnb_cpu_dequantize_is_plain(shape: tuple) -> bool:
-    """bitsandbytes dequantizes with its AVX512 C++ kernel (other rounding) on AVX512 CPUs,
-    unless the last dim is odd; elsewhere its kernels compute code × absmax plainly."""
-    ops = pytest.importorskip("bitsandbytes.backends.cpu.ops")
-    return not getattr(ops, "_has_avx512", True) or shape[-1] % 2 == 1
+def bnb_avx512_crosses_rows(shape: tuple) -> bool:
+    """bitsandbytes dequantizes with its AVX512 C++ kernel on AVX512 CPUs unless the last dim
+    is odd; that kernel indexes the absmax per row, wrong when blocks of 64 cross rows."""
+    return (
+        importlib.util.find_spec("bitsandbytes") is not None
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        and shape[-1] % 2 == 0
+        and shape[-1] % BNB_BLOCK != 0
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp4", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", BNB_SHAPES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param(
+            shape,
+            marks=pytest.mark.xfail(
+                condition=bnb_avx512_crosses_rows(shape), strict=True,
+                reason="bitsandbytes 0.50's AVX512 dequantize: blocks crossing rows come out "
+                "wrong (48×96: 4,419 of 4,608 values); qdd refuses such layers there",
+            ),
+        )
+        for shape in BNB_SHAPES
+    ],
+)  # fmt: skip
 def test_cpu_semantics_equal_bitsandbytes_dequantize(precision, dtype, shape) -> None:
     F = pytest.importorskip("bitsandbytes.functional")
-    if not bnb_cpu_dequantize_is_plain(shape):
-        pytest.skip("bitsandbytes' AVX512 dequantize kernel rounds differently on this CPU")
     w = weights(shape, dtype)
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type=precision)
     expected = F.dequantize_4bit(packed, state)  # in the weight's dtype
