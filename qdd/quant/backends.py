@@ -203,7 +203,7 @@ def quantize_module_(
     elif backend == "bitsandbytes":
         _to_bitsandbytes(module, targets, precision, compute_dtype)
     elif backend == "torchao":
-        if precision.startswith("fp8"):
+        if precision in ("fp8", "fp8-w8a8-row"):
             _refuse_zero_rows(targets)
         if precision == "fp8-w8a8-row" and compute_dtype != torch.bfloat16:
             raise QddError(
