@@ -213,7 +213,11 @@ def int4_activation(x: Tensor, group: int = 64) -> Tensor:
 
 
 def nvfp4_block_activation(x: Tensor) -> Tensor:
-    """NVFP4 activations per 16 per token with an E4M3 block scale ``amax/6`` (fp32 out)."""
+    """NVFP4 activations per 16 per token with an E4M3 block scale ``amax/6`` (fp32 out).
+
+    Nunchaku keeps activation scales as ``float8_e4m3fn`` (K/16 × tokens) with no
+    per-tensor factor; its kernel's exact rounding is not reproduced (no CPU reference).
+    """
     groups = x.float().unflatten(-1, (-1, 16))
     scale = (groups.abs().amax(dim=-1, keepdim=True) / E2M1_MAX).clamp(max=E4M3_MAX)
     scale = scale.to(torch.float8_e4m3fn).float()
