@@ -68,7 +68,8 @@ INT4_MAX = 7.0
 
 def describe(precision: str, compute_dtype: str) -> dict[str, object]:
     """The format fields of a sample: weight/activation formats, group size, rank."""
-    spec = FORMATS.get(precision, Format(compute_dtype, None))
+    unquantized = Format(compute_dtype if precision in ("fp32", "fp16") else precision, None)
+    spec = FORMATS.get(precision, unquantized)  # other formats (GGUF) name themselves
     return {
         "weight_format": spec.weight_format,
         "activation_format": spec.activation_format or compute_dtype,

@@ -206,6 +206,7 @@ def test_every_precision_describes_its_format() -> None:
         "activations_quantized": False, "group_size": None, "rank": None,
     }  # fmt: skip
     assert describe("svdq-nvfp4", "bfloat16")["activation_format"] == "nvfp4"
+    assert describe("gguf-q4_0", "bfloat16")["weight_format"] == "gguf-q4_0"  # names itself
     report = quantize_module_(linear(), "fp4", "emulate", torch.bfloat16)
     assert report.weight_format == "bnb-fp4" and report.activation_format == "bfloat16"
 
