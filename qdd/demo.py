@@ -133,7 +133,7 @@ def main(argv: list[str]) -> None:
     from qdd.datamodules.schema import REAL
     from qdd.generation.prompts import default_prompts
     from qdd.generation.tiny import build_tiny_pipeline
-    from qdd.quant import PRECISIONS
+    from qdd.quant import WEIGHT_ONLY as PRECISIONS  # the deployed formats: not in the demo
 
     global _STARTED
     started = _STARTED = time.perf_counter()

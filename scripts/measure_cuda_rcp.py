@@ -83,11 +83,17 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("measure_cuda_rcp.py needs an NVIDIA GPU")
-    print("GPU:", torch.cuda.get_device_name())
+    major, minor = torch.cuda.get_device_capability()
+    gpu = f"{torch.cuda.get_device_name()} (compute capability {major}.{minor})"
+    print("GPU:", gpu, "torch", torch.__version__)
     if not args.check:
         flips = measure()
         cuda_rcp.FULL_TABLE.parent.mkdir(exist_ok=True)
         np.save(cuda_rcp.FULL_TABLE, flips.astype(np.int32))
+        # Which GPU the table was measured on (rcp.approx may differ between architectures).
+        cuda_rcp.FULL_TABLE.with_suffix(".txt").write_text(
+            f"{gpu}; torch {torch.__version__}\n", encoding="utf-8"
+        )
         cuda_rcp.flip_mantissas.cache_clear()
         print(f"{len(flips)} of {1 << 23} mantissas round the other way -> {cuda_rcp.FULL_TABLE}")
     table = set(np.load(cuda_rcp.FULL_TABLE).tolist())

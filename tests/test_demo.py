@@ -11,7 +11,7 @@ from PIL import Image
 
 from qdd.cli import VERBOSE_ENV, main
 from qdd.demo import DETECTORS, GENERATORS
-from qdd.quant import PRECISIONS
+from qdd.quant import WEIGHT_ONLY as PRECISIONS  # the deployed formats: not in the demo
 from qdd.quiet import is_silenced
 from qdd.report.kde import plot_kde
 from qdd.report.paired import plot_paired

@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-path", help="hub id or local diffusers folder (default: the generator's hub id)"
     )
-    parser.add_argument("--precision", help="fp32, fp16, fp8, fp4, nf4, nvfp4, mxfp4")
+    parser.add_argument(
+        "--precision",
+        help="fp32, fp16, fp8, fp4, nf4, nvfp4, mxfp4; weights and activations: fp8-w8a8, "
+        "fp8-w8a8-row, svdq-int4, svdq-nvfp4, nvfp4-w4a4 (docs/quantization.md)",
+    )
     parser.add_argument(
         "--quant-backend",
         choices=BACKENDS,

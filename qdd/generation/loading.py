@@ -34,6 +34,7 @@ class QuantSummary:
     dtype: str  #: dtype of everything not quantized and of the compute
     n_quantized: int  #: parameters stored in the quantized format
     n_params: int  #: parameters of the scoped components
+    kept: tuple[str, ...] = ()  #: Linear layers the precision left unquantized
 
     @property
     def fraction(self) -> float:
@@ -120,6 +121,7 @@ def apply_precision(
 
     resolved = resolve_backend(precision, backend, device)
     n_quantized = n_params = 0
+    kept: list[str] = []
     for name in spec.components[scope]:
         module = getattr(pipeline, name, None)
         if not isinstance(module, torch.nn.Module):
@@ -127,4 +129,5 @@ def apply_precision(
         report = quantize_module_(module, precision, resolved, getattr(torch, dtype))
         n_quantized += report.n_quantized
         n_params += report.n_params
-    return QuantSummary(precision, resolved, scope, dtype, n_quantized, n_params)
+        kept += [f"{name}.{layer}" for layer in report.kept]
+    return QuantSummary(precision, resolved, scope, dtype, n_quantized, n_params, tuple(kept))

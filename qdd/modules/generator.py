@@ -62,7 +62,9 @@ class GeneratorModule(L.LightningModule):
             recipe.quant_scope or "denoiser",
             str(device),
         )
-        self.provenance = provenance(device, recipe.precision, self.summary.backend)
+        self.provenance = provenance(
+            device, recipe.precision, self.summary.backend, self.summary.dtype, self.summary.kept
+        )
         if self.summary.backend != recipe.quant_backend:
             raise RuntimeError(
                 f"backend {self.summary.backend!r} on {device}, but the recipe says "

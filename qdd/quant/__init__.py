@@ -7,13 +7,15 @@ from qdd.quant.backends import (
     quantize_module_,
     resolve_backend,
 )
-from qdd.quant.formats import PRECISIONS, QUANTIZED, fake_quantize
+from qdd.quant.formats import DEPLOYED, PRECISIONS, QUANTIZED, WEIGHT_ONLY, fake_quantize
 
 __all__ = [
     "BACKENDS",
+    "DEPLOYED",
     "PRECISIONS",
     "QUANTIZED",
     "QuantReport",
+    "WEIGHT_ONLY",
     "diffusers_quantization_config",
     "fake_quantize",
     "quantize_module_",

@@ -13,26 +13,38 @@ module holds that same dequantized ``W`` and calls the same ``F.linear``, so out
 equal. On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight for a fused bf16 kernel
 (bf16 absmax, bias added afterwards), whose rounding differs; on CUDA its kernels differ too.
 torchao's weight-only layers (fp8, nvfp4) dequantize and run a plain matmul as well.
+
+The deployed formats that quantize activations too (``fp8-w8a8`` …, `qdd.quant.deployed`)
+are emulated everywhere; ``fp8-w8a8``/``fp8-w8a8-row`` also run torchao's FP8 kernels on
+GPUs with FP8 tensor cores (compute capability 8.9 or newer).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from qdd.errors import QddError
-from qdd.quant.formats import LAST_DIM_MULTIPLE, QUANTIZED, fake_quantize
+from qdd.quant.deployed import describe, quantize_deployed_, quantizes
+from qdd.quant.formats import DEPLOYED, LAST_DIM_MULTIPLE, QUANTIZED, fake_quantize
 
 log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("auto", "emulate", "torchao", "bitsandbytes")
 #: Which real library implements each format.
 LIBRARY = {"fp4": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao",
-           "nvfp4": "torchao", "mxfp4": "torchao"}  # fmt: skip
+           "nvfp4": "torchao", "mxfp4": "torchao", "fp8-w8a8": "torchao",
+           "fp8-w8a8-row": "torchao"}  # fmt: skip
+#: Deployed formats with no library that runs here: Nunchaku (CUDA only, not on the package
+#: index) and ModelOpt/TensorRT engines. Only the emulation runs them.
+EMULATION_ONLY = {"svdq-int4": "Nunchaku", "svdq-nvfp4": "Nunchaku",
+                  "nvfp4-w4a4": "ModelOpt/TensorRT"}  # fmt: skip
+#: FP8 tensor cores (torch._scaled_mm): Ada (sm89), Hopper (sm90) and newer.
+FP8_COMPUTE_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,12 @@ class QuantReport:
     compute_dtype: str
     n_quantized: int  #: parameters in quantized Linear weights
     n_params: int  #: all parameters of the module
+    weight_format: str = ""  #: e.g. ``e4m3-tensor``, ``int4+lowrank`` (`qdd.quant.deployed`)
+    activation_format: str = ""  #: the compute dtype when activations are not quantized
+    activations_quantized: bool = False
+    group_size: int | None = None  #: values per scale (None: per tensor / row / token)
+    rank: int | None = None  #: the 16-bit low-rank branch (SVDQuant)
+    kept: tuple[str, ...] = field(default_factory=tuple)  #: Linear layers left unquantized
 
     @property
     def fraction(self) -> float:
@@ -62,11 +80,16 @@ def resolve_backend(precision: str, backend: str, device: torch.device | str) ->
     if precision not in QUANTIZED:
         return "none"
     device = torch.device(device)
-    library = LIBRARY[precision]
+    library = LIBRARY.get(precision)
     if backend == "auto":
         return library if _runs_here(precision, device) else "emulate"
     if backend == "emulate":
         return backend
+    if library is None:
+        raise QddError(
+            f"{precision} runs in {EMULATION_ONLY[precision]} only, which qdd cannot call: "
+            "use --quant-backend emulate"
+        )
     if backend != library:
         raise QddError(
             f"--quant-backend {backend} does not implement {precision}: use {library} or emulate"
@@ -79,13 +102,33 @@ def resolve_backend(precision: str, backend: str, device: torch.device | str) ->
         )
     if not _installed(library):
         raise QddError(f"{library} is not installed: pip install {library}, or use emulate")
+    if precision in DEPLOYED and not _has_fp8_compute(device):
+        raise QddError(
+            f"{precision} through torchao needs a CUDA GPU of compute capability 8.9 or newer "
+            f"(FP8 tensor cores), not {_device_label(device)}: use --quant-backend emulate"
+        )
     return backend
+
+
+def _has_fp8_compute(device: torch.device) -> bool:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= FP8_COMPUTE_CAPABILITY
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{device} (compute capability {major}.{minor})"
+    return str(device)
 
 
 def _runs_here(precision: str, device: torch.device) -> bool:
     """Whether ``auto`` should pick the real library for ``precision`` on ``device``."""
-    if precision == "mxfp4" or not _installed(LIBRARY[precision]):
+    if precision == "mxfp4" or precision in EMULATION_ONLY or not _installed(LIBRARY[precision]):
         return False
+    if precision in DEPLOYED:
+        return _has_fp8_compute(device)
     if precision == "fp8":
         return device.type in ("cpu", "cuda")
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -127,20 +170,30 @@ def quantize_module_(
     compute_dtype: torch.dtype,
     bnb_semantics: str = "cuda",
 ) -> QuantReport:
-    """Cast ``module`` to ``compute_dtype``, then quantize its Linear weights in place.
+    """Cast ``module`` to ``compute_dtype``, then quantize its Linear layers in place.
 
-    ``bnb_semantics``: which bitsandbytes the emulated fp4/nf4 reproduce (`qdd.quant.bnb4bit`).
+    Weight-only formats quantize the weights; the deployed formats (`qdd.quant.deployed`)
+    also quantize each layer's input. ``bnb_semantics``: which bitsandbytes the emulated
+    fp4/nf4 reproduce (`qdd.quant.bnb4bit`).
     """
     module.to(compute_dtype)
     n_params = sum(p.numel() for p in module.parameters())
     dtype_name = str(compute_dtype).removeprefix("torch.")
     if precision not in QUANTIZED:
-        return QuantReport(precision, "none", dtype_name, 0, n_params)
+        fields = describe(precision, dtype_name)
+        return QuantReport(precision, "none", dtype_name, 0, n_params, **fields)
     if backend == "auto":
         raise ValueError("resolve the backend first (resolve_backend)")
-    targets = {name: m for name, m in module.named_modules() if _quantizable(m, precision)}
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    if precision in DEPLOYED:
+        targets = {n: m for n, m in linears.items() if quantizes(module, n, m, precision)}
+    else:
+        targets = {n: m for n, m in linears.items() if _quantizable(m, precision)}
     n_quantized = sum(m.weight.numel() for m in targets.values())
-    if backend == "emulate":
+    if backend == "emulate" and precision in DEPLOYED:
+        for linear in targets.values():
+            quantize_deployed_(linear, precision)
+    elif backend == "emulate":
         with torch.no_grad():
             for linear in targets.values():
                 quantized = fake_quantize(linear.weight, precision, bnb_semantics)
@@ -150,13 +203,22 @@ def quantize_module_(
     elif backend == "bitsandbytes":
         _to_bitsandbytes(module, targets, precision, compute_dtype)
     elif backend == "torchao":
-        if precision == "fp8":
+        if precision in ("fp8", "fp8-w8a8-row"):
             _refuse_zero_rows(targets)
+        if precision == "fp8-w8a8-row" and compute_dtype != torch.bfloat16:
+            raise QddError(
+                f"torchao's per-row FP8 needs bfloat16 weights, not {dtype_name}: "
+                "use --quant-backend emulate"
+            )
         _to_torchao(module, set(targets), precision)
     else:
         raise ValueError(f"unknown backend {backend!r}")
+    kept = tuple(name for name in linears if name not in targets)
     log.debug("%s/%s: %d of %d parameters quantized", precision, backend, n_quantized, n_params)
-    return QuantReport(precision, backend, dtype_name, n_quantized, n_params)
+    return QuantReport(
+        precision, backend, dtype_name, n_quantized, n_params,
+        **describe(precision, dtype_name), kept=kept,
+    )  # fmt: skip
 
 
 def _to_bitsandbytes(
@@ -184,24 +246,59 @@ def _to_bitsandbytes(
         setattr(module.get_submodule(parent) if parent else module, child, layer)
 
 
-def _refuse_fused_cpu_shapes(targets: dict[str, nn.Linear]) -> None:
-    """bitsandbytes' fused CPU kernel (AVX512-BF16 CPUs) repacks weights in tiles of 32
-    outputs × 64 inputs and crashes at the first forward on layers that do not tile."""
+def bnb_cpu_kernel() -> str:
+    """Which bitsandbytes 0.50 CPU kernel dequantizes 4-bit weights on this CPU.
+
+    ``fused-bf16`` (AVX512-BF16: Linear4bit repacks weights for a fused kernel), ``avx512``
+    (torch's CPU capability AVX512, as bitsandbytes detects it: its C++ dequantize indexes
+    the absmax per row, wrong when blocks of 64 cross rows), or ``plain``.
+    """
     from bitsandbytes.functional import has_avx512bf16
 
+    if has_avx512bf16():
+        return "fused-bf16"
+    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "plain"
+
+
+def bnb_cpu_refuses(in_features: int, out_features: int, kernel: str) -> bool:
+    """Whether bitsandbytes' CPU ``kernel`` gets a layer of this shape wrong (or crashes)."""
+    if kernel == "fused-bf16":  # tiles of 32 outputs × 64 inputs, else a crash
+        return bool(in_features % 64 or out_features % 32)
+    if kernel == "avx512":  # blocks cross rows (odd widths take the plain fallback)
+        return bool(in_features % 64 and in_features % 2 == 0)
+    return False
+
+
+def _refuse_fused_cpu_shapes(targets: dict[str, nn.Linear]) -> None:
+    """bitsandbytes' AVX512 CPU kernels: the fused bf16 one (AVX512-BF16) crashes on layers
+    that do not tile 32 outputs × 64 inputs; the AVX512 dequantize (any AVX512 CPU) is wrong
+    when the input width is not a multiple of 64 (48×96: 4,419 of 4,608 values)."""
     cpu = {name: m for name, m in targets.items() if m.weight.device.type == "cpu"}
-    odd = [name for name, m in cpu.items() if m.in_features % 64 or m.out_features % 32]
-    if odd and has_avx512bf16():
+    if not cpu:
+        return
+    kernel = bnb_cpu_kernel()
+    odd = [n for n, m in cpu.items() if bnb_cpu_refuses(m.in_features, m.out_features, kernel)]
+    if odd:
         first = cpu[odd[0]]
+        need = "32·n outputs × 64·n inputs" if kernel == "fused-bf16" else "64·n inputs"
         raise QddError(
-            "bitsandbytes' fused CPU kernel needs Linear layers of 32·n outputs × 64·n inputs, "
+            f"bitsandbytes' {kernel} CPU kernel needs Linear layers of {need}, "
             f"{len(odd)} layer(s) are not (first: {odd[0]}, {first.out_features} × "
             f"{first.in_features}): use --quant-backend emulate"
         )
 
 
 def torchao_config(precision: str) -> Any:
-    """The torchao config that stores weights in ``precision``."""
+    """The torchao config that stores weights (and for W8A8 quantizes inputs) in ``precision``."""
+    if precision in ("fp8-w8a8", "fp8-w8a8-row"):
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            PerTensor,
+        )
+
+        granularity = PerRow() if precision == "fp8-w8a8-row" else PerTensor()
+        return Float8DynamicActivationFloat8WeightConfig(granularity=granularity)
     if precision == "fp8":
         from torchao.quantization import Float8WeightOnlyConfig, PerRow
 
@@ -214,7 +311,7 @@ def torchao_config(precision: str) -> Any:
 
 
 def _refuse_zero_rows(targets: dict[str, nn.Linear]) -> None:
-    """torchao's float8 divides an all-zero row by its zero scale: NaN weights, NaN images."""
+    """torchao's float8 divides an all-zero row (or tensor) by its zero scale: NaN weights."""
     zero = [name for name, m in targets.items() if (m.weight.abs().amax(dim=1) == 0).any()]
     if zero:
         raise QddError(

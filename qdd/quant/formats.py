@@ -29,8 +29,12 @@ from torch import Tensor
 
 from qdd.quant.bnb4bit import CHUNK, bnb_4bit
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
-QUANTIZED: frozenset[str] = frozenset({"fp8", "fp4", "nf4", "nvfp4", "mxfp4"})
+#: Weight-only levels (activations stay in the compute dtype).
+WEIGHT_ONLY: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
+#: Deployed formats that quantize activations too (`qdd.quant.deployed`).
+DEPLOYED: tuple[str, ...] = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4")
+PRECISIONS: tuple[str, ...] = WEIGHT_ONLY + DEPLOYED
+QUANTIZED: frozenset[str] = frozenset({"fp8", "fp4", "nf4", "nvfp4", "mxfp4", *DEPLOYED})
 
 #: E2M1 (FP4 of NVFP4/MXFP4): the non-negative values; the sign is a separate bit.
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

@@ -11,15 +11,37 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-PRECISION_ORDER: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
+#: Fewer bits to the right; within a width, weight-only before weights-and-activations
+#: (the same weights, the activations quantized too: fp8 → fp8-w8a8, nvfp4 → nvfp4-w4a4),
+#: GGUF's block formats beside the weight-only format of their width, and the SVDQuant
+#: formats (4-bit activations rescued by a 16-bit low-rank branch) before plain NVFP4 W4A4,
+#: the coarsest recipe.
+PRECISION_ORDER: tuple[str, ...] = (
+    "fp32", "fp16",
+    "fp8", "fp8-w8a8", "fp8-w8a8-row", "gguf-q8_0",
+    "gguf-q5_1", "gguf-q5_0",
+    "fp4", "nf4", "gguf-q4_k", "gguf-q4_1", "gguf-q4_0", "nvfp4", "mxfp4",
+    "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4",
+)  # fmt: skip
 COLORS: dict[str, str] = {
     "fp32": "#0072B2",  # blue
     "fp16": "#56B4E9",  # sky
     "fp8": "#009E73",  # green
+    "fp8-w8a8": "#00664A",  # dark green: fp8 with activations
+    "fp8-w8a8-row": "#66C5AB",  # light green
+    "gguf-q8_0": "#2A9D8F",  # teal: the 8-bit GGUF
+    "gguf-q5_1": "#8AB17D",  # sage
+    "gguf-q5_0": "#B5C99A",  # pale sage
     "fp4": "#D55E00",  # vermillion
     "nf4": "#E69F00",  # orange
+    "gguf-q4_k": "#F0C05A",  # light orange: 4-bit GGUF
+    "gguf-q4_1": "#C9A227",  # ochre
+    "gguf-q4_0": "#A07800",  # dark ochre
     "nvfp4": "#CC79A7",  # reddish purple
     "mxfp4": "#8B4513",  # brown
+    "svdq-int4": "#7B3294",  # purple: 4-bit weights and activations + low-rank
+    "svdq-nvfp4": "#B07AA1",  # mauve
+    "nvfp4-w4a4": "#6A1B1A",  # dark red: 4-bit weights and activations, nothing else
     "real": "#7F7F7F",  # grey
 }
 #: Colour of a precision the palette does not know.
@@ -41,8 +63,8 @@ def color(precision: str) -> str:
 
 
 def bits(precision: str) -> int | None:
-    """Bits per weight named by a precision ("fp4" → 4, "nvfp4" → 4, "int8" → 8)."""
-    match = re.search(r"(\d+)$", precision)
+    """Bits per weight named by a precision ("fp4" → 4, "nvfp4-w4a4" → 4, "gguf-q8_0" → 8)."""
+    match = re.search(r"(?:fp|int|nf|q)(\d+)", precision)
     return int(match.group(1)) if match else None
 
 
@@ -53,7 +75,7 @@ def _ordered(names: Iterable[str], order: tuple[str, ...]) -> list[str]:
 
 
 def order_precisions(names: Iterable[str]) -> list[str]:
-    """Palette order first (fp32 … mxfp4), unknown precisions after, alphabetically."""
+    """Palette order first (fp32 … nvfp4-w4a4), unknown precisions after, alphabetically."""
     return _ordered(names, PRECISION_ORDER)
 
 

@@ -13,12 +13,34 @@ from PIL import Image
 from qdd.datamodules.schema import FIELDS
 
 PRECISIONS = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
+#: Weights and activations quantized, as SD3.5 and Flux are deployed (qdd.quant.deployed).
+DEPLOYED = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4")
 
 
 def test_precision_list_matches_qdd_quant() -> None:
     from qdd.quant import PRECISIONS as QUANT_PRECISIONS
 
-    assert set(PRECISIONS) == set(QUANT_PRECISIONS)
+    assert set(PRECISIONS) | set(DEPLOYED) == set(QUANT_PRECISIONS)
+
+
+@pytest.mark.parametrize("precision", DEPLOYED)
+@pytest.mark.parametrize("generator", ["sd3", "flux-schnell"])
+def test_transformers_at_every_deployed_format(
+    generator: str, precision: str, tiny_models: dict[str, Path], tmp_path: Path, generate,
+    read_samples,
+) -> None:  # fmt: skip
+    out = generate(
+        "--generator", generator, "--model-path", str(tiny_models[generator]),
+        "--precision", precision, "--out", str(tmp_path / "out"), limit=1,
+    )  # fmt: skip
+    ((png, meta),) = read_samples(out).values()
+    assert png.startswith(b"\x89PNG") and meta["precision"] == precision
+    assert meta["quant_backend"] == "emulate" and meta["activations_quantized"] is True
+    assert meta["weight_format"] and meta["activation_format"] != "bfloat16"
+    assert 0.0 < meta["quant_fraction"] <= 1.0 and isinstance(meta["kept"], list)
+    assert (meta["rank"] == 32) == precision.startswith("svdq")
+    assert meta["cpu_capability"] and meta["cpu_model"]
+    assert_provenance(meta, precision)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -78,6 +100,9 @@ def assert_provenance(meta: dict, precision: str) -> None:
     expected = {
         "fp4": "bitsandbytes-cuda/rcp-", "nf4": "bitsandbytes-cuda/rcp-",
         "fp8": "torchao-float8-rowwise", "nvfp4": "torchao-nvfp4", "mxfp4": "torchao-mx-rceil",
+        "fp8-w8a8": "comfyui-fp8", "fp8-w8a8-row": "torchao-float8-dynamic",
+        "svdq-int4": "svdquant-data-free", "svdq-nvfp4": "svdquant-data-free",
+        "nvfp4-w4a4": "modelopt-nvfp4",
     }  # fmt: skip
     if meta["quant_backend"] == "emulate":
         assert meta["emulation"].startswith(expected[precision])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -121,20 +122,35 @@ def test_cpu_semantics_equal_bitsandbytes_codes(precision: str, dtype: torch.dty
     assert same_bits(fake_quantize(w, precision, bnb_semantics="cpu").to(dtype), decoded)
 
 
-def bnb_cpu_dequantize_is_plain(shape: tuple) -> bool:
-    """bitsandbytes dequantizes with its AVX512 C++ kernel (other rounding) on AVX512 CPUs,
-    unless the last dim is odd; elsewhere its kernels compute code × absmax plainly."""
-    ops = pytest.importorskip("bitsandbytes.backends.cpu.ops")
-    return not getattr(ops, "_has_avx512", True) or shape[-1] % 2 == 1
+def bnb_avx512_crosses_rows(shape: tuple) -> bool:
+    """bitsandbytes dequantizes with its AVX512 C++ kernel on AVX512 CPUs unless the last dim
+    is odd; that kernel indexes the absmax per row, wrong when blocks of 64 cross rows."""
+    return (
+        importlib.util.find_spec("bitsandbytes") is not None
+        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        and shape[-1] % 2 == 0
+        and shape[-1] % BNB_BLOCK != 0
+    )
 
 
 @pytest.mark.parametrize("precision", ["fp4", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", BNB_SHAPES)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param(
+            shape,
+            marks=pytest.mark.xfail(
+                condition=bnb_avx512_crosses_rows(shape), strict=True,
+                reason="bitsandbytes 0.50's AVX512 dequantize: blocks crossing rows come out "
+                "wrong (48×96: 4,419 of 4,608 values); qdd refuses such layers there",
+            ),
+        )
+        for shape in BNB_SHAPES
+    ],
+)  # fmt: skip
 def test_cpu_semantics_equal_bitsandbytes_dequantize(precision, dtype, shape) -> None:
     F = pytest.importorskip("bitsandbytes.functional")
-    if not bnb_cpu_dequantize_is_plain(shape):
-        pytest.skip("bitsandbytes' AVX512 dequantize kernel rounds differently on this CPU")
     w = weights(shape, dtype)
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type=precision)
     expected = F.dequantize_4bit(packed, state)  # in the weight's dtype
@@ -265,3 +281,46 @@ def test_formats_really_quantize() -> None:
     assert fake_quantize(w, "fp8").unique().numel() < w.unique().numel()
     with pytest.raises(ValueError, match="not a quantized precision"):
         fake_quantize(w, "fp16")
+
+
+def _wrong_blocks(recorded: dict, precision: str, flips: torch.Tensor, rows, monkeypatch):
+    """Blocks ``rows`` where the emulation with the flip table ``flips`` misses the GPU."""
+    from qdd.quant import bnb4bit, cuda_rcp
+
+    monkeypatch.setattr(cuda_rcp, "flip_mantissas", lambda device="cpu": flips)
+    weight = recorded["weight"]
+    bits = BITS[weight.dtype]
+    blocks = weight.float().reshape(-1, BNB_BLOCK)[rows]
+    ours = bnb4bit._cuda_blocks(blocks, precision).to(weight.dtype)
+    expected = recorded[f"{precision}.dequantized"].reshape(-1, BNB_BLOCK)[rows]
+    return (ours.view(bits) != expected.view(bits)).any(dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reciprocal_table_learned_on_half_the_blocks_predicts_the_other_half(
+    dtype: str, monkeypatch
+) -> None:
+    """Held out: which mantissas flip is read off the even blocks only; the emulation with
+    that table must then equal the CUDA output on the odd blocks, which it never saw."""
+    recorded = load_file(DATA / f"bnb_cuda_4bit_{dtype}.safetensors")
+    blocks = recorded["weight"].float().reshape(-1, BNB_BLOCK)
+    mantissa = blocks.abs().amax(dim=1).view(torch.int32) & 0x7FFFFF
+    none, every = torch.tensor([], dtype=torch.int32), mantissa.unique()
+    learn = torch.arange(len(blocks)) % 2 == 0
+    check = ~learn
+    checked = 0
+    for precision in ("fp4", "nf4"):
+        near = _wrong_blocks(recorded, precision, none, learn, monkeypatch)
+        other = _wrong_blocks(recorded, precision, every, learn, monkeypatch)
+        assert not (near & other).any()  # one of the two neighbours explains every block
+        flips = mantissa[learn][near].unique()
+        pinned = mantissa[learn][near ^ other].unique()
+        decisive = _wrong_blocks(recorded, precision, none, check, monkeypatch) ^ _wrong_blocks(
+            recorded, precision, every, check, monkeypatch
+        )  # blocks where the reciprocal decides a code
+        seen = torch.isin(mantissa[check], pinned)
+        missed = _wrong_blocks(recorded, precision, flips, check, monkeypatch)
+        assert not (missed & (seen | ~decisive)).any()
+        checked += int((decisive & seen).sum())
+    print(f"{dtype}: {checked} held-out blocks decided by the reciprocal, all predicted")
+    assert checked > 0 or dtype == "float32"  # fp32 recordings: reciprocal never decisive
