@@ -30,6 +30,7 @@ from torch import Tensor
 from qdd.quant.bnb4bit import CHUNK, bnb_4bit
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
+PRECISIONS += ("gguf-q8_0", "gguf-q5_0", "gguf-q5_1", "gguf-q4_0", "gguf-q4_1", "gguf-q4_k")
 QUANTIZED: frozenset[str] = frozenset({"fp8", "fp4", "nf4", "nvfp4", "mxfp4"})
 
 #: E2M1 (FP4 of NVFP4/MXFP4): the non-negative values; the sign is a separate bit.
