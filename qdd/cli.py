@@ -84,6 +84,12 @@ def _sweep(argv: Sequence[str]) -> None:
     main(list(argv))
 
 
+def _quantize(argv: Sequence[str]) -> None:
+    from qdd.quant.gguf import main
+
+    main(list(argv))
+
+
 def _demo(argv: Sequence[str]) -> None:
     from qdd.demo import main
 
@@ -118,6 +124,7 @@ def _available() -> dict[str, tuple[str, Callable[[Sequence[str]], None]]]:
     optional = {
         "generate": ("qdd.generation.command", "generate images at each precision", _generate),
         "report": ("qdd.report.command", "draw the study's figures and tables from runs", _report),
+        "quantize": ("qdd.quant.gguf", "write a deployable quantized denoiser file", _quantize),
         "sweep": ("qdd.sweep", "run a W&B grid sweep offline: one fit run per trial", _sweep),
         "demo": ("qdd.demo", "the whole study in miniature, offline, on CPU", _demo),
     }

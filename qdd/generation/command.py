@@ -40,6 +40,7 @@ class Job:
     precision: str
     out: str
     model_path: str | None = None  #: default: the generator's hub id
+    denoiser_file: str | None = None  #: a user's GGUF denoiser; the precision is its label
     quant_backend: str = "auto"
     quant_scope: str = "denoiser"
     prompts: str | None = None  #: default: the built-in set
@@ -73,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         help="fp32, fp16, fp8, fp4, nf4, nvfp4, mxfp4; weights and activations: fp8-w8a8, "
-        "fp8-w8a8-row, svdq-int4, svdq-nvfp4, nvfp4-w4a4 (docs/quantization.md)",
+        "fp8-w8a8-row, svdq-int4, svdq-nvfp4, nvfp4-w4a4; GGUF files: gguf-q8_0 … gguf-q4_1 "
+        "(docs/quantization.md)",
+    )
+    parser.add_argument(
+        "--denoiser-file",
+        help="a GGUF denoiser file used as it is (city96's or llama.cpp's Q8_0 … Q4_K); "
+        "the precision is read from its tensor types",
     )
     parser.add_argument(
         "--quant-backend",
@@ -180,6 +187,9 @@ def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job
     for entry in entries:
         entry = {"generator": entry} if isinstance(entry, str) else dict(entry)
         precisions = entry.pop("precisions", default_precisions)
+        file = entry.get("denoiser_file", plan.get("denoiser_file"))
+        if file is not None:
+            precisions = [gguf_label(file, precisions)]
         if not precisions:
             raise QddError(
                 f"plan {plan_path}: no precisions for {entry.get('generator')}: "
@@ -199,6 +209,20 @@ def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job
     return jobs, trainer
 
 
+def gguf_label(file: str, precision: str | list[str] | None) -> str:
+    """The precision of a ``--denoiser-file``: its label; a different --precision is refused."""
+    from qdd.quant.gguf import precision_of
+
+    label = precision_of(file)
+    given = [precision] if isinstance(precision, str) else list(precision or [])
+    if any(p != label for p in given):
+        raise QddError(
+            f"{file} is a {label} file, not {', '.join(given)}: leave out --precision "
+            "(the file's tensor types decide it)"
+        )
+    return label
+
+
 def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
     """The command line as jobs and Trainer keyword arguments."""
     argv, trainer = split_trainer_flags(argv)
@@ -207,6 +231,8 @@ def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
     if plan is not None:
         jobs, plan_trainer = jobs_from_plan(find_plan(plan), args)
         return jobs, check_trainer_kwargs({**plan_trainer, **trainer})
+    if args["denoiser_file"] is not None:
+        args["precision"] = gguf_label(args["denoiser_file"], args["precision"])
     for name in ("generator", "precision", "out"):
         if args[name] is None:
             raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")
@@ -253,9 +279,15 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
     from qdd.generation.loading import compute_dtype_name, resolve_model_path
     from qdd.generation.prompts import load_prompts, prompts_digest
     from qdd.quant import PRECISIONS, resolve_backend
+    from qdd.quant.gguf import file_sha256
 
     spec = get_generator(job.generator)
-    if job.precision not in PRECISIONS:
+    gguf = job.precision.startswith("gguf-")
+    if gguf:
+        check_gguf_job(job, spec)
+    elif job.denoiser_file is not None:
+        raise QddError(f"--denoiser-file needs a gguf-* precision, not {job.precision}")
+    elif job.precision not in PRECISIONS:
         raise QddError(
             f"unknown precision {job.precision!r}: choose one of {', '.join(PRECISIONS)}"
         )
@@ -281,9 +313,12 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
     use_threads(processes=trainer.num_devices)
     device = trainer.strategy.root_device
     quantized = job.precision not in ("fp32", "fp16")
-    backend = (
-        resolve_backend(job.precision, job.quant_backend, str(device)) if quantized else "none"
-    )
+    if gguf:
+        backend = "gguf"  # diffusers' GGUF loader: no other backend reads the file
+    elif quantized:
+        backend = resolve_backend(job.precision, job.quant_backend, str(device))
+    else:
+        backend = "none"
     recipe = Recipe(
         generator=spec.name,
         model_id=model_path,
@@ -298,11 +333,15 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         base_seed=job.seed,
         batch_size=job.batch_size,
         prompts_sha=prompts_digest(prompts),
+        denoiser_file=job.denoiser_file,
+        denoiser_sha256=file_sha256(job.denoiser_file) if job.denoiser_file else None,
     )
     out = Path(job.out)
     leader = is_launch_leader()
     if leader:
         prepare_folder(out, recipe, job.overwrite)
+        if gguf and job.denoiser_file is None:
+            write_gguf_once(spec.name, model_path, job.precision, out, job.overwrite)
         if quantized and job.quant_backend == "auto":
             log.info(
                 "%s %s: --quant-backend auto chose %s on %s",
@@ -328,6 +367,32 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         manifest = write_manifest(out)
         log.info("%s: %d images, %d failed", out, manifest["total"], len(manifest["failed"]))
     return out
+
+
+def check_gguf_job(job: Job, spec: Any) -> None:
+    """A GGUF run: SD3/Flux only, a precision qdd writes (or a user's file), scope denoiser."""
+    from qdd.quant.gguf import check_family, check_writable
+
+    check_family(spec.family, spec.name)
+    if job.denoiser_file is None:
+        check_writable(job.precision)
+    if job.quant_backend != "auto":
+        raise QddError(
+            f"{job.precision} runs through diffusers' GGUF loader: leave out --quant-backend"
+        )
+    if job.quant_scope != "denoiser":
+        raise QddError(f"{job.precision} is a denoiser file: leave out --quant-scope")
+
+
+def write_gguf_once(
+    generator: str, model_path: str, precision: str, out: Path, fresh: bool
+) -> None:
+    """qdd's GGUF file of this run, in its folder: written once, kept for resumes and reuse."""
+    from qdd.quant.gguf import DEFAULT_FILE, write_denoiser
+
+    path = out / DEFAULT_FILE
+    if fresh or not path.is_file():
+        write_denoiser(generator, model_path, precision, path)
 
 
 def _barrier() -> None:

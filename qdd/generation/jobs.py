@@ -66,6 +66,8 @@ class Recipe:
     base_seed: int
     batch_size: int  #: batch size changes numerics at ~1e-6: fixed per folder
     prompts_sha: str
+    denoiser_file: str | None = None  #: a user's GGUF file (``--denoiser-file``), as given
+    denoiser_sha256: str | None = None  #: its sha256: another file is another recipe
 
     def meta(
         self, item: WorkItem, quant_fraction: float, provenance: dict[str, Any] | None = None
@@ -88,6 +90,7 @@ class Recipe:
             height=self.height,
             quant_fraction=quant_fraction,
             dtype=self.dtype,
+            denoiser_file=self.denoiser_file,
             **(provenance or {}),
         )
 

@@ -10,7 +10,8 @@ half-precision tensors.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ class QuantSummary:
     n_quantized: int  #: parameters stored in the quantized format
     n_params: int  #: parameters of the scoped components
     kept: tuple[str, ...] = ()  #: Linear layers the precision left unquantized
+    #: format fields of every sample (GGUF: tensor types, file sha256, keep list …)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
@@ -71,8 +74,18 @@ def resolve_model_path(model_path: str) -> str:
     return str(folder)
 
 
-def load_pipeline(spec: GeneratorSpec, model_path: str, dtype: str, device: Any) -> Any:
-    """``from_pretrained`` in ``dtype`` on ``device``; hub failures become a `QddError`."""
+def load_pipeline(
+    spec: GeneratorSpec,
+    model_path: str,
+    dtype: str,
+    device: Any,
+    denoiser_file: str | Path | None = None,
+) -> Any:
+    """``from_pretrained`` in ``dtype`` on ``device``; hub failures become a `QddError`.
+
+    ``denoiser_file``: a GGUF file loaded through diffusers' GGUF loader in place of the
+    folder's denoiser (the rest of the pipeline still comes from ``model_path``).
+    """
     import diffusers
     import torch
     import transformers
@@ -81,9 +94,16 @@ def load_pipeline(spec: GeneratorSpec, model_path: str, dtype: str, device: Any)
     transformers.utils.logging.disable_progress_bar()
     source = resolve_model_path(model_path)
     pipeline_class = getattr(diffusers, spec.pipeline_class)
+    components: dict[str, Any] = {}
+    if denoiser_file is not None:
+        from qdd.quant.gguf import load_denoiser
+
+        components[spec.denoiser] = load_denoiser(
+            spec.family, spec.name, source, spec.denoiser, denoiser_file, getattr(torch, dtype)
+        )
     try:
         pipeline = pipeline_class.from_pretrained(
-            source, dtype=getattr(torch, dtype), **spec.load_kwargs
+            source, dtype=getattr(torch, dtype), **spec.load_kwargs, **components
         )
     except OSError as error:
         if is_local_path(model_path):
@@ -108,10 +128,56 @@ def load_pipeline(spec: GeneratorSpec, model_path: str, dtype: str, device: Any)
     return pipeline.to(device)
 
 
-def apply_precision(
-    pipeline: Any, spec: GeneratorSpec, precision: str, backend: str, scope: str, device: Any
+def gguf_file(recipe_file: str | None, precision: str, out_dir: Path) -> Path | None:
+    """The GGUF file a run loads: the user's ``--denoiser-file``, else the one qdd wrote for a
+    ``gguf-*`` precision into the output folder; ``None`` for every other precision."""
+    from qdd.quant.gguf import DEFAULT_FILE, is_gguf
+
+    if recipe_file is not None:
+        return Path(recipe_file)
+    return Path(out_dir) / DEFAULT_FILE if is_gguf(precision) else None
+
+
+def gguf_summary(
+    pipeline: Any, spec: GeneratorSpec, precision: str, path: Path, written_by_qdd: bool
 ) -> QuantSummary:
-    """Quantize the components of ``scope`` in place; count what was quantized."""
+    """What the GGUF denoiser holds: quantized values counted from its GGUF parameters."""
+    from gguf import GGMLQuantizationType
+
+    from qdd.quant.gguf import KEEP, UNQUANTIZED_TYPES, describe, read_tensor_types
+
+    dtype = compute_dtype_name(spec, precision)
+    denoiser = getattr(pipeline, spec.denoiser)
+    n_params = n_quantized = 0
+    for parameter in denoiser.parameters():
+        kind = getattr(parameter, "quant_type", None)
+        numel = prod(parameter.quant_shape) if kind is not None else parameter.numel()
+        n_params += numel
+        if kind is not None and GGMLQuantizationType(kind).name not in UNQUANTIZED_TYPES:
+            n_quantized += numel
+    keep = KEEP[spec.family] if written_by_qdd else None
+    details = describe(path, precision, dtype, keep)
+    if set(read_tensor_types(path).values()) - set(UNQUANTIZED_TYPES) and not n_quantized:
+        raise RuntimeError(f"{path}: quantized tensors in the file, none in the loaded model")
+    return QuantSummary(precision, "gguf", "denoiser", dtype, n_quantized, n_params, details)
+
+
+def apply_precision(
+    pipeline: Any,
+    spec: GeneratorSpec,
+    precision: str,
+    backend: str,
+    scope: str,
+    device: Any,
+    denoiser_file: Path | None = None,
+    written_by_qdd: bool = False,
+) -> QuantSummary:
+    """Quantize the components of ``scope`` in place; count what was quantized.
+
+    A GGUF denoiser (``denoiser_file``) was quantized by its file: only counted here.
+    """
+    if denoiser_file is not None:
+        return gguf_summary(pipeline, spec, precision, denoiser_file, written_by_qdd)
     dtype = compute_dtype_name(spec, precision)
     if precision in UNQUANTIZED:
         return QuantSummary(precision, "none", None, dtype, 0, 0)

@@ -18,7 +18,7 @@ import torch
 from qdd.datamodules.writer import ShardWriter
 from qdd.generation.images import image_failure, to_uint8
 from qdd.generation.jobs import Recipe, WorkItem
-from qdd.generation.loading import QuantSummary, apply_precision, load_pipeline
+from qdd.generation.loading import QuantSummary, apply_precision, gguf_file, load_pipeline
 from qdd.generation.provenance import provenance
 from qdd.generation.registry import get_generator
 
@@ -53,7 +53,10 @@ class GeneratorModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device
         recipe = self.recipe
-        self.pipeline = load_pipeline(self.spec, self.model_path, recipe.dtype, device)
+        gguf = gguf_file(recipe.denoiser_file, recipe.precision, self.out_dir)
+        if gguf is not None:
+            self.trainer.strategy.barrier("gguf-written")  # the launch leader wrote it
+        self.pipeline = load_pipeline(self.spec, self.model_path, recipe.dtype, device, gguf)
         self.summary = apply_precision(
             self.pipeline,
             self.spec,
@@ -61,10 +64,16 @@ class GeneratorModule(L.LightningModule):
             recipe.quant_backend,
             recipe.quant_scope or "denoiser",
             str(device),
+            denoiser_file=gguf,
+            written_by_qdd=recipe.denoiser_file is None,
         )
-        self.provenance = provenance(
-            device, recipe.precision, self.summary.backend, self.summary.dtype, self.summary.kept
-        )
+        self.provenance = {
+            **provenance(
+                device, recipe.precision, self.summary.backend, self.summary.dtype,
+                self.summary.kept,
+            ),
+            **self.summary.details,
+        }  # fmt: skip
         if self.summary.backend != recipe.quant_backend:
             raise RuntimeError(
                 f"backend {self.summary.backend!r} on {device}, but the recipe says "

@@ -1,0 +1,258 @@
+"""GGUF denoisers end to end: qdd's own files, a user's file, and diffusers' loader by hand."""
+
+from __future__ import annotations
+
+import io
+from importlib.metadata import version
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from qdd.quant.gguf import WRITABLE, file_sha256, read_tensor_types, type_counts
+
+Q = gguf.GGMLQuantizationType
+SIZE = 64
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("precision", sorted(WRITABLE))
+@pytest.mark.parametrize("generator", ["sd3", "flux-schnell"])
+def test_every_gguf_precision_generates_and_quantize_writes_the_same_file(
+    generator: str,
+    precision: str,
+    tiny_models: dict[str, Path],
+    tmp_path: Path,
+    generate,
+    read_samples,
+    capsys,
+) -> None:
+    from qdd.cli import main
+
+    model = str(tiny_models[generator])
+    out = generate(
+        "--generator", generator, "--model-path", model, "--precision", precision,
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    samples = read_samples(out)
+    assert sorted(samples) == ["p00000-s0", "p00001-s1"]
+    written = out / "denoiser.gguf"
+    kind = precision.removeprefix("gguf-").upper()
+    types = type_counts(read_tensor_types(written))
+    assert set(types) == {"F32", kind}
+    for _, meta in samples.values():
+        assert (meta["precision"], meta["quant_backend"], meta["quant_scope"]) == (
+            precision, "gguf", "denoiser",
+        )  # fmt: skip
+        assert meta["dtype"] == "bfloat16" and meta["activation_format"] == "bfloat16"
+        assert meta["weight_format"] == precision and meta["activations_quantized"] is False
+        assert meta["gguf_tensor_types"] == types and meta["group_size"] == 32
+        assert meta["gguf_sha256"] == file_sha256(written) and meta["gguf_file"] == written.name
+        assert meta["gguf_version"] == version("gguf")
+        assert meta["gguf_keep"] and meta["denoiser_file"] is None
+        assert 0.2 < meta["quant_fraction"] < 1.0
+    # the deployable file: byte for byte the one the images were made with
+    capsys.readouterr()
+    artifact = tmp_path / "artifact.gguf"
+    main(["quantize", "--generator", generator, "--model-path", model,
+          "--precision", precision, "--out", str(artifact)])  # fmt: skip
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(artifact)
+    assert file_sha256(artifact) == file_sha256(written)
+
+
+def write_q8_0_elsewhere(model: Path, path: Path) -> dict[str, int]:
+    """A Q8_0 file made with gguf-py alone, as another tool would: every 2-D weight of more
+    than 1,024 values whose rows divide into blocks of 32 is Q8_0, the rest F32."""
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(
+        model, subfolder="transformer", dtype=torch.bfloat16
+    )
+    writer = gguf.GGUFWriter(str(path), "sd3")
+    for name, tensor in transformer.state_dict().items():
+        values = tensor.float().numpy()
+        if values.ndim == 2 and values.size > 1024 and values.shape[1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(values, Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return type_counts(read_tensor_types(path))
+
+
+def diffusers_by_hand(model: Path, file: Path, prompt: str, seed: int) -> np.ndarray:
+    """What diffusers' own GGUF loader makes of ``file`` (the documented recipe, no qdd)."""
+    from diffusers import GGUFQuantizationConfig, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    transformer = SD3Transformer2DModel.from_single_file(
+        str(file),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),
+        config=str(model),
+        subfolder="transformer",
+        torch_dtype=torch.bfloat16,
+    )
+    pipeline = StableDiffusion3Pipeline.from_pretrained(
+        model, transformer=transformer, dtype=torch.bfloat16
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline(
+        prompt=[prompt],
+        generator=[torch.Generator("cpu").manual_seed(seed)],
+        num_inference_steps=2,
+        guidance_scale=7.0,
+        height=SIZE,
+        width=SIZE,
+        max_sequence_length=256,
+        output_type="pil",
+    ).images[0]
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_user_file_gives_the_pixels_of_diffusers_own_loader(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
+) -> None:
+    model = tiny_models["sd3"]
+    file = tmp_path / "elsewhere-Q8_0.gguf"
+    types = write_q8_0_elsewhere(model, file)
+    out = generate(
+        "--generator", "sd3", "--model-path", str(model), "--denoiser-file", str(file),
+        "--out", str(tmp_path / "out"), limit=1,
+    )  # fmt: skip
+    ((png, meta),) = read_samples(out).values()
+    assert meta["precision"] == "gguf-q8_0" and meta["gguf_tensor_types"] == types
+    assert meta["denoiser_file"] == str(file) and meta["gguf_keep"] is None
+    assert meta["gguf_sha256"] == file_sha256(file)
+    assert not (out / "denoiser.gguf").exists()  # the user's file is used as it is
+    expected = diffusers_by_hand(model, file, meta["prompt"], meta["seed"])
+    assert np.array_equal(pixels(png), expected)
+
+
+def test_q8_0_is_nearer_fp32_than_q4_0(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
+) -> None:
+    common = ["--generator", "sd3", "--model-path", str(tiny_models["sd3"])]
+    images = {
+        precision: read_samples(
+            generate(*common, "--precision", precision, "--out", str(tmp_path / precision))
+        )
+        for precision in ("fp32", "gguf-q8_0", "gguf-q4_0")
+    }
+    error = {
+        precision: np.mean(
+            [
+                np.abs(pixels(images[precision][k][0]) - pixels(v[0])).mean()
+                for k, v in images["fp32"].items()
+            ]
+        )  # fmt: skip
+        for precision in ("gguf-q8_0", "gguf-q4_0")
+    }
+    assert 0 < error["gguf-q8_0"] < error["gguf-q4_0"]
+
+
+def write_q4_k_file(model: Path, path: Path) -> None:
+    """A Q4_K file (random but valid blocks) for the layers whose rows hold 256·n values."""
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer")
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "sd3")
+    for name, tensor in transformer.state_dict().items():
+        values = tensor.float().numpy()
+        if values.ndim == 2 and values.shape[1] % 256 == 0:
+            blocks = values.size // 256
+            scales = np.full((blocks, 2), 0.001, np.float16).view(np.uint8)
+            rest = rng.integers(0, 256, (blocks, 140), dtype=np.uint8)
+            data = np.concatenate([scales, rest], axis=1).reshape(values.shape[0], -1)
+            writer.add_tensor(name, data, raw_dtype=Q.Q4_K)
+        else:
+            writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_q4_k_user_file_generates_under_its_label(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples
+) -> None:
+    file = tmp_path / "model-Q4_K.gguf"
+    write_q4_k_file(tiny_models["sd3"], file)
+    out = generate(
+        "--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+        "--denoiser-file", str(file), "--precision", "gguf-q4_k",
+        "--out", str(tmp_path / "out"), limit=1,
+    )  # fmt: skip
+    ((_, meta),) = read_samples(out).values()
+    assert meta["precision"] == "gguf-q4_k" and meta["group_size"] == 256
+    assert meta["gguf_tensor_types"]["Q4_K"] == 2
+
+
+def test_a_plan_takes_a_denoiser_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from qdd.generation.command import jobs_from_plan
+
+    file = tmp_path / "model-Q8_0.gguf"
+    write_q8_0_elsewhere(tiny_models["sd3"], file)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"out: {tmp_path / 'grid'}\ngenerators:\n"
+        f"  - generator: sd3\n    model_path: {tiny_models['sd3']}\n"
+        f"    denoiser_file: {file}\n"
+        f"  - generator: sd3\n    model_path: {tiny_models['sd3']}\n"
+        "    precisions: [fp32, gguf-q4_0]\n"
+    )
+    jobs, _ = jobs_from_plan(plan, {})
+    assert [(Path(j.out).name, j.denoiser_file) for j in jobs] == [
+        ("sd3-gguf-q8_0", str(file)), ("sd3-fp32", None), ("sd3-gguf-q4_0", None),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--generator", "sd15", "--precision", "gguf-q8_0"], "SD3 and Flux transformers only"),
+        (["--generator", "sdxl", "--precision", "gguf-q4_0"], "SD3 and Flux transformers only"),
+        (["--generator", "sd3", "--precision", "gguf-q4_k"], "--denoiser-file FILE.gguf"),
+        (["--generator", "sd3", "--precision", "gguf-q8_0", "--quant-backend", "emulate"],
+         "leave out --quant-backend"),
+        (["--generator", "sd3", "--denoiser-file", "no/such.gguf"], "not found"),
+    ],
+)  # fmt: skip
+def test_gguf_user_errors_are_one_line(
+    args: list[str], message: str, tiny_models: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    from qdd.cli import main
+
+    generator = args[1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", *args, "--model-path", str(tiny_models[generator]),
+              "--out", str(tmp_path / "o")])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_file_of_another_precision_is_refused(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    from qdd.cli import main
+
+    file = tmp_path / "m.gguf"
+    write_q8_0_elsewhere(tiny_models["sd3"], file)
+    for command, message in (
+        (["generate", "--generator", "sd3", "--denoiser-file", str(file), "--precision",
+          "gguf-q4_0", "--out", str(tmp_path / "o")], "is a gguf-q8_0 file, not gguf-q4_0"),
+        (["quantize", "--generator", "sd3", "--precision", "fp4", "--out", str(file)],
+         "writes GGUF files only, not fp4"),
+        (["quantize", "--generator", "sd15", "--precision", "gguf-q8_0", "--out", str(file)],
+         "SD3 and Flux transformers only"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(command)
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
