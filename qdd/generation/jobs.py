@@ -68,9 +68,14 @@ class Recipe:
     prompts_sha: str
 
     def meta(
-        self, item: WorkItem, quant_fraction: float, provenance: dict[str, Any] | None = None
+        self,
+        item: WorkItem,
+        quant_fraction: float,
+        provenance: dict[str, Any] | None = None,
+        costs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The sample's json: every schema field, the quantized fraction, dtype, provenance."""
+        """The sample's json: every schema field, the quantized fraction, dtype, provenance
+        and what the image cost (`qdd.generation.costs`)."""
         return make_meta(
             FAKE,
             self.generator,
@@ -89,6 +94,7 @@ class Recipe:
             quant_fraction=quant_fraction,
             dtype=self.dtype,
             **(provenance or {}),
+            **(costs or {}),
         )
 
 

@@ -34,6 +34,7 @@ class QuantSummary:
     dtype: str  #: dtype of everything not quantized and of the compute
     n_quantized: int  #: parameters stored in the quantized format
     n_params: int  #: parameters of the scoped components
+    denoiser_bytes: int = 0  #: the denoiser as the real format stores it (`qdd.quant.size`)
 
     @property
     def fraction(self) -> float:
@@ -111,15 +112,18 @@ def apply_precision(
     pipeline: Any, spec: GeneratorSpec, precision: str, backend: str, scope: str, device: Any
 ) -> QuantSummary:
     """Quantize the components of ``scope`` in place; count what was quantized."""
+    from qdd.quant.size import module_bytes
+
     dtype = compute_dtype_name(spec, precision)
     if precision in UNQUANTIZED:
-        return QuantSummary(precision, "none", None, dtype, 0, 0)
+        denoiser_bytes = module_bytes(getattr(pipeline, spec.denoiser), precision)
+        return QuantSummary(precision, "none", None, dtype, 0, 0, denoiser_bytes)
     import torch
 
     from qdd.quant import quantize_module_, resolve_backend
 
     resolved = resolve_backend(precision, backend, device)
-    n_quantized = n_params = 0
+    n_quantized = n_params = denoiser_bytes = 0
     for name in spec.components[scope]:
         module = getattr(pipeline, name, None)
         if not isinstance(module, torch.nn.Module):
@@ -127,4 +131,6 @@ def apply_precision(
         report = quantize_module_(module, precision, resolved, getattr(torch, dtype))
         n_quantized += report.n_quantized
         n_params += report.n_params
-    return QuantSummary(precision, resolved, scope, dtype, n_quantized, n_params)
+        if name == spec.denoiser:
+            denoiser_bytes = report.deployed_bytes
+    return QuantSummary(precision, resolved, scope, dtype, n_quantized, n_params, denoiser_bytes)

@@ -26,6 +26,7 @@ from torch import nn
 
 from qdd.errors import QddError
 from qdd.quant.formats import LAST_DIM_MULTIPLE, QUANTIZED, fake_quantize
+from qdd.quant.size import module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class QuantReport:
     compute_dtype: str
     n_quantized: int  #: parameters in quantized Linear weights
     n_params: int  #: all parameters of the module
+    #: the module's size as the real format stores it (`qdd.quant.size`), also when emulated
+    deployed_bytes: int = 0
 
     @property
     def fraction(self) -> float:
@@ -120,6 +123,11 @@ def _quantizable(module: nn.Module, precision: str) -> bool:
     return multiple is None or shape[-1] % multiple == 0
 
 
+def quantized_layers(module: nn.Module, precision: str) -> dict[str, nn.Linear]:
+    """The Linear layers ``precision`` quantizes in ``module``, by name (the others stay)."""
+    return {name: m for name, m in module.named_modules() if _quantizable(m, precision)}
+
+
 def quantize_module_(
     module: nn.Module,
     precision: str,
@@ -135,11 +143,14 @@ def quantize_module_(
     n_params = sum(p.numel() for p in module.parameters())
     dtype_name = str(compute_dtype).removeprefix("torch.")
     if precision not in QUANTIZED:
-        return QuantReport(precision, "none", dtype_name, 0, n_params)
+        return QuantReport(
+            precision, "none", dtype_name, 0, n_params, module_bytes(module, precision)
+        )
     if backend == "auto":
         raise ValueError("resolve the backend first (resolve_backend)")
-    targets = {name: m for name, m in module.named_modules() if _quantizable(m, precision)}
+    targets = quantized_layers(module, precision)
     n_quantized = sum(m.weight.numel() for m in targets.values())
+    deployed_bytes = module_bytes(module, precision, targets)  # before layers are swapped
     if backend == "emulate":
         with torch.no_grad():
             for linear in targets.values():
@@ -156,7 +167,7 @@ def quantize_module_(
     else:
         raise ValueError(f"unknown backend {backend!r}")
     log.debug("%s/%s: %d of %d parameters quantized", precision, backend, n_quantized, n_params)
-    return QuantReport(precision, backend, dtype_name, n_quantized, n_params)
+    return QuantReport(precision, backend, dtype_name, n_quantized, n_params, deployed_bytes)
 
 
 def _to_bitsandbytes(
