@@ -44,12 +44,14 @@ def meta_denoiser(generator: str, model_path: str) -> Any:
         model_class = getattr(diffusers, class_name)
         config = model_class.load_config(source, subfolder=spec.denoiser)
     except (OSError, KeyError, TypeError, AttributeError) as error:
-        where = "the folder" if is_local_path(model_path) else "the local hub cache"
         reason = str(error).splitlines()[0][:200]
+        fix = (
+            "re-save the pipeline with save_pretrained"
+            if is_local_path(model_path)
+            else f"download its configs first (`hf download {model_path} --include '*.json'`)"
+        )
         raise QddError(
-            f"--dry-run needs the config of {model_path}'s {spec.denoiser} from {where} "
-            f"({reason}): download the configs first (`hf download {model_path} --include "
-            "'*.json'`) or pass a local --model-path"
+            f"--dry-run needs the config of {model_path}'s {spec.denoiser} ({reason}): {fix}"
         ) from None
     with torch.device("meta"):
         return model_class.from_config(config)
