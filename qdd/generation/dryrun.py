@@ -85,7 +85,11 @@ def describe_jobs(jobs: list[Job]) -> str:
     from qdd.generation.jobs import pending, work_items
     from qdd.generation.loading import compute_dtype_name
     from qdd.generation.prompts import load_prompts
+    from qdd.quant import PRECISIONS
 
+    unknown = sorted({job.precision for job in jobs} - set(PRECISIONS))
+    if unknown:
+        raise QddError(f"unknown precision {unknown[0]!r}: choose one of {', '.join(PRECISIONS)}")
     denoisers: dict[tuple[str, str], Any] = {}
     rows = []
     total_images = total_todo = total_disk = 0

@@ -23,8 +23,9 @@ an emulated run, a real-library run and a ``--dry-run`` on a meta-device model:
   low-rank branch ``proj_down`` (in × r) + ``proj_up`` (out × r) in 16 bit, and the 16-bit
   smoothing vector (nunchaku also carries an unused copy, ``smooth_factor_orig``: not counted).
 
-Everything else (biases, norms, convolutions, embeddings, layers a format leaves out) counts
-at its own dtype. Activation scales of the W8A8/W4A4 formats are computed on the fly: no bytes.
+Everything else the checkpoint holds (biases, norms, convolutions, embeddings, persistent
+buffers, layers a format leaves out) counts at its own dtype. Activation scales of the
+W8A8/W4A4 formats are computed on the fly: no bytes.
 """
 
 from __future__ import annotations
@@ -132,27 +133,29 @@ def quantized_weight_bytes(precision: str, rows: int, cols: int) -> int:
 
 def module_bytes(module: nn.Module, precision: str, quantized: Iterable[str] = ()) -> int:
     """Deployed bytes of ``module``: the weights of the Linear layers named in ``quantized``
-    in ``precision``'s format, every other parameter at its own dtype.
+    in ``precision``'s format, every other tensor of its state dict (parameters and
+    persistent buffers, e.g. SD3's position embedding) at its own dtype.
 
     Works on a meta-device module too (shapes and dtypes only), which is how ``--dry-run``
     weighs a denoiser without its weights.
     """
     names = set(quantized)
-    total = 0
-    stored: set[int] = set()
-    for name, layer in module.named_modules():
-        if name in names:
-            if not isinstance(layer, nn.Linear):
-                raise ValueError(f"{name} is a {type(layer).__name__}, not a Linear layer")
-            total += quantized_weight_bytes(precision, layer.out_features, layer.in_features)
-            stored.add(id(layer.weight))
-    missing = names - {name for name, _ in module.named_modules()}
+    layers = dict(module.named_modules())
+    missing = names - set(layers)
     if missing:
         raise ValueError(f"no layer named {sorted(missing)[0]!r} in the module")
-    for parameter in module.parameters():  # shared parameters count once, as stored
-        if id(parameter) not in stored:
-            stored.add(id(parameter))
-            total += dense_bytes(parameter.numel(), parameter.dtype)
+    total = 0
+    stored: set[int] = set()
+    for name in names:
+        layer = layers[name]
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{name} is a {type(layer).__name__}, not a Linear layer")
+        total += quantized_weight_bytes(precision, layer.out_features, layer.in_features)
+        stored.add(id(layer.weight))
+    for tensor in module.state_dict(keep_vars=True).values():  # shared tensors count once
+        if id(tensor) not in stored:
+            stored.add(id(tensor))
+            total += dense_bytes(tensor.numel(), tensor.dtype)
     return total
 
 

@@ -48,7 +48,9 @@ def test_costs_in_every_sample_and_the_manifest(runs: dict[str, Path], sd3: Path
     from diffusers import SD3Transformer2DModel
 
     transformer = SD3Transformer2DModel.from_pretrained(sd3, subfolder="transformer")
-    fp32_bytes = 4 * sum(p.numel() for p in transformer.parameters())
+    # parameters and the persistent position-embedding buffer, all float32
+    fp32_bytes = 4 * sum(t.numel() for t in transformer.state_dict().values())
+    assert all(t.dtype == torch.float32 for t in transformer.state_dict().values())
     recorded = {}
     for precision, folder in runs.items():
         metas = [meta for _, meta in samples_of(folder).values()]
@@ -67,7 +69,7 @@ def test_costs_in_every_sample_and_the_manifest(runs: dict[str, Path], sd3: Path
         assert costs["seconds_per_image_mean"] == pytest.approx(statistics.fmean(seconds))
         assert costs["peak_memory_bytes"] is None and "no accelerator" in costs["peak_memory_note"]
         assert costs["offload"] == ["none"] and costs["device_names"]
-    assert recorded["fp32"] == fp32_bytes  # unquantized: every parameter at 4 bytes
+    assert recorded["fp32"] == fp32_bytes  # unquantized: everything stored at 4 bytes
     assert recorded["fp4"] < 0.4 * fp32_bytes
 
 
