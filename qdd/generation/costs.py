@@ -31,6 +31,9 @@ from qdd.datamodules.schema import group_of
 T = TypeVar("T")
 
 OFFLOADS = ("none", "model", "sequential")
+#: Sample fields measured while generating: the only ones that differ between two runs of
+#: one recipe (pixels and every other field are reproducible; shard bytes therefore are not).
+MEASURED = ("seconds_per_image", "peak_memory_bytes")
 #: Why a group's ``peak_memory_bytes`` is what it is, by the device type that made it.
 PEAK_MEMORY_NOTES = {
     "cuda": "torch.cuda.max_memory_allocated during the pipeline call (reset before it)",
