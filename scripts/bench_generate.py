@@ -12,6 +12,12 @@ predict loop, PNG encoding and shard writing) and end to end (from after the imp
 loading the model included), the ratios qdd/direct (target ≥ 0.95), and each process's
 peak memory (RSS on CPU; allocated CUDA memory on a GPU). Best of ``--repeats``.
 
+Then the costs ``qdd-cli generate`` records (issue 18), for the trade-off table: the
+denoiser's deployed bytes (`qdd.quant.size`) and its ratio to fp32, the median seconds per
+image of the pipeline calls, and the accelerator's peak memory during them
+(``max_memory_allocated``; none on a CPU) — from the direct loop, measured the same way
+(`qdd.generation.costs.timed_call`), and from qdd-cli's manifest.
+
     python scripts/bench_generate.py                       # tiny sd15 + sd3, CPU
     python scripts/bench_generate.py --generators sd3 --model-path sd3=DIR --n 64
 """
@@ -21,7 +27,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,11 +49,17 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def mib(n: int | None) -> str:
+    """Bytes in MiB, or "n/a" where none was measured (a CPU has no accelerator peak)."""
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
 def worker(args: argparse.Namespace) -> dict:
     """One measurement in this process: imports first, then the timed run."""
     import torch
 
     from qdd.generation.command import Job, make_trainer, run_job
+    from qdd.generation.costs import timed_call
     from qdd.generation.jobs import work_items
     from qdd.generation.loading import apply_precision, compute_dtype_name, load_pipeline
     from qdd.generation.prompts import default_prompts
@@ -60,27 +74,40 @@ def worker(args: argparse.Namespace) -> dict:
     items = work_items(default_prompts(), 0, args.n)
     size = {"height": args.size, "width": args.size}
     loop: dict[str, float] = {}
+    costs: dict = {}
     started = time.perf_counter()
     if args.mode == "direct":
         dtype = compute_dtype_name(spec, args.precision)
         pipeline = load_pipeline(spec, args.model_path, dtype, torch.device(device))
-        if args.precision not in ("fp32", "fp16"):
-            backend = resolve_backend(args.precision, "auto", device)
-            apply_precision(pipeline, spec, args.precision, backend, "denoiser", device)
+        backend = resolve_backend(args.precision, "auto", device)
+        summary = apply_precision(pipeline, spec, args.precision, backend, "denoiser", device)
+        per_image, peaks = [], []
         loop["start"] = time.perf_counter()
         for start in range(0, len(items), args.batch_size):
             batch = items[start : start + args.batch_size]
-            images = pipeline(
-                prompt=[item.prompt for item in batch],
-                generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
-                num_inference_steps=args.steps,
-                guidance_scale=spec.guidance,
-                **size,
-                **spec.call_kwargs,
-            ).images
+            images, seconds, peak = timed_call(
+                torch.device(device),
+                lambda batch=batch: (
+                    pipeline(
+                        prompt=[item.prompt for item in batch],
+                        generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
+                        num_inference_steps=args.steps,
+                        guidance_scale=spec.guidance,
+                        **size,
+                        **spec.call_kwargs,
+                    ).images
+                ),
+            )
+            per_image.append(seconds / len(batch))
+            peaks.append(peak)
             for image in images:
                 image.save(io.BytesIO(), format="PNG", compress_level=1)
         loop["end"] = time.perf_counter()
+        costs = {
+            "denoiser_bytes": summary.denoiser_bytes,
+            "seconds_per_image": statistics.median(per_image),
+            "peak_memory_bytes": None if None in peaks else max(peaks),
+        }
     else:
         import lightning as L
 
@@ -107,7 +134,10 @@ def worker(args: argparse.Namespace) -> dict:
             "callbacks": [LoopTimer()],
         }
         make_trainer(trainer_kwargs)  # Lightning's first-use cost is start-up, not generation
-        run_job(job, trainer_kwargs)
+        out = run_job(job, trainer_kwargs)
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        (group,) = manifest["costs"].values()
+        costs = {k: group[k] for k in ("denoiser_bytes", "seconds_per_image", "peak_memory_bytes")}
     seconds = time.perf_counter() - started
     loop_s = loop["end"] - loop["start"]
     return {
@@ -116,6 +146,8 @@ def worker(args: argparse.Namespace) -> dict:
         "loop_images_per_s": args.n / loop_s,
         "peak_mb": peak_memory_mb(device),
         "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor(),
+        **costs,
     }
 
 
@@ -225,6 +257,20 @@ def main() -> None:
             f"{qdd['loop_images_per_s']:.2f} | {loop_ratio:.3f} | {direct['images_per_s']:.2f} / "
             f"{qdd['images_per_s']:.2f} | {ratio:.3f} | {direct['peak_mb']:.0f} / "
             f"{qdd['peak_mb']:.0f} |"
+        )
+    print(f"\nCosts per image ({rows[0][3]['device_name'] or device}; direct loop / qdd-cli):\n")
+    print(
+        "| generator | precision | denoiser bytes | vs fp32 | s/image direct / qdd-cli | "
+        "peak accelerator MiB direct / qdd-cli |"
+    )
+    print("|---|---|---|---|---|---|")
+    fp32 = {g: q["denoiser_bytes"] for g, p, _, q in rows if p == "fp32"}
+    for generator, precision, direct, qdd in rows:
+        ratio = f"{qdd['denoiser_bytes'] / fp32[generator]:.3f}" if generator in fp32 else "-"
+        print(
+            f"| {generator} | {precision} | {qdd['denoiser_bytes']:,} | {ratio} | "
+            f"{direct['seconds_per_image']:.3f} / {qdd['seconds_per_image']:.3f} | "
+            f"{mib(direct['peak_memory_bytes'])} / {mib(qdd['peak_memory_bytes'])} |"
         )
 
 

@@ -228,8 +228,11 @@ def formats_by_group(counts: Counter[tuple[str, str]]) -> dict[str, dict[str, in
     return nested
 
 
-def write_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """Describe every complete shard of ``out_dir`` in ``manifest.json`` (atomic, written last)."""
+def write_manifest(out_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Describe every complete shard of ``out_dir`` in ``manifest.json`` (atomic, written last).
+
+    ``extra``: further top-level entries, e.g. ``qdd-cli generate``'s per-group ``costs``.
+    """
     folder = Path(out_dir)
     shards, groups, formats, seen = [], Counter(), Counter(), set()
     for path in shard_files(folder):
@@ -265,6 +268,7 @@ def write_manifest(out_dir: str | Path) -> dict[str, Any]:
         "formats": formats_by_group(formats),
         "shards": shards,
         "failed": [{"key": f["key"], "reason": f["reason"]} for f in failed],
+        **(extra or {}),
     }
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from qdd.errors import QddError
+from qdd.generation.costs import OFFLOADS
 from qdd.generation.registry import GENERATORS, get_generator
 
 log = logging.getLogger("qdd.generation")
@@ -53,6 +54,7 @@ class Job:
     batch_size: int = 1
     shard_size: int = 100
     overwrite: bool = False
+    offload: str = "none"  #: diffusers' CPU offload (changes time and memory, not pixels)
 
 
 JOB_FIELDS = {f.name for f in fields(Job)}
@@ -111,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="delete what --out holds and start again",
+    )
+    parser.add_argument(
+        "--offload",
+        choices=OFFLOADS,
+        help="diffusers' CPU offload on an accelerator: model (per component) or sequential "
+        "(per layer; slowest, least memory); default none",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        default=None,
+        help="print the jobs, image counts, shard disk and denoiser sizes; generate nothing",
     )
     return parser
 
@@ -227,6 +241,7 @@ def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
     """The command line as jobs and Trainer keyword arguments."""
     argv, trainer = split_trainer_flags(argv)
     args = vars(build_parser().parse_args(argv))
+    args.pop("dry_run")  # main's business: see wants_dry_run
     plan = args.pop("plan")
     if plan is not None:
         jobs, plan_trainer = jobs_from_plan(find_plan(plan), args)
@@ -238,6 +253,11 @@ def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
             raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")
     settings = {k: v for k, v in args.items() if v is not None}
     return [Job(**settings)], check_trainer_kwargs(trainer)
+
+
+def wants_dry_run(argv: list[str]) -> bool:
+    """Whether the command line asks for ``--dry-run``."""
+    return bool(build_parser().parse_known_args(split_trainer_flags(argv)[0])[0].dry_run)
 
 
 def is_launch_leader() -> bool:
@@ -295,6 +315,8 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         raise QddError(
             f"unknown --quant-backend {job.quant_backend!r}: choose one of {', '.join(BACKENDS)}"
         )
+    if job.offload not in OFFLOADS:
+        raise QddError(f"unknown --offload {job.offload!r}: choose one of {', '.join(OFFLOADS)}")
     if job.quant_scope not in SCOPES:
         raise QddError(
             f"unknown --quant-scope {job.quant_scope!r}: choose one of {', '.join(SCOPES)}"
@@ -312,6 +334,11 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
 
     use_threads(processes=trainer.num_devices)
     device = trainer.strategy.root_device
+    if job.offload != "none" and device.type == "cpu":
+        raise QddError(
+            f"--offload {job.offload} moves weights between the CPU and an accelerator, and "
+            "this run is on the CPU: leave out --offload (or run on a GPU)"
+        )
     quantized = job.precision not in ("fp32", "fp16")
     if gguf:
         backend = "gguf"  # diffusers' GGUF loader: no other backend reads the file
@@ -357,14 +384,18 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         from qdd.generation.data import PromptDataModule
         from qdd.modules.generator import GeneratorModule
 
-        module = GeneratorModule(recipe, model_path, out, shard_size=job.shard_size)
+        module = GeneratorModule(
+            recipe, model_path, out, shard_size=job.shard_size, offload=job.offload
+        )
         data = PromptDataModule(todo, batch_size=job.batch_size)
         with warnings.catch_warnings():  # predict_step writes and returns None on purpose
             warnings.filterwarnings("ignore", message="predict returned None")
             trainer.predict(module, datamodule=data, return_predictions=False)
         _barrier()
     if trainer.is_global_zero:
-        manifest = write_manifest(out)
+        from qdd.generation.costs import summarise_costs
+
+        manifest = write_manifest(out, {"costs": summarise_costs(out)})
         log.info("%s: %d images, %d failed", out, manifest["total"], len(manifest["failed"]))
     return out
 
@@ -404,8 +435,14 @@ def _barrier() -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``qdd-cli generate ARGS``: prints the output folder (a plan: its parent) last."""
+    """``qdd-cli generate ARGS``: prints the output folder (a plan: its parent) last, or with
+    ``--dry-run`` what the jobs would make and weigh."""
     jobs, trainer_kwargs = parse_jobs(list(argv))
+    if wants_dry_run(list(argv)):
+        from qdd.generation.dryrun import describe_jobs
+
+        print(describe_jobs(jobs))
+        return
     folders = [run_job(job, trainer_kwargs) for job in jobs]
     if is_launch_leader():
         print(folders[0] if len(folders) == 1 else folders[0].parent)

@@ -70,9 +70,14 @@ class Recipe:
     denoiser_sha256: str | None = None  #: its sha256: another file is another recipe
 
     def meta(
-        self, item: WorkItem, quant_fraction: float, provenance: dict[str, Any] | None = None
+        self,
+        item: WorkItem,
+        quant_fraction: float,
+        provenance: dict[str, Any] | None = None,
+        costs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """The sample's json: every schema field, the quantized fraction, dtype, provenance."""
+        """The sample's json: every schema field, the quantized fraction, dtype, provenance
+        and what the image cost (`qdd.generation.costs`)."""
         return make_meta(
             FAKE,
             self.generator,
@@ -92,6 +97,7 @@ class Recipe:
             dtype=self.dtype,
             denoiser_file=self.denoiser_file,
             **(provenance or {}),
+            **(costs or {}),
         )
 
 

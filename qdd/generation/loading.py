@@ -38,6 +38,7 @@ class QuantSummary:
     kept: tuple[str, ...] = ()  #: Linear layers the precision left unquantized
     #: format fields of every sample (GGUF: tensor types, file sha256, keep list …)
     details: dict[str, Any] = field(default_factory=dict)
+    denoiser_bytes: int = 0  #: the denoiser as the real format stores it (`qdd.quant.size`)
 
     @property
     def fraction(self) -> float:
@@ -145,6 +146,7 @@ def gguf_summary(
     from gguf import GGMLQuantizationType
 
     from qdd.quant.gguf import KEEP, UNQUANTIZED_TYPES, describe, read_tensor_types
+    from qdd.quant.size import gguf_file_bytes
 
     dtype = compute_dtype_name(spec, precision)
     denoiser = getattr(pipeline, spec.denoiser)
@@ -159,7 +161,10 @@ def gguf_summary(
     details = describe(path, precision, dtype, keep)
     if set(read_tensor_types(path).values()) - set(UNQUANTIZED_TYPES) and not n_quantized:
         raise RuntimeError(f"{path}: quantized tensors in the file, none in the loaded model")
-    return QuantSummary(precision, "gguf", "denoiser", dtype, n_quantized, n_params, details)
+    return QuantSummary(
+        precision, "gguf", "denoiser", dtype, n_quantized, n_params, details=details,
+        denoiser_bytes=gguf_file_bytes(path),
+    )  # fmt: skip
 
 
 def apply_precision(
@@ -176,17 +181,22 @@ def apply_precision(
 
     A GGUF denoiser (``denoiser_file``) was quantized by its file: only counted here.
     """
+    from qdd.quant.size import module_bytes
+
     if denoiser_file is not None:
         return gguf_summary(pipeline, spec, precision, denoiser_file, written_by_qdd)
     dtype = compute_dtype_name(spec, precision)
     if precision in UNQUANTIZED:
-        return QuantSummary(precision, "none", None, dtype, 0, 0)
+        denoiser_bytes = module_bytes(getattr(pipeline, spec.denoiser), precision)
+        return QuantSummary(
+            precision, "none", None, dtype, 0, 0, denoiser_bytes=denoiser_bytes
+        )
     import torch
 
     from qdd.quant import quantize_module_, resolve_backend
 
     resolved = resolve_backend(precision, backend, device)
-    n_quantized = n_params = 0
+    n_quantized = n_params = denoiser_bytes = 0
     kept: list[str] = []
     for name in spec.components[scope]:
         module = getattr(pipeline, name, None)
@@ -196,4 +206,9 @@ def apply_precision(
         n_quantized += report.n_quantized
         n_params += report.n_params
         kept += [f"{name}.{layer}" for layer in report.kept]
-    return QuantSummary(precision, resolved, scope, dtype, n_quantized, n_params, tuple(kept))
+        if name == spec.denoiser:
+            denoiser_bytes = report.deployed_bytes
+    return QuantSummary(
+        precision, resolved, scope, dtype, n_quantized, n_params, tuple(kept),
+        denoiser_bytes=denoiser_bytes,
+    )  # fmt: skip

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from qdd.datamodules.writer import ShardWriter
+from qdd.generation.costs import sample_costs, timed_call
 from qdd.generation.images import image_failure, to_uint8
 from qdd.generation.jobs import Recipe, WorkItem
 from qdd.generation.loading import QuantSummary, apply_precision, gguf_file, load_pipeline
@@ -34,6 +35,7 @@ class GeneratorModule(L.LightningModule):
         model_path: str,
         out_dir: str | Path,
         shard_size: int = 100,
+        offload: str = "none",
     ) -> None:
         super().__init__()
         self.recipe = recipe
@@ -41,6 +43,7 @@ class GeneratorModule(L.LightningModule):
         self.model_path = model_path
         self.out_dir = Path(out_dir)
         self.shard_size = shard_size
+        self.offload = offload  #: diffusers' CPU offload: none, model or sequential
         self.pipeline: Any = None  # a DiffusionPipeline is not an nn.Module: Lightning leaves it
         self.summary: QuantSummary | None = None
         self.provenance: dict[str, Any] = {}
@@ -53,20 +56,34 @@ class GeneratorModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device
         recipe = self.recipe
+        scope = recipe.quant_scope or "denoiser"
         gguf = gguf_file(recipe.denoiser_file, recipe.precision, self.out_dir)
         if gguf is not None:
             self.trainer.strategy.barrier("gguf-written")  # the launch leader wrote it
-        self.pipeline = load_pipeline(self.spec, self.model_path, recipe.dtype, device, gguf)
+        offloaded = self.offload != "none"
+        # Offloaded runs load on the CPU; the quantized components still quantize on the
+        # accelerator (the numerics the recipe names), then diffusers moves all to the CPU.
+        load_device = torch.device("cpu") if offloaded else device
+        self.pipeline = load_pipeline(self.spec, self.model_path, recipe.dtype, load_device, gguf)
+        if offloaded and recipe.quant_scope is not None:
+            for name in self.spec.components[scope]:
+                component = getattr(self.pipeline, name, None)
+                if isinstance(component, torch.nn.Module):
+                    component.to(device)
         self.summary = apply_precision(
             self.pipeline,
             self.spec,
             recipe.precision,
             recipe.quant_backend,
-            recipe.quant_scope or "denoiser",
+            scope,
             str(device),
             denoiser_file=gguf,
             written_by_qdd=recipe.denoiser_file is None,
         )
+        if self.offload == "model":
+            self.pipeline.enable_model_cpu_offload(device=device)
+        elif self.offload == "sequential":
+            self.pipeline.enable_sequential_cpu_offload(device=device)
         self.provenance = {
             **provenance(
                 device, recipe.precision, self.summary.backend, self.summary.dtype,
@@ -114,9 +131,11 @@ class GeneratorModule(L.LightningModule):
 
     def predict_step(self, batch: list[WorkItem], batch_idx: int) -> None:
         assert self.writer is not None and self.summary is not None
-        images = self.generate(batch)
+        device = self.trainer.strategy.root_device
+        images, seconds, peak = timed_call(device, lambda: self.generate(batch))
+        costs = sample_costs(self.summary.denoiser_bytes, seconds, len(batch), peak, self.offload)
         for item, image in zip(batch, images, strict=True):
-            meta = self.recipe.meta(item, self.summary.fraction, self.provenance)
+            meta = self.recipe.meta(item, self.summary.fraction, self.provenance, costs)
             reason = image_failure(image)
             if reason is None:
                 self.writer.write(item.key, to_uint8(image), meta)

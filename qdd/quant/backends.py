@@ -31,6 +31,7 @@ from torch import nn
 from qdd.errors import QddError
 from qdd.quant.deployed import describe, quantize_deployed_, quantizes
 from qdd.quant.formats import DEPLOYED, LAST_DIM_MULTIPLE, QUANTIZED, fake_quantize
+from qdd.quant.size import module_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class QuantReport:
     group_size: int | None = None  #: values per scale (None: per tensor / row / token)
     rank: int | None = None  #: the 16-bit low-rank branch (SVDQuant)
     kept: tuple[str, ...] = field(default_factory=tuple)  #: Linear layers left unquantized
+    #: the module's size as the real format stores it (`qdd.quant.size`), also when emulated
+    deployed_bytes: int = 0
 
     @property
     def fraction(self) -> float:
@@ -163,6 +166,14 @@ def _quantizable(module: nn.Module, precision: str) -> bool:
     return multiple is None or shape[-1] % multiple == 0
 
 
+def quantized_layers(module: nn.Module, precision: str) -> dict[str, nn.Linear]:
+    """The Linear layers ``precision`` quantizes in ``module``, by name (the others stay)."""
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    if precision in DEPLOYED:
+        return {n: m for n, m in linears.items() if quantizes(module, n, m, precision)}
+    return {n: m for n, m in linears.items() if _quantizable(m, precision)}
+
+
 def quantize_module_(
     module: nn.Module,
     precision: str,
@@ -181,15 +192,16 @@ def quantize_module_(
     dtype_name = str(compute_dtype).removeprefix("torch.")
     if precision not in QUANTIZED:
         fields = describe(precision, dtype_name)
-        return QuantReport(precision, "none", dtype_name, 0, n_params, **fields)
+        return QuantReport(
+            precision, "none", dtype_name, 0, n_params, **fields,
+            deployed_bytes=module_bytes(module, precision),
+        )  # fmt: skip
     if backend == "auto":
         raise ValueError("resolve the backend first (resolve_backend)")
     linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
-    if precision in DEPLOYED:
-        targets = {n: m for n, m in linears.items() if quantizes(module, n, m, precision)}
-    else:
-        targets = {n: m for n, m in linears.items() if _quantizable(m, precision)}
+    targets = quantized_layers(module, precision)
     n_quantized = sum(m.weight.numel() for m in targets.values())
+    deployed_bytes = module_bytes(module, precision, targets)  # before layers are swapped
     if backend == "emulate" and precision in DEPLOYED:
         for linear in targets.values():
             quantize_deployed_(linear, precision)
@@ -217,7 +229,7 @@ def quantize_module_(
     log.debug("%s/%s: %d of %d parameters quantized", precision, backend, n_quantized, n_params)
     return QuantReport(
         precision, backend, dtype_name, n_quantized, n_params,
-        **describe(precision, dtype_name), kept=kept,
+        **describe(precision, dtype_name), kept=kept, deployed_bytes=deployed_bytes,
     )  # fmt: skip
 
 

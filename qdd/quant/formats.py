@@ -34,7 +34,7 @@ WEIGHT_ONLY: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "m
 #: Deployed formats that quantize activations too (`qdd.quant.deployed`).
 DEPLOYED: tuple[str, ...] = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4")
 #: GGUF files, loaded through diffusers' GGUF loader (`qdd.quant.gguf`).
-GGUF: tuple[str, ...] = ("gguf-q8_0", "gguf-q5_0", "gguf-q5_1", "gguf-q4_0", "gguf-q4_1", "gguf-q4_k")
+GGUF: tuple[str, ...] = tuple(f"gguf-{t}" for t in ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k"))
 PRECISIONS: tuple[str, ...] = WEIGHT_ONLY + DEPLOYED + GGUF
 QUANTIZED: frozenset[str] = frozenset({"fp8", "fp4", "nf4", "nvfp4", "mxfp4", *DEPLOYED})
 
