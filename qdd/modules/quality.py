@@ -125,7 +125,12 @@ class PairDataModule(LightningDataModule):
 
 
 def psnr_ssim(images: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-image PSNR (dB) and SSIM of uint8 NCHW batches, as 8-bit values (range 255)."""
+    """Per-image PSNR (dB) and SSIM of uint8 NCHW batches, as 8-bit values (range 255).
+
+    SSIM is torchmetrics' SSIM map averaged over the windows that lie inside the image, as
+    Wang et al.'s reference code and scikit-image do; torchmetrics' own mean also counts
+    the border windows it reflect-pads, which lowers small images' SSIM.
+    """
     from torchmetrics.functional.image import (
         peak_signal_noise_ratio,
         structural_similarity_index_measure,
@@ -133,7 +138,7 @@ def psnr_ssim(images: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
 
     x, y = images.double(), references.double()
     psnr = peak_signal_noise_ratio(x, y, data_range=DATA_RANGE, reduction="none", dim=(1, 2, 3))
-    ssim = structural_similarity_index_measure(
+    _, ssim_map = structural_similarity_index_measure(
         x,
         y,
         data_range=DATA_RANGE,
@@ -141,8 +146,10 @@ def psnr_ssim(images: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
         sigma=SSIM_SIGMA,
         gaussian_kernel=True,
         reduction="none",
+        return_full_image=True,
     )
-    return psnr, ssim
+    pad = (SSIM_KERNEL - 1) // 2
+    return psnr, ssim_map[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))
 
 
 class FeatureTower(nn.Module):
