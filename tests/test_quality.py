@@ -392,3 +392,84 @@ def test_cli_help_lists_quality(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["quality", "--help"])
     assert "--reference" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # ~3 min on the shared 2-core host
+def test_generate_quality_test_report_chain_on_tiny_sd3(tmp_path: Path, capsys) -> None:
+    """The study's path in miniature: tiny SD3 at fp32 and fp4 → quality → test → report
+    yields the trade-off table and figure."""
+    from qdd.generation.tiny import build_tiny_pipeline
+    from tests.conftest import write_fake_shards
+
+    model = build_tiny_pipeline("sd3", tmp_path / "sd3")
+    shards = tmp_path / "shards"
+    for precision in ("fp32", "fp4"):
+        main(
+            [
+                "generate",
+                "--generator",
+                "sd3",
+                "--model-path",
+                str(model),
+                "--precision",
+                precision,
+                "--steps",
+                "2",
+                "--limit",
+                "4",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--trainer.accelerator",
+                "cpu",
+                "--out",
+                str(shards / f"sd3-{precision}"),
+            ]
+        )
+    write_fake_shards(shards / "real-x", [4], "x", None, label=0, size=(32, 32))
+    quality = tmp_path / "runs" / "quality"
+    main(
+        [
+            "quality",
+            "--data",
+            str(shards / "*"),
+            "--out",
+            str(quality),
+            "--trainer.accelerator",
+            "cpu",
+        ]
+    )
+    test = tmp_path / "runs" / "npr"
+    main(
+        [
+            "test",
+            "--detector",
+            "npr",
+            "--data",
+            str(shards / "*"),
+            "--out",
+            str(test),
+            "--random-weights",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    report = tmp_path / "report"
+    capsys.readouterr()
+    main(["report", str(test), str(quality), "--out", str(report)])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(report / "report.md")
+    scores = pd.read_parquet(quality / "quality.parquet")
+    assert len(scores) == 4 and set(scores["precision"]) == {"fp4"}
+    assert (scores["ssim"] < 1).all() and np.isfinite(scores["psnr"]).all()  # fp4 differs
+    table = pd.read_csv(report / "tables" / "tradeoff.csv")
+    assert list(zip(table["generator"], table["precision"], strict=True)) == [
+        ("sd3", "fp32"),
+        ("sd3", "fp4"),
+    ]
+    fp4 = table.iloc[1]
+    assert fp4["ssim"] == pytest.approx(scores["ssim"].mean()) and fp4["n_pairs"] == 4
+    assert 0 <= fp4["npr_fake_acc"] <= 1 and 0 <= fp4["npr_auroc"] <= 1
+    assert (report / "tradeoff_npr.png").exists() and (report / "tradeoff_npr.svg").exists()
+    assert "## Trade-off" in (report / "report.md").read_text()
