@@ -6,14 +6,15 @@ prompt id and the seed alone (``p00042-s1042``), so the twin lies under the same
 sibling shard folder. Per image: PSNR and SSIM (8-bit values; SSIM with an 11×11 Gaussian
 window, σ 1.5) and LPIPS when local network weights are given; per group (generator ×
 precision): FID and KID between the precision's images and their reference twins when a
-local feature network (a CLIP image tower) is given.
+local CLIP model is given (open_clip; the one the CLIP detectors load), and each image's
+CLIP score against its prompt beside its twin's.
 
 Outputs in ``--out``: ``quality.parquet`` (one row per image) and ``metrics.json`` (kind
 ``quality``; per group n, means with 95 % t-intervals, FID/KID; the costs each group's
 samples recorded — ``denoiser_bytes``, ``seconds_per_image``, ``peak_memory_bytes`` — so
 that ``qdd-cli report`` reads only run folders; the images without a twin, by name).
 
-Nothing is downloaded: LPIPS and the feature tower load only from the files named.
+Nothing is downloaded: LPIPS and CLIP load only from the files named.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ PARQUET = "quality.parquet"
 #: Costs that `qdd-cli generate` records in every sample's JSON (absent in older shards).
 COST_FIELDS = ("denoiser_bytes", "seconds_per_image", "peak_memory_bytes")
 #: Per-image measures summarised per group (LPIPS only when it ran).
-PER_IMAGE = ("psnr", "ssim", "lpips")
+PER_IMAGE = ("psnr", "ssim", "lpips", "clip_score", "clip_score_reference")
 #: KID subsets (the subset size is the smaller of 1000 and the group's count).
 KID_SUBSETS = 100
 
@@ -122,6 +123,7 @@ def find_pairs(
                 key,
                 entry,
                 twin[0],
+                meta.get("prompt"),
             )
         )
     info = {
@@ -188,15 +190,19 @@ def load_lpips(weights: str | Path, net: str = "alex") -> Any:
     return network.eval().requires_grad_(False)
 
 
-def load_feature_tower(weights: str, model: str) -> Any:
-    """The CLIP image tower the detectors load (`qdd.detectors.clip_backbone`), projected,
-    as the feature network of FID/KID."""
-    from qdd.detectors.clip_backbone import load_image_tower
-    from qdd.modules.quality import FeatureTower
+def load_clip(weights: str, model: str) -> Any:
+    """The CLIP model of a local open_clip weight file (the ViT-L/14 the CLIP detectors
+    load, `qdd.detectors.clip_backbone`), frozen: features for FID/KID, the CLIP score."""
+    import open_clip
 
-    tower = load_image_tower(model, weights, projected=True)
-    size = tower.image_size[0] if isinstance(tower.image_size, tuple) else tower.image_size
-    return FeatureTower(tower, int(size)).eval()
+    from qdd.detectors.clip_backbone import _create_pretrained, _register_configs, image_size
+    from qdd.modules.quality import ClipFeatures
+
+    _register_configs()
+    if model not in open_clip.list_models():
+        raise QddError(f"unknown --feature-model {model!r}: use an open_clip name (ViT-L-14)")
+    clip = _create_pretrained(open_clip, model, weights).eval().requires_grad_(False)
+    return ClipFeatures(clip, open_clip.get_tokenizer(model), image_size(clip.visual))
 
 
 def _interval(values: Any) -> dict[str, Any]:
@@ -326,11 +332,11 @@ def run_quality(
             "LPIPS not computed: pass --lpips-weights with torchvision's alexnet "
             "(or --lpips-net vgg: vgg16) state_dict file; nothing is downloaded"
         )
-    features = load_feature_tower(feature_weights, feature_model) if feature_weights else None
+    features = load_clip(feature_weights, feature_model) if feature_weights else None
     if features is None:
         notes.append(
-            "FID/KID not computed: pass --feature-weights with a local open_clip "
-            "image tower file (e.g. the CLIP ViT-L/14 the CLIP detectors use)"
+            "FID/KID and CLIP score not computed: pass --feature-weights with a local "
+            "open_clip file (e.g. the CLIP ViT-L/14 the CLIP detectors use)"
         )
     settings = {
         "accelerator": "auto",
@@ -363,6 +369,7 @@ def run_quality(
             ref.append(pair[1])
     columns = ["generator", "precision", "prompt_id", "seed", "key", "psnr", "ssim"]
     columns += ["lpips"] if lpips is not None else []
+    columns += ["clip_score", "clip_score_reference"] if features is not None else []
     scores = pd.DataFrame(rows, columns=columns)
     scores = scores.astype({"prompt_id": "Int64", "seed": "Int64"})
     scores = scores.sort_values(["generator", "precision", "key"], ignore_index=True)
@@ -412,7 +419,7 @@ def main(argv: list[str]) -> None:
         prog="qdd-cli quality",
         description="Compare every generated image with its twin at the reference precision "
         "(same generator, prompt and seed): PSNR, SSIM, LPIPS (local weights), FID/KID "
-        "(local feature tower). Writes quality.parquet and metrics.json into --out. "
+        "(local CLIP). Writes quality.parquet and metrics.json into --out. "
         "Lightning Trainer flags: --trainer.devices N, --trainer.strategy ddp, "
         "--trainer.accelerator cpu|gpu.",
     )
@@ -429,7 +436,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lpips-weights", help="torchvision alexnet/vgg16 state_dict file")
     parser.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex")
     parser.add_argument(
-        "--feature-weights", help="local open_clip weight file of the FID/KID feature tower"
+        "--feature-weights", help="local open_clip weight file: FID/KID features and the CLIP score"
     )
     parser.add_argument(
         "--feature-model", default="ViT-L-14", help="open_clip architecture of --feature-weights"

@@ -71,6 +71,7 @@ def write_pairs(root: Path, folders=FOLDERS, costs: bool = True) -> Path:
                     generator=generator,
                     precision=precision,
                     prompt_id=i,
+                    prompt=f"a photo of object {i}",
                     seed=i,
                     **extra,
                 )
@@ -379,11 +380,47 @@ def test_fid_and_kid_per_group_from_a_local_clip_tower(pairs: Path, tmp_path: Pa
     )
     groups = result.metrics["groups"]
     assert result.metrics["features"] == {"model": TINY_CONFIG.stem, "weights": str(weights)}
+    assert not any("CLIP score not computed" in note for note in result.metrics["notes"])
     for group in ("sd3/fp4", "sd3/fp16", "flux-schnell/nf4"):
         assert np.isfinite(groups[group]["fid"]) and groups[group]["fid"] > -1e-6
         assert np.isfinite(groups[group]["kid"])
     # fp16's images are nearly their twins: their features nearly coincide
     assert groups["sd3/fp16"]["fid"] < groups["sd3/fp4"]["fid"]
+    # CLIP score (100 · max(cos, 0)) of each image and of its twin against their prompt,
+    # recomputed with open_clip's tokenizer and constants and torchvision's transforms
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision.transforms import v2
+
+    scores = pd.read_parquet(result.scores)
+    size = clip.visual.image_size[0]
+    preprocess = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(size),
+            v2.Lambda(lambda x: x.clamp(0, 1)),  # bicubic overshoot, as PIL's 8-bit resize
+            v2.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+        ]
+    )
+    tokenizer = open_clip.get_tokenizer(TINY_CONFIG.stem)
+    images = images_of(pairs)
+    clip.eval()
+    for row in scores.itertuples():
+        with torch.no_grad():
+            text = clip.encode_text(tokenizer([f"a photo of object {row.prompt_id}"]))
+            for column, precision in (
+                ("clip_score", row.precision),
+                ("clip_score_reference", "fp32"),
+            ):
+                pixels = images[row.generator, precision, row.key]
+                image = clip.encode_image(preprocess(pixels)[None])
+                expected = 100 * max(float(torch.cosine_similarity(image, text)), 0.0)
+                assert getattr(row, column) == pytest.approx(expected, abs=1e-3), row.key
+    assert (scores["clip_score"] > 0).sum() >= 3  # not all clamped to 0
+    assert groups["sd3/fp4"]["clip_score"] == pytest.approx(
+        scores.loc[scores["precision"] == "fp4", "clip_score"].mean()
+    )
 
 
 def test_cli_help_lists_quality(capsys) -> None:

@@ -7,9 +7,9 @@ padding), and the per-pair rows gathered to rank 0 through the process group. Th
 writes no files: rank 0 keeps the gathered rows in ``gathered`` for `qdd.quality`.
 
 Per pair: PSNR and SSIM (torchmetrics, 8-bit values, data range 255, SSIM with an 11×11
-Gaussian window of σ 1.5), LPIPS when a network is given, and the feature vectors of both
-images when a feature network is given (FID/KID are computed per group from them on rank 0,
-so every rank's images count once).
+Gaussian window of σ 1.5), LPIPS when a network is given, and, when a CLIP model is given,
+the feature vectors of both images (FID/KID are computed per group from them on rank 0, so
+every rank's images count once) and both images' CLIP scores against their prompt.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ class Pair:
     key: str
     image: Entry
     reference: Entry
+    prompt: str | None = None
 
     def meta(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in PAIR_FIELDS}
+        return {name: getattr(self, name) for name in (*PAIR_FIELDS, "prompt")}
 
 
 class PairDataset(Dataset):
@@ -152,19 +153,21 @@ def psnr_ssim(images: Tensor, references: Tensor) -> tuple[Tensor, Tensor]:
     return psnr, ssim_map[..., pad:-pad, pad:-pad].mean(dim=(1, 2, 3))
 
 
-class FeatureTower(nn.Module):
-    """An image tower (CLIP's) with its input preparation: uint8 NCHW → feature vectors.
+class ClipFeatures(nn.Module):
+    """A CLIP model (open_clip) as the feature network: projected image embeddings of uint8
+    NCHW images for FID/KID, and text embeddings of prompts for the CLIP score.
 
-    Resized (bicubic, shorter side) and centre-cropped to the tower's input size, then
-    normalised with CLIP's mean and standard deviation, as the CLIP detectors do.
+    Images are resized (bicubic, shorter side) and centre-cropped to the tower's input size,
+    then normalised with CLIP's mean and standard deviation, as the CLIP detectors do.
     """
 
     MEAN = (0.48145466, 0.4578275, 0.40821073)
     STD = (0.26862954, 0.26130258, 0.27577711)
 
-    def __init__(self, tower: nn.Module, size: int) -> None:
+    def __init__(self, clip: nn.Module, tokenizer: Any, size: int) -> None:
         super().__init__()
-        self.tower = tower
+        self.clip = clip
+        self.tokenizer = tokenizer
         self.size = size
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
@@ -175,7 +178,17 @@ class FeatureTower(nn.Module):
         x = images.float() / 255.0
         x = resize(x, [self.size], interpolation=3, antialias=True)  # 3: bicubic
         x = center_crop(x, [self.size, self.size]).clamp(0, 1)
-        return self.tower((x - self.mean) / self.std).float()
+        return self.clip.encode_image((x - self.mean) / self.std).float()
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        tokens = self.tokenizer(prompts).to(self.mean.device)
+        return self.clip.encode_text(tokens).float()
+
+
+def clip_score(image_features: Tensor, text_features: Tensor) -> Tensor:
+    """CLIP score as torchmetrics defines it: 100 · max(cos(image, text), 0), per row."""
+    cosine = torch.nn.functional.cosine_similarity(image_features, text_features, dim=-1)
+    return 100 * cosine.clamp(min=0)
 
 
 class QualityModule(LightningModule):
@@ -183,7 +196,7 @@ class QualityModule(LightningModule):
 
     Args:
         lpips: an LPIPS network (torchmetrics' ``_LPIPS``) with local weights, or None.
-        features: a `FeatureTower` for FID/KID, or None.
+        features: `ClipFeatures` for FID/KID and the CLIP score, or None.
     """
 
     def __init__(self, lpips: nn.Module | None = None, features: nn.Module | None = None):
@@ -218,10 +231,24 @@ class QualityModule(LightningModule):
                 for row, value in zip(rows, distance.flatten().tolist(), strict=True):
                     row["lpips"] = float(value)
             if self.features is not None:
-                fx, fy = self.features(x).cpu(), self.features(y).cpu()
-                for row, a, b in zip(rows, fx, fy, strict=True):
+                fx, fy = self.features(x), self.features(y)
+                for row, a, b in zip(rows, fx.cpu(), fy.cpu(), strict=True):
                     row["_features"] = (a.numpy(), b.numpy())
+                self._clip_scores(rows, fx, fy)
             self._rows.extend(rows)
+
+    def _clip_scores(self, rows: list[dict[str, Any]], fx: Tensor, fy: Tensor) -> None:
+        """The CLIP score of the image and of its twin against their prompt (NaN without
+        a recorded prompt)."""
+        have = [i for i, row in enumerate(rows) if row.get("prompt")]
+        for row in rows:
+            row["clip_score"] = row["clip_score_reference"] = float("nan")
+        if not have:
+            return
+        text = self.features.encode_text([rows[i]["prompt"] for i in have])
+        image, twin = clip_score(fx[have], text), clip_score(fy[have], text)
+        for i, a, b in zip(have, image.tolist(), twin.tolist(), strict=True):
+            rows[i]["clip_score"], rows[i]["clip_score_reference"] = a, b
 
     def on_test_epoch_end(self) -> None:
         from qdd.modules.detector import _gather_to_rank_zero

@@ -28,8 +28,9 @@ CAPTIONS = {
     "tradeoff": "Trade-off per generator × precision: the denoiser's deployed bytes and their "
     "ratio to the reference, seconds per image and peak memory as the shards recorded them "
     "(– where not recorded); image quality against the reference twin of the same prompt and "
-    "seed (PSNR in dB, SSIM, LPIPS; mean and 95 % t-interval; FID/KID where a feature "
-    "network ran); each detector's AUROC and fake accuracy on the unperturbed images",
+    "seed (PSNR in dB, SSIM, LPIPS; mean and 95 % t-interval; FID/KID and the CLIP score of the "
+    "image and of its twin against their prompt where a CLIP model ran); each detector's "
+    "AUROC and fake accuracy on the unperturbed images",
 }
 #: Shown at the top of a report whose runs were made by `qdd-cli demo`.
 DEMO_CAVEAT = ("**Demo:** these runs come from `qdd-cli demo` — tiny random-init generators "

@@ -101,7 +101,8 @@ def load_quality(folders: list[Path]) -> QualityResults:
 
 def tradeoff_table(quality: QualityResults, detection: pd.DataFrame) -> pd.DataFrame:
     """One row per generator × precision: costs, ratio to the reference, quality (mean and
-    95 % interval), FID/KID where measured, each detector's AUROC and fake accuracy.
+    95 % interval), FID/KID and the CLIP scores (the image's and its twin's) where measured,
+    each detector's AUROC and fake accuracy.
 
     ``detection``: `qdd.report.runs.group_table` (only its unperturbed rows are used).
     The reference's own row has no quality values (it is what the others are measured by).
@@ -132,6 +133,8 @@ def tradeoff_table(quality: QualityResults, detection: pd.DataFrame) -> pd.DataF
             for suffix in ("", "_lo", "_hi"):
                 row[f"{measure}{suffix}"] = summary.get(group, {}).get(f"{measure}{suffix}")
         row.update(quality.distances.get(group, {}))
+        for measure in ("clip_score", "clip_score_reference"):  # against the prompt
+            row[measure] = summary.get(group, {}).get(measure)
         for name in detectors:
             match = detection[
                 (detection["detector"] == name)
@@ -143,7 +146,9 @@ def tradeoff_table(quality: QualityResults, detection: pd.DataFrame) -> pd.DataF
         rows.append(row)
     table = pd.DataFrame(rows)
     empty = [
-        c for c in table.columns if table[c].isna().all() and c.startswith(("lpips", "fid", "kid"))
+        c
+        for c in table.columns
+        if table[c].isna().all() and c.startswith(("lpips", "fid", "kid", "clip"))
     ]
     table = table.drop(columns=empty)
     g = {n: i for i, n in enumerate(order_generators(table["generator"].unique()))}
