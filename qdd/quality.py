@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,8 @@ def run_quality(
     from qdd.modules.quality import PairDataModule, QualityModule
 
     folders = resolve_folders(data if isinstance(data, list) else [data])
-    run_dir = Path(out) if out else Path("runs") / f"quality-{reference}"
+    # DDP's other ranks may stamp another second: only rank 0 writes, so it does not matter
+    run_dir = Path(out) if out else Path("runs") / f"quality-{time.strftime('%Y%m%d-%H%M%S')}"
     pairs, unpaired, info = find_pairs(folders, reference)
     notes = []
     if not pairs:
@@ -407,7 +409,7 @@ def run_quality(
         log.warning("%d pair(s) could not be compared (named in metrics.json)", len(skipped))
     for note in notes:
         log.info(note)
-    return QualityResult(run_dir, metrics, run_dir / PARQUET, notes)
+    return QualityResult(run_dir, _json(metrics), run_dir / PARQUET, notes)
 
 
 def main(argv: list[str]) -> None:
@@ -430,7 +432,7 @@ def main(argv: list[str]) -> None:
         help="shard folders or globs: the reference folder and the others",
     )
     parser.add_argument("--reference", default="fp32", help="precision of the twins")
-    parser.add_argument("--out", help="run folder (default runs/quality-REFERENCE)")
+    parser.add_argument("--out", help="run folder (default runs/quality-TIMESTAMP)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--lpips-weights", help="torchvision alexnet/vgg16 state_dict file")
