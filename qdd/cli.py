@@ -127,6 +127,11 @@ def _available() -> dict[str, tuple[str, Callable[[Sequence[str]], None]]]:
         "quantize": ("qdd.quant.gguf", "write a deployable quantized denoiser file", _quantize),
         "sweep": ("qdd.sweep", "run a W&B grid sweep offline: one fit run per trial", _sweep),
         "demo": ("qdd.demo", "the whole study in miniature, offline, on CPU", _demo),
+        "quality": (
+            "qdd.quality",
+            "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin",
+            lambda argv: __import__("qdd.quality", fromlist=["main"]).main(list(argv)),
+        ),
     }
     for name, (module, text, function) in optional.items():
         if find_spec(module) is not None:

@@ -38,8 +38,11 @@ def build_report(runs: list[Path], out: Path) -> Path:
     from qdd.report.runs import NONE, group_table, load_runs, missing_groups
     from qdd.report.style import save
     from qdd.report.tables import metric_pivot, sorted_groups, write_table
+    from qdd.report.tradeoff import is_quality_run
 
-    results = load_runs([Path(r) for r in runs])
+    quality_runs = [Path(r) for r in runs if is_quality_run(Path(r))]
+    test_runs = [Path(r) for r in runs if Path(r) not in quality_runs]
+    results = load_runs(test_runs) if test_runs or not quality_runs else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
@@ -64,8 +67,10 @@ def build_report(runs: list[Path], out: Path) -> Path:
             shifts.append(shift_table(main, name, entry.threshold))
     table = group_table(results)
     tables: dict[str, tuple[Path, Path]] = {}
+    verdicts = tradeoff(quality_runs, table, out, figures, tables, notes)
     if table.empty:
-        notes.append("no fake images in these runs: no heatmaps or metric tables")
+        if results:
+            notes.append("no fake images in these runs: no heatmaps or metric tables")
     else:
         perturbations = sorted(table["perturbation"].unique(), key=spec_rank)
         for metric in HEATMAP_METRICS:
@@ -110,7 +115,48 @@ def build_report(runs: list[Path], out: Path) -> Path:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     marked = has_low_fraction(table)
-    return write_index(out, results, figures, tables, missing, notes, warnings, marked)
+    return write_index(out, results, figures, tables, missing, notes, warnings, marked,
+                       tradeoff=verdicts)  # fmt: skip
+
+
+def tradeoff(
+    quality_runs: list[Path],
+    table: object,
+    out: Path,
+    figures: dict[str, str],
+    tables: dict[str, tuple[Path, Path]],
+    notes: list[str],
+) -> list[str] | None:
+    """tables/tradeoff.csv|md and a tradeoff_<detector> figure from the quality runs and
+    the detection metrics ``table``; returns report.md's verdict lines (None: no quality
+    runs were given)."""
+    if not quality_runs:
+        return None
+    from qdd.report.style import save
+    from qdd.report.tables import write_table
+    from qdd.report.tradeoff import (
+        KEEP_SSIM,
+        detectors_in,
+        load_quality,
+        plot_tradeoff,
+        tradeoff_table,
+        verdicts,
+    )
+
+    quality = load_quality(quality_runs)
+    frame = tradeoff_table(quality, table)
+    tables["tradeoff"] = write_table(frame, out / "tables", "tradeoff")
+    detectors = detectors_in(frame)
+    if not detectors:
+        notes.append("no test runs beside the quality runs: the trade-off has no detector axis")
+    for name in detectors:
+        save(plot_tradeoff(frame, name, quality.reference), out, f"tradeoff_{name}")
+        figures[f"tradeoff_{name}"] = (
+            f"{name}: memory saved vs detection, colour = SSIM against {quality.reference}"
+        )
+    lines = verdicts(frame, quality.reference)
+    return [f"Keeping quality means a mean SSIM ≥ {KEEP_SSIM:.2f} against the "
+            f"{quality.reference} twin of the same prompt and seed.", *lines]  # fmt: skip
 
 
 def main(argv: list[str]) -> None:
@@ -121,7 +167,8 @@ def main(argv: list[str]) -> None:
         "robustness curves) and tables from qdd-cli test run folders, without re-running "
         "anything; or, with --compare, one table ranking runs by a metric.",
     )
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders of qdd-cli test")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run folders of qdd-cli test and of qdd-cli quality")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("report"), help="report folder")
     parser.add_argument("--compare", action="store_true",
                         help="rank the runs (one row each, best first) instead of merging them; "

@@ -14,7 +14,7 @@ from qdd.report.stats import BOOTSTRAP, SEED
 from qdd.report.tables import markdown
 
 #: Tables shown in full in report.md; the others are only linked (they are long).
-EMBEDDED = ("fake_acc", "balanced_acc", "auroc", "paired_shift")
+EMBEDDED = ("fake_acc", "balanced_acc", "auroc", "paired_shift", "tradeoff")
 CAPTIONS = {
     "fake_acc": "Fake accuracy (logit > threshold) per generator × precision",
     "balanced_acc": "Balanced accuracy (mean of real and fake accuracy)",
@@ -25,6 +25,12 @@ CAPTIONS = {
     "fake (a change of fake accuracy). p-values are not corrected for the number of groups",
     "robustness": "Metrics per perturbation, per precision (all generators pooled)",
     "groups": "Every metric of every group, with 95 % intervals",
+    "tradeoff": "Trade-off per generator × precision: the denoiser's deployed bytes and their "
+    "ratio to the reference, seconds per image and peak memory as the shards recorded them "
+    "(– where not recorded); image quality against the reference twin of the same prompt and "
+    "seed (PSNR in dB, SSIM, LPIPS; mean and 95 % t-interval; FID/KID and the CLIP score of the "
+    "image and of its twin against their prompt where a CLIP model ran); each detector's "
+    "AUROC and fake accuracy on the unperturbed images",
 }
 #: Shown at the top of a report whose runs were made by `qdd-cli demo`.
 DEMO_CAVEAT = ("**Demo:** these runs come from `qdd-cli demo` — tiny random-init generators "
@@ -116,10 +122,13 @@ def write_index(
     notes: list[str],
     warnings: list[str],
     marked: bool = False,
+    tradeoff: list[str] | None = None,
 ) -> Path:
     """Write ``out``/report.md; figures and tables are linked by paths relative to it.
 
-    ``marked``: some heatmap cell carries the low-quantized-fraction mark.
+    ``marked``: some heatmap cell carries the low-quantized-fraction mark. ``tradeoff``:
+    the trade-off section's lines (its rule, then one verdict per generator), when quality
+    runs were given.
     """
     perturbed = any((e.scores["perturbation"] != NONE).any() for e in results.values())
     lines = ["# qdd report", ""]
@@ -147,7 +156,12 @@ def write_index(
     ]
     if warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""]
-    lines += ["## Runs", "", markdown(runs_table(results))]
+    if results:
+        lines += ["## Runs", "", markdown(runs_table(results))]
+    if tradeoff:
+        rule, *verdicts = tradeoff
+        lines += ["## Trade-off", "", f"What each lower precision saves, keeping quality, and "
+                  f"what it hides. {rule}", ""] + [f"- {v}" for v in verdicts] + [""]  # fmt: skip
     if missing or notes:
         lines += ["## Gaps", ""]
         lines += [f"- missing: {line}" for line in missing] + [f"- {note}" for note in notes]
