@@ -188,9 +188,7 @@ def apply_precision(
     dtype = compute_dtype_name(spec, precision)
     if precision in UNQUANTIZED:
         denoiser_bytes = module_bytes(getattr(pipeline, spec.denoiser), precision)
-        return QuantSummary(
-            precision, "none", None, dtype, 0, 0, denoiser_bytes=denoiser_bytes
-        )
+        return QuantSummary(precision, "none", None, dtype, 0, 0, denoiser_bytes=denoiser_bytes)
     import torch
 
     from qdd.quant import quantize_module_, resolve_backend
