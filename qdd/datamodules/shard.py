@@ -53,10 +53,9 @@ from qdd.datamodules.split import (
     RULE,
     Indexed,
     digest,
+    identities,
     index_folder,
     take,
-    unit_hash,
-    unit_hashes,
 )
 from qdd.datamodules.writer import formats_by_group
 from qdd.errors import QddError
@@ -463,7 +462,7 @@ class ShardDataModule(LightningDataModule):
 
     # -- what a checkpoint stores and checks ---------------------------------------------------
     def _trained_units(self) -> torch.Tensor:
-        own = unit_hashes(s.unit for s in self.split.get("train", []) if s.unit)
+        own = identities(self.split.get("train", []))
         return torch.unique(torch.cat([own, self._inherited]))  # sorted
 
     def state_dict(self) -> dict[str, Any]:
@@ -505,13 +504,13 @@ class ShardDataModule(LightningDataModule):
         """Refuse (or count) evaluated images whose unit the checkpoint trained on."""
         self._checked = True
         split = "val" if self._stage == "validate" else "test"
-        evaluated = [s for s in self.split.get(split, []) if s.unit]
+        evaluated = [s for s in self.split.get(split, []) if s.identity is not None]
         if state.get("rule") != RULE:
             log.warning("%s was split by another rule: its training data cannot be checked",
                         checkpoint)  # fmt: skip
             return
         trained = set(state["train_units"].tolist())
-        overlap = sum(unit_hash(s.unit) in trained for s in evaluated)  # type: ignore[arg-type]
+        overlap = sum(s.identity in trained for s in evaluated)
         self.train_overlap = overlap
         if not overlap:
             return

@@ -8,7 +8,7 @@ the two fractions, so
   side, whichever folders a run names: no prompt is both trained and tested on;
 - a folder's test split is the same in every run with the same fractions, so the runs that
   benchmark it stay comparable, and a checkpoint can say which units it trained on
-  (`unit_hashes`) for a later test to check against.
+  (`identities`) for a later test to check against.
 
 Indexing reads each sample's JSON member only (one ``pread``); no image is decoded.
 """
@@ -69,14 +69,21 @@ def split_unit(key: str, meta: dict[str, Any]) -> str:
     return f"key:{key}"
 
 
-def unit_hash(unit: str) -> int:
-    """A unit as a non-negative 63-bit integer (what a checkpoint stores, compactly)."""
-    return int.from_bytes(hashlib.sha256(unit.encode()).digest()[:8], "big") >> 1
+def identity(unit: str, meta: dict[str, Any]) -> int:
+    """What a checkpoint remembers of a trained sample: its unit with the prompt's text, as a
+    non-negative 63-bit integer (compact in a checkpoint).
+
+    The text matters because prompt ids count lines of a prompt file: two prompt sets (a
+    demo's train and test prompts) reuse the same ids for different prompts.
+    """
+    text = f"{unit}\0{meta.get('prompt') or ''}" if unit.startswith("prompt:") else unit
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
-def unit_hashes(units: Iterable[str]) -> torch.Tensor:
-    """The sorted, distinct `unit_hash` values of ``units`` as an int64 tensor."""
-    return torch.tensor(sorted({unit_hash(u) for u in units}), dtype=torch.int64)
+def identities(samples: Iterable[Indexed]) -> torch.Tensor:
+    """The sorted, distinct identities of ``samples`` as an int64 tensor."""
+    found = {s.identity for s in samples if s.identity is not None}
+    return torch.tensor(sorted(found), dtype=torch.int64)
 
 
 def digest(hashes: torch.Tensor) -> str:
@@ -98,6 +105,7 @@ class Indexed:
     group: str | None
     generator: str | None
     unit: str | None
+    identity: int | None = None  # see `identity`
     source_format: str | None = None
     jpeg_quality: int | None = None
     recorded_format: bool = True  # False for samples sharded before formats were recorded
@@ -125,12 +133,14 @@ def _indexed(entry: Entry, raw: bytes | None) -> Indexed:
         reason = "no .json member" if raw is None else "unreadable .json member"
         log.warning("%s in %s: %s (counted as skipped where read)", entry.key, entry.shard, reason)
         return Indexed(entry, -1, None, None, None)
+    unit = split_unit(entry.key, meta)
     return Indexed(
         entry,
         int(meta["label"]),
         group_of(meta),
         meta.get("generator"),
-        split_unit(entry.key, meta),
+        unit,
+        identity(unit, meta),
         meta.get("source_format"),
         meta.get("jpeg_quality"),
         "source_format" in meta,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 
 from qdd.datamodules.shard import ShardDataModule, Source, read_split_state
-from qdd.datamodules.split import unit_hash
+from qdd.datamodules.split import identities
 from qdd.errors import QddError
 from tests.conftest import write_fake_shards
 
@@ -77,7 +77,7 @@ def test_fit_checkpoint_stores_the_split_and_the_trained_units(shards, fitted) -
     data.setup("fit")
     units = {s.unit for s in data.split["train"]}
     assert state["n_train_units"] == len(units) == len(state["train_units"])
-    assert set(state["train_units"].tolist()) == {unit_hash(u) for u in units}
+    assert torch.equal(state["train_units"], identities(data.split["train"]))
     assert torch.equal(read_split_state(fitted)["train_units"], state["train_units"])
 
 
@@ -189,3 +189,37 @@ def test_paths_benchmark_every_image_and_test_globs_their_test_split(shards) -> 
         ShardDataModule(str(shards / "*"), split="val")  # type: ignore[arg-type]
     with pytest.raises(QddError, match="--data.test"):
         ShardDataModule(str(shards / "*"), test=[str(shards / "*")])
+
+
+def write_prompted(folder: Path, prompts: list[str], seed: int) -> None:
+    """Fakes as `qdd-cli generate` writes them: prompt_id = the prompt's line number."""
+    from qdd.datamodules.schema import make_meta
+    from qdd.datamodules.writer import ShardWriter, write_manifest
+    from tests.conftest import random_image
+
+    with ShardWriter(folder) as writer:
+        for prompt_id, prompt in enumerate(prompts):
+            meta = make_meta(1, "g", generator="g", precision="fp32", prompt=prompt,
+                             prompt_id=prompt_id, seed=seed + prompt_id)  # fmt: skip
+            writer.write(
+                f"p{prompt_id:05d}-s{seed + prompt_id}", random_image(prompt_id, (8, 8)), meta
+            )
+    write_manifest(folder)
+
+
+def test_prompt_sets_that_reuse_ids_are_not_overlap(tmp_path: Path) -> None:
+    """A demo's train and test prompt files both count from 0: other prompts, no overlap."""
+    write_prompted(tmp_path / "train" / "g-fp32", [f"a photo of thing {i}" for i in range(20)], 0)
+    write_fake_shards(tmp_path / "train" / "real-x", [20], "x", None, label=0, size=(8, 8))
+    write_prompted(
+        tmp_path / "test" / "g-fp32", [f"a drawing of item {i}" for i in range(20)], 1000
+    )
+    fit = ShardDataModule(str(tmp_path / "train" / "*"))
+    fit.setup("fit")
+    ckpt = tmp_path / "fit.ckpt"
+    torch.save({"ShardDataModule": fit.state_dict()}, ckpt)  # what Lightning stores
+    other = ShardDataModule(str(tmp_path / "test" / "*"), checkpoint=str(ckpt))
+    other.setup("test")
+    assert other.train_overlap == 0 and other.expected == 20
+    with pytest.raises(QddError, match="share a prompt"):
+        ShardDataModule(str(tmp_path / "train" / "g-fp32"), checkpoint=str(ckpt)).setup("test")
