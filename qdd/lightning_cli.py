@@ -34,7 +34,6 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from qdd.datamodules.mix import MixDataModule
 from qdd.datamodules.shard import ShardDataModule
 from qdd.errors import QddError
 from qdd.modules.detector import DetectorModule
@@ -260,7 +259,7 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
     args = [command, *expanded]
     cli = QddLightningCLI(
         DetectorModule,
-        MixDataModule if uses_mix(expanded) else ShardDataModule,
+        ShardDataModule,
         args=args,
         explicit_model_keys=explicit_model_keys(expanded),
         seed_everything_default=0,

@@ -1,9 +1,11 @@
 """Named, parameterised post-processing of test images (the robustness axis of issue 11).
 
 Images in the wild are re-compressed, resized, blurred and cropped; a detector that only
-works on pristine files is of little use. A perturbation is written as a short spec, the
-same string everywhere (``--perturb``, the ``perturbation`` column of scores.parquet,
-metrics.json, the report):
+works on pristine files is of little use. A perturbation is written as a short spec, and the
+user's own spelling of it is its name everywhere (``--perturb blur:1.0`` is ``blur:1.0`` in
+the ``perturbation`` column of scores.parquet, metrics.json and the report); specs that
+mean the same operation (``blur:1`` and ``blur:1.0``) share one ``canonical`` form, which
+seeds the randomness and is run once:
 
 - ``none``            the image as stored (always evaluated, always first);
 - ``jpeg:Q``          JPEG re-compression at quality Q (integer 1–100), done in memory by
@@ -25,7 +27,7 @@ metrics.json, the report):
                       CenterCrop does.
 
 Every perturbation is deterministic: the only randomness (noise) comes from a generator
-seeded with SHA-256 of (spec, key), never from Python's salted ``hash()``, so a sample gets
+seeded with SHA-256 of (canonical spec, key), never from Python's salted ``hash()``, so a sample gets
 the same noise in every process, worker and rerun. Input is converted to RGB, output is RGB.
 """
 
@@ -35,7 +37,7 @@ import hashlib
 import io
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -66,12 +68,18 @@ def _number(text: str) -> str:
 
 @dataclass(frozen=True)
 class Perturbation:
-    """One post-processing operation; ``name`` is its canonical spec (e.g. ``"jpeg:75"``)."""
+    """One post-processing operation.
+
+    ``name`` is the spec as the user wrote it (surrounding spaces dropped, e.g.
+    ``"blur:1.0"``): what scores.parquet and metrics.json call it. ``canonical`` is the
+    normal form (``"blur:1"``): what the operation and its noise seed depend on.
+    """
 
     name: str
     kind: str
     strength: float | None
     filter: str | None = None  # resize only
+    canonical: str = ""
 
     def apply(self, image: Image.Image, key: str) -> Image.Image:
         """The perturbed RGB image; ``key`` seeds the randomness (noise) of this sample."""
@@ -81,7 +89,7 @@ class Perturbation:
 
     def seed(self, key: str) -> int:
         """A stable 64-bit seed from (spec, key), the same in every process."""
-        digest = hashlib.sha256(f"{self.name}\0{key}".encode()).digest()
+        digest = hashlib.sha256(f"{self.canonical or self.name}\0{key}".encode()).digest()
         return int.from_bytes(digest[:8], "little")
 
 
@@ -141,7 +149,14 @@ def _bad(spec: str, why: str = "") -> QddError:
 
 
 def parse(spec: str) -> Perturbation:
-    """The perturbation a spec names; a `QddError` naming the valid forms if it is malformed."""
+    """The perturbation a spec names, named as written; a `QddError` naming the valid forms
+    if it is malformed."""
+    parsed = _canonical(spec)
+    return replace(parsed, name=str(spec).strip(), canonical=parsed.name)
+
+
+def _canonical(spec: str) -> Perturbation:
+    """The perturbation a spec names, ``name`` in normal form (``blur:1.0`` → ``blur:1``)."""
     text = str(spec).strip().lower()
     kind, *args = text.split(":")
     if kind == "none" and not args:
@@ -179,9 +194,10 @@ def parse(spec: str) -> Perturbation:
 
 
 def perturbations(specs: Sequence[str] | None) -> list[Perturbation]:
-    """``none`` first, then each distinct perturbation of ``specs`` in the order given."""
+    """``none`` first, then each distinct perturbation of ``specs`` in the order given; one
+    operation given twice (``blur:1``, ``blur:1.0``) runs once, named as first written."""
     chosen = {"none": parse("none")}
     for spec in specs or []:
         perturbation = parse(spec)
-        chosen.setdefault(perturbation.name, perturbation)
+        chosen.setdefault(perturbation.canonical, perturbation)
     return list(chosen.values())

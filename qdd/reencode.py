@@ -40,7 +40,7 @@ def check_spec(spec: str) -> str:
         return MATCH
     if text.startswith("jpeg:"):
         try:
-            return parse(text).name
+            return parse(text).canonical
         except QddError:
             pass
     raise QddError(f"--data.reencode={spec!r} is not a re-encoding: use {FORMS}")

@@ -80,7 +80,7 @@ def eval_loader(shards: Path, detector: torch.nn.Module, batch_size: int, worker
 
     host, (mean, std) = split_normalization(detector.eval_transform())
     datamodule = ShardDataModule(
-        str(shards / "*"), batch_size=batch_size, num_workers=workers, eval_transform=host
+        str(shards / "*"), batch_size=batch_size, num_workers=workers, transforms={"eval": host}
     )
     datamodule.setup("test")
     loader = datamodule.test_dataloader()

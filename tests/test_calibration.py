@@ -160,12 +160,14 @@ def test_threshold_comes_from_validation_only(runs: Path, mix_shards: Path, tmp_
     second = torch.load(last_checkpoint(tmp_path / "f"), map_location="cpu", weights_only=True)
     assert second["qdd_calibration"] == first
 
-    from qdd.datamodules.mix import MixDataModule, Source
     from qdd.datamodules.reader import read_entry
+    from qdd.datamodules.shard import ShardDataModule, Source
     from qdd.modules.detector import DetectorModule
 
     module = DetectorModule.load_from_checkpoint(ckpt).eval()
-    data = MixDataModule([Source(str(mix_shards / p), w) for p, w in FINE_TUNE], val_fraction=0.25)
+    data = ShardDataModule(
+        train=[Source(str(mix_shards / p), w) for p, w in FINE_TUNE], val_fraction=0.25
+    )
     data.setup("fit")
     transform = module.eval_transform()
     with torch.inference_mode():

@@ -149,6 +149,7 @@ def test_fit_lowers_loss_and_checkpoint_reloads(shards: Path, tmp_path: Path, ca
                 *flag,
                 "--data",
                 str(shards / "*"),
+                "--data.split=test",  # the fit's held-out images (bug 3: not its training data)
                 "--out",
                 str(run),
                 *FAST,

@@ -77,7 +77,7 @@ def test_perturbations_keep_exactly_once(uneven, tmp_path: Path) -> None:
     # jpeg:50 given twice is scored once
     perturb = ["--perturb", "jpeg:50", "--perturb=blur:1.0", "--perturb", "jpeg:50"]
     main(npr_test_args(root / "*", out, *perturb, "--data.num_workers=2", "--data.batch_size=6"))
-    check_exactly_once(out, keys, ["none", "jpeg:50", "blur:1"])
+    check_exactly_once(out, keys, ["none", "jpeg:50", "blur:1.0"])  # as the user spelt it
     scores = pd.read_parquet(out / "scores.parquet")
     metrics = json.loads((out / "metrics.json").read_text())
     by = {
@@ -86,7 +86,7 @@ def test_perturbations_keep_exactly_once(uneven, tmp_path: Path) -> None:
     }
     # the perturbation reached the detector: JPEG and blur move logits, each differently
     assert (by["jpeg:50"] - by["none"]).abs().max() > 1e-4
-    assert (by["blur:1"] - by["jpeg:50"]).abs().max() > 1e-4
+    assert (by["blur:1.0"] - by["jpeg:50"]).abs().max() > 1e-4
     # today's keys describe the unperturbed pass; the nested form holds every pass
     assert metrics["overall"] == metrics["by_perturbation"]["none"]["overall"]
     assert set(metrics["by_perturbation"]["jpeg:50"]["groups"]) == {"g1/fp4", "g2/unknown"}

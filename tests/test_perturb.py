@@ -42,8 +42,20 @@ def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
 )
 def test_parse_normalises(spec: str, name: str, kind: str, strength: float | None) -> None:
     p = parse(spec)
-    assert (p.name, p.kind, p.strength) == (name, kind, strength)
-    assert parse(p.name) == p  # the canonical name parses to itself
+    assert (p.canonical, p.kind, p.strength) == (name, kind, strength)
+    assert parse(p.name) == p  # the name parses to itself
+    assert parse(p.canonical).canonical == p.canonical
+
+
+@pytest.mark.parametrize("spec", ["blur:1.0", "resize:.50", "jpeg:75.0", "noise:5.00"])
+def test_name_is_the_users_own_spelling(spec: str) -> None:
+    """Bug 6: ``--perturb blur:1.0`` was recorded as ``blur:1``."""
+    p = parse(f" {spec} ")
+    assert p.name == spec and p.canonical != spec
+    assert [q.name for q in perturbations([spec])] == ["none", spec]
+    # the spelling does not change the operation, nor the noise drawn for a key
+    image = smooth_image()
+    assert p.apply(image, "k").tobytes() == parse(p.canonical).apply(image, "k").tobytes()
 
 
 @pytest.mark.parametrize(

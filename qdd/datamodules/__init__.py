@@ -1,13 +1,12 @@
-"""Shards: schema, writer, readers and the Lightning DataModules.
+"""Shards: schema, writer, readers, the split rule and the Lightning DataModule.
 
-`ShardDataModule` (shard folders as they are) and `MixDataModule` (a weighted mix of
-training sources with held-out val/test splits) are imported lazily so that light
-commands (``qdd-cli shard``) that only need the writer do not import Lightning.
+`ShardDataModule` is imported lazily so that light commands (``qdd-cli shard``) that only
+need the writer do not import Lightning.
 """
 
 from typing import Any
 
-__all__ = ["MixDataModule", "ShardDataModule"]
+__all__ = ["ShardDataModule"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,8 +14,4 @@ def __getattr__(name: str) -> Any:
         from qdd.datamodules.shard import ShardDataModule
 
         return ShardDataModule
-    if name == "MixDataModule":
-        from qdd.datamodules.mix import MixDataModule
-
-        return MixDataModule
     raise AttributeError(name)

@@ -121,9 +121,17 @@ def prepare(path: Path) -> Prepared:
     """Decode one file and produce the PNG bytes to store (copied when no conversion is needed)."""
     try:
         data = path.read_bytes()
+    except OSError as error:
+        return Prepared(error=type(error).__name__)
+    return prepare_bytes(data, path.suffix)
+
+
+def prepare_bytes(data: bytes, suffix: str = "") -> Prepared:
+    """`prepare` of a file's bytes (``suffix`` names the format when PIL does not)."""
+    try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            source_format = (image.format or path.suffix.lstrip(".")).lower()
+            source_format = (image.format or suffix.lstrip(".")).lower()
             source_format = FORMAT_ALIASES.get(source_format, source_format)
             quality = None
             if source_format == "jpeg" and getattr(image, "quantization", None):
@@ -192,9 +200,10 @@ def shard_folder(
 ) -> dict:
     """Write every decodable image under ``src`` into shards in ``out``; returns the manifest.
 
-    Images that cannot be decoded are reported on stderr by path, one line each, skipped and
-    counted. ``workers`` processes decode (default: every core this process may use); the
-    shards do not depend on their number.
+    A ``src`` without image files but with ``.tar`` files is read as WebDataset shards
+    written elsewhere (`qdd.datamodules.tars`). Images that cannot be decoded are reported
+    on stderr by path, one line each, skipped and counted. ``workers`` processes decode
+    (default: every core this process may use); the shards do not depend on their number.
     """
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -203,9 +212,24 @@ def shard_folder(
     if workers < 1:
         raise QddError(f"--workers {workers} is not a worker count: pass 1 or more")
     paths = find_images(src)
+    if not paths and any(src.rglob("*.tar")):  # WebDataset shards written elsewhere
+        from qdd.datamodules.tars import shard_tars
+
+        return shard_tars(
+            src,
+            out,
+            label=label,
+            source=source,
+            generator=generator,
+            max_count=max_count,
+            overwrite=overwrite,
+            workers=workers,
+        )
     if not paths:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
-        raise QddError(f"no images in {src} (looked for {suffixes}): check --src")
+        raise QddError(
+            f"no images in {src} (looked for {suffixes}, and WebDataset .tar shards): check --src"
+        )
     taken: set[str] = set()
     skipped = copied = 0
     mode = "overwrite" if overwrite else "new"

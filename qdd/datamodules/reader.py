@@ -29,7 +29,7 @@ from typing import Any
 from PIL import Image
 
 from qdd.datamodules.schema import MANIFEST
-from qdd.datamodules.writer import shard_files
+from qdd.datamodules.writer import FAILED, shard_files
 from qdd.errors import QddError
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,20 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """The folder's manifest, checked against the shards on disk."""
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
-        if shard_files(folder) or list(folder.glob("*.tar.partial")):
+        if (
+            list(folder.glob("*.tar.partial"))
+            or (folder / FAILED).exists()
+            or (shard_files(folder) and written_by_qdd(shard_files(folder)[0]))
+        ):
             raise QddError(
                 f"{folder} has shards but no {MANIFEST} (the run that wrote it was interrupted): "
                 "re-run it (generate resumes; shard needs --overwrite)"
+            )
+        if shard_files(folder):
+            raise QddError(
+                f"{folder} holds .tar files without a qdd {MANIFEST} (WebDataset shards from "
+                f"elsewhere?): convert them with `qdd-cli shard --src {folder} --out NEW_FOLDER "
+                "--label real|fake --source NAME`"
             )
         raise QddError(
             f"no shards in {folder}: make them with `qdd-cli shard --src PHOTOS --out {folder}` "
@@ -99,6 +109,20 @@ def read_manifest(folder: Path) -> dict[str, Any]:
                 "re-create the shards"
             )
     return manifest
+
+
+def written_by_qdd(shard: Path) -> bool:
+    """Whether a tar's first JSON member is a qdd sample's (records ``qdd_version``); a tar
+    that cannot be read counts as qdd's (a run killed mid-write)."""
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    return isinstance(meta, dict) and "qdd_version" in meta
+    except (tarfile.TarError, OSError, ValueError):
+        return True
+    return False
 
 
 def index_shard(path: Path, expected: int) -> list[Entry]:

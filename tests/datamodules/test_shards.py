@@ -177,14 +177,17 @@ def test_more_processes_than_samples_is_an_error(tmp_path: Path) -> None:
 
 
 def test_training_loader_reshuffles_each_epoch(tmp_path: Path) -> None:
-    write_fake_shards(tmp_path / "s", [5, 9], size=(8, 8))
-    datamodule = datamodule_on(tmp_path / "s", batch_size=3, num_workers=2, val_fraction=0.2)
+    write_fake_shards(tmp_path / "s" / "fake", [5, 9], size=(8, 8))
+    write_fake_shards(tmp_path / "s" / "real", [6], "x", label=0, size=(8, 8))
+    datamodule = datamodule_on(tmp_path / "s" / "*", batch_size=3, num_workers=2, val_fraction=0.2)
+    datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     epochs = [[k for _, _, meta in loader for k in meta["key"]] for _ in range(2)]
-    train_keys = {e.key for e in datamodule._split(validation=False)}
+    train_keys = [s.entry.key for s in datamodule.split["train"]]
     assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(train_keys)  # each once per epoch
     assert epochs[0] != epochs[1]
-    again = datamodule_on(tmp_path / "s", batch_size=3, num_workers=2, val_fraction=0.2)
+    again = datamodule_on(tmp_path / "s" / "*", batch_size=3, num_workers=2, val_fraction=0.2)
+    again.setup("fit")
     assert [k for _, _, meta in again.train_dataloader() for k in meta["key"]] == epochs[0]
 
 

@@ -1,4 +1,5 @@
-"""`MixDataModule` on shards made by `qdd-cli shard` and `qdd-cli generate`."""
+"""`ShardDataModule` on shards made by `qdd-cli shard` and `qdd-cli generate`: weighted
+sources, the split rule, what a checkpoint stores and a test checks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from qdd.datamodules.mix import DrawDataset, MixDataModule, Source, WeightedDrawSampler
+from qdd.datamodules.sampling import DrawDataset, WeightedDrawSampler
+from qdd.datamodules.shard import ShardDataModule, Source
 from qdd.errors import QddError
 
 
@@ -22,13 +24,16 @@ def kind(meta: dict, i: int) -> str:
     return "real" if not meta["generator"][i] else meta["precision"][i]
 
 
-def mix(shards: Path, weights: dict[str, float], **kwargs) -> MixDataModule:
+BLANK = {"train": blank, "eval": blank}
+
+
+def mix(shards: Path, weights: dict[str, float], **kwargs) -> ShardDataModule:
     paths = {"real": "real-skimage", "fp32": "sd15-fp32", "fp4": "sd15-fp4"}
     sources = [Source(str(shards / paths[n]), w, n) for n, w in weights.items()]
-    return MixDataModule(sources, eval_transform=blank, train_transform=blank, **kwargs)
+    return ShardDataModule(train=sources, transforms=BLANK, **kwargs)
 
 
-def drawn(data: MixDataModule) -> Counter:
+def drawn(data: ShardDataModule) -> Counter:
     data.setup("fit")
     counts: Counter = Counter()
     for _, _, meta in data.train_dataloader():
@@ -80,8 +85,8 @@ def test_source_weights_override_by_name_and_zero_weight_drops_a_source(mix_shar
 
 
 def test_no_prompt_in_two_splits_and_twins_stay_together(mix_shards: Path) -> None:
-    data = MixDataModule(
-        [Source(str(mix_shards / "*"), 1.0)],
+    data = ShardDataModule(
+        train=[Source(str(mix_shards / "*"), 1.0)],
         test=[str(mix_shards / "*")],
         val_fraction=0.25,
         test_fraction=0.25,
@@ -100,8 +105,8 @@ def test_no_prompt_in_two_splits_and_twins_stay_together(mix_shards: Path) -> No
         keys = Counter((s.generator, s.entry.key) for s in data.split[split] if s.generator)
         assert set(keys.values()) == {2}
     # the test split does not depend on what is trained on
-    other = MixDataModule(
-        [Source(str(mix_shards / "real-skimage"), 1.0), Source(str(mix_shards / "sd3-fp4"))],
+    other = ShardDataModule(
+        train=[Source(str(mix_shards / "real-skimage"), 1.0), Source(str(mix_shards / "sd3-fp4"))],
         test=[str(mix_shards / "*")],
         val_fraction=0.25,
         test_fraction=0.25,
@@ -111,12 +116,11 @@ def test_no_prompt_in_two_splits_and_twins_stay_together(mix_shards: Path) -> No
 
 
 def test_held_out_generator_is_never_trained_or_validated_on(mix_shards: Path) -> None:
-    data = MixDataModule(
-        [Source(str(mix_shards / "*"), 1.0)],
+    data = ShardDataModule(
+        train=[Source(str(mix_shards / "*"), 1.0)],
         test=[str(mix_shards / "*")],
         holdout_generators=["sd3"],
-        train_transform=blank,
-        eval_transform=blank,
+        transforms=BLANK,
         samples_per_epoch=500,
         batch_size=50,
     )
@@ -128,9 +132,9 @@ def test_held_out_generator_is_never_trained_or_validated_on(mix_shards: Path) -
     data.setup("test")
     assert "sd3" in {s.generator for s in data.split["test"]}
     with pytest.raises(QddError, match="no training samples"):
-        MixDataModule([Source(str(mix_shards / "sd3-fp4"))], holdout_generators=["sd3"]).setup(
-            "fit"
-        )
+        ShardDataModule(
+            train=[Source(str(mix_shards / "sd3-fp4"))], holdout_generators=["sd3"]
+        ).setup("fit")
 
 
 def test_ddp_ranks_cut_the_same_global_batches_as_one_process() -> None:
@@ -152,10 +156,10 @@ def test_ddp_ranks_cut_the_same_global_batches_as_one_process() -> None:
 def test_user_errors_are_one_line(mix_shards: Path) -> None:
     real = str(mix_shards / "real-skimage")
     with pytest.raises(QddError, match="share the name"):
-        MixDataModule([Source(real), Source(real)])
+        ShardDataModule(train=[Source(real), Source(real)])
     with pytest.raises(QddError, match="both classes"):
-        MixDataModule([Source(real)]).setup("fit")
+        ShardDataModule(train=[Source(real)]).setup("fit")
     with pytest.raises(QddError, match="no test sources"):
-        MixDataModule([Source(real)]).setup("test")
+        ShardDataModule(train=[Source(real)]).setup("test")
     with pytest.raises(QddError, match="val_fraction"):
-        MixDataModule([Source(real)], val_fraction=0.5, test_fraction=0.5)
+        ShardDataModule(train=[Source(real)], val_fraction=0.5, test_fraction=0.5)
