@@ -93,6 +93,12 @@ class EvaluatedDataModule(LightningDataModule):
     groups: dict[str, int]
     perturbations: list[Perturbation]
     num_workers: int | None
+    formats: dict[str, dict[str, int]] | None = None
+    reencode: str | None = None
+
+    def describe(self) -> dict[str, Any] | None:
+        """What training drew from (metrics.json of a fit); None when there is nothing to add."""
+        return None
 
     @property
     def perturbation_names(self) -> list[str]:
