@@ -1,8 +1,10 @@
 """Decision thresholds calibrated on validation logits (never on test data).
 
 Detectors such as NPR are miscalibrated at logit 0 (they over-call "fake" on real photos),
-so ``qdd-cli fit`` fits a threshold on its validation split and stores it in the
-checkpoint; ``qdd-cli test`` reports accuracy at logit 0 and at that threshold side by side.
+so ``qdd-cli fit`` fits a threshold on its validation split and `Calibration` keeps it in
+buffers, so it travels in the checkpoint's state_dict (anomalib's post-processor does the
+same); ``qdd-cli test`` reports accuracy at logit 0 and at that threshold side by side.
+A fit starts uncalibrated: a threshold belongs to the weights it was fitted for.
 
 Rules (``--model.calibration``):
 
@@ -24,6 +26,8 @@ import torch
 
 from qdd.errors import QddError
 
+#: Where checkpoints written before `Calibration` existed kept the fitted threshold.
+LEGACY_KEY = "qdd_calibration"
 RULES = ("balanced_acc", "fpr@P")
 
 
@@ -84,3 +88,74 @@ def fit_threshold(logits: torch.Tensor, labels: torch.Tensor, rule: str) -> dict
         "val_fake_acc": fake_acc,
         "val_balanced_acc": (real_acc + fake_acc) / 2,
     }
+
+
+class Calibration(torch.nn.Module):
+    """The threshold fitted on validation logits by ``rule``, or none yet.
+
+    ``threshold`` and ``fitted`` are buffers; the rule and the validation statistics of the
+    fit are the module's extra state, so all of it is in ``state_dict()``.
+    """
+
+    def __init__(self, rule: str = "balanced_acc") -> None:
+        super().__init__()
+        parse_rule(rule)  # a bad rule fails now, not after the first epoch
+        self.rule = rule
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.details: dict[str, Any] = {}
+
+    def reset(self) -> None:
+        """Forget the threshold: new weights need their own."""
+        self.threshold.zero_()
+        self.fitted.fill_(False)
+        self.details = {}
+
+    def fit(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Fit ``rule`` on validation ``logits``/``labels``; returns the threshold."""
+        self.load(fit_threshold(logits, labels, self.rule))
+        return float(self.threshold)
+
+    def load(self, summary: dict[str, Any] | None) -> None:
+        """Take the threshold of a `summary` (None: no threshold)."""
+        if summary is None:
+            self.reset()
+            return
+        details = dict(summary)
+        self.threshold.fill_(float(details.pop("threshold")))
+        self.fitted.fill_(True)
+        self.details = details
+
+    @property
+    def value(self) -> float | None:
+        """The fitted threshold, or None."""
+        return float(self.threshold) if bool(self.fitted) else None
+
+    def summary(self) -> dict[str, Any] | None:
+        """What `fit_threshold` returned (rule, threshold, validation counts and accuracies)."""
+        return None if self.value is None else {"threshold": self.value, **self.details}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return self.details
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.details = dict(state)
+
+
+def calibration_state(summary: dict[str, Any] | None, prefix: str) -> dict[str, Any]:
+    """A `Calibration`'s state_dict entries (under ``prefix``) holding ``summary``."""
+    calibration = Calibration()
+    calibration.load(summary)
+    return {f"{prefix}{k}": v for k, v in calibration.state_dict().items()}
+
+
+def stored_calibration(checkpoint: dict[str, Any], prefix: str = "calibration.") -> Any:
+    """The calibration summary in a Lightning checkpoint of ``qdd-cli fit`` (None if none);
+    checkpoints of older qdd kept it under `LEGACY_KEY`."""
+    state = checkpoint.get("state_dict", {})
+    if f"{prefix}threshold" not in state:
+        return checkpoint.get(LEGACY_KEY)
+    calibration = Calibration()
+    calibration.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()
+                                 if k.startswith(prefix)})  # fmt: skip
+    return calibration.summary()

@@ -22,7 +22,6 @@ silently replaces the user's values.) Three combinations are refused with an err
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -34,6 +33,7 @@ import yaml
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from qdd.calibration import stored_calibration
 from qdd.datamodules.shard import ShardDataModule
 from qdd.errors import QddError
 from qdd.modules.detector import DetectorModule
@@ -127,7 +127,7 @@ class QddLightningCLI(LightningCLI):
                 f"both --weights {given['weights']} and --ckpt_path {ckpt_path} name weights: "
                 "pass one of them"
             )
-        stored = (checkpoint.get("qdd_calibration") or {}).get("rule")
+        stored = (stored_calibration(checkpoint) or {}).get("rule")
         if stored and given.get("calibration") not in (None, stored):
             raise QddError(
                 f"the threshold in {ckpt_path} was calibrated by {stored}; "
@@ -208,49 +208,6 @@ class ValidateAtMaxSteps(Callback):
             trainer.should_stop = True
 
 
-def fit_progress(trainer: Trainer) -> dict[str, Any]:
-    """How far a fit went: epochs (a fraction for a partial last one), steps, what stopped it."""
-    completed = trainer.fit_loop.epoch_progress.current.completed
-    batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
-    per_epoch = trainer.num_training_batches
-    epochs: float = completed
-    if completed and 0 < batches < per_epoch < float("inf"):
-        epochs = completed - 1 + batches / per_epoch  # the last epoch stopped part-way
-    if 0 < trainer.max_steps <= trainer.global_step:
-        stopped_by = "max_steps"
-    elif trainer.max_epochs is not None and 0 <= trainer.max_epochs <= completed:
-        stopped_by = "max_epochs"
-    else:
-        stopped_by = "stop requested (a callback, e.g. early stopping, or an interrupt)"
-    return {
-        "epochs": round(epochs, 4),
-        "steps": trainer.global_step,
-        "batches_per_epoch": per_epoch if per_epoch < float("inf") else None,
-        "stopped_by": stopped_by,
-    }
-
-
-def _fit_metrics(cli: QddLightningCLI) -> None:
-    """metrics.json of a fit run: how far it went, last logged values, the checkpoints."""
-    trainer = cli.trainer
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    callback = trainer.checkpoint_callback
-    describe = getattr(cli.datamodule, "describe", None)
-    summary = {
-        "detector": cli.model.hparams.detector,
-        "weights": cli.model.detector.weights_source,
-        **fit_progress(trainer),
-        "metrics": metrics,
-        "calibrated_threshold": cli.model.calibrated_threshold,
-        "calibration": cli.model.calibration,
-        "data": describe() if callable(describe) else None,
-        "best_checkpoint": callback.best_model_path if callback else None,
-        "last_checkpoint": callback.last_model_path if callback else None,
-    }
-    path = Path(trainer.default_root_dir) / "metrics.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-
-
 def run_trainer_command(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ...``; prints the run folder last."""
     if HELP_ALL in argv:  # LightningCLI's own, full help
@@ -268,8 +225,6 @@ def run_trainer_command(command: str, argv: list[str]) -> None:
     )
     if cli.trainer.global_rank != 0:
         return
-    if command == "fit":
-        _fit_metrics(cli)
     if "wandb" in sys.modules:  # let W&B say its goodbye before our last line
         sys.modules["wandb"].finish()
     print(cli.trainer.default_root_dir)

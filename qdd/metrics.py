@@ -3,9 +3,8 @@
 One torchmetrics `Metric` keeps every sample's (logit, label, group) as ``cat`` states, so
 under DDP the states are gathered and every number is computed once over all samples —
 never an average of per-rank averages. Groups are indices into a vocabulary that every
-rank knows in advance (the manifests' group names). ``qdd-cli test`` gathers every
-sample's score to rank 0 anyway (for scores.parquet), so it calls `grouped_metrics` once
-per perturbation on the gathered scores instead of updating a metric every batch.
+rank knows in advance (the manifests' group names); ``qdd-cli test`` keeps one such metric
+per perturbation pass.
 
 Ranking metrics (AUROC, AP, TPR at fixed FPR) depend only on the order of the scores, so
 logits are mapped to their normalised rank in [0, 1] before torchmetrics sees them: that
@@ -17,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -26,6 +26,8 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 from torchmetrics.utilities import dim_zero_cat
+
+from qdd.datamodules.schema import group_of
 
 METRICS: tuple[str, ...] = (
     "acc",
@@ -37,6 +39,13 @@ METRICS: tuple[str, ...] = (
     "tpr_at_fpr1",
     "tpr_at_fpr5",
 )
+
+
+def batch_groups(meta: dict[str, list[Any]]) -> list[str]:
+    """Each row's group (`qdd.datamodules.schema.group_of`) from a batch's collated metadata."""
+    fields = ("label", "source", "generator", "precision")
+    rows = zip(*(meta[f] for f in fields), strict=True)
+    return [group_of(dict(zip(fields, row, strict=True))) for row in rows]
 
 
 def rank_scores(logits: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from qdd.calibration import fit_threshold, parse_rule
+from qdd.calibration import fit_threshold, parse_rule, stored_calibration
 from qdd.cli import main
 from qdd.errors import QddError
 
@@ -90,6 +90,11 @@ def last_checkpoint(run: Path) -> str:
     return json.loads((run / "metrics.json").read_text())["last_checkpoint"]
 
 
+def calibration_in(ckpt: str) -> dict | None:
+    """The calibrated threshold a checkpoint carries (None if none)."""
+    return stored_calibration(torch.load(ckpt, map_location="cpu", weights_only=True))
+
+
 def val_loss(run: Path) -> float:
     history = pd.read_csv(run / "metrics.csv")
     return float(history["val_loss"].dropna().iloc[-1])
@@ -136,8 +141,7 @@ def test_checkpoint_reloads_for_test_with_identical_logits(
         metrics.append(json.loads((tmp_path / f"t{i}" / "metrics.json").read_text()))
     np.testing.assert_array_equal(scores[0]["logit"], scores[1]["logit"])
     assert {"sd3/fp4", "sd15/fp4"} <= set(metrics[0]["groups"])
-    stored = torch.load(ckpt, map_location="cpu", weights_only=True)["qdd_calibration"]
-    threshold = stored["threshold"]
+    threshold = calibration_in(ckpt)["threshold"]
     assert metrics[0]["calibrated_threshold"] == metrics[1]["calibrated_threshold"] == threshold
     assert metrics[0]["calibration"]["rule"] == "balanced_acc"
     # acc at logit 0 and at the calibrated threshold, from the same scores
@@ -156,9 +160,8 @@ def test_threshold_comes_from_validation_only(runs: Path, mix_shards: Path, tmp_
     start = json.loads((runs / "tuned" / "metrics.json").read_text())["weights"]
     args = experiment(mix_shards, FINE_TUNE, ["sd3-fp4"])  # a different test set
     fine_tune(args, start, tmp_path / "f")
-    first = torch.load(ckpt, map_location="cpu", weights_only=True)["qdd_calibration"]
-    second = torch.load(last_checkpoint(tmp_path / "f"), map_location="cpu", weights_only=True)
-    assert second["qdd_calibration"] == first
+    first = calibration_in(ckpt)
+    assert calibration_in(last_checkpoint(tmp_path / "f")) == first
 
     from qdd.datamodules.reader import read_entry
     from qdd.datamodules.shard import ShardDataModule, Source
@@ -233,3 +236,47 @@ def test_official_weights_carry_no_calibrated_threshold(
     # test-time perturbations apply to the experiment's test split as to --data folders
     assert metrics["perturbations"] == ["none", "jpeg:75"]
     assert metrics["by_perturbation"]["jpeg:75"]["n"] == metrics["n"]
+
+
+# -- a fit starts uncalibrated (issue 16, bug 1) -----------------------------------------
+def write_shards(folder: Path, prefix: str, label: int, count: int) -> None:
+    """``count`` tiny images whose keys start with ``prefix`` (unique across folders)."""
+    from qdd.datamodules.schema import make_meta
+    from qdd.datamodules.writer import ShardWriter, write_manifest
+    from tests.conftest import random_image
+
+    with ShardWriter(folder, mode="new", max_count=10**6) as writer:
+        for n in range(count):
+            meta = make_meta(0, "x") if label == 0 else make_meta(1, "g", generator="g",
+                                                                  precision="fp4")  # fmt: skip
+            writer.write(f"{prefix}{n:03d}", random_image(n + 100 * label, (16, 16)), meta)
+    write_manifest(folder)
+
+
+def test_fit_without_validation_carries_no_threshold(tmp_path: Path) -> None:
+    """Fine-tuning ``A.ckpt`` with validation off must not pass A's threshold on as the new
+    weights' own: the new checkpoint has none and ``test`` reports acc_calibrated null."""
+    from qdd.detectors.tiny import tiny_detector_args
+
+    train, held_out = tmp_path / "train", tmp_path / "held-out"
+    write_shards(train / "real-x", "t", 0, 16), write_shards(train / "g-fp4", "t", 1, 16)
+    write_shards(held_out / "real-x", "h", 0, 6), write_shards(held_out / "g-fp4", "h", 1, 6)
+    common = [
+        *("--detector", "npr", "--model.detector_args", json.dumps(tiny_detector_args("npr"))),
+        *("--data.batch_size=8", "--data.num_workers=0", "--trainer.logger=false", *FAST),
+    ]
+    fit = ["fit", *common, "--data", str(train / "*"), "--data.val_fraction=0.5"]
+    main([*fit, "--random-weights", "--trainer.max_epochs=1", "--out", str(tmp_path / "a")])
+    start = last_checkpoint(tmp_path / "a")
+    assert calibration_in(start) is not None  # A validated: it carries its own threshold
+    main([*fit, "--weights", start, "--trainer.limit_val_batches=0", "--trainer.max_epochs=1",
+          "--out", str(tmp_path / "b")])  # fmt: skip
+    tuned = last_checkpoint(tmp_path / "b")
+    assert calibration_in(tuned) is None
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["calibrated_threshold"] is None
+    test = ["test", *common, "--data", str(held_out / "*"), "--ckpt_path", tuned]
+    main([*test, "--out", str(tmp_path / "t")])
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["calibrated_threshold"] is None and metrics["calibration"] is None
+    assert metrics["overall"]["acc_calibrated"] is None
+    assert all(g["acc_calibrated"] is None for g in metrics["groups"].values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
@@ -18,6 +19,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Transform = Callable[[Image.Image], Tensor]
 Optimization = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]
+
+
+def checkpoints_dir() -> Path:
+    """``$QDD_CHECKPOINTS`` or ./checkpoints: where official weight files are looked for."""
+    return Path(os.environ.get("QDD_CHECKPOINTS", "checkpoints"))
 
 
 def to_normalized_tensor(mean: tuple[float, ...], std: tuple[float, ...]) -> list[Callable]:
@@ -65,8 +71,7 @@ class Detector(torch.nn.Module):
             k: v for k, v in self.state_dict().items() if not k.startswith(self.frozen_prefixes)
         }
 
-    def official_path(self) -> Path:
+    @classmethod
+    def official_path(cls) -> Path:
         """Where the official weights are expected (``$QDD_CHECKPOINTS`` or ./checkpoints)."""
-        from qdd.detectors.weights import official_path
-
-        return official_path(type(self))
+        return checkpoints_dir() / cls.official_weights

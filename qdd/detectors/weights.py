@@ -8,7 +8,6 @@ naming the file, what did not match, and the fix.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,6 @@ log = logging.getLogger(__name__)
 
 #: Keys official files wrap their state_dict in, in the order they are tried.
 WRAPPERS = ("model", "state_dict", "net")
-
-
-def checkpoints_dir() -> Path:
-    """``$QDD_CHECKPOINTS`` or ./checkpoints: where official weight files are looked for."""
-    return Path(os.environ.get("QDD_CHECKPOINTS", "checkpoints"))
-
-
-def official_path(cls: type[Detector]) -> Path:
-    return checkpoints_dir() / cls.official_weights
 
 
 def unwrap_state(raw: Any) -> dict[str, Tensor]:
@@ -142,7 +132,7 @@ def load_detector(
     Without either, it refuses — unless ``random_weights`` asks for an untrained head.
     """
     cls = detector_class(name)
-    path = Path(weights).expanduser() if weights else official_path(cls)
+    path = Path(weights).expanduser() if weights else cls.official_path()
     if weights is None and not path.is_file():
         if not random_weights:
             raise QddError(

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from qdd.modules.detector import SCORE_COLUMNS
+from qdd.callbacks import SCORE_COLUMNS
 
 #: Mean logit of a fake group per precision: fp32/fp16/fp8 detected, 4-bit formats not.
 SHIFT = {"fp32": 3.0, "fp16": 2.9, "fp8": 2.5}
