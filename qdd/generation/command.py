@@ -198,16 +198,31 @@ def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job
 def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
     """The command line as jobs and Trainer keyword arguments."""
     argv, trainer = split_trainer_flags(argv)
-    args = vars(build_parser().parse_args(argv))
-    plan = args.pop("plan")
+    return jobs_from_config({**vars(build_parser().parse_args(argv)), "trainer": trainer})
+
+
+def jobs_from_config(config: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]:
+    """Jobs and Trainer keyword arguments from the command line's keys (``model_path`` for
+    ``--model-path``; ``plan``; ``trainer``: a dict), as `qdd.api.generate` takes them."""
+    settings = {k: v for k, v in config.items() if v is not None}
+    trainer = dict(settings.pop("trainer", None) or {})
+    plan = settings.pop("plan", None)
+    unknown = set(settings) - JOB_FIELDS
+    if unknown:
+        raise QddError(f"unknown generate key(s) {', '.join(sorted(unknown))}: use "
+                       f"{', '.join(sorted(JOB_FIELDS))}, plan or trainer")  # fmt: skip
     if plan is not None:
-        jobs, plan_trainer = jobs_from_plan(find_plan(plan), args)
+        jobs, plan_trainer = jobs_from_plan(find_plan(plan), settings)
         return jobs, check_trainer_kwargs({**plan_trainer, **trainer})
     for name in ("generator", "precision", "out"):
-        if args[name] is None:
+        if settings.get(name) is None:
             raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")
-    settings = {k: v for k, v in args.items() if v is not None}
     return [Job(**settings)], check_trainer_kwargs(trainer)
+
+
+def run_jobs(jobs: list[Job], trainer_kwargs: dict[str, Any]) -> list[Path]:
+    """Generate every job's folder in turn; returns the folders."""
+    return [run_job(job, trainer_kwargs) for job in jobs]
 
 
 def is_launch_leader() -> bool:
@@ -336,7 +351,6 @@ def _barrier() -> None:
 
 def main(argv: list[str]) -> None:
     """``qdd-cli generate ARGS``: prints the output folder (a plan: its parent) last."""
-    jobs, trainer_kwargs = parse_jobs(list(argv))
-    folders = [run_job(job, trainer_kwargs) for job in jobs]
+    folders = run_jobs(*parse_jobs(list(argv)))
     if is_launch_leader():
         print(folders[0] if len(folders) == 1 else folders[0].parent)
