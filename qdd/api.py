@@ -174,8 +174,8 @@ def run_lightning(command: str, args: dict[str, Any] | list[str]) -> RunResult:
     trainer = cli.trainer
     run_dir = Path(trainer.default_root_dir)
     callback = trainer.checkpoint_callback if command == "fit" else None
-    paths = (("best", callback.best_model_path), ("last", callback.last_model_path))
-    checkpoints = {name: Path(path) for name, path in paths if callback and path}
+    paths = {"best": callback.best_model_path, "last": callback.last_model_path} if callback else {}
+    checkpoints = {name: Path(path) for name, path in paths.items() if path}
     if trainer.global_rank != 0:
         return RunResult(run_dir, {}, checkpoints)
     metrics_file = run_dir / "metrics.json"

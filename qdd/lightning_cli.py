@@ -82,7 +82,7 @@ class QddCLI(LightningCLI):
             run_dir = f"runs/{self.subcommand}-{config.model.detector}-{stamp}"
         os.environ[RUN_DIR_ENV] = trainer.default_root_dir = run_dir
         for logger in trainer.logger if isinstance(trainer.logger, list) else []:
-            if logger.init_args.get("save_dir") in (None, "."):
+            if logger.init_args.save_dir == ".":
                 logger.init_args.save_dir = run_dir
             if "WandbLogger" in logger.class_path and logger.init_args.get("name") is None:
                 logger.init_args.name = Path(run_dir).name
