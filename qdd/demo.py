@@ -19,19 +19,22 @@ The numbers come from tiny random-init models: they show the pipeline, not the p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from qdd import api
+from qdd.api import RunResult
 from qdd.errors import QddError
+from qdd.logs import configure_logging, is_verbose
 
 GENERATORS = ("sd15", "sdxl", "sd3", "flux-schnell")
 DETECTORS = ("npr", "clipd", "univfd", "corvi")
@@ -106,6 +109,7 @@ def photo_tiles(out: Path, tile: int = TILE) -> tuple[Path, Path]:
 
 
 def main(argv: list[str]) -> None:
+    """``qdd-cli demo [--out DIR] [--overwrite]``: prints the report's index last."""
     parser = argparse.ArgumentParser(
         prog="qdd-cli demo",
         description="The whole study in miniature: tiny generators, every precision, four "
@@ -114,18 +118,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="demo", help="folder for everything (default: demo)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    print(run_demo(Path(args.out), args.overwrite).run_dir / "report" / "report.md")
+
+
+def run_demo(out: Path, overwrite: bool = False) -> RunResult:
+    """Every step of the study through `qdd.api`; ``run_dir`` is ``out``, metrics: the
+    report's index and the test runs."""
     if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
+        if not overwrite:
             raise QddError(f"{out} is not empty: pass --overwrite or choose another --out")
         for name in PARTS:  # only what a demo writes: never a folder the user pointed at
             shutil.rmtree(out / name, ignore_errors=True)
 
-    from qdd.cli import VERBOSE_ENV
-    from qdd.cli import main as cli
     from qdd.threads import usable_cores, use_threads
 
-    if os.environ.get(VERBOSE_ENV) != "1":
+    if not is_verbose():
         logging.getLogger().setLevel(logging.WARNING)
         os.environ.setdefault("WANDB_SILENT", "true")  # offline runs still logged, quietly
     threads = use_threads()
@@ -167,84 +174,65 @@ def main(argv: list[str]) -> None:
         model = build_tiny_pipeline(generator, out / "models" / generator)
         plan = [("train", "fp32"), ("train", "fp4")] + [("test", p) for p in PRECISIONS]
         for split, precision in plan:
-            cli(
-                [
-                    "generate",
-                    "--generator",
-                    generator,
-                    "--model-path",
-                    str(model),
-                    "--precision",
-                    precision,
-                    "--prompts",
-                    str(prompt_files[split]),
-                    "--steps",
-                    str(STEPS),
-                    "--height",
-                    str(TILE),
-                    "--width",
-                    str(TILE),
-                    "--seed",
-                    "0" if split == "train" else "1000",
-                    "--batch-size",
-                    str(GENERATE_BATCH),
-                    "--out",
-                    str(shards / split / f"{generator}-{precision}"),
-                    # FP4 training twins of the first prompts only: the fine-tune needs few
-                    *(
-                        ["--limit", str(FP4_TRAIN_PROMPTS)]
-                        if precision == "fp4" and split == "train"
-                        else []
-                    ),
-                ]
+            # FP4 training twins of the first prompts only: the fine-tune needs few
+            fp4_twins = precision == "fp4" and split == "train"
+            call(
+                api.generate,
+                generator=generator,
+                model_path=str(model),
+                precision=precision,
+                prompts=str(prompt_files[split]),
+                steps=STEPS,
+                height=TILE,
+                width=TILE,
+                seed=0 if split == "train" else 1000,
+                batch_size=GENERATE_BATCH,
+                out=str(shards / split / f"{generator}-{precision}"),
+                limit=FP4_TRAIN_PROMPTS if fp4_twins else None,
             )
 
     test_runs = []
     for detector in DETECTORS:
         step(f"3/5 fit {detector} on real vs FP32 fakes")
-        fit_dir = out / "runs" / f"fit-{detector}"
-        cli(
-            [
-                "fit",
-                "--detector",
-                detector,
-                "--random-weights",
-                *tiny_detector_args(detector),
-                "--data",
-                str(shards / "train" / "real-*"),
-                "--data",
-                str(shards / "train" / "*-fp32"),
-                "--out",
-                str(fit_dir),
-                f"--trainer.max_epochs={FIT[detector][0]}",
-                f"--model.lr={FIT[detector][1]}",
-                "--trainer.accelerator=cpu",
-                "--data.batch_size=16",
-                "--trainer.enable_model_summary=false",
-            ]
-        )
-        summary = json.loads((fit_dir / "metrics.json").read_text())
-        ckpt = summary["last_checkpoint"] or summary["best_checkpoint"]
+        fitted = call(
+            api.fit,
+            detector=detector,
+            random_weights=True,
+            model={"detector_args": tiny_detector_args(detector), "lr": FIT[detector][1]},
+            data={"paths": [str(shards / "train" / "real-*"), str(shards / "train" / "*-fp32")],
+                  "batch_size": 16},
+            out=out / "runs" / f"fit-{detector}",
+            trainer={"max_epochs": FIT[detector][0], "accelerator": "cpu",
+                     "enable_model_summary": False},
+        )  # fmt: skip
+        ckpt = fitted.checkpoints.get("last") or fitted.checkpoints["best"]
         step(f"4/5 test {detector} on every precision")
         test_dir = out / "runs" / f"test-{detector}"
-        score_test_shards(cli, detector, ckpt, shards, test_dir, PERTURB.get(detector, ()))
-        test_runs.append(str(test_dir))
+        score_test_shards(detector, ckpt, shards, test_dir, PERTURB.get(detector, ()))
+        test_runs.append(test_dir)
         if detector == "npr":
-            test_runs += fine_tune_with_fp4(cli, out, ckpt)
+            test_runs += fine_tune_with_fp4(out, ckpt)
 
     step("5/5 report")
-    from qdd.report.command import build_report
     from qdd.report.runs import mark_demo_run
 
     for run in test_runs:  # report.md then carries the "tiny random models" caveat
-        mark_demo_run(Path(run))
-    index = build_report([Path(r) for r in test_runs], out / "report")
+        mark_demo_run(run)
+    call(api.report, runs=test_runs, out=out / "report")
     minutes = (time.perf_counter() - started) / 60
     step(f"done in {minutes:.1f} min — tiny random-init models: the pipeline, not the paper")
-    print(index)
+    return RunResult(out, {"report": str(out / "report" / "report.md"),
+                           "test_runs": [str(r) for r in test_runs]})  # fmt: skip
 
 
-def fine_tune_with_fp4(cli: Any, out: Path, start: str) -> list[str]:
+def call(function: Callable[..., RunResult], **config: Any) -> RunResult:
+    """One `qdd.api` step, with the logging set-up a ``qdd-cli`` command starts with (the
+    libraries the last step imported may have added warning filters of their own)."""
+    configure_logging(is_verbose())
+    return function(config)
+
+
+def fine_tune_with_fp4(out: Path, start: Path) -> list[Path]:
     """NPR fine-tuned from ``start`` on real + FP32 + FP4 (class-balanced), then tested."""
     shards = out / "shards"
     sources = [
@@ -253,58 +241,38 @@ def fine_tune_with_fp4(cli: Any, out: Path, start: str) -> list[str]:
         {"path": str(shards / "train" / "*-fp4"), "weight": 1.0, "name": "fp4"},
     ]
     step("4/5 fine-tune npr with FP4 fakes mixed in (real 1/2, fp32 1/4, fp4 1/4), test it")
-    fit_dir, test_dir = out / "runs" / "fit-npr-fp4mix", out / "runs" / "test-npr-fp4mix"
-    cli(
-        [
-            "fit",
-            "--detector",
-            "npr",
-            *tiny_detector_args("npr"),
-            "--weights",
-            start,
-            "--data.train",
-            json.dumps(sources),
-            "--data.test_fraction=0",
-            "--data.val_fraction=0.2",
-            "--data.batch_size=16",
-            "--out",
-            str(fit_dir),
-            f"--trainer.max_epochs={FINE_TUNE[0]}",
-            f"--model.lr={FINE_TUNE[1]}",
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_model_summary=false",
-        ]
+    tuned = call(
+        api.fit,
+        detector="npr",
+        weights=start,
+        model={"detector_args": tiny_detector_args("npr"), "lr": FINE_TUNE[1]},
+        data={"train": sources, "test_fraction": 0, "val_fraction": 0.2, "batch_size": 16},
+        out=out / "runs" / "fit-npr-fp4mix",
+        trainer={"max_epochs": FINE_TUNE[0], "accelerator": "cpu", "enable_model_summary": False},
     )
-    summary = json.loads((fit_dir / "metrics.json").read_text())
-    score_test_shards(cli, "npr", summary["last_checkpoint"], shards, test_dir)
-    return [str(test_dir)]
+    test_dir = out / "runs" / "test-npr-fp4mix"
+    score_test_shards("npr", tuned.checkpoints["last"], shards, test_dir)
+    return [test_dir]
 
 
 def score_test_shards(
-    cli: Any, detector: str, ckpt: str, shards: Path, out: Path, perturb: tuple[str, ...] = ()
-) -> None:
+    detector: str, ckpt: Path, shards: Path, out: Path, perturb: tuple[str, ...] = ()
+) -> RunResult:
     """``qdd-cli test`` of a fitted checkpoint on every test shard (and perturbation)."""
-    cli(
-        [
-            "test",
-            "--detector",
-            detector,
-            "--ckpt_path",
-            ckpt,
-            *tiny_detector_args(detector),
-            "--data",
-            str(shards / "test" / "*"),
-            "--out",
-            str(out),
-            "--trainer.accelerator=cpu",
-            "--data.batch_size=32",
-            *(arg for spec in perturb for arg in ("--perturb", spec)),
-        ]
+    return call(
+        api.test,
+        detector=detector,
+        ckpt_path=ckpt,
+        model={"detector_args": tiny_detector_args(detector)},
+        data={"paths": str(shards / "test" / "*"), "batch_size": 32},
+        out=out,
+        trainer={"accelerator": "cpu"},
+        perturb=list(perturb),
     )
 
 
-def tiny_detector_args(detector: str) -> list[str]:
+def tiny_detector_args(detector: str) -> dict[str, Any]:
     """Small backbones of the same code path as the published ones."""
     from qdd.detectors.tiny import tiny_detector_args as args_for
 
-    return ["--model.detector_args", json.dumps(args_for(detector))]
+    return args_for(detector)

@@ -31,11 +31,17 @@ class RunSummary(Callback):
 
     def __init__(self, scores: ScoreWriter) -> None:
         self.scores = scores
+        #: What the last hook wrote to metrics.json (rank 0; empty elsewhere and before).
+        self.metrics: dict[str, Any] = {}
+
+    def write(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.metrics = metrics
+        write_metrics(trainer, metrics)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             callback = trainer.checkpoint_callback
-            write_metrics(trainer, {
+            self.write(trainer, {
                 **model_summary(trainer, pl_module),
                 **fit_progress(trainer),
                 "best_checkpoint": callback.best_model_path if callback else None,
@@ -44,13 +50,13 @@ class RunSummary(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING and trainer.is_global_zero:
-            write_metrics(trainer, model_summary(trainer, pl_module))
+            self.write(trainer, model_summary(trainer, pl_module))
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         metrics = summary_of_test(trainer, pl_module, self.scores)
-        write_metrics(trainer, metrics)
+        self.write(trainer, metrics)
         table = format_table(metrics)
         print(f"\n{metrics['detector']} on {len(metrics['data'])} folder(s)\n{table}\n", flush=True)
         columns = ["group", "n_fake", *table_metrics(metrics)]

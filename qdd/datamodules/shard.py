@@ -575,10 +575,10 @@ class ShardDataModule(LightningDataModule):
     # -- loaders -------------------------------------------------------------------------------
     def _transform(self, kind: str) -> Transform | None:
         if self.transforms is not None:
-            return self.transforms.get(kind)
-        # SEAM(core-cli): until `transforms` is linked from model.loader_transforms(), ask
-        # the LightningModule as before. Cut this line and `detector_transform` at the merge.
-        return detector_transform(self.trainer, kind)
+            return self.transforms[kind]
+        from torchvision.transforms import PILToTensor
+
+        return PILToTensor()  # no detector's preprocessing given: the decoded uint8 image
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -628,17 +628,6 @@ class ShardDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
-
-
-def detector_transform(trainer: Any, kind: str) -> Transform | None:
-    """SEAM(core-cli), cut at the merge: the LightningModule's preprocessing for ``kind``,
-    as the data module fetched it before ``transforms`` was an init argument."""
-    module = trainer.lightning_module if trainer else None
-    loader_transform = getattr(module, "loader_transform", None)
-    if callable(loader_transform):
-        return loader_transform(kind)
-    factory = getattr(module, f"{kind}_transform", None)
-    return factory() if callable(factory) else None
 
 
 def loader_options(trainer: Any, num_workers: int | None, persistent: bool) -> dict[str, Any]:

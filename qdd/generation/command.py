@@ -242,22 +242,38 @@ def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
     argv, trainer = split_trainer_flags(argv)
     args = vars(build_parser().parse_args(argv))
     args.pop("dry_run")  # main's business: see wants_dry_run
-    plan = args.pop("plan")
+    return jobs_from_config({**args, "trainer": trainer})
+
+
+def jobs_from_config(config: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]:
+    """Jobs and Trainer keyword arguments from the command line's keys (``model_path`` for
+    ``--model-path``; ``plan``; ``trainer``: a dict), as `qdd.api.generate` takes them."""
+    settings = {k: v for k, v in config.items() if v is not None}
+    trainer = dict(settings.pop("trainer", None) or {})
+    plan = settings.pop("plan", None)
+    unknown = set(settings) - JOB_FIELDS
+    if unknown:
+        raise QddError(f"unknown generate key(s) {', '.join(sorted(unknown))}: use "
+                       f"{', '.join(sorted(JOB_FIELDS))}, plan or trainer")  # fmt: skip
     if plan is not None:
-        jobs, plan_trainer = jobs_from_plan(find_plan(plan), args)
+        jobs, plan_trainer = jobs_from_plan(find_plan(plan), settings)
         return jobs, check_trainer_kwargs({**plan_trainer, **trainer})
-    if args["denoiser_file"] is not None:
-        args["precision"] = gguf_label(args["denoiser_file"], args["precision"])
+    if settings.get("denoiser_file") is not None:
+        settings["precision"] = gguf_label(settings["denoiser_file"], settings.get("precision"))
     for name in ("generator", "precision", "out"):
-        if args[name] is None:
+        if settings.get(name) is None:
             raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")
-    settings = {k: v for k, v in args.items() if v is not None}
     return [Job(**settings)], check_trainer_kwargs(trainer)
 
 
 def wants_dry_run(argv: list[str]) -> bool:
     """Whether the command line asks for ``--dry-run``."""
     return bool(build_parser().parse_known_args(split_trainer_flags(argv)[0])[0].dry_run)
+
+
+def run_jobs(jobs: list[Job], trainer_kwargs: dict[str, Any]) -> list[Path]:
+    """Generate every job's folder in turn; returns the folders."""
+    return [run_job(job, trainer_kwargs) for job in jobs]
 
 
 def is_launch_leader() -> bool:
@@ -443,6 +459,6 @@ def main(argv: list[str]) -> None:
 
         print(describe_jobs(jobs))
         return
-    folders = [run_job(job, trainer_kwargs) for job in jobs]
+    folders = run_jobs(jobs, trainer_kwargs)
     if is_launch_leader():
         print(folders[0] if len(folders) == 1 else folders[0].parent)

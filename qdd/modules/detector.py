@@ -148,10 +148,6 @@ class DetectorModule(LightningModule):
         of the bytes to collate, pin and copy."""
         return dict(self._loader_transforms)
 
-    def loader_transform(self, kind: str) -> Any:
-        """One of `loader_transforms` (what today's data modules ask for)."""
-        return self._loader_transforms[kind]
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, meta = batch
         if images.dtype == torch.uint8 and len(images):

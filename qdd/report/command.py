@@ -180,15 +180,24 @@ def main(argv: list[str]) -> None:
         "generator/precision such as sd3/fp4, a generator or a precision",
     )
     args = parser.parse_args(argv)
-    if args.compare:
+    print(run_report(args.runs, args.out, args.compare, args.metric, args.group))
+
+
+def run_report(
+    runs: list[Path],
+    out: Path,
+    compare: bool = False,
+    metric: str | None = None,
+    group: str | None = None,
+) -> Path:
+    """The full report (returns report.md), or with ``compare`` the ranking (compare.md)."""
+    if compare:
         from qdd.report.compare import build_comparison
 
-        metric, group = args.metric or "auroc", args.group or "overall"
-        print(build_comparison(args.runs, args.out, metric, group))
-        return
-    if args.metric or args.group:
+        return build_comparison(runs, out, metric or "auroc", group or "overall")
+    if metric or group:
         from qdd.errors import QddError
 
         raise QddError("--metric and --group choose what --compare ranks by: add --compare, "
                        "or drop them for the full report")  # fmt: skip
-    print(build_report(args.runs, args.out))
+    return build_report(runs, out)

@@ -1,0 +1,237 @@
+"""qdd's operations as Python functions: what ``qdd-cli``, the demo, sweeps and tests call.
+
+Each takes a config — a dict, or the path of a YAML file holding one — with the keys of
+the command line, plus keyword overrides merged on top, and returns a `RunResult`::
+
+    from qdd.api import fit, test
+    trained = fit({"detector": "npr", "data": ["shards/real-*", "shards/*-fp32"],
+                   "random_weights": True, "trainer": {"max_epochs": 2}}, out="runs/fit")
+    scored = test(detector="npr", ckpt_path=trained.checkpoints["last"], data="shards/*")
+    scored.metrics["overall"]["auroc"], scored.scores  # metrics.json, scores.parquet
+
+Trainer commands (fit, validate, test, predict): ``detector`` (a name or a YAML: its
+packaged preset), ``data`` (a folder, a glob, a list of them, a preset name such as
+``paper``, or the data module's own keys as a dict), ``weights``, ``random_weights``,
+``out``, ``perturb``, ``ckpt_path``, and LightningCLI's own sections ``model``, ``data``,
+``trainer`` (a dict, or a preset name: ``cpu``, ``gpu``, ``ddp``), ``seed_everything``.
+Presets come first; the keys given win over them. Nothing heavy is imported at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdd.errors import QddError
+
+CONFIGS = Path(__file__).parent / "configs"
+Config = dict[str, Any] | str | Path | None
+
+
+@dataclass
+class RunResult:
+    """What a run left: its folder, its metrics (metrics.json), checkpoints, scores."""
+
+    run_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: ``{"best": ..., "last": ...}`` for fit; ``{}`` otherwise.
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    #: scores.parquet of test and predict.
+    scores: Path | None = None
+
+
+def load_config(config: Config, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a dict or a YAML file) with ``overrides`` merged into it, section by section."""
+    if isinstance(config, (str, Path)):
+        config = read_yaml(Path(config))
+    return merge(dict(config or {}), overrides)
+
+
+def merge(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Dicts merged left to right; nested dicts key by key, anything else replaced."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merge(out[key], value) if nested else value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise QddError(f"cannot read config {path} ({error}): check the file") from None
+    if not isinstance(content, dict):
+        raise QddError(f"config {path} is not a mapping of keys to values: fix the file")
+    return content
+
+
+def preset(kind: str, value: str) -> Path | None:
+    """A YAML file the user names, or a packaged preset ``configs/<kind>/<value>.yaml``."""
+    if value.endswith((".yaml", ".yml")):
+        if not Path(value).is_file():
+            raise QddError(f"config {value} does not exist: check the path")
+        return Path(value)
+    name = value if kind == "trainer" else value.lower().replace("-", "_")
+    candidate = CONFIGS / kind / f"{name}.yaml"
+    return candidate if name.isidentifier() and candidate.is_file() else None
+
+
+def lightning_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config with qdd's short keys in LightningCLI's own (what ``qdd-cli`` rewrites)."""
+    rest = dict(config)
+    layers: list[dict[str, Any]] = []
+    trainer, data = rest.pop("trainer", None) or {}, rest.pop("data", None) or {}
+    if isinstance(trainer, str):
+        path = preset("trainer", trainer)
+        if path is None:
+            raise QddError(f"trainer preset {trainer} unknown: use cpu, gpu, ddp or a dict")
+        layers.append(read_yaml(path))
+        trainer = {}
+    if "detector" in rest:
+        path = preset("detectors", str(rest["detector"]))
+        layers.append(read_yaml(path) if path else {"model": {"detector": rest["detector"]}})
+        rest.pop("detector")
+    if isinstance(data, (str, Path)) and preset("data", str(data)):
+        layers.append({"data": read_yaml(preset("data", str(data)))})  # type: ignore[arg-type]
+        data = {}
+    elif isinstance(data, (str, Path, list, tuple)):
+        data = {"paths": [str(p) for p in data] if isinstance(data, (list, tuple)) else str(data)}
+    model, data, trainer = dict(rest.pop("model", None) or {}), dict(data), dict(trainer)
+    weights, out, perturb = (rest.pop(k, None) for k in ("weights", "out", "perturb"))
+    if weights is not None:
+        model["weights"] = str(weights)
+    if rest.pop("random_weights", False):
+        model["random_weights"] = True
+    if out is not None:
+        trainer["default_root_dir"] = str(out)
+    if perturb:
+        data["perturb"] = [str(spec) for spec in perturb]
+    if rest.get("ckpt_path") is not None:
+        rest["ckpt_path"] = str(rest["ckpt_path"])
+    return merge(*layers, {"model": model, "data": data, "trainer": trainer}, rest)
+
+
+def check_data(paths: str | list[str] | None, perturb: list[str] | None = None) -> None:
+    """Fail on missing or broken shard folders and unknown perturbations now, before
+    Lightning is imported, weights are read or a model is built."""
+    if perturb:
+        from qdd.perturb import perturbations
+
+        perturbations([str(spec) for spec in perturb])
+    if paths:
+        from qdd.datamodules.reader import read_manifest, resolve_folders
+
+        for folder in resolve_folders(paths):
+            read_manifest(folder)
+
+
+def fit(config: Config = None, **overrides: Any) -> RunResult:
+    """Train a detector; ``checkpoints`` holds the best and last checkpoint."""
+    return run_lightning("fit", load_config(config, overrides))
+
+
+def validate(config: Config = None, **overrides: Any) -> RunResult:
+    """Run a detector's validation loop."""
+    return run_lightning("validate", load_config(config, overrides))
+
+
+def test(config: Config = None, **overrides: Any) -> RunResult:
+    """Benchmark a detector: metrics per generator x precision and every image's score."""
+    return run_lightning("test", load_config(config, overrides))
+
+
+test.__test__ = False  # type: ignore[attr-defined]  # not a pytest test when imported
+
+
+def predict(config: Config = None, **overrides: Any) -> RunResult:
+    """Score shards with a detector: scores only, no metrics."""
+    return run_lightning("predict", load_config(config, overrides))
+
+
+def run_lightning(command: str, args: dict[str, Any] | list[str]) -> RunResult:
+    """Run ``command`` through `qdd.lightning_cli.QddCLI`: a qdd config dict, or the
+    command line's arguments after ``qdd-cli COMMAND`` (short flags already rewritten)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    if isinstance(args, dict):
+        args = lightning_config(args)
+        check_data(args["data"].get("paths"), args["data"].get("perturb"))
+    from qdd.datamodules.shard import ShardDataModule
+    from qdd.lightning_cli import QddCLI
+    from qdd.modules.detector import DetectorModule
+
+    cli_args = {command: args} if isinstance(args, dict) else [command, *args]
+    cli = QddCLI(DetectorModule, ShardDataModule, args=cli_args)
+    trainer = cli.trainer
+    run_dir = Path(trainer.default_root_dir)
+    callback = trainer.checkpoint_callback if command == "fit" else None
+    paths = {"best": callback.best_model_path, "last": callback.last_model_path} if callback else {}
+    checkpoints = {name: Path(path) for name, path in paths.items() if path}
+    if trainer.global_rank != 0:
+        return RunResult(run_dir, {}, checkpoints)
+    from qdd.callbacks import RunSummary
+
+    summaries = [c for c in trainer.callbacks if isinstance(c, RunSummary)]
+    metrics = json.loads(json.dumps(summaries[0].metrics, default=lambda v: v.item()))
+    scores = run_dir / "scores.parquet" if command in ("test", "predict") else None
+    if "wandb" in sys.modules:  # end the W&B run: the next run in this process starts its own
+        sys.modules["wandb"].finish()
+    return RunResult(run_dir, metrics, checkpoints, scores if scores and scores.is_file() else None)
+
+
+def generate(config: Config = None, **overrides: Any) -> RunResult:
+    """Images of a generator at a precision (``generator``, ``precision``, ``out``, ...: the
+    flags of ``qdd-cli generate``), or a study ``plan``; ``trainer``: Trainer keywords."""
+    from qdd.generation.command import jobs_from_config, run_jobs
+
+    folders = run_jobs(*jobs_from_config(load_config(config, overrides)))
+    return RunResult(folders[0] if len(folders) == 1 else folders[0].parent)
+
+
+def shard(config: Config = None, **overrides: Any) -> RunResult:
+    """A folder of images as shards: ``src``, ``out``, ``label`` (real|fake), ``source``,
+    ``max_count``, ``overwrite``, ``workers``; metrics: the manifest's totals."""
+    from qdd.datamodules.folder import shard_folder
+    from qdd.datamodules.schema import FAKE, REAL
+
+    settings = load_config(config, overrides)
+    label = settings.pop("label")
+    if label not in ("real", "fake"):
+        raise QddError(f"label {label!r}: use real or fake")
+    settings.setdefault("generator", settings["source"] if label == "fake" else None)
+    manifest = shard_folder(label=REAL if label == "real" else FAKE, **settings)
+    summary = {"total": manifest["total"], "shards": len(manifest["shards"])}
+    return RunResult(Path(settings["out"]), summary)
+
+
+def report(config: Config = None, **overrides: Any) -> RunResult:
+    """Figures and tables from test runs (``runs``, ``out``), or with ``compare`` the runs
+    ranked by ``metric`` on ``group``; ``run_dir`` is the report folder."""
+    from qdd.report.command import run_report
+
+    settings = load_config(config, overrides)
+    runs, out = [Path(r) for r in settings.pop("runs")], Path(settings.pop("out", "report"))
+    run_report(runs, out, **settings)
+    return RunResult(out)
+
+
+def sweep(config: str | Path, out: str | Path) -> RunResult:
+    """A W&B sweep YAML run offline, one fit per trial under ``out``."""
+    from qdd.sweep import run_sweep
+
+    return RunResult(Path(out), {"trials": run_sweep(Path(config), Path(out))})
+
+
+def demo(out: str | Path = "demo", overwrite: bool = False) -> RunResult:
+    """The whole study in miniature (`qdd.demo`); ``run_dir`` holds its report/."""
+    from qdd.demo import run_demo
+
+    return run_demo(Path(out), overwrite)
