@@ -9,7 +9,7 @@ Every step runs through the same code a real study uses, only smaller:
    published detectors were trained on full-precision fakes) — ``qdd-cli fit``;
 4. each detector tested on held-out prompts at every precision — ``qdd-cli test``;
    then the recommendation in miniature: NPR fine-tuned from that checkpoint for a few more
-   epochs on a weighted mix with FP4 fakes (`MixDataModule`: real ½, FP32 ¼, FP4 ¼),
+   epochs on a weighted mix with FP4 fakes (`ShardDataModule` sources: real ½, FP32 ¼, FP4 ¼),
    tested like the others, beside the NPR trained without them;
 5. ``qdd-cli report`` over the test runs.
 

@@ -251,10 +251,10 @@ class QualityModule(LightningModule):
             rows[i]["clip_score"], rows[i]["clip_score_reference"] = a, b
 
     def on_test_epoch_end(self) -> None:
-        from qdd.modules.detector import _gather_to_rank_zero
+        from qdd.callbacks.scores import gather_to_rank_zero
 
         local = {"rows": self._rows, "skipped": self._skipped}
-        parts = _gather_to_rank_zero(local, self.trainer.world_size)
+        parts = gather_to_rank_zero(local, self.trainer.world_size)
         if parts is None:
             return
         self.gathered = {
