@@ -1,12 +1,15 @@
 """qdd's operations as Python functions: what ``qdd-cli``, the demo, sweeps and tests call.
 
+(The demo, `qdd.demo.run_demo`, is built on these functions, one layer up.)
+
 Each takes a config — a dict, or the path of a YAML file holding one — with the keys of
 the command line, plus keyword overrides merged on top, and returns a `RunResult`::
 
     from qdd.api import fit, test
     trained = fit({"detector": "npr", "data": ["shards/real-*", "shards/*-fp32"],
                    "random_weights": True, "trainer": {"max_epochs": 2}}, out="runs/fit")
-    scored = test(detector="npr", ckpt_path=trained.checkpoints["last"], data="shards/*")
+    scored = test(detector="npr", ckpt_path=trained.checkpoints["last"],
+                  data={"paths": "shards/*", "split": "test"})  # the fit's held-out split
     scored.metrics["overall"]["auroc"], scored.scores  # metrics.json, scores.parquet
 
 Trainer commands (fit, validate, test, predict): ``detector`` (a name or a YAML: its
@@ -199,15 +202,15 @@ def generate(config: Config = None, **overrides: Any) -> RunResult:
 def shard(config: Config = None, **overrides: Any) -> RunResult:
     """A folder of images as shards: ``src``, ``out``, ``label`` (real|fake), ``source``,
     ``max_count``, ``overwrite``, ``workers``; metrics: the manifest's totals."""
-    from qdd.datamodules.folder import shard_folder
     from qdd.datamodules.schema import FAKE, REAL
+    from qdd.datamodules.tars import shard_source
 
     settings = load_config(config, overrides)
     label = settings.pop("label")
     if label not in ("real", "fake"):
         raise QddError(f"label {label!r}: use real or fake")
     settings.setdefault("generator", settings["source"] if label == "fake" else None)
-    manifest = shard_folder(label=REAL if label == "real" else FAKE, **settings)
+    manifest = shard_source(label=REAL if label == "real" else FAKE, **settings)
     summary = {"total": manifest["total"], "shards": len(manifest["shards"])}
     return RunResult(Path(settings["out"]), summary)
 
@@ -228,10 +231,3 @@ def sweep(config: str | Path, out: str | Path) -> RunResult:
     from qdd.sweep import run_sweep
 
     return RunResult(Path(out), {"trials": run_sweep(Path(config), Path(out))})
-
-
-def demo(out: str | Path = "demo", overwrite: bool = False) -> RunResult:
-    """The whole study in miniature (`qdd.demo`); ``run_dir`` holds its report/."""
-    from qdd.demo import run_demo
-
-    return run_demo(Path(out), overwrite)

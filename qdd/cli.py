@@ -52,7 +52,7 @@ COMMANDS = {
     "generate": ("qdd.generation.command:main", "generate images at each precision"),
     "quality": ("qdd.quality:main", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
     "report": ("qdd.report.command:main", "draw the study's figures and tables from runs"),
-    "quantize": ("qdd.quant.gguf:main", "write a deployable quantized denoiser file"),
+    "quantize": ("qdd.generation.quantize:main", "write a deployable quantized denoiser file"),
     "sweep": ("qdd.sweep:main", "run a W&B sweep (grid or random) offline: a fit per trial"),
     "demo": ("qdd.demo:main", "the whole study in miniature, offline, on CPU"),
 }

@@ -200,8 +200,8 @@ def shard_folder(
 ) -> dict:
     """Write every decodable image under ``src`` into shards in ``out``; returns the manifest.
 
-    A ``src`` without image files but with ``.tar`` files is read as WebDataset shards
-    written elsewhere (`qdd.datamodules.tars`). Images that cannot be decoded are reported
+    (`qdd.datamodules.tars.shard_source` also takes WebDataset tars written elsewhere.)
+    Images that cannot be decoded are reported
     on stderr by path, one line each, skipped and counted. ``workers`` processes decode
     (default: every core this process may use); the shards do not depend on their number.
     """
@@ -212,19 +212,6 @@ def shard_folder(
     if workers < 1:
         raise QddError(f"--workers {workers} is not a worker count: pass 1 or more")
     paths = find_images(src)
-    if not paths and any(src.rglob("*.tar")):  # WebDataset shards written elsewhere
-        from qdd.datamodules.tars import shard_tars
-
-        return shard_tars(
-            src,
-            out,
-            label=label,
-            source=source,
-            generator=generator,
-            max_count=max_count,
-            overwrite=overwrite,
-            workers=workers,
-        )
     if not paths:
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise QddError(

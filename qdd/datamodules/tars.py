@@ -25,10 +25,18 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from qdd.datamodules.folder import IMAGE_SUFFIXES, Prepared, prepare_bytes
+from qdd.datamodules.folder import (
+    IMAGE_SUFFIXES,
+    Prepared,
+    default_workers,
+    find_images,
+    prepare_bytes,
+    shard_folder,
+)
 from qdd.datamodules.schema import MANIFEST, make_meta, sanitize_key
 from qdd.datamodules.writer import ShardWriter, write_manifest
 from qdd.errors import QddError
@@ -166,3 +174,13 @@ def shard_tars(
         "converted %d samples of %d tar(s) in %s to %s", manifest["total"], len(tars), src, out
     )
     return manifest
+
+
+def shard_source(src: str | Path, out: str | Path, **options: Any) -> dict:
+    """``qdd-cli shard --src``: a folder of images (`shard_folder`), or a folder holding only
+    WebDataset tars written elsewhere (`shard_tars`); returns the manifest."""
+    src = Path(src)
+    if src.is_dir() and not find_images(src) and foreign_tars(src):
+        workers = options.pop("workers", None) or default_workers()
+        return shard_tars(src, Path(out), workers=workers, **options)
+    return shard_folder(src, out, **options)

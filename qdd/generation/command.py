@@ -435,7 +435,8 @@ def write_gguf_once(
     generator: str, model_path: str, precision: str, out: Path, fresh: bool
 ) -> None:
     """qdd's GGUF file of this run, in its folder: written once, kept for resumes and reuse."""
-    from qdd.quant.gguf import DEFAULT_FILE, write_denoiser
+    from qdd.generation.quantize import write_denoiser
+    from qdd.quant.gguf import DEFAULT_FILE
 
     path = out / DEFAULT_FILE
     if fresh or not path.is_file():
