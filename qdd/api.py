@@ -215,6 +215,17 @@ def shard(config: Config = None, **overrides: Any) -> RunResult:
     return RunResult(Path(settings["out"]), summary)
 
 
+def quality(config: Config = None, **overrides: Any) -> RunResult:
+    """Every generated image against its twin at the ``reference`` precision (``data``,
+    ``reference``, ``out``, ``lpips_weights``, ``feature_weights``, ...: the flags of
+    ``qdd-cli quality``); ``scores`` is quality.parquet."""
+    from qdd.quality import run_quality
+
+    settings = load_config(config, overrides)
+    result = run_quality(settings.pop("data"), **settings)
+    return RunResult(result.run_dir, result.metrics, {}, result.scores)
+
+
 def report(config: Config = None, **overrides: Any) -> RunResult:
     """Figures and tables from test runs (``runs``, ``out``), or with ``compare`` the runs
     ranked by ``metric`` on ``group``; ``run_dir`` is the report folder."""

@@ -4,14 +4,16 @@ Every step runs through the same code a real study uses, only smaller:
 
 1. real class: scikit-image's bundled photographs, cut into tiles, ``qdd-cli shard``;
 2. tiny random-init generators of each architecture family (SD1.5, SDXL, SD3, Flux) built
-   from configs, saved, and run by ``qdd-cli generate`` at every precision, paired by seed;
+   from configs, saved, and run by ``qdd-cli generate`` at every weight-only precision (and
+   SD3/Flux at one deployed W4A4 format, svdq-int4), paired by seed; ``qdd-cli quality``
+   compares each image with its fp32 twin (PSNR, SSIM) — the cost side of the trade-off;
 3. each detector, with a tiny backbone, fitted briefly on real vs FP32 fakes (as the
    published detectors were trained on full-precision fakes) — ``qdd-cli fit``;
 4. each detector tested on held-out prompts at every precision — ``qdd-cli test``;
    then the recommendation in miniature: NPR fine-tuned from that checkpoint for a few more
    epochs on a weighted mix with FP4 fakes (`ShardDataModule` sources: real ½, FP32 ¼, FP4 ¼),
    tested like the others, beside the NPR trained without them;
-5. ``qdd-cli report`` over the test runs.
+5. ``qdd-cli report`` over the test runs and the quality run (with the trade-off table).
 
 The numbers come from tiny random-init models: they show the pipeline, not the paper.
 """
@@ -41,6 +43,9 @@ DETECTORS = ("npr", "clipd", "univfd", "corvi")
 #: A JPEG sweep for one detector, so the report can draw a robustness curve.
 PERTURB = {"npr": ("jpeg:95", "jpeg:75", "jpeg:50")}
 TILE = 64
+#: One deployed format (weights and activations in 4 bit, SVDQuant's 16-bit low-rank branch)
+#: for the transformers, the architectures it is deployed for; each costs one folder.
+DEPLOYED = {"sd3": ("svdq-int4",), "flux-schnell": ("svdq-int4",)}
 #: At most this many tiles of one photograph (half for training, half for test).
 TILES_PER_PHOTO = 16
 #: The sub-folders a demo writes (and --overwrite replaces).
@@ -140,7 +145,7 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
     from qdd.datamodules.schema import REAL
     from qdd.generation.prompts import default_prompts
     from qdd.generation.tiny import build_tiny_pipeline
-    from qdd.quant import WEIGHT_ONLY as PRECISIONS  # the deployed formats: not in the demo
+    from qdd.quant import WEIGHT_ONLY as PRECISIONS
 
     global _STARTED
     started = _STARTED = time.perf_counter()
@@ -173,6 +178,7 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
     for generator in GENERATORS:
         model = build_tiny_pipeline(generator, out / "models" / generator)
         plan = [("train", "fp32"), ("train", "fp4")] + [("test", p) for p in PRECISIONS]
+        plan += [("test", p) for p in DEPLOYED.get(generator, ())]
         for split, precision in plan:
             # FP4 training twins of the first prompts only: the fine-tune needs few
             fp4_twins = precision == "fp4" and split == "train"
@@ -191,6 +197,13 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
                 limit=FP4_TRAIN_PROMPTS if fp4_twins else None,
             )
 
+    step("   image quality of every test image against its fp32 twin (PSNR, SSIM)")
+    quality = call(
+        api.quality,
+        data=[str(shards / "test" / f"{generator}-*") for generator in GENERATORS],
+        reference="fp32",
+        out=out / "runs" / "quality",
+    )
     test_runs = []
     for detector in DETECTORS:
         step(f"3/5 fit {detector} on real vs FP32 fakes")
@@ -218,7 +231,7 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
 
     for run in test_runs:  # report.md then carries the "tiny random models" caveat
         mark_demo_run(run)
-    call(api.report, runs=test_runs, out=out / "report")
+    call(api.report, runs=[*test_runs, quality.run_dir], out=out / "report")
     minutes = (time.perf_counter() - started) / 60
     step(f"done in {minutes:.1f} min — tiny random-init models: the pipeline, not the paper")
     return RunResult(out, {"report": str(out / "report" / "report.md"),
