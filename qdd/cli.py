@@ -77,8 +77,8 @@ _EXAMPLES = {
     "test": [
         "qdd-cli test --detector npr --data shards/sd3-fp4 --data shards/real-coco",
         "qdd-cli test --detector clipd --data paper --out runs/clipd-paper",
-        "qdd-cli test --detector npr --data 'shards/*' --ckpt_path runs/fit-npr/checkpoints/"
-        "last.ckpt",
+        "qdd-cli test --detector npr --data 'shards/*' --data.split=test "
+        "--ckpt_path runs/fit-npr/checkpoints/last.ckpt   (the fit's held-out split)",
     ],
 }
 

@@ -216,7 +216,10 @@ def test_official_weights_carry_no_calibrated_threshold(
     ckpt = last_checkpoint(runs / "tuned")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     official = tmp_path / "NPR.pth"
-    torch.save({k.removeprefix("detector."): v for k, v in state.items()}, official)
+    detector = {
+        k.removeprefix("detector."): v for k, v in state.items() if k.startswith("detector.")
+    }
+    torch.save(detector, official)  # the detector's weights alone (no calibration buffers)
     args = experiment(mix_shards, FINE_TUNE, ["sd15-fp4", "real-*"])
     main(
         [

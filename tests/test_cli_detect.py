@@ -287,6 +287,7 @@ def test_clipd_fit_saves_only_the_head_and_reloads(shards: Path, tmp_path: Path)
                 *flag,
                 "--data",
                 str(shards / "tiny-fp4"),
+                "--data.split=test",  # the fit's held-out prompts: its twins trained
                 "--out",
                 str(run),
                 *FAST,

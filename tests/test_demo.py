@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from qdd.cli import VERBOSE_ENV, main
-from qdd.demo import DETECTORS, GENERATORS
-from qdd.quant import WEIGHT_ONLY as PRECISIONS  # the deployed formats: not in the demo
+from qdd.demo import DEPLOYED, DETECTORS, GENERATORS
+from qdd.quant import WEIGHT_ONLY as PRECISIONS  # every generator; DEPLOYED: some
 from qdd.quiet import is_silenced
 from qdd.report.kde import plot_kde
 from qdd.report.paired import plot_paired
@@ -53,6 +53,18 @@ def test_demo_runs_the_study_and_ends_with_the_report(
     curves = sorted(p.stem for p in (out / "report").glob("robustness_*.png"))
     assert curves == [f"robustness_{n}" for n in names if n.startswith("npr-")][:1]
     stems += [*curves, "perturbed_fake_acc"]
+    # the trade-off: costs and quality (the quality run) beside detectability, per detector
+    tradeoff = pd.read_csv(out / "report" / "tables" / "tradeoff.csv")
+    deployed = [(g, p) for g, formats in DEPLOYED.items() for p in formats]
+    made = set(zip(tradeoff["generator"], tradeoff["precision"], strict=True))
+    assert made == {(g, p) for g in GENERATORS for p in PRECISIONS} | set(deployed)
+    lower = tradeoff[tradeoff["precision"] != "fp32"]
+    assert lower["psnr"].notna().all() and lower["ssim"].notna().all()
+    fp32_bytes = tradeoff[tradeoff["precision"] == "fp32"].set_index("generator")
+    svdq = tradeoff[tradeoff["precision"] == "svdq-int4"].set_index("generator")
+    assert (svdq["denoiser_bytes"] < fp32_bytes.loc[svdq.index, "denoiser_bytes"]).all()
+    stems += sorted(p.stem for p in (out / "report").glob("tradeoff_*.png"))
+    assert any(s.startswith("tradeoff_") for s in stems)
     for stem in stems:
         with Image.open(out / "report" / f"{stem}.png") as image:
             image.verify()
@@ -66,10 +78,13 @@ def test_demo_runs_the_study_and_ends_with_the_report(
         labels = [line.get_label() for line in panels[0].lines if line.get_label()[0] != "_"]
         assert labels == [*PRECISIONS, "real"]  # one ridge per precision, fp32 on top
         *scatters, _ = plot_paired(scores, detector).axes
-        assert len(scatters) == len(PRECISIONS) - 1  # every lower precision against FP32
-        assert all(len(ax.collections) == len(GENERATORS) for ax in scatters)
+        # every lower precision against FP32; the deployed one for the transformers only
+        assert len(scatters) == len(PRECISIONS) - 1 + len({p for _, p in deployed})
+        assert [len(ax.collections) for ax in scatters] == [len(GENERATORS)] * (
+            len(PRECISIONS) - 1
+        ) + [len(deployed)]
     groups = groups[groups["perturbation"] == "none"]
-    assert len(groups) == len(names) * len(GENERATORS) * len(PRECISIONS)
+    assert len(groups) == len(names) * (len(GENERATORS) * len(PRECISIONS) + len(deployed))
     # trained on real vs FP32 fakes, every detector separates them on held-out prompts
     fp32 = groups[groups["precision"] == "fp32"].groupby("detector")["auroc"].mean()
     assert (fp32 > 0.6).all(), fp32

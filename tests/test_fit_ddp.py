@@ -70,7 +70,9 @@ def test_fit_under_ddp_survives_a_batch_of_only_unreadable_samples(tmp_path: Pat
     root = tmp_path / "shards"
     write_fake_shards(root / "real-x", [8], "x", None, label=0, size=(16, 16))
     keys = write_fake_shards(root / "g-fp4", [8], "g", "fp4", size=(16, 16))
-    zero_images(root / "g-fp4" / "shard-000000.tar", keys[::2])  # half the fakes
+    # half the fakes, all in the train split (prompt-id rule: the val split is p0 and p6,
+    # whose fakes must stay readable or validation has one class and is refused)
+    zero_images(root / "g-fp4" / "shard-000000.tar", keys[1::2])
     out = tmp_path / "run"
     run_qdd(
         [

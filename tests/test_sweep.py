@@ -135,7 +135,7 @@ def test_two_trial_sweep_runs_end_to_end(mix_shards: Path, tmp_path: Path, capsy
     for i, trial in enumerate(index["trials"]):
         ckpt = Path(trial["dir"]) / "checkpoints" / "last.ckpt"
         main(["test", "--detector", "npr", "--ckpt_path", str(ckpt), "--data",
-              str(mix_shards / "*"), "--out", str(tmp_path / f"test-{i}"),
+              str(mix_shards / "*"), "--data.split=test", "--out", str(tmp_path / f"test-{i}"),
               "--trainer.accelerator=cpu", "--trainer.logger=false"])  # fmt: skip
         tests.append(capsys.readouterr().out.strip().splitlines()[-1])
     main(["report", "--compare", *tests, "--metric", "auroc", "--out", str(tmp_path / "cmp")])

@@ -19,7 +19,9 @@ DEPLOYED = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4")
 
 def test_precision_list_matches_qdd_quant() -> None:
     from qdd.quant import PRECISIONS as QUANT_PRECISIONS
-    from qdd.quant.gguf import GGUF_PRECISIONS  # generated in tests/generation/test_generate_gguf.py
+    from qdd.quant.gguf import (
+        GGUF_PRECISIONS,
+    )  # generated in tests/generation/test_generate_gguf.py
 
     assert set(PRECISIONS) | set(DEPLOYED) == set(QUANT_PRECISIONS) - set(GGUF_PRECISIONS)
 
