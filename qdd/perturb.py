@@ -27,8 +27,9 @@ seeds the randomness and is run once:
                       CenterCrop does.
 
 Every perturbation is deterministic: the only randomness (noise) comes from a generator
-seeded with SHA-256 of (canonical spec, key), never from Python's salted ``hash()``, so a sample gets
-the same noise in every process, worker and rerun. Input is converted to RGB, output is RGB.
+seeded with SHA-256 of (canonical spec, key), never from Python's salted ``hash()``, so a
+sample gets the same noise in every process, worker and rerun. Input is converted to RGB,
+output is RGB.
 """
 
 from __future__ import annotations
