@@ -87,6 +87,10 @@ class QddCLI(LightningCLI):
                 logger.init_args.name = Path(run_dir).name
         if config.get("ckpt_path"):
             apply_checkpoint(config.model, self.given(), str(config.ckpt_path), self.subcommand)
+        weights = config.model.get("weights")
+        if weights and str(weights).endswith(".ckpt") and not config.data.get("checkpoint"):
+            # a qdd checkpoint's training data is never evaluated (nor forgotten by a fine-tune)
+            config.data.checkpoint = str(weights)
 
     def after_instantiate_classes(self) -> None:
         use_threads(workers=self.datamodule.workers_for(self.trainer),

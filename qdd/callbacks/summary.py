@@ -129,6 +129,8 @@ def summary_of_test(
         "calibration": pl_module.calibration.summary(),
         "n": results["n"],
         "expected": data.expected if data is not None else None,
+        # images of the checkpoint's training data evaluated on purpose (allow_train_overlap)
+        "train_overlap": data.train_overlap if data is not None else None,
         "n_skipped": len(scores.skipped),
         "skipped": scores.skipped,
         "overall": results["overall"],
