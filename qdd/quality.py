@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,7 +310,6 @@ def run_quality(
     ``accelerator`` …). Under DDP every rank runs this function; rank 0 writes the files
     and returns the metrics, the other ranks return empty metrics.
     """
-    import lightning as L
     import numpy as np
     import pandas as pd
 
@@ -340,21 +338,9 @@ def run_quality(
             "FID/KID and CLIP score not computed: pass --feature-weights with a local "
             "open_clip file (e.g. the CLIP ViT-L/14 the CLIP detectors use)"
         )
-    settings = {
-        "accelerator": "auto",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_model_summary": False,
-        "enable_progress_bar": sys.stderr.isatty(),
-        "use_distributed_sampler": False,
-        "default_root_dir": str(run_dir),
-        **(trainer or {}),
-    }
-    try:
-        lightning_trainer = L.Trainer(**settings)
-    except (TypeError, ValueError) as error:
-        raise QddError(f"bad trainer setting ({error})") from None
+    from qdd.generation.command import make_trainer
+
+    lightning_trainer = make_trainer({"default_root_dir": str(run_dir), **(trainer or {})})
     module = QualityModule(lpips=lpips, features=features)
     datamodule = PairDataModule(pairs, batch_size=batch_size, num_workers=num_workers)
     lightning_trainer.test(module, datamodule=datamodule, verbose=False)

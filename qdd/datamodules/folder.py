@@ -81,7 +81,11 @@ def find_images(src: Path) -> list[Path]:
 
 def unique_key(relative: Path, taken: set[str]) -> str:
     """A valid key from a relative path (``a/b.c.jpg`` → ``a_b_c``), made unique."""
-    base = sanitize_key(str(relative.with_suffix("")))
+    return claim_key(sanitize_key(str(relative.with_suffix(""))), taken)
+
+
+def claim_key(base: str, taken: set[str]) -> str:
+    """``base``, or ``base-2``, ``base-3`` … when taken; the key returned is taken from now."""
     key, n = base, 1
     while key in taken:
         n += 1

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from qdd.datamodules.folder import (
     IMAGE_SUFFIXES,
     Prepared,
+    claim_key,
     default_workers,
     find_images,
     prepare_bytes,
@@ -99,12 +100,7 @@ def unique_member_key(member: Member, taken: set[str]) -> str:
     """A valid key from the member's name without its image suffix, made unique."""
     base = sanitize_key(f"{member.key}.{member.name.rsplit('.', 1)[0]}" if "." in member.name
                         else member.key)  # fmt: skip
-    key, n = base, 1
-    while key in taken:
-        n += 1
-        key = f"{base}-{n}"
-    taken.add(key)
-    return key
+    return claim_key(base, taken)
 
 
 def shard_tars(

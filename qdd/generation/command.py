@@ -285,6 +285,9 @@ def is_launch_leader() -> bool:
 
 
 def make_trainer(trainer_kwargs: dict[str, Any]) -> Any:
+    """A Trainer for a loop that is not training (generation, quality): one device unless
+    asked, no logger or checkpoints, and no distributed sampler — its data modules split
+    their items across ranks themselves, exactly once."""
     import lightning as L
 
     settings: dict[str, Any] = {
@@ -294,7 +297,7 @@ def make_trainer(trainer_kwargs: dict[str, Any]) -> Any:
         "enable_checkpointing": False,
         "enable_model_summary": False,
         "enable_progress_bar": sys.stderr.isatty(),
-        "use_distributed_sampler": False,  # it pads with duplicates; PromptDataModule splits
+        "use_distributed_sampler": False,  # it pads with duplicates
         "deterministic": "warn",
         **trainer_kwargs,
     }
