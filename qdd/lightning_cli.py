@@ -80,8 +80,9 @@ class QddCLI(LightningCLI):
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = f"runs/{self.subcommand}-{config.model.detector}-{stamp}"
         os.environ[RUN_DIR_ENV] = trainer.default_root_dir = run_dir
-        for logger in trainer.logger if isinstance(trainer.logger, list) else []:
-            if logger.init_args.save_dir == ".":
+        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        for logger in [lg for lg in loggers if isinstance(lg, Namespace)]:  # not true/false
+            if logger.init_args.get("save_dir") == ".":
                 logger.init_args.save_dir = run_dir
             if "WandbLogger" in logger.class_path and logger.init_args.get("name") is None:
                 logger.init_args.name = Path(run_dir).name

@@ -32,10 +32,14 @@ def test_fit_then_test_chain_returns_checkpoints_metrics_and_scores(tmp_path: Pa
     assert {"val_acc", "val_auroc"} <= set(fitted.metrics["metrics"])
     assert fitted.scores is None
 
+    # other images (other keys) than the fit's: a checkpoint's training data is never tested
+    held_out = tmp_path / "held-out"
+    write_set(held_out / "real-noise", 12, 0, None, None, offset=3000)
+    write_set(held_out / "tiny-fp32", 12, 1, "tiny", "fp32", smooth=True, offset=500)
     tested = api.test(
         detector="npr",
         ckpt_path=fitted.checkpoints["last"],
-        data=[str(shards / "real-noise"), str(shards / "tiny-fp32")],
+        data=[str(held_out / "real-noise"), str(held_out / "tiny-fp32")],
         out=tmp_path / "test",
         trainer=TRAINER,
     )

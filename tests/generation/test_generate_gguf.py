@@ -165,8 +165,9 @@ def test_q8_0_denoiser_errs_far_less_than_q4_0(
     against the float32 denoiser (the bf16 weights qdd quantizes), on fixed inputs."""
     import diffusers
 
+    from qdd.generation.quantize import write_denoiser
     from qdd.generation.registry import get_generator
-    from qdd.quant.gguf import DENOISER_CLASS, load_denoiser, write_denoiser
+    from qdd.quant.gguf import DENOISER_CLASS, load_denoiser
 
     spec = get_generator(generator)
     model = str(tiny_models[generator])
