@@ -30,8 +30,6 @@ from qdd.datamodules.schema import REAL, group_of
 
 log = logging.getLogger(__name__)
 
-#: The splits a sample can be in.
-SPLITS = ("train", "val", "test")
 #: What a state_dict calls this rule (a checkpoint written under another rule is not
 #: comparable unit by unit).
 RULE = "qdd-split/1: prompt_id (golden-ratio position), real photographs by SHA-1 of the key"
