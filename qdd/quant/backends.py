@@ -4,14 +4,16 @@ The emulation is bit-exact against each library's own quantize/dequantize, so ``
 take either; it takes the library where the library runs here (see `resolve_backend`).
 What ran is recorded in every sample's metadata.
 
-What bitsandbytes' ``Linear4bit`` computes on CPU (0.50, CPUs without AVX512-BF16, as here):
-``x`` and the bias are cast to ``compute_dtype``; without autograd, ``matmul_4bit`` calls
-the default ``gemm_4bit`` for every batch size (batch 1 too: no separate gemv), which
-dequantizes the weight to ``compute_dtype`` (``code × absmax`` in fp32, then one cast) and
-calls ``F.linear(x, W, bias)``; the result is cast back to the input's dtype. The emulated
-module holds that same dequantized ``W`` and calls the same ``F.linear``, so outputs are
-equal. On CPUs with AVX512-BF16, ``Linear4bit`` repacks its weight for a fused bf16 kernel
-(bf16 absmax, bias added afterwards), whose rounding differs; on CUDA its kernels differ too.
+What bitsandbytes' ``Linear4bit`` computes on CPU (0.50): ``x`` and the bias are cast to
+``compute_dtype``; without autograd, ``matmul_4bit`` calls the default ``gemm_4bit`` for every
+batch size (batch 1 too: no separate gemv), which dequantizes the weight to ``compute_dtype``
+(``code × absmax`` in fp32, then one cast) and calls ``F.linear(x, W, bias)``; the result is
+cast back to the input's dtype. The emulated module holds that same dequantized ``W`` and
+calls the same ``F.linear``, so outputs are equal. On CPUs with AVX512-BF16 the library would
+instead repack the weight for a fused kernel with bf16 inputs and bf16 absmax (another
+recipe); qdd keeps it on the dequantize path (`_linear4bit`). Where the library's CPU code is
+wrong for a shape (its AVX512 dequantize, blocks crossing rows), `bnb_cpu_error` finds it by
+running that shape, and the layer is refused. On CUDA its kernels differ (`qdd.quant.bnb4bit`).
 torchao's weight-only layers (fp8, nvfp4) dequantize and run a plain matmul as well.
 
 The deployed formats that quantize activations too (``fp8-w8a8`` …, `qdd.quant.deployed`)
@@ -21,12 +23,13 @@ GPUs with FP8 tensor cores (compute capability 8.9 or newer).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from qdd.errors import QddError
 from qdd.quant.deployed import describe, quantize_deployed_, quantizes
@@ -237,66 +240,86 @@ def _to_bitsandbytes(
     module: nn.Module, targets: dict[str, nn.Linear], precision: str, dtype: torch.dtype
 ) -> None:
     """Swap each Linear for bnb's Linear4bit holding the same weights, quantized."""
-    import bitsandbytes as bnb
-
-    _refuse_fused_cpu_shapes(targets)
+    _refuse_wrong_cpu_shapes(targets, precision, dtype)
     for name, linear in targets.items():
-        device = linear.weight.device
-        layer = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            compute_dtype=dtype, compress_statistics=False, quant_type=precision,
-            quant_storage=torch.uint8, device="meta",
-        )  # fmt: skip
-        layer.weight = bnb.nn.Params4bit(
-            linear.weight.data.to("cpu"), requires_grad=False, quant_type=precision,
-            blocksize=64, compress_statistics=False,
-        ).to(device)  # fmt: skip
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        layer.eval()
+        layer = _linear4bit(linear.weight.data, linear.bias, precision, dtype)
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, layer)
 
 
-def bnb_cpu_kernel() -> str:
-    """Which bitsandbytes 0.50 CPU kernel dequantizes 4-bit weights on this CPU.
+def _linear4bit(
+    weight: Tensor, bias: Tensor | None, precision: str, dtype: torch.dtype
+) -> nn.Module:
+    """bitsandbytes' ``Linear4bit`` holding ``weight`` quantized, in eval mode.
 
-    ``fused-bf16`` (AVX512-BF16: Linear4bit repacks weights for a fused kernel), ``avx512``
-    (torch's CPU capability AVX512, as bitsandbytes detects it: its C++ dequantize indexes
-    the absmax per row, wrong when blocks of 64 cross rows), or ``plain``.
+    On CPUs with AVX512-BF16 bitsandbytes would repack the weight at the first forward for
+    a fused kernel that casts inputs *and absmax* to bf16 — another recipe than the one qdd
+    reproduces (fp32 absmax, dequantize to the compute dtype, then the matmul, as its CUDA
+    path does). Its public switch ``support_avx512bf16_for_cpu`` keeps the library on its
+    dequantize-then-matmul path on every CPU.
     """
-    from bitsandbytes.functional import has_avx512bf16
+    import bitsandbytes as bnb
 
-    if has_avx512bf16():
-        return "fused-bf16"
-    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "plain"
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(
+        in_features, out_features, bias=bias is not None, compute_dtype=dtype,
+        compress_statistics=False, quant_type=precision, quant_storage=torch.uint8,
+        device="meta",
+    )  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(
+        weight.to("cpu"), requires_grad=False, quant_type=precision,
+        blocksize=64, compress_statistics=False,
+    ).to(weight.device)  # fmt: skip
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.data, requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False
+    return layer.eval()
 
 
-def bnb_cpu_refuses(in_features: int, out_features: int, kernel: str) -> bool:
-    """Whether bitsandbytes' CPU ``kernel`` gets a layer of this shape wrong (or crashes)."""
-    if kernel == "fused-bf16":  # tiles of 32 outputs × 64 inputs, else a crash
-        return bool(in_features % 64 or out_features % 32)
-    if kernel == "avx512":  # blocks cross rows (odd widths take the plain fallback)
-        return bool(in_features % 64 and in_features % 2 == 0)
-    return False
+@functools.cache
+def bnb_cpu_error(out_features: int, in_features: int, precision: str, dtype: torch.dtype) -> str:
+    """How bitsandbytes' CPU ``Linear4bit`` of this shape departs from its own semantics here
+    ("" where it does not), found by running it: a seeded layer and input through the library
+    against the same weight quantized by `fake_quantize` (its CPU semantics) and ``F.linear``.
+
+    Probed, never predicted from CPU flags: bitsandbytes 0.50's AVX512 C++ dequantize indexes
+    the absmax per row and is wrong where blocks of 64 cross rows *and* the width is a multiple
+    of 16 (a 96→32 layer off by ~0.02); on other CPUs, widths and releases it is right.
+    """
+    g = torch.Generator().manual_seed(out_features * 7919 + in_features)
+    weight = (torch.randn(out_features, in_features, generator=g) * 0.05).to(dtype)
+    x = torch.randn(3, in_features, generator=g).to(dtype)
+    emulated = fake_quantize(weight, precision, "cpu").to(dtype)
+    linear = nn.functional.linear
+    expected = torch.cat([linear(x[:1], emulated), linear(x, emulated)])
+    try:
+        with torch.inference_mode():
+            layer = _linear4bit(weight, None, precision, dtype)
+            got = torch.cat([layer(x[:1]), layer(x)])  # batch 1 (a gemv) and a batch
+    except Exception as error:  # the library's own failure on this shape, named to the user
+        return f"fails ({type(error).__name__}: {error})"
+    if torch.equal(got, expected):
+        return ""
+    return f"is off by up to {(got.float() - expected.float()).abs().max().item():.3g}"
 
 
-def _refuse_fused_cpu_shapes(targets: dict[str, nn.Linear]) -> None:
-    """bitsandbytes' AVX512 CPU kernels: the fused bf16 one (AVX512-BF16) crashes on layers
-    that do not tile 32 outputs × 64 inputs; the AVX512 dequantize (any AVX512 CPU) is wrong
-    when the input width is not a multiple of 64 (48×96: 4,419 of 4,608 values)."""
-    cpu = {name: m for name, m in targets.items() if m.weight.device.type == "cpu"}
-    if not cpu:
-        return
-    kernel = bnb_cpu_kernel()
-    odd = [n for n, m in cpu.items() if bnb_cpu_refuses(m.in_features, m.out_features, kernel)]
-    if odd:
-        first = cpu[odd[0]]
-        need = "32·n outputs × 64·n inputs" if kernel == "fused-bf16" else "64·n inputs"
+def _refuse_wrong_cpu_shapes(
+    targets: dict[str, nn.Linear], precision: str, dtype: torch.dtype
+) -> None:
+    """Refuse, in one line, the layers whose shape bitsandbytes gets wrong on this CPU."""
+    wrong = {
+        name: error
+        for name, m in targets.items()
+        if m.weight.device.type == "cpu"
+        and (error := bnb_cpu_error(m.out_features, m.in_features, precision, dtype))
+    }
+    if wrong:
+        first = next(iter(wrong))
+        layer = targets[first]
         raise QddError(
-            f"bitsandbytes' {kernel} CPU kernel needs Linear layers of {need}, "
-            f"{len(odd)} layer(s) are not (first: {odd[0]}, {first.out_features} × "
-            f"{first.in_features}): use --quant-backend emulate"
+            f"bitsandbytes' CPU Linear4bit {wrong[first]} on this machine for "
+            f"{layer.out_features} × {layer.in_features} weights; {len(wrong)} layer(s) are "
+            f"affected (first: {first}): use --quant-backend emulate"
         )
 
 
