@@ -203,7 +203,7 @@ def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job
         precisions = entry.pop("precisions", default_precisions)
         file = entry.get("denoiser_file", plan.get("denoiser_file"))
         if file is not None:
-            precisions = [gguf_label(file, precisions)]
+            precisions = [gguf_label(file, precisions, entry.get("generator"))]
         if not precisions:
             raise QddError(
                 f"plan {plan_path}: no precisions for {entry.get('generator')}: "
@@ -223,11 +223,15 @@ def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job
     return jobs, trainer
 
 
-def gguf_label(file: str, precision: str | list[str] | None) -> str:
-    """The precision of a ``--denoiser-file``: its label; a different --precision is refused."""
-    from qdd.quant.gguf import precision_of
+def gguf_label(file: str, precision: str | list[str] | None, generator: str | None) -> str:
+    """The precision of a ``--denoiser-file``: its label; a different --precision, or a file
+    of another architecture than ``generator``'s, is refused."""
+    from qdd.quant.gguf import check_architecture, precision_of
 
     label = precision_of(file)
+    if generator is not None:
+        spec = get_generator(generator)
+        check_architecture(file, spec.family, spec.name)
     given = [precision] if isinstance(precision, str) else list(precision or [])
     if any(p != label for p in given):
         raise QddError(
@@ -259,7 +263,9 @@ def jobs_from_config(config: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]
         jobs, plan_trainer = jobs_from_plan(find_plan(plan), settings)
         return jobs, check_trainer_kwargs({**plan_trainer, **trainer})
     if settings.get("denoiser_file") is not None:
-        settings["precision"] = gguf_label(settings["denoiser_file"], settings.get("precision"))
+        settings["precision"] = gguf_label(
+            settings["denoiser_file"], settings.get("precision"), settings.get("generator")
+        )
     for name in ("generator", "precision", "out"):
         if settings.get(name) is None:
             raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")

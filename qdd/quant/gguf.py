@@ -200,6 +200,40 @@ def read_tensor_types(path: str | Path) -> dict[str, str]:
     return {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
 
 
+#: Tensor-name prefixes only one family's denoiser has (diffusers and original naming).
+FAMILY_MARKERS: dict[str, tuple[str, ...]] = {
+    "flux": ("single_transformer_blocks.", "single_blocks.", "double_blocks."),
+    "sd3": ("joint_blocks.", "pos_embed."),  # Flux's position embedding has no weights
+}
+
+
+def file_architecture(path: str | Path) -> str | None:
+    """The denoiser family a GGUF file holds: read off its tensor names (what diffusers'
+    converter goes by), else its ``general.architecture``; None when neither tells."""
+    import gguf
+
+    names = read_tensor_types(path)
+    found = {f for f, marks in FAMILY_MARKERS.items() if any(n.startswith(marks) for n in names)}
+    if len(found) == 1:
+        return found.pop()
+    field = gguf.GGUFReader(str(Path(path).expanduser())).fields.get("general.architecture")
+    if field is None:
+        return None
+    declared = field.contents()
+    return declared if declared in DENOISER_CLASS else None
+
+
+def check_architecture(path: str | Path, family: str, generator: str) -> None:
+    """Refuse, before anything is written, a GGUF file of another family than ``generator``
+    (diffusers' converter would fail deep inside, or load nonsense)."""
+    found = file_architecture(path)
+    if found is not None and found != family:
+        raise QddError(
+            f"{path} holds a {found} denoiser, not {generator}'s ({family}): pass a {family} "
+            f"GGUF file, or a {found} --generator"
+        )
+
+
 def type_counts(types: Mapping[str, str]) -> dict[str, int]:
     """How many tensors of each type (what every sample records as ``gguf_tensor_types``)."""
     return dict(sorted(Counter(types.values()).items()))

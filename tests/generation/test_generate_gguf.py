@@ -308,3 +308,35 @@ def test_a_file_of_another_precision_is_refused(
         with pytest.raises(SystemExit):
             main(command)
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("architecture", ["flux", "sd3"])  # the key says flux; sd3 lies
+def test_a_file_of_another_architecture_is_refused_before_anything_is_written(
+    architecture: str, tiny_models: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """A Flux GGUF given to an SD3 generator: one line, before recipe.json or any folder
+    (diffusers' converter would fail with an IndexError after the recipe was written). The
+    tensor names decide, whatever general.architecture says."""
+    from diffusers import FluxTransformer2DModel
+
+    from qdd.cli import main
+
+    flux = FluxTransformer2DModel.from_pretrained(
+        tiny_models["flux-schnell"], subfolder="transformer"
+    )
+    file = tmp_path / "flux.gguf"
+    writer = gguf.GGUFWriter(str(file), architecture)
+    for name, tensor in flux.state_dict().items():
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+              "--denoiser-file", str(file), "--out", str(out)])  # fmt: skip
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{file} holds a flux denoiser, not sd3's (sd3)" in line, line
+    assert not out.exists()
