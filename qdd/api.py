@@ -199,6 +199,21 @@ def generate(config: Config = None, **overrides: Any) -> RunResult:
     return RunResult(folders[0] if len(folders) == 1 else folders[0].parent)
 
 
+def decode(config: Config = None, **overrides: Any) -> RunResult:
+    """A ``generate --save-latents`` folder's latents decoded again with the VAE at another
+    precision (``src``, ``vae_precision``, ``out``, ``model_path``, ``overwrite``)."""
+    from qdd.generation.redecode import run_decode
+
+    out = run_decode(**load_config(config, overrides))
+    return RunResult(out, {"total": read_manifest_total(out)})
+
+
+def read_manifest_total(folder: Path) -> int:
+    from qdd.datamodules.reader import read_manifest
+
+    return int(read_manifest(folder)["total"])
+
+
 def shard(config: Config = None, **overrides: Any) -> RunResult:
     """A folder of images as shards: ``src``, ``out``, ``label`` (real|fake), ``source``,
     ``max_count``, ``overwrite``, ``workers``; metrics: the manifest's totals."""

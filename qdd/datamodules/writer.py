@@ -127,12 +127,21 @@ class ShardWriter:
             self._count = self._bytes = 0
         return self._tar
 
-    def write(self, key: str, image: Image.Image | np.ndarray, meta: dict[str, Any]) -> None:
+    def write(
+        self,
+        key: str,
+        image: Image.Image | np.ndarray,
+        meta: dict[str, Any],
+        extra: dict[str, bytes] | None = None,
+    ) -> None:
         """Add one sample; starts a new shard when the current one is full."""
-        self.write_encoded(key, encode_png(image), meta)
+        self.write_encoded(key, encode_png(image), meta, extra)
 
-    def write_encoded(self, key: str, png: bytes, meta: dict[str, Any]) -> None:
-        """Add one sample whose PNG bytes are already encoded."""
+    def write_encoded(
+        self, key: str, png: bytes, meta: dict[str, Any], extra: dict[str, bytes] | None = None
+    ) -> None:
+        """Add one sample whose PNG bytes are already encoded; ``extra``: more members of
+        the sample by extension (``latents.npy``), which readers of images pass over."""
         check_key(key)
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r} in {self.out_dir}")
@@ -141,8 +150,10 @@ class ShardWriter:
         tar = self._open()
         _add_member(tar, f"{key}.png", png)
         _add_member(tar, f"{key}.json", payload)
+        for extension, data in (extra or {}).items():
+            _add_member(tar, f"{key}.{extension}", data)
         self._count += 1
-        self._bytes += len(png) + len(payload)
+        self._bytes += len(png) + len(payload) + sum(len(d) for d in (extra or {}).values())
         if self._count >= self.max_count or self._bytes >= self.max_bytes:
             self.flush()
 

@@ -22,6 +22,7 @@ import yaml
 
 from qdd.errors import QddError
 from qdd.generation.costs import OFFLOADS
+from qdd.generation.jobs import vae_label
 from qdd.generation.registry import GENERATORS, get_generator
 
 log = logging.getLogger("qdd.generation")
@@ -55,6 +56,8 @@ class Job:
     shard_size: int = 100
     overwrite: bool = False
     offload: str = "none"  #: diffusers' CPU offload (changes time and memory, not pixels)
+    save_latents: bool = False  #: keep each sample's final latents (``latents.npy``)
+    vae_precision: str | None = None  #: decode at this VAE precision (default: as loaded)
 
 
 JOB_FIELDS = {f.name for f in fields(Job)}
@@ -119,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=OFFLOADS,
         help="diffusers' CPU offload on an accelerator: model (per component) or sequential "
         "(per layer; slowest, least memory); default none",
+    )
+    parser.add_argument(
+        "--save-latents",
+        action="store_true",
+        default=None,
+        help="keep each sample's final latents (before the VAE) in the shard, for "
+        "`qdd-cli decode`",
+    )
+    parser.add_argument(
+        "--vae-precision",
+        help="decode with the VAE at fp32, fp16, bf16, or quantized fp8, fp4, nf4 (default: "
+        "as the pipeline loads it); the samples' precision becomes e.g. fp4-vaefp32",
     )
     parser.add_argument(
         "--dry-run",
@@ -218,7 +233,10 @@ def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job
         settings = {**plan, **entry, **{k: v for k, v in overrides.items() if v is not None}}
         generator = get_generator(settings.pop("generator")).name
         for precision in precisions:
-            folder = Path(out) / f"{generator}-{precision}"
+            label = precision
+            if settings.get("vae_precision") is not None:
+                label = vae_label(precision, settings["vae_precision"])
+            folder = Path(out) / f"{generator}-{label}"
             jobs.append(Job(generator=generator, precision=precision, out=str(folder), **settings))
     return jobs, trainer
 
@@ -323,6 +341,7 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
     from qdd.generation.jobs import Recipe, pending, prepare_folder, work_items
     from qdd.generation.loading import compute_dtype_name, resolve_model_path
     from qdd.generation.prompts import load_prompts, prompts_digest
+    from qdd.generation.vae import check_vae_precision
     from qdd.quant import PRECISIONS, resolve_backend
     from qdd.quant.gguf import file_sha256
 
@@ -342,6 +361,7 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         )
     if job.offload not in OFFLOADS:
         raise QddError(f"unknown --offload {job.offload!r}: choose one of {', '.join(OFFLOADS)}")
+    check_vae_precision(job.vae_precision)
     if job.quant_scope not in SCOPES:
         raise QddError(
             f"unknown --quant-scope {job.quant_scope!r}: choose one of {', '.join(SCOPES)}"
@@ -387,6 +407,8 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         prompts_sha=prompts_digest(prompts),
         denoiser_file=job.denoiser_file,
         denoiser_sha256=file_sha256(job.denoiser_file) if job.denoiser_file else None,
+        save_latents=True if job.save_latents else None,
+        vae_precision=job.vae_precision,
     )
     out = Path(job.out)
     leader = is_launch_leader()

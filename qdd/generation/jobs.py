@@ -68,6 +68,16 @@ class Recipe:
     prompts_sha: str
     denoiser_file: str | None = None  #: a user's GGUF file (``--denoiser-file``), as given
     denoiser_sha256: str | None = None  #: its sha256: another file is another recipe
+    save_latents: bool | None = None  #: True: each sample keeps its final latents
+    vae_precision: str | None = None  #: None: the VAE as the pipeline loads it
+
+    @property
+    def label(self) -> str:
+        """The samples' ``precision``: the denoiser's, and the VAE's when it was set apart
+        (``fp4-vaefp32``), so the denoiser × decoder groups never merge."""
+        return self.precision if self.vae_precision is None else vae_label(
+            self.precision, self.vae_precision
+        )
 
     def meta(
         self,
@@ -82,7 +92,8 @@ class Recipe:
             FAKE,
             self.generator,
             generator=self.generator,
-            precision=self.precision,
+            precision=self.label,
+            denoiser_precision=self.precision,
             quant_backend=self.quant_backend,
             quant_scope=self.quant_scope,
             model_id=self.model_id,
@@ -99,6 +110,11 @@ class Recipe:
             **(provenance or {}),
             **(costs or {}),
         )
+
+
+def vae_label(denoiser_precision: str, vae_precision: str) -> str:
+    """The precision label of images whose VAE ran at ``vae_precision``."""
+    return f"{denoiser_precision}-vae{vae_precision}"
 
 
 def failed_keys(out_dir: Path) -> set[str]:

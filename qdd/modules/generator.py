@@ -22,6 +22,16 @@ from qdd.generation.jobs import Recipe, WorkItem
 from qdd.generation.loading import QuantSummary, apply_precision, gguf_file, load_pipeline
 from qdd.generation.provenance import provenance
 from qdd.generation.registry import get_generator
+from qdd.generation.vae import (
+    LATENTS_MEMBER,
+    decode_latents,
+    dtype_label,
+    encode_latents,
+    latent_factors,
+    set_vae_precision,
+    unpacked_latents,
+    vae_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +94,14 @@ class GeneratorModule(L.LightningModule):
             self.pipeline.enable_model_cpu_offload(device=device)
         elif self.offload == "sequential":
             self.pipeline.enable_sequential_cpu_offload(device=device)
+        self.vae_record = self.prepare_vae(device)
         self.provenance = {
             **provenance(
                 device, recipe.precision, self.summary.backend, self.summary.dtype,
                 self.summary.kept,
             ),
             **self.summary.details,
+            **self.vae_record,
         }  # fmt: skip
         if self.summary.backend != recipe.quant_backend:
             raise RuntimeError(
@@ -109,36 +121,62 @@ class GeneratorModule(L.LightningModule):
                 self.summary.dtype,
             )
 
+    def prepare_vae(self, device: torch.device) -> dict[str, Any]:
+        """Set the VAE to ``--vae-precision`` (when given); what every sample records of it."""
+        recipe = self.recipe
+        if recipe.vae_precision is None:
+            usual = dtype_label(vae_dtype(self.pipeline))
+            return {"vae_precision": usual, "vae_dtype": usual}
+        half = getattr(torch, self.spec.half_dtype)
+        return set_vae_precision(self.pipeline, recipe.vae_precision, half, str(device))
+
     def on_predict_start(self) -> None:
         prefix = f"r{self.trainer.global_rank}"
         self.writer = ShardWriter(
             self.out_dir, prefix=prefix, max_count=self.shard_size, mode="append"
         )
 
-    def generate(self, batch: list[WorkItem]) -> Any:
-        """The float images (N, H, W, 3) in [0, 1] of one batch, one CPU generator per image."""
+    def generate(self, batch: list[WorkItem]) -> tuple[Any, Any]:
+        """The float images (N, H, W, 3) in [0, 1] of one batch, one CPU generator per image,
+        and their final latents (N, C, h, w) when the run keeps them or sets the VAE apart
+        (then the latents are decoded by `qdd.generation.vae`, as the pipeline would)."""
         recipe = self.recipe
-        return self.pipeline(
+        split = bool(recipe.save_latents) or recipe.vae_precision is not None
+        output = self.pipeline(
             prompt=[item.prompt for item in batch],
             generator=[torch.Generator("cpu").manual_seed(item.seed) for item in batch],
             num_inference_steps=recipe.steps,
             guidance_scale=recipe.guidance,
             height=recipe.height,
             width=recipe.width,
-            output_type="np",
+            output_type="latent" if split else "np",
             **self.spec.call_kwargs,
         ).images
+        if not split:
+            return output, None
+        family = self.spec.family
+        latents = unpacked_latents(self.pipeline, family, output, recipe.height, recipe.width)
+        return decode_latents(self.pipeline, family, latents), latents
 
     def predict_step(self, batch: list[WorkItem], batch_idx: int) -> None:
         assert self.writer is not None and self.summary is not None
         device = self.trainer.strategy.root_device
-        images, seconds, peak = timed_call(device, lambda: self.generate(batch))
+        (images, latents), seconds, peak = timed_call(device, lambda: self.generate(batch))
         costs = sample_costs(self.summary.denoiser_bytes, seconds, len(batch), peak, self.offload)
-        for item, image in zip(batch, images, strict=True):
+        for i, (item, image) in enumerate(zip(batch, images, strict=True)):
             meta = self.recipe.meta(item, self.summary.fraction, self.provenance, costs)
+            extra = {}
+            if self.recipe.save_latents:
+                extra[LATENTS_MEMBER] = encode_latents(latents[i])
+                meta["latents"] = {
+                    "shape": list(latents[i].shape),
+                    "dtype": str(latents.dtype).removeprefix("torch."),
+                    "stored_as": "float32, before the VAE's scaling (qdd.generation.vae)",
+                    **latent_factors(self.pipeline),
+                }
             reason = image_failure(image)
             if reason is None:
-                self.writer.write(item.key, to_uint8(image), meta)
+                self.writer.write(item.key, to_uint8(image), meta, extra=extra)
                 self.n_written += 1
             else:
                 log.warning("%s %s: %s", self.out_dir.name, item.key, reason)
