@@ -108,5 +108,6 @@ def test_bad_decode_inputs_are_one_line(
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         main(["generate", "--generator", "sd15", "--model-path", str(tiny_models["sd15"]),
-              "--precision", "fp32", "--vae-precision", "fp5", "--out", str(tmp_path / "g")])  # fmt: skip
+              "--precision", "fp32", "--vae-precision", "fp5",
+              "--out", str(tmp_path / "g")])  # fmt: skip
     assert "unknown --vae-precision 'fp5'" in capsys.readouterr().err.strip().splitlines()[-1]
