@@ -50,7 +50,7 @@ TRAINER_COMMANDS = {
 COMMANDS = {
     "shard": ("qdd.cli:shard_command", "turn a folder of images (real photos) into shards"),
     "generate": ("qdd.generation.command:main", "generate images at each precision"),
-    "decode": ("qdd.generation.redecode:main", "decode stored latents with the VAE at a precision"),
+    "decode": ("qdd.cli:decode_command", "decode stored latents with the VAE at a precision"),
     "quality": ("qdd.quality:main", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
     "report": ("qdd.report.command:main", "draw the study's figures and tables from runs"),
     "quantize": ("qdd.generation.quantize:main", "write a deployable quantized denoiser file"),
@@ -207,6 +207,14 @@ def shard_command(argv: Sequence[str]) -> None:
     print(f"{result.metrics['total']} samples in {result.metrics['shards']} shard(s)",
           file=sys.stderr)  # fmt: skip
     print(args.out)
+
+
+def decode_command(argv: Sequence[str]) -> None:
+    """``qdd-cli decode``: parse, then `qdd.api.decode`; prints the new folder."""
+    from qdd.api import decode
+    from qdd.generation.redecode import build_parser
+
+    print(decode(vars(build_parser().parse_args(argv))).run_dir)
 
 
 def available() -> dict[str, str]:

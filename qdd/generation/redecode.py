@@ -40,13 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str]) -> None:
-    from qdd.api import decode
-
-    result = decode(vars(build_parser().parse_args(argv)))
-    print(result.run_dir)
-
-
 def source_samples(src: Path) -> list[dict[str, Any]]:
     """Every sample of ``src`` (manifest order): key, json, PNG sha256 and latents bytes."""
     from qdd.datamodules.reader import read_manifest

@@ -37,6 +37,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     from qdd.report.robustness import plot_robustness, precision_table, spec_rank
     from qdd.report.runs import NONE, group_table, load_runs, missing_groups
     from qdd.report.style import save
+    from qdd.report.swap import plot_swap, swap_table
     from qdd.report.tables import metric_pivot, sorted_groups, write_table
     from qdd.report.tradeoff import is_quality_run
 
@@ -81,6 +82,10 @@ def build_report(runs: list[Path], out: Path) -> Path:
             figures[f"heatmap_{metric}"] = f"{metric} per generator × precision, per detector"
             tables[metric] = write_table(metric_pivot(table, metric, text=True),
                                          out / "tables", metric)  # fmt: skip
+        swap = swap_table(table)
+        if not swap.empty:
+            save(plot_swap(swap), out, "heatmap_swap")
+            figures["heatmap_swap"] = "fake accuracy per denoiser × decoder (VAE) precision"
         if len(perturbations) > 1:
             # Only detectors tested under perturbations: the others would be empty panels.
             swept = table[table.groupby("detector")["perturbation"].transform("nunique") > 1]

@@ -1,0 +1,84 @@
+"""The denoiser × decoder view: which side of the pipeline moves a detector.
+
+Groups decoded at a set VAE precision are labelled ``<denoiser>-vae<decoder>``
+(`qdd.generation.jobs.vae_label`); a plain group ``<p>`` was decoded by the VAE as the
+pipeline loads it: fp32 for fp32 runs, the generator's half dtype otherwise (bf16 for
+SD3/Flux, fp16 for the UNets). One panel per generator × detector: rows the denoiser's
+precision, columns the decoder's, cells the metric (fake accuracy by default).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from qdd.generation.vae import VAE_PRECISIONS
+from qdd.report.palette import order_precisions
+
+VAE_LABEL = re.compile(r"^(?P<denoiser>.+)-vae(?P<decoder>[a-z0-9]+)$")
+DTYPE_LABELS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def usual_decoder(generator: str, precision: str) -> str | None:
+    """The VAE precision a plain ``precision`` run of ``generator`` decoded with (None when
+    the generator is not a registered one)."""
+    from qdd.generation.registry import GENERATORS
+
+    spec = GENERATORS.get(generator)
+    if spec is None:
+        return None
+    return "fp32" if precision == "fp32" else DTYPE_LABELS[spec.half_dtype]
+
+
+def swap_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The unperturbed rows of generators that have decoder-swapped groups, with
+    ``denoiser`` and ``decoder`` columns (empty when no group was swapped)."""
+    rows = table[table["perturbation"] == "none"]
+    parsed = rows["precision"].str.extract(VAE_LABEL)
+    swapped = rows.loc[parsed["denoiser"].notna(), "generator"].unique()
+    if len(swapped) == 0:
+        return pd.DataFrame()
+    rows = rows[rows["generator"].isin(swapped)].copy()
+    parsed = rows["precision"].str.extract(VAE_LABEL)
+    rows["denoiser"] = parsed["denoiser"].fillna(rows["precision"])
+    plain = [usual_decoder(g, p) for g, p in zip(rows["generator"], rows["precision"], strict=True)]
+    rows["decoder"] = parsed["decoder"].fillna(pd.Series(plain, index=rows.index))
+    return rows.dropna(subset=["decoder"])
+
+
+def plot_swap(swap: pd.DataFrame, metric: str = "fake_acc") -> Figure:
+    """One annotated denoiser × decoder grid per generator and detector."""
+    import matplotlib as mpl
+
+    from qdd.report.heatmap import CMAP, MISSING, norm_for
+    from qdd.report.style import RC, panel_grid
+
+    panels = sorted({(g, d) for g, d in zip(swap["generator"], swap["detector"], strict=True)})
+    fig, axes = panel_grid(len(panels), panel=(3.6, 2.8), max_cols=3)
+    cmap, norm = mpl.colormaps[CMAP], norm_for(metric)
+    with mpl.rc_context(RC):
+        image = None
+        for ax, (generator, detector) in zip(axes, panels, strict=True):
+            rows = swap[(swap["generator"] == generator) & (swap["detector"] == detector)]
+            denoisers = order_precisions(rows["denoiser"].unique())
+            decoders = [p for p in VAE_PRECISIONS if p in set(rows["decoder"])]
+            grid = rows.pivot_table(index="denoiser", columns="decoder", values=metric,
+                                    aggfunc="first")  # fmt: skip
+            values = grid.reindex(index=denoisers, columns=decoders).to_numpy(dtype=float)
+            image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto")
+            ax.set_facecolor(MISSING)
+            for (i, j), value in np.ndenumerate(values):
+                dark = not np.isnan(value) and value < 0.6
+                ax.text(j, i, "–" if np.isnan(value) else f"{value:.2f}", ha="center",
+                        va="center", fontsize=8, color="white" if dark else "black")  # fmt: skip
+            ax.set_xticks(range(len(decoders)), decoders)
+            ax.set_yticks(range(len(denoisers)), denoisers)
+            ax.set_xlabel("decoder (VAE) precision")
+            ax.set_ylabel("denoiser precision")
+            ax.set_title(f"{generator} · {detector}", fontsize=9)
+        fig.colorbar(image, ax=axes, shrink=0.85, label=metric)
+        fig.suptitle(f"{metric}: denoiser × decoder (–: not measured)")
+    return fig
