@@ -134,14 +134,9 @@ def tradeoff(
         return None
     from qdd.report.style import save
     from qdd.report.tables import write_table
-    from qdd.report.tradeoff import (
-        KEEP_SSIM,
-        detectors_in,
-        load_quality,
-        plot_tradeoff,
-        tradeoff_table,
-        verdicts,
-    )
+    from qdd.report.tradeoff import KEEP_SSIM, detectors_in, load_quality, tradeoff_table
+    from qdd.report.tradeoff_figure import plot_tradeoff
+    from qdd.report.verdict import verdicts
 
     quality = load_quality(quality_runs)
     frame = tradeoff_table(quality, table)
