@@ -70,8 +70,10 @@ def _saver(candidates: pd.DataFrame, what: str, quality: bool) -> tuple[str, str
         detail = f", {measure} {row[KEEP_MEASURE]:.3f}" if quality else ""
         return f"{row['precision']} saves the most ({share}{detail})", row["precision"]
     detail = (
-        f"; {measure} " + ", ".join(f"{r.precision} {getattr(r, KEEP_MEASURE):.3f}"
-                                    for r in winners.itertuples())  # fmt: skip
+        f"; {measure} "
+        + ", ".join(
+            f"{r.precision} {getattr(r, KEEP_MEASURE):.3f}" for r in winners.itertuples()
+        )  # fmt: skip
         if quality
         else ""
     )
@@ -155,8 +157,9 @@ def _line(
         )
     elif kept.empty:
         best = lower.loc[quality.idxmax()]
+        which = "measured lower precision" if unmeasured else "lower precision"
         head = (
-            f"no {'measured ' if unmeasured else ''}lower precision keeps {measure} ≥ {keep:.2f} against {reference} "
+            f"no {which} keeps {measure} ≥ {keep:.2f} against {reference} "
             f"(best: {best['precision']}, {measure} {best[KEEP_MEASURE]:.3f})"
         )
         candidates = None
@@ -167,7 +170,7 @@ def _line(
         saver, sole_saver = _saver(candidates, what, quality=not quality.isna().all())
         evader, sole_evader = _evader(candidates, ref, reference, detectors)
         if saver and sole_saver is not None and sole_saver == sole_evader:
-            head += f", {saver} and{evader[len(sole_evader):]}"  # one precision does both
+            head += f", {saver} and{evader[len(sole_evader) :]}"  # one precision does both
         else:
             head += f", {saver}" if saver else ""
             parts += [evader] if evader else []
