@@ -132,7 +132,7 @@ def plot_tradeoff(table: pd.DataFrame, detector: str, reference: str = "fp32") -
     elif len(nominal) == len(styles):
         xlabel = f"nominal weight bits saved vs {reference} (%)"
     else:
-        xlabel = f"memory saved vs {reference} (%): bytes, or nominal bits where marked"
+        xlabel = f"memory saved vs {reference} (%)"  # the title and legend say which is which
     placements = []
     with mpl.rc_context(RC):
         fig, axes = panel_grid(2, panel=(3.6, 3.2), max_cols=2)
@@ -170,7 +170,7 @@ def plot_tradeoff(table: pd.DataFrame, detector: str, reference: str = "fp32") -
         fig.legend(handles=handles, loc="outside lower center", ncols=max(1, len(handles)),
                    title="generator", frameon=False)  # fmt: skip
         bar = fig.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, shrink=0.9)
-        grey = " (grey: not measured)" if frame["_ssim"].isna().any() else ""
+        grey = "\n(grey: not measured)" if frame["_ssim"].isna().any() else ""
         bar.set_label(f"{KEEP_MEASURE.upper()} vs {reference} twin{grey}")
         bar.ax.axhline(KEEP_SSIM, color="white", lw=1.5, label="_keeps quality")
         title = f"{detector}: what each precision saves, costs in quality, and hides"

@@ -105,11 +105,12 @@ def _evader(
     columns = [f"{d}_fake_acc" for d in common]
     accuracy = candidates.loc[ranked, columns].astype(float).mean(axis=1)
     base = float(reference[columns].astype(float).mean())
-    on = (
-        f"on the {len(common)} of {len(detectors)} detectors that scored both"
-        if len(common) < len(detectors)
-        else f"on all {len(detectors)} detectors"
-    )
+    if len(common) < len(detectors):
+        on = f"on the {len(common)} of {len(detectors)} detectors that scored both"
+    else:
+        on = {1: "on the one detector", 2: "on both detectors"}.get(
+            len(common), f"on all {len(common)} detectors"
+        )
     lowest = _best(accuracy, ACCURACY_DIGITS, largest=False)
     low = round(float(accuracy[lowest[0]]), ACCURACY_DIGITS)
     precisions = _names([candidates.at[i, "precision"] for i in lowest])

@@ -195,7 +195,7 @@ def test_verdicts_name_what_saves_and_evades_while_keeping_quality(quality_run, 
         "**sd3**: of the precisions that keep SSIM ≥ 0.90 against fp32, fp4 "
         "saves the most (87% of the denoiser memory, SSIM 0.930) and evades "
         f"the detectors most (mean fake accuracy {accuracy:.2f} against fp32's {base:.2f} "
-        f"on all 2 detectors: clipd {fp4['clipd_fake_acc']:.2f}, npr {fp4['npr_fake_acc']:.2f})"
+        f"on both detectors: clipd {fp4['clipd_fake_acc']:.2f}, npr {fp4['npr_fake_acc']:.2f})"
     )
     # flux: only fp16 keeps quality
     assert flux.startswith(

@@ -91,7 +91,7 @@ def test_bytes_fall_back_to_nominal_per_generator_and_say_so() -> None:
     assert sd15.endswith("memory as nominal weight bits: denoiser bytes not recorded for sd15/fp8")
     fig = plot_tradeoff(table, "a")
     ax = fig.axes[0]
-    assert ax.get_xlabel() == "memory saved vs fp32 (%): bytes, or nominal bits where marked"
+    assert ax.get_xlabel() == "memory saved vs fp32 (%)"
     offsets = {c.get_label(): sorted(c.get_offsets()[:, 0]) for c in ax.collections}
     assert offsets == {"sd3": [0.0, 74.0], "sd15": [0.0, 75.0, 87.5]}
     legend = sorted(t.get_text() for t in fig.legends[0].get_texts())
