@@ -134,7 +134,8 @@ def _evader(
             f"against {name}'s {base:.2f} {on})"
         )
     if left:
-        text += f"; not compared, scored with {name} by fewer detectors: {', '.join(left)}"
+        others = ", ".join(left)
+        text += f"; not compared, scored with {name} by fewer or other detectors: {others}"
     return text, sole
 
 

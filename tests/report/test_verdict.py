@@ -128,13 +128,25 @@ def test_evasion_is_against_fp32_on_the_detectors_that_scored_both() -> None:
     assert "evades the detectors most" not in line
     assert "none evades the detectors more than fp32 itself (mean fake accuracy on all 5 " \
         "detectors: fp32 0.80, lowest fp4 1.00)" in line  # fmt: skip
-    assert "not compared, scored with fp32 by fewer detectors: nf4 (1 of 5)" in line
+    assert "not compared, scored with fp32 by fewer or other detectors: nf4 (1 of 5)" in line
     # fp32 scored by three of the five: precisions are compared on those three only
     fewer = table.assign(d_fake_acc=[None, 0.1, None], e_fake_acc=[None, 0.1, None])
     fewer.loc[1, ["a_fake_acc", "b_fake_acc", "c_fake_acc"]] = 0.7
     (line,) = verdicts(fewer)
     assert "fp4 evades the detectors most (mean fake accuracy 0.70 against fp32's 0.80 on " \
         "the 3 of 5 detectors that scored both: a 0.70, b 0.70, c 0.70)" in line  # fmt: skip
+    # two precisions scored by as many detectors, but not the same ones: one set is used
+    crossed = trade_table([
+        {"generator": "sd3", "precision": "fp32", "bytes": 100, "acc": every(0.8)},
+        {"generator": "sd3", "precision": "fp4", "bytes": 26, "ssim": 0.95,
+         "acc": {"a": 0.5, "b": 0.5}},
+        {"generator": "sd3", "precision": "nf4", "bytes": 25, "ssim": 0.95,
+         "acc": {"a": 0.1, "c": 0.1}},
+    ])  # fmt: skip
+    (line,) = verdicts(crossed)
+    assert "fp4 evades the detectors most (mean fake accuracy 0.50 against fp32's 0.80 on " \
+        "the 2 of 5 detectors that scored both: a 0.50, b 0.50)" in line  # fmt: skip
+    assert line.endswith("not compared, scored with fp32 by fewer or other detectors: nf4 (2 of 5)")
     missing = table.assign(**{f"{d}_fake_acc": [None, 0.5, 0.5] for d in DETECTORS})
     assert "evasion not measured (no detector scored fp32)" in verdicts(missing)[0]
 
