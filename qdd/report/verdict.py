@@ -32,7 +32,9 @@ from qdd.report.tradeoff import (
 )
 
 #: Decimal places the line prints: values equal at these are ties.
-MEMORY_DIGITS, ACCURACY_DIGITS = 2, 2  # shares (87 %), fake accuracies (0.55)
+#: How the line prints memory shares (87%) and fake accuracies (0.55): values that print
+#: alike are ties.
+SHARE, ACCURACY = ".0%", ".2f"
 
 
 def _names(items: list[str]) -> str:
@@ -40,13 +42,13 @@ def _names(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def _best(values: pd.Series, digits: int, largest: bool) -> list:
-    """The index labels whose value, rounded as printed, equals the best one (NaN skipped)."""
-    shown = values.dropna().astype(float).round(digits)
-    if shown.empty:
+def _best(values: pd.Series, spec: str, largest: bool) -> list:
+    """The index labels whose value prints (format ``spec``) as the best one (NaN skipped)."""
+    values = values.dropna().astype(float)
+    if values.empty:
         return []
-    best = shown.max() if largest else shown.min()
-    return list(shown.index[shown == best])
+    shown = format(values.max() if largest else values.min(), spec)
+    return [i for i, v in values.items() if format(v, spec) == shown]
 
 
 def _coverage(row: pd.Series, reference: pd.Series, detectors: list[str]) -> tuple:
@@ -60,10 +62,10 @@ def _coverage(row: pd.Series, reference: pd.Series, detectors: list[str]) -> tup
 
 def _saver(candidates: pd.DataFrame, what: str, quality: bool) -> tuple[str, str | None]:
     """The memory clause, and the precision it names alone as saving most (else None)."""
-    winners = candidates.loc[_best(candidates["_saved"], MEMORY_DIGITS, largest=True)]
+    winners = candidates.loc[_best(candidates["_saved"], SHARE, largest=True)]
     if winners.empty:
         return "", None
-    share = f"{winners['_saved'].iloc[0]:.0%} of the {what}"
+    share = f"{winners['_saved'].iloc[0]:{SHARE}} of the {what}"
     measure = KEEP_MEASURE.upper()
     if len(winners) == 1:
         row = winners.iloc[0]
@@ -111,11 +113,11 @@ def _evader(
         on = {1: "on the one detector", 2: "on both detectors"}.get(
             len(common), f"on all {len(common)} detectors"
         )
-    lowest = _best(accuracy, ACCURACY_DIGITS, largest=False)
-    low = round(float(accuracy[lowest[0]]), ACCURACY_DIGITS)
+    lowest = _best(accuracy, ACCURACY, largest=False)
+    low = float(accuracy[lowest[0]])
     precisions = _names([candidates.at[i, "precision"] for i in lowest])
     sole = None
-    if low >= round(base, ACCURACY_DIGITS):
+    if low > base or format(low, ACCURACY) == format(base, ACCURACY):
         text = (
             f"none evades the detectors more than {name} itself (mean fake accuracy "
             f"{on}: {name} {base:.2f}, lowest {precisions} {low:.2f})"
