@@ -6,6 +6,8 @@ Quality runs (``qdd-cli quality``) bring the per-image quality (quality.parquet,
 over runs and recomputed here) and the costs the shards recorded (copied into their
 metrics.json, so a report reads only run folders); test runs bring the detection metrics
 (`qdd.report.runs.group_table`). Costs missing in older shards stay empty ("–").
+The figure is drawn by `qdd.report.tradeoff_figure`, report.md's lines by
+`qdd.report.verdict`.
 """
 
 from __future__ import annotations
