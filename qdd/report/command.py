@@ -139,14 +139,9 @@ def tradeoff(
         return None
     from qdd.report.style import save
     from qdd.report.tables import write_table
-    from qdd.report.tradeoff import (
-        KEEP_SSIM,
-        detectors_in,
-        load_quality,
-        plot_tradeoff,
-        tradeoff_table,
-        verdicts,
-    )
+    from qdd.report.tradeoff import KEEP_SSIM, detectors_in, load_quality, tradeoff_table
+    from qdd.report.tradeoff_figure import plot_tradeoff
+    from qdd.report.verdict import verdicts
 
     quality = load_quality(quality_runs)
     frame = tradeoff_table(quality, table)
@@ -160,8 +155,13 @@ def tradeoff(
             f"{name}: memory saved vs detection, colour = SSIM against {quality.reference}"
         )
     lines = verdicts(frame, quality.reference)
-    return [f"Keeping quality means a mean SSIM ≥ {KEEP_SSIM:.2f} against the "
-            f"{quality.reference} twin of the same prompt and seed.", *lines]  # fmt: skip
+    ref = quality.reference
+    return [f"Keeping quality means a mean SSIM ≥ {KEEP_SSIM:.2f} against the {ref} twin of "
+            "the same prompt and seed; a precision without quality values is *not measured*, "
+            f"not failing. Evading means a lower mean fake accuracy than the generator's own "
+            f"{ref}, on the detectors that scored both; precisions are ranked on one common "
+            "set of detectors, and values equal as printed are named as ties.",
+            *lines]  # fmt: skip
 
 
 def main(argv: list[str]) -> None:

@@ -30,7 +30,9 @@ CAPTIONS = {
     "(– where not recorded); image quality against the reference twin of the same prompt and "
     "seed (PSNR in dB, SSIM, LPIPS; mean and 95 % t-interval; FID/KID and the CLIP score of the "
     "image and of its twin against their prompt where a CLIP model ran); each detector's "
-    "AUROC and fake accuracy on the unperturbed images",
+    "AUROC and fake accuracy on the unperturbed images. memory_saved: the share of the "
+    "reference's denoiser bytes saved, from recorded bytes, or from nominal bits for a "
+    "generator some of whose groups lack them (memory_saved_from)",
 }
 #: Shown at the top of a report whose runs were made by `qdd-cli demo`.
 DEMO_CAVEAT = ("**Demo:** these runs come from `qdd-cli demo` — tiny random-init generators "

@@ -16,8 +16,10 @@ checkpoint) are kept apart, as ``<detector>-<weights>``: pooling them would mix 
 in one curve. Runs with the same weights but different
 decision thresholds are refused: one pooled accuracy needs one threshold.
 
-Older runs lack the newer columns: no ``perturbation`` means every image is the unperturbed
-pass (``none``); no ``quant_fraction`` / ``source_format`` means not recorded.
+A perturbation is named by its canonical form (``blur:1.0`` and ``blur:1`` of two runs are
+one pass, ``blur:1``). Older runs lack the newer columns: no ``perturbation`` means every
+image is the unperturbed pass (``none``); no ``quant_fraction`` / ``source_format`` means
+not recorded.
 """
 
 from __future__ import annotations
@@ -107,12 +109,30 @@ def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise QddError(f"{metrics_path} is not a metrics object: re-run qdd-cli test")
     if "perturbation" not in scores.columns:
         scores = scores.assign(perturbation=NONE)
-    scores["perturbation"] = scores["perturbation"].fillna(NONE).astype(str)
+    scores["perturbation"] = canonical_perturbations(scores["perturbation"], scores_path)
     for column in ("quant_fraction", "source_format", *IMAGE):
         if column not in scores.columns:
             scores[column] = None
     scores["quant_fraction"] = pd.to_numeric(scores["quant_fraction"], errors="coerce")
     return _named_fakes(scores), metrics
+
+
+def canonical_perturbations(names: pd.Series, path: Path) -> pd.Series:
+    """Each row's perturbation in its canonical form (`qdd.perturb`): runs that spelled one
+    operation two ways (``blur:1``, ``blur:1.0``; ``JPEG:75``) join as one pass."""
+    from qdd.perturb import parse
+
+    names = names.fillna(NONE).astype(str)
+    canonical = {}
+    for spec in names.unique():
+        try:
+            canonical[spec] = parse(spec).canonical
+        except QddError:
+            raise QddError(
+                f"{path} names perturbation {spec!r}, which this qdd version does not know: "
+                "re-run qdd-cli test with a --perturb spec of `qdd-cli test --help`"
+            ) from None
+    return names.map(canonical)
 
 
 def _named_fakes(scores: pd.DataFrame) -> pd.DataFrame:
