@@ -120,9 +120,9 @@ def summarise(totals: dict[str, Any], reference: str) -> dict[str, Any]:
         frequency, profile = radial_profile(mean)
         arrays[f"{name}@radial"] = profile
         arrays["frequency"] = frequency
-        arrays[f"{name}@fingerprint"] = np.abs(
-            np.fft.fftshift(np.fft.fft2(sums["residual"] / n))
-        ) ** 2 / mean.size
+        arrays[f"{name}@fingerprint"] = (
+            np.abs(np.fft.fftshift(np.fft.fft2(sums["residual"] / n))) ** 2 / mean.size
+        )
         generator, precision, perturbation = key
         entry = {"generator": generator, "precision": precision,
                  "perturbation": perturbation, "n": n, "reference": None}  # fmt: skip

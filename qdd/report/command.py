@@ -36,9 +36,9 @@ def build_report(runs: list[Path], out: Path) -> Path:
     from qdd.report.paired import plot_paired, shift_table
     from qdd.report.robustness import plot_robustness, precision_table, spec_rank
     from qdd.report.runs import NONE, group_table, load_runs, missing_groups
+    from qdd.report.spectra import fingerprint_section, is_fingerprint_run
     from qdd.report.style import save
     from qdd.report.tables import metric_pivot, sorted_groups, write_table
-    from qdd.report.spectra import fingerprint_section, is_fingerprint_run
     from qdd.report.tradeoff import is_quality_run
 
     quality_runs = [Path(r) for r in runs if is_quality_run(Path(r))]

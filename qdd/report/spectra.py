@@ -68,10 +68,14 @@ def load_fingerprints(folders: list[Path]) -> tuple[dict[str, Any], pd.DataFrame
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if not table.empty:
         generators = order_generators(table["generator"].unique())
-        table = table.assign(
-            _g=table["generator"].map(generators.index),
-            _p=table["precision"].map(order_precisions(table["precision"].unique()).index),
-        ).sort_values(["_g", "perturbation", "_p"], kind="stable").drop(columns=["_g", "_p"])
+        table = (
+            table.assign(
+                _g=table["generator"].map(generators.index),
+                _p=table["precision"].map(order_precisions(table["precision"].unique()).index),
+            )
+            .sort_values(["_g", "perturbation", "_p"], kind="stable")
+            .drop(columns=["_g", "_p"])
+        )
     return groups, table.reset_index(drop=True)
 
 
