@@ -158,7 +158,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
             assert float(got[key][column]) == pytest.approx(float(row[column]), abs=1e-5)
 
 
-@pytest.mark.slow  # two real processes: ~60 s on the shared 2-core host
+@pytest.mark.slow  # two real processes: ~110 s on the shared 2-core host
 def test_ddp_two_processes_every_image_once(shards: Path, single: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     run_qdd(["fingerprint", "--data", str(shards / "*"), "--out", str(out),
@@ -258,3 +258,28 @@ def test_luma_spectrum_radial_and_distance_match_numpy() -> None:
     assert profile[2] == pytest.approx(spectrum[ring].mean())
     assert distance_db(2 * spectrum, spectrum) == pytest.approx(10 * np.log10(2))
     assert distance_db(spectrum, spectrum) == 0
+
+
+def test_report_draws_spectra_radial_and_a_table(single: Path, tmp_path: Path) -> None:
+    from qdd.report.command import build_report
+
+    out = tmp_path / "report"
+    index = build_report([single], out)
+    for stem in ("spectra_sd3", "radial_sd3", "radial_flux"):
+        assert (out / f"{stem}.png").is_file(), stem
+    assert not (out / "spectra_flux.png").exists()  # flux has no fp32 group to differ from
+    table = (out / "tables" / "spectral_distance.csv").read_text().splitlines()
+    assert table[0].startswith("generator,precision,perturbation,n,distance,low,high")
+    assert [line.split(",")[1] for line in table[1:]] == ["fp16", "fp4"]
+    text = index.read_text()
+    assert "spectra_sd3.png" in text and "no spectra_flux" in text
+
+
+def test_report_refuses_one_group_from_two_runs(single: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from qdd.report.command import build_report
+
+    shutil.copytree(single, tmp_path / "again")
+    with pytest.raises(QddError, match="is in both .* pass one fingerprint run per group"):
+        build_report([single, tmp_path / "again"], tmp_path / "report")

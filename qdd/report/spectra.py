@@ -152,7 +152,7 @@ def plot_spectra(groups: dict[str, Any], generator: str) -> Figure | None:
         fig.colorbar(spectrum_image, ax=axes[:, 0].tolist(), shrink=0.8,
                      label=f"{reference} power, dB")  # fmt: skip
         fig.colorbar(difference_image, ax=axes[:, 1:].ravel().tolist(), shrink=0.8,
-                     label="difference from the reference, dB")  # fmt: skip
+                     label=f"minus {reference}, dB")  # fmt: skip
         fig.suptitle(f"{generator}: residual power spectra")
     return fig
 
