@@ -283,3 +283,18 @@ def test_report_refuses_one_group_from_two_runs(single: Path, tmp_path: Path) ->
     shutil.copytree(single, tmp_path / "again")
     with pytest.raises(QddError, match="is in both .* pass one fingerprint run per group"):
         build_report([single, tmp_path / "again"], tmp_path / "report")
+
+
+def test_cli_and_api_write_the_same_run(
+    shards: Path, single: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from qdd.api import fingerprint
+
+    folders = [str(shards / "*")]
+    result = fingerprint(data=folders, out=str(tmp_path / "api"), batch_size=5, trainer=CPU)
+    assert result.run_dir == tmp_path / "api" and result.metrics["kind"] == "fingerprint"
+    assert_same_run(tmp_path / "api", single)
+    main(["fingerprint", "--data", *folders, "--out", str(tmp_path / "cli"),
+          "--trainer.accelerator=cpu"])  # fmt: skip
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "cli")
+    assert_same_run(tmp_path / "cli", single)
