@@ -198,10 +198,11 @@ def run_fingerprint(
     scored = sum(g["n"] for g in groups.values() if g["perturbation"] == UNPERTURBED)
     notes = []
     if limited_by:
-        notes.append(f"crop {size} (not {crop}): {limited_by['key']} is {size} pixels on its "
-                     "short side")  # fmt: skip
+        notes.append(f"crop {size} (not {crop}): {limited_by['key']} in {limited_by['shard']} "
+                     f"is {size} pixels on its short side")  # fmt: skip
+    warnings = []
     if summary["without_reference"]:
-        notes.append(f"{len(summary['without_reference'])} group(s) have no {reference} twin "
+        warnings.append(f"{len(summary['without_reference'])} group(s) have no {reference} twin "
                      f"group, so no distance: {', '.join(summary['without_reference'])}; add "
                      f"their {reference} shard folder to --data")  # fmt: skip
     metrics = {
@@ -221,7 +222,7 @@ def run_fingerprint(
         "skipped": skipped,
         "groups": {k: {f: _finite(v) for f, v in g.items()} for k, g in groups.items()},
         "without_reference": summary["without_reference"],
-        "notes": notes,
+        "notes": notes + warnings,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     np.savez(run_dir / SPECTRA, **summary["arrays"])
@@ -232,8 +233,10 @@ def run_fingerprint(
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report_count(scored, datamodule.expected, skipped)
     for note in notes:
-        log.warning(note)
-    return FingerprintResult(run_dir, metrics, notes)
+        log.info(note)
+    for warning in warnings:
+        log.warning(warning)
+    return FingerprintResult(run_dir, metrics, notes + warnings)
 
 
 def main(argv: list[str]) -> None:

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:  # torch is imported where it is used: `qdd-cli fingerprint --help` stays fast
+    from torch import Tensor
 
 #: BT.601 luma weights (R, G, B).
 LUMA = (0.299, 0.587, 0.114)
@@ -77,12 +79,16 @@ def twin_key(key: tuple[str, str, str], reference: str) -> tuple[str, str, str] 
 
 def luma(images: Tensor) -> Tensor:
     """``N×3×H×W`` uint8 (or float, 0–255) → ``N×H×W`` float64 luma, unrounded."""
+    import torch
+
     weights = torch.tensor(LUMA, dtype=torch.float64, device=images.device)
     return torch.einsum("nchw,c->nhw", images.to(torch.float64), weights)
 
 
 def median_residual(y: Tensor) -> Tensor:
     """``y − median3×3(y)`` for ``N×H×W`` (borders reflect-padded; needs H, W ≥ 2)."""
+    import torch
+
     padded = torch.nn.functional.pad(y.unsqueeze(1), (1, 1, 1, 1), mode="reflect")
     windows = padded.unfold(2, 3, 1).unfold(3, 3, 1)  # N×1×H×W×3×3
     median = windows.reshape(*windows.shape[:4], 9).median(dim=-1).values.squeeze(1)
@@ -96,6 +102,8 @@ def residuals(images: Tensor) -> Tensor:
 
 def power_spectrum(residual: Tensor) -> Tensor:
     """``|FFT2|² / (H·W)`` of each ``…×H×W`` array, zero frequency at the centre."""
+    import torch
+
     h, w = residual.shape[-2:]
     spectrum = torch.fft.fft2(residual.to(torch.float64)).abs().square() / (h * w)
     return torch.fft.fftshift(spectrum, dim=(-2, -1))

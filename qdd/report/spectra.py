@@ -4,9 +4,9 @@ Per generator, ``spectra_<generator>``: the reference (fp32) group's mean residu
 spectrum in dB (left column, its own colour bar), then each precision's difference from it
 (``10·log10`` of the ratio, dB), every difference panel on one symmetric colour scale so
 that panels compare; one row per perturbation. ``radial_<generator>``: the radial profiles
-(dB) per precision, with dotted lines at multiples of 1/8 cycle per pixel (the 8×
-up-sampling of the VAE decoder puts its traces there). ``tables/spectral_distance``: every
-group's distance to its twin with the bootstrap interval.
+(dB) per precision (real photographs dashed, for scale), with dotted lines at multiples of
+1/8 cycle per pixel (the 8× up-sampling of the VAE decoder puts its traces there).
+``tables/spectral_distance``: every group's distance to its twin with the bootstrap interval.
 """
 
 from __future__ import annotations
@@ -168,6 +168,11 @@ def plot_radial(groups: dict[str, Any], generator: str) -> Figure:
                 continue
             ax.plot(group["frequency"], 10 * np.log10(group["radial"] + 1e-12),
                     color=color(precision), label=f"{precision} (n={group['n']})")  # fmt: skip
+        for group in groups.values():  # real photographs, for scale
+            if group["generator"] == "real" and group["perturbation"] == perturbation:
+                ax.plot(group["frequency"], 10 * np.log10(group["radial"] + 1e-12),
+                        color=color("real"), linestyle="--",
+                        label=f"real/{group['precision']} (n={group['n']})")  # fmt: skip
         for k in range(1, 5):
             ax.axvline(k / 8, color="#999999", linestyle=":", linewidth=0.8)
         ax.set_xlabel("frequency, cycles/pixel")
@@ -196,12 +201,15 @@ def fingerprint_section(
     for generator in generators:
         figure = plot_spectra(groups, generator)
         if figure is None:
-            notes.append(f"no spectra_{generator}: no {generator} group at the reference "
-                         "precision beside another precision (add its fp32 shards)")  # fmt: skip
+            _, precisions, reference = _layout(groups, generator)
+            missing = f"another precision than {reference}" if not precisions else reference
+            notes.append(f"no spectra_{generator}: no {generator} group at {missing} "
+                         "(add those shards to the fingerprint run)")  # fmt: skip
         else:
             save(figure, out, f"spectra_{generator}")
+            reference = _layout(groups, generator)[2]
             figures[f"spectra_{generator}"] = (
-                f"{generator}: fp32 residual spectrum and each precision's difference from it"
+                f"{generator}: {reference} residual spectrum and each precision's difference"
             )
         save(plot_radial(groups, generator), out, f"radial_{generator}")
         figures[f"radial_{generator}"] = f"{generator}: radial profiles of the residual spectra"
