@@ -187,12 +187,14 @@ def test_crop_is_centred_and_never_resized(shards: Path, tmp_path: Path) -> None
 def test_perturbations_are_groups_of_their_own(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "perturbed"
     run_fingerprint([str(shards / "sd3-fp32"), str(shards / "sd3-fp4")], out,
-                    perturb=["jpeg:90"], trainer=CPU)  # fmt: skip
+                    perturb=["jpeg:90", "resize:0.5"], trainer=CPU)  # fmt: skip
     rows = distances(out)
-    assert set(rows) == {("sd3", "fp4", "none"), ("sd3", "fp4", "jpeg:90")}
+    passes = ("none", "jpeg:90", "resize:0.5")
+    assert set(rows) == {("sd3", "fp4", p) for p in passes}
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["groups"]["sd3/fp4/jpeg:90"]["reference"] == "sd3/fp32/jpeg:90"
     assert metrics["n"] == 2 * N
+    assert metrics["crop"] == 32  # the half-size images of resize:0.5 set the crop
 
 
 def test_unreadable_image_is_counted_and_named(shards: Path, tmp_path: Path) -> None:
@@ -224,8 +226,12 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(QddError, match="--crop 4 is below 16"):
         run_fingerprint([str(tmp_path / "empty")], tmp_path / "run", crop=4, trainer=CPU)
     write_group(tmp_path / "tiny-fp32", "tiny", "fp32", [smooth_image(0, (12, 12))])
-    with pytest.raises(QddError, match="12 pixels on its short side"):
+    with pytest.raises(QddError, match="12 pixels on its short side, below"):
         run_fingerprint([str(tmp_path / "tiny-fp32")], tmp_path / "run", trainer=CPU)
+    write_group(tmp_path / "small-fp32", "small", "fp32", [smooth_image(0, (24, 24))])
+    with pytest.raises(QddError, match="12 pixels on its short side after --perturb"):
+        run_fingerprint([str(tmp_path / "small-fp32")], tmp_path / "run",
+                        perturb=["resize:0.5"], trainer=CPU)  # fmt: skip
     with pytest.raises(SystemExit) as exit_info:
         main(["fingerprint", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
     assert exit_info.value.code != 0

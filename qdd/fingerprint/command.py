@@ -80,29 +80,43 @@ def image_size(shard: str, span: tuple[int, int]) -> tuple[int, int] | None:
         os.close(fd)
 
 
-def crop_size(folders: list[Path], crop: int) -> tuple[int, dict[str, Any] | None]:
-    """The run's crop: ``crop``, or the smallest image side in ``folders`` if smaller
-    (returned with the image that set it); refuses folders with no image."""
+def crop_size(
+    folders: list[Path], crop: int, perturb: list[str] | None = None
+) -> tuple[int, dict[str, Any] | None]:
+    """The run's crop: ``crop``, or the smallest image side in ``folders`` — after each
+    perturbation of ``perturb`` (``resize:0.5`` halves it) — if smaller, returned with the
+    image that set it; refuses folders with no image."""
+    from PIL import Image
+
     from qdd.datamodules.reader import index_folders
+    from qdd.perturb import perturbations
 
     entries, _ = index_folders(folders)
-    smallest: tuple[int, Any] | None = None
+    smallest: dict[tuple[int, int], Any] = {}  # one image of each size
     for entry in entries:
         size = image_size(entry.shard, entry.png) if entry.png else None
-        if size is not None and (smallest is None or min(size) < smallest[0]):
-            smallest = (min(size), entry)
-    if smallest is None:
+        if size is not None:
+            smallest.setdefault(size, entry)
+    if not smallest:
         raise QddError(
             f"no images in {', '.join(map(str, folders))}: pass shard folders that hold "
             "images (qdd-cli generate or qdd-cli shard)"
         )
-    side, entry = smallest
+    passes = perturbations(perturb) if perturb else []
+    sides = []
+    for size, entry in smallest.items():
+        side = min(size)
+        for perturbation in passes:  # their output size depends on the input size alone
+            side = min(side, *perturbation.apply(Image.new("RGB", size), entry.key).size)
+        sides.append((side, entry))
+    side, entry = min(sides, key=lambda pair: pair[0])
     if side >= crop:
         return crop, None
     if side < MIN_CROP:
+        after = " after --perturb" if passes else ""
         raise QddError(
-            f"{entry.key} in {entry.shard} is {side} pixels on its short side, below the "
-            f"{MIN_CROP}-pixel minimum crop: leave such images out of --data"
+            f"{entry.key} in {entry.shard} is {side} pixels on its short side{after}, below "
+            f"the {MIN_CROP}-pixel minimum crop: leave such images (or perturbations) out"
         )
     return side, {"key": entry.key, "shard": entry.shard, "side": side}
 
@@ -177,7 +191,7 @@ def run_fingerprint(
         raise QddError(f"--resamples must be at least 1, got {resamples}")
     folders = resolve_folders(data if isinstance(data, list) else [data])
     run_dir = Path(out) if out else Path("runs") / f"fingerprint-{time.strftime('%Y%m%d-%H%M%S')}"
-    size, limited_by = crop_size(folders, crop)
+    size, limited_by = crop_size(folders, crop, perturb)
     transform = CentreCrop(size)
     datamodule = ShardDataModule(
         paths=[str(f) for f in folders],
