@@ -240,6 +240,15 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "run").exists()
 
 
+def test_an_image_twice_in_one_group_is_refused(shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(shards / "sd3-fp32", tmp_path / "sd3-fp32-copy")
+    with pytest.raises(QddError, match="p00000-s0 is twice in group sd3/fp32 .* pass each"):
+        run_fingerprint([str(shards / "sd3-fp32"), str(tmp_path / "sd3-fp32-copy")],
+                        tmp_path / "run", trainer=CPU)  # fmt: skip
+
+
 def test_median_residual_matches_scipy() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 256, (2, 9, 13)).astype(np.float64)

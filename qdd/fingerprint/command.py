@@ -80,18 +80,38 @@ def image_size(shard: str, span: tuple[int, int]) -> tuple[int, int] | None:
         os.close(fd)
 
 
+def check_repeated(entries: list[Any]) -> None:
+    """Refuse a key that appears twice in one group (a shard folder copied under another
+    name): its image would count twice in the group's mean."""
+    from qdd.datamodules.reader import read_meta
+    from qdd.fingerprint.spectra import UNPERTURBED, group_key
+
+    seen: dict[tuple[tuple[str, str, str], str], str] = {}
+    for entry in entries:
+        try:
+            meta = read_meta(entry)
+        except ValueError:
+            continue  # the loader names it as skipped
+        fields = (meta.get(f) for f in ("source", "generator", "precision"))
+        key = (group_key(int(meta.get("label", 1)), *fields, UNPERTURBED), entry.key)
+        if key in seen:
+            raise QddError(
+                f"{entry.key} is twice in group {group_name(key[0])} ({seen[key]} and "
+                f"{entry.shard}): pass each shard folder once"
+            )
+        seen[key] = entry.shard
+
+
 def crop_size(
-    folders: list[Path], crop: int, perturb: list[str] | None = None
+    entries: list[Any], crop: int, perturb: list[str] | None = None
 ) -> tuple[int, dict[str, Any] | None]:
-    """The run's crop: ``crop``, or the smallest image side in ``folders`` — after each
+    """The run's crop: ``crop``, or the smallest image side of ``entries`` — after each
     perturbation of ``perturb`` (``resize:0.5`` halves it) — if smaller, returned with the
-    image that set it; refuses folders with no image."""
+    image that set it; refuses a run without images."""
     from PIL import Image
 
-    from qdd.datamodules.reader import index_folders
     from qdd.perturb import perturbations
 
-    entries, _ = index_folders(folders)
     smallest: dict[tuple[int, int], Any] = {}  # one image of each size
     for entry in entries:
         size = image_size(entry.shard, entry.png) if entry.png else None
@@ -99,8 +119,8 @@ def crop_size(
             smallest.setdefault(size, entry)
     if not smallest:
         raise QddError(
-            f"no images in {', '.join(map(str, folders))}: pass shard folders that hold "
-            "images (qdd-cli generate or qdd-cli shard)"
+            "no images in --data: pass shard folders that hold images (qdd-cli generate or "
+            "qdd-cli shard)"
         )
     passes = perturbations(perturb) if perturb else []
     sides = []
@@ -180,7 +200,7 @@ def run_fingerprint(
     """
     from qdd.callbacks.scores import report_count
     from qdd.datamodules.dataset import UNPERTURBED
-    from qdd.datamodules.reader import resolve_folders
+    from qdd.datamodules.reader import index_folders, resolve_folders
     from qdd.datamodules.shard import ShardDataModule
     from qdd.fingerprint.module import CentreCrop, FingerprintModule
     from qdd.generation.command import make_trainer
@@ -191,7 +211,9 @@ def run_fingerprint(
         raise QddError(f"--resamples must be at least 1, got {resamples}")
     folders = resolve_folders(data if isinstance(data, list) else [data])
     run_dir = Path(out) if out else Path("runs") / f"fingerprint-{time.strftime('%Y%m%d-%H%M%S')}"
-    size, limited_by = crop_size(folders, crop, perturb)
+    entries, _ = index_folders(folders)
+    check_repeated(entries)
+    size, limited_by = crop_size(entries, crop, perturb)
     transform = CentreCrop(size)
     datamodule = ShardDataModule(
         paths=[str(f) for f in folders],
