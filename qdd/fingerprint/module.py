@@ -87,9 +87,8 @@ class FingerprintModule(LightningModule):
             sums["n"] += len(rows)
             sums["power"] += power[rows].sum(0)
             sums["residual"] += residual[rows].sum(0)
-            sums["boot_power"] += torch.einsum(
-                "nb,nhw->bhw", weights[rows].float(), power[rows].float()
-            )
+            boot = sums["boot_power"].view(self.resamples, -1)  # += weightsᵀ · spectra
+            boot.addmm_(weights[rows].T.float(), power[rows].flatten(1).float())
             sums["boot_n"] += weights[rows].sum(0)
 
     def on_test_epoch_end(self) -> None:

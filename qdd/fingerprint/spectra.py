@@ -81,8 +81,8 @@ def luma(images: Tensor) -> Tensor:
     """``N×3×H×W`` uint8 (or float, 0–255) → ``N×H×W`` float64 luma, unrounded."""
     import torch
 
-    weights = torch.tensor(LUMA, dtype=torch.float64, device=images.device)
-    return torch.einsum("nchw,c->nhw", images.to(torch.float64), weights)
+    x = images.to(torch.float64)
+    return LUMA[0] * x[:, 0] + LUMA[1] * x[:, 1] + LUMA[2] * x[:, 2]
 
 
 def median_residual(y: Tensor) -> Tensor:
@@ -90,9 +90,8 @@ def median_residual(y: Tensor) -> Tensor:
     import torch
 
     padded = torch.nn.functional.pad(y.unsqueeze(1), (1, 1, 1, 1), mode="reflect")
-    windows = padded.unfold(2, 3, 1).unfold(3, 3, 1)  # N×1×H×W×3×3
-    median = windows.reshape(*windows.shape[:4], 9).median(dim=-1).values.squeeze(1)
-    return y - median
+    windows = padded.unfold(2, 3, 1).unfold(3, 3, 1).reshape(*y.shape, 9)
+    return y - windows.median(dim=-1).values
 
 
 def residuals(images: Tensor) -> Tensor:
