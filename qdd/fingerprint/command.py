@@ -93,7 +93,8 @@ def check_repeated(entries: list[Any]) -> None:
         except ValueError:
             continue  # the loader names it as skipped
         fields = (meta.get(f) for f in ("source", "generator", "precision"))
-        key = (group_key(int(meta.get("label", 1)), *fields, UNPERTURBED), entry.key)
+        label = 0 if meta.get("label") == 0 else 1
+        key = (group_key(label, *fields, UNPERTURBED), entry.key)
         if key in seen:
             raise QddError(
                 f"{entry.key} is twice in group {group_name(key[0])} ({seen[key]} and "
