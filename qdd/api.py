@@ -241,6 +241,17 @@ def quality(config: Config = None, **overrides: Any) -> RunResult:
     return RunResult(result.run_dir, result.metrics, {}, result.scores)
 
 
+def fingerprint(config: Config = None, **overrides: Any) -> RunResult:
+    """Residual power spectra per group and each group's distance to its ``reference``
+    twin group (``data``, ``out``, ``crop``, ``reference``, ``perturb``, ...: the flags of
+    ``qdd-cli fingerprint``); ``metrics`` is its metrics.json."""
+    from qdd.fingerprint.command import run_fingerprint
+
+    settings = load_config(config, overrides)
+    result = run_fingerprint(settings.pop("data"), **settings)
+    return RunResult(result.run_dir, result.metrics)
+
+
 def report(config: Config = None, **overrides: Any) -> RunResult:
     """Figures and tables from test runs (``runs``, ``out``), or with ``compare`` the runs
     ranked by ``metric`` on ``group``; ``run_dir`` is the report folder."""

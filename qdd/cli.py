@@ -52,6 +52,7 @@ COMMANDS = {
     "generate": ("qdd.generation.command:main", "generate images at each precision"),
     "decode": ("qdd.cli:decode_command", "decode stored latents with the VAE at a precision"),
     "quality": ("qdd.quality:main", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
+    "fingerprint": ("qdd.fingerprint.command:main", "residual spectra per group vs the fp32 twin"),
     "report": ("qdd.report.command:main", "draw the study's figures and tables from runs"),
     "quantize": ("qdd.generation.quantize:main", "write a deployable quantized denoiser file"),
     "sweep": ("qdd.sweep:main", "run a W&B sweep (grid or random) offline: a fit per trial"),

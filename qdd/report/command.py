@@ -36,14 +36,16 @@ def build_report(runs: list[Path], out: Path) -> Path:
     from qdd.report.paired import plot_paired, shift_table
     from qdd.report.robustness import plot_robustness, precision_table, spec_rank
     from qdd.report.runs import NONE, group_table, load_runs, missing_groups
+    from qdd.report.spectra import fingerprint_section, is_fingerprint_run
     from qdd.report.style import save
     from qdd.report.swap import plot_swap, swap_table
     from qdd.report.tables import metric_pivot, sorted_groups, write_table
     from qdd.report.tradeoff import is_quality_run
 
     quality_runs = [Path(r) for r in runs if is_quality_run(Path(r))]
-    test_runs = [Path(r) for r in runs if Path(r) not in quality_runs]
-    results = load_runs(test_runs) if test_runs or not quality_runs else {}
+    fingerprint_runs = [Path(r) for r in runs if is_fingerprint_run(Path(r))]
+    test_runs = [Path(r) for r in runs if Path(r) not in quality_runs + fingerprint_runs]
+    results = load_runs(test_runs) if test_runs or not quality_runs + fingerprint_runs else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
@@ -69,6 +71,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     table = group_table(results)
     tables: dict[str, tuple[Path, Path]] = {}
     verdicts = tradeoff(quality_runs, table, out, figures, tables, notes)
+    fingerprint_section(fingerprint_runs, out, figures, tables, notes)
     if table.empty:
         if results:
             notes.append("no fake images in these runs: no heatmaps or metric tables")

@@ -14,8 +14,11 @@ from qdd.report.stats import BOOTSTRAP, SEED
 from qdd.report.tables import markdown
 
 #: Tables shown in full in report.md; the others are only linked (they are long).
-EMBEDDED = ("fake_acc", "balanced_acc", "auroc", "paired_shift", "tradeoff")
+EMBEDDED = ("fake_acc", "balanced_acc", "auroc", "paired_shift", "tradeoff", "spectral_distance")
 CAPTIONS = {
+    "spectral_distance": "Spectral distance of each group to its reference (fp32) twin "
+    "group: RMS over frequencies of the log ratio of their mean residual spectra (dB), with a "
+    "95 % Poisson-bootstrap interval over images (qdd-cli fingerprint)",
     "fake_acc": "Fake accuracy (logit > threshold) per generator × precision",
     "balanced_acc": "Balanced accuracy (mean of real and fake accuracy)",
     "auroc": "AUROC of each fake group against the pooled real images",

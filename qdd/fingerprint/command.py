@@ -1,0 +1,318 @@
+"""``qdd-cli fingerprint``: each group's residual spectrum and its distance to the fp32 twin.
+
+Groups are generator × precision × perturbation (`qdd.fingerprint.spectra.group_key`);
+every group is measured against the group of the same generator and perturbation at the
+reference precision (default fp32). Images are centre-cropped to ``--crop`` pixels (default
+256), or to the smallest image side in ``--data`` when that is smaller: one size for the
+whole run, so every spectrum shares one frequency grid.
+
+Outputs in ``--out``:
+
+- ``spectra.npz``: per group ``generator/precision[/perturbation]`` its mean residual power
+  spectrum (2-D, ``np.fft.fftshift`` layout), ``<group>@radial`` its radial profile,
+  ``<group>@fingerprint`` the power spectrum of its mean residual (Corvi et al.'s
+  fingerprint), and ``frequency`` the radial profiles' frequencies (cycles per pixel);
+- ``spectral_distance.csv``: generator, precision, perturbation, n, distance (dB),
+  low, high (95 % Poisson-bootstrap interval over images) for each group with a twin group;
+- ``metrics.json`` (kind ``fingerprint``): the crop, filter, bootstrap, every group's n,
+  the groups without a reference twin, and every sample that could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdd.errors import QddError
+from qdd.fingerprint import DISTANCE_COLUMNS, DISTANCES, KIND, SPECTRA
+from qdd.fingerprint.spectra import (
+    FILTER,
+    distance_db,
+    group_name,
+    interval,
+    radial_profile,
+    twin_key,
+)
+
+log = logging.getLogger(__name__)
+
+#: The smallest crop that still resolves a period-8 trace with some bins around it.
+MIN_CROP = 16
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class FingerprintResult:
+    """What a fingerprint run wrote: its folder and metrics.json's content (rank 0)."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def image_size(shard: str, span: tuple[int, int]) -> tuple[int, int] | None:
+    """(width, height) of a stored image from its PNG header (24 bytes read), or from
+    PIL's header parser for other formats; None if neither can tell."""
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        head = os.pread(fd, min(24, span[1]), span[0])
+        if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
+            return struct.unpack(">II", head[16:24])
+        from PIL import Image
+
+        try:
+            return Image.open(io.BytesIO(os.pread(fd, span[1], span[0]))).size
+        except Exception:  # PIL raises many types for bad data; the loader names it
+            return None
+    finally:
+        os.close(fd)
+
+
+def check_repeated(entries: list[Any]) -> None:
+    """Refuse a key that appears twice in one group (a shard folder copied under another
+    name): its image would count twice in the group's mean."""
+    from qdd.datamodules.reader import read_meta
+    from qdd.fingerprint.spectra import UNPERTURBED, group_key
+
+    seen: dict[tuple[tuple[str, str, str], str], str] = {}
+    for entry in entries:
+        try:
+            meta = read_meta(entry)
+        except ValueError:
+            continue  # the loader names it as skipped
+        fields = (meta.get(f) for f in ("source", "generator", "precision"))
+        label = 0 if meta.get("label") == 0 else 1
+        key = (group_key(label, *fields, UNPERTURBED), entry.key)
+        if key in seen:
+            raise QddError(
+                f"{entry.key} is twice in group {group_name(key[0])} ({seen[key]} and "
+                f"{entry.shard}): pass each shard folder once"
+            )
+        seen[key] = entry.shard
+
+
+def crop_size(
+    entries: list[Any], crop: int, perturb: list[str] | None = None
+) -> tuple[int, dict[str, Any] | None]:
+    """The run's crop: ``crop``, or the smallest image side of ``entries`` — after each
+    perturbation of ``perturb`` (``resize:0.5`` halves it) — if smaller, returned with the
+    image that set it; refuses a run without images."""
+    from PIL import Image
+
+    from qdd.perturb import perturbations
+
+    smallest: dict[tuple[int, int], Any] = {}  # one image of each size
+    for entry in entries:
+        size = image_size(entry.shard, entry.png) if entry.png else None
+        if size is not None:
+            smallest.setdefault(size, entry)
+    if not smallest:
+        raise QddError(
+            "no images in --data: pass shard folders that hold images (qdd-cli generate or "
+            "qdd-cli shard)"
+        )
+    passes = perturbations(perturb) if perturb else []
+    sides = []
+    for size, entry in smallest.items():
+        side = min(size)
+        for perturbation in passes:  # their output size depends on the input size alone
+            side = min(side, *perturbation.apply(Image.new("RGB", size), entry.key).size)
+        sides.append((side, entry))
+    side, entry = min(sides, key=lambda pair: pair[0])
+    if side >= crop:
+        return crop, None
+    if side < MIN_CROP:
+        after = " after --perturb" if passes else ""
+        raise QddError(
+            f"{entry.key} in {entry.shard} is {side} pixels on its short side{after}, below "
+            f"the {MIN_CROP}-pixel minimum crop: leave such images (or perturbations) out"
+        )
+    return side, {"key": entry.key, "shard": entry.shard, "side": side}
+
+
+def summarise(totals: dict[str, Any], reference: str) -> dict[str, Any]:
+    """Mean spectra, radial profiles, fingerprints and distances from the summed totals."""
+    groups = totals["groups"]
+    arrays: dict[str, np.ndarray] = {}
+    rows, info, without = [], {}, []
+    for key, sums in groups.items():
+        n = int(sums["n"])
+        name = group_name(key)
+        mean = sums["power"] / n
+        arrays[name] = mean
+        frequency, profile = radial_profile(mean)
+        arrays[f"{name}@radial"] = profile
+        arrays["frequency"] = frequency
+        arrays[f"{name}@fingerprint"] = (
+            np.abs(np.fft.fftshift(np.fft.fft2(sums["residual"] / n))) ** 2 / mean.size
+        )
+        generator, precision, perturbation = key
+        entry = {"generator": generator, "precision": precision,
+                 "perturbation": perturbation, "n": n, "reference": None}  # fmt: skip
+        twin = twin_key(key, reference)
+        if twin is not None and twin != key:
+            if twin not in groups:
+                without.append(name)
+            else:
+                ref = groups[twin]
+                distance = float(distance_db(mean, ref["power"] / int(ref["n"])))
+                low, high = interval(sums["boot_power"], sums["boot_n"],
+                                     ref["boot_power"], ref["boot_n"])  # fmt: skip
+                entry.update(reference=group_name(twin), distance=distance, low=low, high=high)
+                rows.append({**{c: entry[c] for c in DISTANCE_COLUMNS[:4]},
+                             "distance": distance, "low": low, "high": high})  # fmt: skip
+        info[name] = entry
+    return {"arrays": arrays, "rows": rows, "groups": info, "without_reference": without}
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def run_fingerprint(
+    data: str | Path | list[str | Path],
+    out: str | Path | None = None,
+    *,
+    crop: int = 256,
+    reference: str = "fp32",
+    perturb: list[str] | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    resamples: int = 200,
+    seed: int = 0,
+    trainer: dict[str, Any] | None = None,
+) -> FingerprintResult:
+    """Spectra and distances of every group in ``data``; see the module doc.
+
+    ``trainer``: Lightning Trainer keyword arguments (``devices``, ``strategy`` …). Under
+    DDP every rank runs this; rank 0 writes the files and returns the metrics.
+    """
+    from qdd.callbacks.scores import report_count
+    from qdd.datamodules.dataset import UNPERTURBED
+    from qdd.datamodules.reader import index_folders, resolve_folders
+    from qdd.datamodules.shard import ShardDataModule
+    from qdd.fingerprint.module import CentreCrop, FingerprintModule
+    from qdd.generation.command import make_trainer
+
+    if crop < MIN_CROP:
+        raise QddError(f"--crop {crop} is below {MIN_CROP} pixels: pass --crop {MIN_CROP} or more")
+    if resamples < 1:
+        raise QddError(f"--resamples must be at least 1, got {resamples}")
+    folders = resolve_folders(data if isinstance(data, list) else [data])
+    run_dir = Path(out) if out else Path("runs") / f"fingerprint-{time.strftime('%Y%m%d-%H%M%S')}"
+    entries, _ = index_folders(folders)
+    check_repeated(entries)
+    size, limited_by = crop_size(entries, crop, perturb)
+    transform = CentreCrop(size)
+    datamodule = ShardDataModule(
+        paths=[str(f) for f in folders],
+        split="all",
+        batch_size=batch_size,
+        num_workers=num_workers,
+        perturb=perturb,
+        transforms={"train": transform, "eval": transform},
+    )
+    module = FingerprintModule(resamples=resamples, seed=seed)
+    lightning = make_trainer({"default_root_dir": str(run_dir), **(trainer or {})})
+    lightning.test(module, datamodule=datamodule, verbose=False)
+    if module.totals is None:  # not rank 0
+        return FingerprintResult(run_dir, {})
+    summary = summarise(module.totals, reference)
+    skipped = module.totals["skipped"]
+    groups = summary["groups"]
+    scored = sum(g["n"] for g in groups.values() if g["perturbation"] == UNPERTURBED)
+    notes = []
+    if limited_by:
+        notes.append(f"crop {size} (not {crop}): {limited_by['key']} in {limited_by['shard']} "
+                     f"is {size} pixels on its short side")  # fmt: skip
+    warnings = []
+    if summary["without_reference"]:
+        warnings.append(f"{len(summary['without_reference'])} group(s) have no {reference} twin "
+                     f"group, so no distance: {', '.join(summary['without_reference'])}; add "
+                     f"their {reference} shard folder to --data")  # fmt: skip
+    metrics = {
+        "kind": KIND,
+        "reference": reference,
+        "data": [str(f) for f in folders],
+        "crop": size,
+        "crop_requested": crop,
+        "crop_limited_by": limited_by,
+        "filter": FILTER,
+        "distance": "RMS over non-DC bins of 10*log10(spectrum / reference spectrum), dB",
+        "bootstrap": {"kind": "poisson", "resamples": resamples, "seed": seed, "level": 0.95},
+        "perturbations": datamodule.perturbation_names,
+        "n": scored,
+        "expected": datamodule.expected,
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+        "groups": {k: {f: _finite(v) for f, v in g.items()} for k, g in groups.items()},
+        "without_reference": summary["without_reference"],
+        "notes": notes + warnings,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(run_dir / SPECTRA, **summary["arrays"])
+    with open(run_dir / DISTANCES, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, DISTANCE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(summary["rows"])
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    report_count(scored, datamodule.expected, skipped)
+    for note in notes:
+        log.info(note)
+    for warning in warnings:
+        log.warning(warning)
+    return FingerprintResult(run_dir, metrics, notes + warnings)
+
+
+def main(argv: list[str]) -> None:
+    """``qdd-cli fingerprint``: parse, run, print the run folder last (on rank 0)."""
+    from qdd.generation.command import split_trainer_flags
+
+    argv, trainer = split_trainer_flags(list(argv))
+    parser = argparse.ArgumentParser(
+        prog="qdd-cli fingerprint",
+        description="Residual power spectra per generator x precision (x perturbation) and "
+        "each group's distance to its fp32 twin group, with a bootstrap interval. Writes "
+        "spectra.npz, spectral_distance.csv and metrics.json into --out. Lightning Trainer "
+        "flags: --trainer.devices N, --trainer.strategy ddp, --trainer.accelerator cpu|gpu.",
+    )
+    parser.add_argument("--data", nargs="+", action="extend", required=True,
+                        help="shard folders or globs (repeatable)")  # fmt: skip
+    parser.add_argument("--crop", type=int, default=256,
+                        help="centre-crop side in pixels (never resized; default 256, or "
+                        "the smallest image side when smaller)")  # fmt: skip
+    parser.add_argument("--reference", default="fp32", help="precision of the twin groups")
+    parser.add_argument("--perturb", nargs="+", action="extend",
+                        help="test-time perturbations as in qdd-cli test (jpeg:75 …)")  # fmt: skip
+    parser.add_argument("--out", help="run folder (default runs/fingerprint-TIMESTAMP)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    args = parser.parse_args(argv)
+    result = run_fingerprint(
+        args.data,
+        args.out,
+        crop=args.crop,
+        reference=args.reference,
+        perturb=args.perturb,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        resamples=args.resamples,
+        seed=args.seed,
+        trainer=trainer,
+    )
+    if result.metrics:
+        print(result.run_dir)

@@ -1,0 +1,119 @@
+"""The Lightning loop of ``qdd-cli fingerprint``: per group, sums of residual spectra.
+
+Images come through `qdd.datamodules.ShardDataModule` as a test run reads them (map-style
+dataset, ``UnrepeatedDistributedSampler`` under DDP: each sample once, for any worker count
+and batch size), centre-cropped by `CentreCrop` in the loader. Per group the module keeps
+sums only — images, summed power spectra, summed residuals, and the bootstrap's weighted
+sums — so ranks combine by addition (``all_reduce``) and the result does not depend on how
+samples were split. Rank 0 ends with the totals in `totals`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.functional import pil_to_tensor
+
+from qdd.fingerprint.spectra import bootstrap_weights, group_key, power_spectrum, residuals
+
+#: What is summed per group (besides the count ``n``).
+SUMS = ("power", "residual", "boot_power", "boot_n")
+
+
+class CentreCrop:
+    """PIL image → uint8 ``3×size×size`` tensor of its centre; never resamples."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        width, height = image.size
+        if min(width, height) < self.size:
+            raise ValueError(f"image {width}×{height} is smaller than the crop {self.size}")
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        return pil_to_tensor(image.crop((left, top, left + self.size, top + self.size)))
+
+
+class FingerprintModule(LightningModule):
+    """Sums per group of each image's residual, its power spectrum, and ``resamples``
+    Poisson-bootstrap weighted sums of the spectra (float32: an interval needs no more).
+
+    Args:
+        resamples: bootstrap resamples (weights per image, see `bootstrap_weights`).
+        seed: the bootstrap's seed.
+    """
+
+    def __init__(self, resamples: int = 200, seed: int = 0) -> None:
+        super().__init__()
+        self.resamples, self.seed = resamples, seed
+        self.totals: dict[str, Any] | None = None
+
+    def on_test_epoch_start(self) -> None:
+        self._sums: dict[tuple[str, str, str], dict[str, Tensor]] = {}
+        self._skipped: list[dict[str, str]] = []
+
+    def _group(self, key: tuple[str, str, str], size: int) -> dict[str, Tensor]:
+        if key not in self._sums:
+            f64 = {"dtype": torch.float64, "device": self.device}
+            self._sums[key] = {
+                "n": torch.zeros((), **f64),
+                "power": torch.zeros(size, size, **f64),
+                "residual": torch.zeros(size, size, **f64),
+                "boot_power": torch.zeros(
+                    self.resamples, size, size, dtype=torch.float32, device=self.device
+                ),
+                "boot_n": torch.zeros(self.resamples, **f64),
+            }
+        return self._sums[key]
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        images, _, meta = batch
+        self._skipped.extend(meta["skipped"])
+        if not len(images):
+            return
+        residual = residuals(images)
+        power = power_spectrum(residual)
+        weights = torch.from_numpy(bootstrap_weights(meta["key"], self.resamples, self.seed))
+        weights = weights.to(self.device)
+        fields = ("label", "source", "generator", "precision", "perturbation")
+        keys = [group_key(*row) for row in zip(*(meta[f] for f in fields), strict=True)]
+        for key in sorted(set(keys)):
+            rows = torch.tensor([i for i, k in enumerate(keys) if k == key], device=self.device)
+            sums = self._group(key, images.shape[-1])
+            sums["n"] += len(rows)
+            sums["power"] += power[rows].sum(0)
+            sums["residual"] += residual[rows].sum(0)
+            boot = sums["boot_power"].view(self.resamples, -1)  # += weightsᵀ · spectra
+            boot.addmm_(weights[rows].T.float(), power[rows].flatten(1).float())
+            sums["boot_n"] += weights[rows].sum(0)
+
+    def on_test_epoch_end(self) -> None:
+        import torch.distributed as dist
+
+        from qdd.callbacks.scores import gather_to_rank_zero
+
+        world = self.trainer.world_size
+        keys = sorted(self._sums)
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            every: list[Any] = [None] * world
+            dist.all_gather_object(every, [(k, self._sums[k]["power"].shape[-1]) for k in keys])
+            sizes = dict(pair for part in every for pair in part)
+            keys = sorted(sizes)
+            for key in keys:  # the same order on every rank
+                sums = self._group(key, sizes[key])
+                for name in ("n", *SUMS):
+                    dist.all_reduce(sums[name])
+        parts = gather_to_rank_zero(self._skipped, world)
+        if parts is None:
+            return
+        self.totals = {
+            "groups": {
+                key: {name: value.double().cpu().numpy() for name, value in self._sums[key].items()}
+                for key in keys
+            },
+            "skipped": sorted((s for part in parts for s in part), key=lambda s: s["key"]),
+        }
