@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qdd.quant.cuda_rcp import table_source
-from qdd.quant.deployed import describe
+from qdd.quant.registry import describe
 
 LIBRARIES = ("diffusers", "bitsandbytes", "torchao")
 
