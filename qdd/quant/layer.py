@@ -79,7 +79,7 @@ def fake_quantize(weight: Tensor, precision: str, bnb_semantics: str = "cuda") -
     if entry is None or entry.weight_kernel is None:
         weight_only = [n for n in registry.names() if registry.REGISTRY[n].weight_kernel]
         raise ValueError(
-            f"{precision!r} is not a weight-only quantized precision: one of {weight_only}"
+            f"{precision!r} is not a quantized precision of weights alone: one of {weight_only}"
         )
     with torch.no_grad():
         return entry.weight_kernel(weight.detach(), bnb_semantics)

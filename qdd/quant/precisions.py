@@ -210,8 +210,8 @@ for _base, _fmt, _group, _order, _colors in (
             layer_kernel=_svdquant, calibration=ACT_ABSMAX if _calibrated else None,
             smoothing=_smoothing, runtime="Nunchaku", reproduces=SVDQ_REPRODUCES,
             exactness=(
-                "approximate: smoothing from calibration abs-max (deepcompressor's search "
-                "simplified); " if _calibrated
+                "approximate: smoothing from the activation abs-max of calibration prompts "
+                "(`qdd.quant.svdquant`); " if _calibrated
                 else "approximate: data-free smoothing `1/√max|W_j|` (not the released "
                 "models' calibrated one); "
             ) + _exact,
