@@ -83,6 +83,7 @@ register(Precision(
     weight_format="e4m3-row", scale_format="fp32 per row, amax/448 in the weight's dtype",
     takes=keep.every_linear, keeps="none", weight_bytes=partial(storage.fp8_bytes, per_row=True),
     weight_kernel=_only_weight(fp8_rowwise), linear_class=UnfusedBiasLinear,
+    emulation="torchao-float8-rowwise",
     library="torchao", library_device="cpu+cuda", runtime="torchao",
     reproduces="torchao `Float8WeightOnlyConfig(PerRow())`",
     exactness="bit for bit (an all-zero row stays 0; torchao: NaN)",
@@ -95,6 +96,7 @@ register(Precision(
     scale_format="fp32 per tensor, amax/448; input scale per call", takes=keep.every_linear,
     keeps="none (ComfyUI's files vary by file: not modelled)",
     weight_bytes=partial(storage.fp8_bytes, per_row=False), layer_kernel=_deployed,
+    emulation="comfyui-fp8-scaled-dynamic-input",
     library="torchao", library_device="sm89", runtime="ComfyUI fp8_scaled",
     reproduces="ComfyUI `fp8_scaled` (`TensorCoreFP8Layout`, `torch._scaled_mm`)",
     exactness="approximate: codes and scales exact, the GEMM's accumulation order not",
@@ -107,6 +109,7 @@ register(Precision(
     scale_format="fp32 per row / per token, amax/448", takes=keep.widths_divisible_by(16),
     keeps="layers with a width not 16·n (torchao skips them)",
     weight_bytes=partial(storage.fp8_bytes, per_row=True), layer_kernel=_deployed,
+    emulation="torchao-float8-dynamic-rowwise",
     library="torchao", library_device="sm89", runtime="torchao",
     reproduces="torchao `Float8DynamicActivationFloat8WeightConfig(PerRow())`",
     exactness="approximate: codes and scales bit for bit, the GEMM's accumulation order not",
@@ -142,7 +145,8 @@ register(Precision(
     "fp4", "weight-only", "bitsandbytes FP4, the common load_in_4bit recipe",
     weight_format="bnb-fp4", group_size=BNB_BLOCK, scale_format="fp32 absmax per 64 (row-major)",
     takes=keep.every_linear, keeps=BNB_KEEPS, weight_bytes=_elementwise(storage.bnb_4bit_bytes),
-    weight_kernel=partial(_bnb, precision="fp4"), library="bitsandbytes", runtime="bitsandbytes",
+    emulation="bitsandbytes-cuda", weight_kernel=partial(_bnb, precision="fp4"),
+    library="bitsandbytes", runtime="bitsandbytes",
     reproduces="bitsandbytes CUDA `kQuantizeBlockwise`", exactness=BNB_EXACT,
     evidence=BNB_EVIDENCE, order=80, color="#D55E00",
 ))  # fmt: skip
@@ -150,7 +154,8 @@ register(Precision(
     "nf4", "weight-only", "bitsandbytes NF4",
     weight_format="bnb-nf4", group_size=BNB_BLOCK, scale_format="fp32 absmax per 64 (row-major)",
     takes=keep.every_linear, keeps=BNB_KEEPS, weight_bytes=_elementwise(storage.bnb_4bit_bytes),
-    weight_kernel=partial(_bnb, precision="nf4"), library="bitsandbytes", runtime="bitsandbytes",
+    emulation="bitsandbytes-cuda", weight_kernel=partial(_bnb, precision="nf4"),
+    library="bitsandbytes", runtime="bitsandbytes",
     reproduces="bitsandbytes CUDA `kQuantizeBlockwise`", exactness=BNB_EXACT,
     evidence=BNB_EVIDENCE, order=90, color="#E69F00",
 ))  # fmt: skip
@@ -159,7 +164,8 @@ register(Precision(
     weight_format="nvfp4", group_size=NVFP4_BLOCK,
     scale_format="e4m3 per 16 × fp32 amax/(448·6)", takes=keep.widths_divisible_by(NVFP4_BLOCK),
     keeps="layers with a width not 16·n (torchao refuses them)", weight_bytes=storage.nvfp4_bytes,
-    weight_kernel=_only_weight(nvfp4), library="torchao", library_device="sm100",
+    weight_kernel=_only_weight(nvfp4), emulation="torchao-nvfp4", library="torchao",
+    library_device="sm100",
     runtime="torchao", reproduces="torchao `NVFP4WeightOnlyConfig`", exactness="bit for bit",
     evidence="equal to torchao on CPU and on an H200; tests/quant/test_backends.py",
     order=130, color="#CC79A7",
@@ -169,6 +175,7 @@ register(Precision(
     weight_format="mxfp4", group_size=MXFP4_BLOCK, scale_format="e8m0 per 32, RCEIL",
     takes=keep.inputs_divisible_by(MXFP4_BLOCK), keeps="layers whose input width is not 32·n",
     weight_bytes=_elementwise(storage.mxfp4_bytes), weight_kernel=_only_weight(mxfp4),
+    emulation="torchao-mx-rceil",
     library="torchao", runtime="torchao MX",
     library_refusal=(
         "mxfp4 through torchao would also quantize activations (its only MX recipe, "
@@ -209,6 +216,7 @@ for _base, _fmt, _group, _order, _colors in (
             keeps=SVDQ_KEEPS, weight_bytes=partial(_svdq_bytes, weight_format=_fmt, group=_group),
             layer_kernel=_svdquant, calibration=ACT_ABSMAX if _calibrated else None,
             smoothing=_smoothing, runtime="Nunchaku", reproduces=SVDQ_REPRODUCES,
+            emulation=f"svdquant-{_smoothing}" + ("/comfy-kitchen-eager" if _fmt == "int4" else ""),
             exactness=(
                 "approximate: smoothing from the activation abs-max of calibration prompts "
                 "(`qdd.quant.svdquant`); " if _calibrated
@@ -228,6 +236,7 @@ register(Precision(
         "`filter_func_default` (SD3 quantizes `proj_out`); widths not 16·n"
     ),
     weight_bytes=storage.nvfp4_bytes, layer_kernel=_deployed, runtime="ModelOpt/TensorRT",
+    emulation="modelopt-nvfp4/torchao-nvfp4-dynamic",
     reproduces="NVIDIA ModelOpt NVFP4 for TensorRT, with torchao's NVFP4 numerics",
     exactness="approximate: codes bit for bit (torchao); input amax dynamic, not calibrated",
     evidence="equal to torchao `NVFP4Tensor.to_nvfp4` on CPU; tests/quant/test_deployed.py",

@@ -47,6 +47,7 @@ class Precision:
     layer_kernel: Callable[[nn.Linear, Precision, Tensor | None], nn.Module] | None = None
     calibration: str | None = None  #: what it needs from calibration ("activation abs-max")
     smoothing: str | None = None  #: SVDQuant's smoothing: "data-free" or "calibrated"
+    emulation: str | None = None  #: the sample's ``emulation`` tag: the numerics followed
     library: str | None = None  #: the Python library that runs it for real (a backend)
     library_refusal: str | None = None  #: why that library is never used, if it is not
     #: where ``auto`` takes the library: ``cpu+cuda``, ``cuda``, ``sm89`` (FP8 tensor cores)
