@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from qdd.errors import QddError
 from qdd.quant import registry
-from qdd.quant.layer import quantize_linear
+from qdd.quant.layer import quantize_linear, uncalibrated_alternative
 from qdd.quant.size import module_bytes
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def _check_calibration(
         raise QddError(
             f"{entry.name} needs calibration ({entry.calibration}) for every quantized layer; "
             f"{len(missing)} of {len(targets)} have none (first: {missing[0]!r}): calibrate "
-            f"this module, or use a data-free precision"
+            f"this module, or use {uncalibrated_alternative(entry.name)}"
         )
 
 

@@ -13,6 +13,9 @@ from torch import Tensor, nn
 from qdd.errors import QddError
 from qdd.quant import registry
 
+#: The attribute a quantized layer carries: its precision (a second quantization is refused).
+QUANTIZED_AS = "qdd_precision"
+
 
 def act_absmax(calibration: Tensor, in_features: int, name: str = "the layer") -> Tensor:
     """Per-input-channel abs-max (fp32) of ``calibration``: input activations
@@ -48,12 +51,17 @@ def quantize_linear(
         raise QddError(f"{precision} is not applied per Linear layer: it means {how}")
     if not isinstance(linear, nn.Linear):
         raise QddError(f"quantize_linear takes an nn.Linear, not {type(linear).__name__}")
+    done = getattr(linear, QUANTIZED_AS, None)
+    if done is not None:
+        raise QddError(
+            f"this Linear is already quantized ({done}): quantize a fresh copy of the layer"
+        )
     if calibration is not None and entry.calibration is None:
         raise QddError(f"{precision} uses no calibration: drop it (or pick a calibrated format)")
     if calibration is None and entry.calibration is not None:
         raise QddError(
             f"{precision} needs calibration ({entry.calibration} of the layer's inputs): pass "
-            f"calibration=, or use a data-free precision"
+            f"calibration=, or use {uncalibrated_alternative(precision)}"
         )
     if not entry.takes(linear, "", linear):
         raise QddError(
@@ -62,14 +70,29 @@ def quantize_linear(
         )
     absmax = None if calibration is None else act_absmax(calibration, linear.in_features)
     if entry.layer_kernel is not None:
-        return entry.layer_kernel(linear, entry, absmax)
-    assert entry.weight_kernel is not None
-    with torch.no_grad():
-        quantized = entry.weight_kernel(linear.weight.detach(), bnb_semantics)
-        linear.weight.copy_(quantized.to(linear.weight.dtype))
-    if entry.linear_class is not nn.Linear and type(linear) is nn.Linear:
-        linear.__class__ = entry.linear_class  # same parameters, the library's op order
-    return linear
+        layer = entry.layer_kernel(linear, entry, absmax)
+    else:
+        assert entry.weight_kernel is not None
+        with torch.no_grad():
+            quantized = entry.weight_kernel(linear.weight.detach(), bnb_semantics)
+            linear.weight.copy_(quantized.to(linear.weight.dtype))
+        if entry.linear_class is not nn.Linear and type(linear) is nn.Linear:
+            linear.__class__ = entry.linear_class  # same parameters, the library's op order
+        layer = linear
+    setattr(layer, QUANTIZED_AS, precision)
+    return layer
+
+
+def uncalibrated_alternative(precision: str) -> str:
+    """The precisions of the same formats that need no calibration (for error messages)."""
+    entry = registry.get(precision)
+    same = [
+        name for name in registry.names()
+        if (other := registry.get(name)).calibration is None
+        and (other.weight_format, other.activation_format)
+        == (entry.weight_format, entry.activation_format)
+    ]  # fmt: skip
+    return " or ".join(same) if same else "a precision without calibration"
 
 
 def fake_quantize(weight: Tensor, precision: str, bnb_semantics: str = "cuda") -> Tensor:

@@ -109,7 +109,7 @@ def assert_provenance(meta: dict, precision: str) -> None:
         "fp4": "bitsandbytes-cuda/rcp-", "nf4": "bitsandbytes-cuda/rcp-",
         "fp8": "torchao-float8-rowwise", "nvfp4": "torchao-nvfp4", "mxfp4": "torchao-mx-rceil",
         "fp8-w8a8": "comfyui-fp8", "fp8-w8a8-row": "torchao-float8-dynamic",
-        "svdq-int4": "svdquant-data-free", "svdq-nvfp4": "svdquant-data-free",
+        "svdq-int4-datafree": "svdquant-data-free", "svdq-nvfp4-datafree": "svdquant-data-free",
         "nvfp4-w4a4": "modelopt-nvfp4",
     }  # fmt: skip
     if meta["quant_backend"] == "emulate":

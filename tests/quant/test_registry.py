@@ -103,10 +103,22 @@ def test_quantize_linear_refuses_what_a_layer_cannot_take() -> None:
         quantize_linear(nn.Linear(40, 32), "nvfp4")
     with pytest.raises(QddError, match="fp8 uses no calibration"):
         quantize_linear(nn.Linear(64, 32), "fp8", calibration=torch.ones(64))
-    with pytest.raises(QddError, match="svdq-int4 needs calibration"):
+    with pytest.raises(QddError, match="svdq-int4 needs calibration.*use svdq-int4-datafree$"):
         quantize_linear(nn.Linear(64, 32), "svdq-int4")
     with pytest.raises(QddError, match="unknown precision"):
         quantize_linear(nn.Linear(64, 32), "int2")
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8-w8a8", "svdq-nvfp4-datafree"])
+def test_a_second_quantization_is_refused_and_changes_nothing(precision: str) -> None:
+    module = nn.Sequential(nn.Linear(64, 32))
+    quantize_module_(module, precision, "emulate", torch.float32)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(QddError, match=f"already quantized \\({precision}\\)"):
+        quantize_module_(module, precision, "emulate", torch.float32)
+    with pytest.raises(QddError, match="already quantized"):
+        quantize_linear(module[0], "nvfp4")
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in state.items())
 
 
 def test_calibration_is_joined_to_layers_by_name() -> None:
@@ -118,7 +130,7 @@ def test_calibration_is_joined_to_layers_by_name() -> None:
     with pytest.raises(QddError, match="no Linear of .*first: '7'"):
         quantize_module_(module, "svdq-int4", "emulate", torch.float32,
                          calibration={"0": torch.ones(64), "7": torch.ones(64)})  # fmt: skip
-    with pytest.raises(QddError, match="1 of 2 have none .*first: '1'"):
+    with pytest.raises(QddError, match="1 of 2 have none .*first: '1'.*svdq-int4-datafree$"):
         quantize_module_(module, "svdq-int4", "emulate", torch.float32,
                          calibration={"0": torch.ones(64)})  # fmt: skip
     with pytest.raises(QddError, match="fp8 uses no calibration"):
