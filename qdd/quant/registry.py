@@ -20,6 +20,13 @@ from qdd.errors import QddError
 from qdd.quant.keep import Rule
 
 KINDS: tuple[str, ...] = ("unquantized", "weight-only", "weights+activations", "gguf")
+#: Where ``--quant-backend auto`` takes a precision's library (`qdd.quant.backends`).
+LIBRARY_DEVICES = {
+    "cpu+cuda": "CPU or CUDA",
+    "cuda": "CUDA",
+    "sm89": "CUDA sm89+ (FP8 tensor cores)",
+    "sm100": "CUDA sm100+ (FP4 tensor cores)",
+}
 #: A weight-only kernel: quantize→dequantize one weight (fp32 out); the ``str`` is which
 #: bitsandbytes the 4-bit formats reproduce (`qdd.quant.bnb4bit`), ignored by the others.
 WeightKernel = Callable[[Tensor, str], Tensor]
@@ -53,7 +60,7 @@ class Precision:
     #: where ``auto`` takes the library: ``cpu+cuda``, ``cuda``, ``sm89`` (FP8 tensor cores)
     #: or ``sm100`` (FP4 tensor cores); explicit ``--quant-backend`` needs ``sm89`` for
     #: formats that quantize activations
-    library_device: str = "cuda"
+    library_device: str = "cuda"  #: one of `LIBRARY_DEVICES`
     runtime: str = "–"  #: what deploys it, in short (named when only emulation runs here)
     reproduces: str = "–"  #: the library code the emulation follows
     exactness: str = "–"  #: "bit for bit" or "approximate: …"
@@ -74,12 +81,14 @@ class Precision:
 REGISTRY: dict[str, Precision] = {}
 
 
-def register(precision: Precision, *, replace: bool = False) -> Precision:
-    """Add ``precision``; a name already taken is refused unless ``replace``."""
+def register(precision: Precision) -> Precision:
+    """Add ``precision``; a name already taken is refused."""
     if precision.kind not in KINDS:
         raise ValueError(f"{precision.name}: kind {precision.kind!r} is not one of {KINDS}")
-    if precision.name in REGISTRY and not replace:
+    if precision.name in REGISTRY:
         raise ValueError(f"precision {precision.name!r} is already registered")
+    if precision.library_device not in LIBRARY_DEVICES:
+        raise ValueError(f"{precision.name}: library_device is one of {list(LIBRARY_DEVICES)}")
     if precision.emulated and (precision.takes is None or precision.weight_bytes is None):
         raise ValueError(f"{precision.name}: a quantized precision needs takes and weight_bytes")
     REGISTRY[precision.name] = precision
@@ -129,15 +138,17 @@ def describe(precision: str, compute_dtype: str) -> dict[str, object]:
 
 def precision_help() -> str:
     """The ``--precision`` help: every registered name, grouped by kind."""
-    groups = {
-        "unquantized": "",
-        "weight-only": "",
-        "weights+activations": "weights and activations: ",
-        "gguf": "GGUF files: ",
-    }
-    parts = [prefix + ", ".join(names(kind)) for kind, prefix in groups.items() if names(kind)]
-    first = ", ".join(names("unquantized") + names("weight-only"))
-    return "; ".join([first, *parts[2:]] if first else parts) + " (docs/quantization.md)"
+    groups = (
+        ("", ("unquantized", "weight-only")),
+        ("weights and activations: ", ("weights+activations",)),
+        ("GGUF files: ", ("gguf",)),
+    )
+    parts = []
+    for prefix, kinds in groups:
+        group = [name for kind in kinds for name in names(kind)]
+        if group:
+            parts.append(prefix + ", ".join(group))
+    return "; ".join(parts) + " (docs/quantization.md)"
 
 
 TABLE_COLUMNS = (
@@ -145,7 +156,7 @@ TABLE_COLUMNS = (
     ("activations", "activation_format"), ("group", "group_size"), ("rank", "rank"),
     ("scale", "scale_format"), ("layers kept in 16 bit", "keeps"),
     ("reproduces", "reproduces"), ("exact?", "exactness"), ("evidence", "evidence"),
-    ("real backend", "library"),
+    ("real backend (`auto`)", "library"),
 )  # fmt: skip
 
 
@@ -168,8 +179,10 @@ def render_table() -> str:
                 value = "compute dtype"
             elif attr == "activation_format" and value is None:
                 value = "compute dtype"
-            elif attr == "library" and value is None:
+            elif attr == "library" and (value is None or entry.library_refusal):
                 value = f"none: emulation only ({entry.runtime})" if entry.emulated else "–"
+            elif attr == "library":
+                value = f"{value} on {LIBRARY_DEVICES[entry.library_device]}"
             elif value is None:
                 value = "–"
             cells.append(str(value).replace("|", "\\|"))
