@@ -238,6 +238,13 @@ def _check_calibration(
             f"{len(missing)} of {len(targets)} have none (first: {missing[0]!r}): calibrate "
             f"this module, or use {uncalibrated_alternative(entry.name)}"
         )
+    for name, linear in targets.items():
+        width = calibration[name].shape[-1:]
+        if width != (linear.in_features,):
+            raise QddError(
+                f"calibration for {name} ends in {tuple(width)}, not its input width "
+                f"{linear.in_features}: collect it from this module's own layers"
+            )
 
 
 def _to_bitsandbytes(

@@ -17,14 +17,14 @@ from qdd.quant import registry
 QUANTIZED_AS = "qdd_precision"
 
 
-def act_absmax(calibration: Tensor, in_features: int, name: str = "the layer") -> Tensor:
+def act_absmax(calibration: Tensor, in_features: int) -> Tensor:
     """Per-input-channel abs-max (fp32) of ``calibration``: input activations
     (``[..., in_features]``) or their per-channel abs-max (``[in_features]``) — the abs-max
     of a 1-D vector is its own absolute value, so both read the same."""
     if calibration.shape[-1:] != (in_features,):
         raise QddError(
-            f"calibration for {name} has {tuple(calibration.shape)} values, not "
-            f"[..., {in_features}] (its input width): collect it from this layer's inputs"
+            f"calibration has {tuple(calibration.shape)} values, not [..., {in_features}] "
+            "(the layer's input width): collect it from this layer's inputs"
         )
     return calibration.detach().float().abs().reshape(-1, in_features).amax(dim=0)
 

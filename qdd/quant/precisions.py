@@ -19,7 +19,7 @@ from qdd.quant import keep, storage
 from qdd.quant.bnb4bit import BNB_BLOCK, bnb_4bit
 from qdd.quant.deployed import deployed_linear
 from qdd.quant.formats import MXFP4_BLOCK, NVFP4_BLOCK, UnfusedBiasLinear, fp8_rowwise, mxfp4, nvfp4
-from qdd.quant.registry import Precision, register
+from qdd.quant.registry import Precision, WeightKernel, register
 from qdd.quant.svdquant import svdquant_linear
 
 SVDQ_RANK = 32
@@ -32,7 +32,7 @@ def _bnb(weight: Tensor, semantics: str, *, precision: str) -> Tensor:
     return bnb_4bit(weight, precision, semantics)
 
 
-def _only_weight(kernel):  # type: ignore[no-untyped-def]
+def _only_weight(kernel: Callable[[Tensor], Tensor]) -> WeightKernel:
     """A weight kernel that ignores the bitsandbytes semantics."""
     return lambda weight, _semantics: kernel(weight)
 

@@ -135,10 +135,13 @@ def test_calibration_is_joined_to_layers_by_name() -> None:
                          calibration={"0": torch.ones(64)})  # fmt: skip
     with pytest.raises(QddError, match="fp8 uses no calibration"):
         quantize_module_(module, "fp8", "emulate", torch.float32, calibration={"0": torch.ones(64)})
+    with pytest.raises(QddError, match=r"calibration for 1 ends in \(32,\), not its input"):
+        quantize_module_(module, "svdq-int4", "emulate", torch.float32,
+                         calibration={"0": torch.ones(64), "1": torch.ones(5, 32)})  # fmt: skip
     assert all(type(m) is nn.Linear for m in module)  # nothing changed
     # activations [tokens, in] and their per-channel abs-max read the same
     x = torch.randn(3, 7, 64)
     absmax = x.abs().amax(dim=(0, 1))
     assert torch.equal(act_absmax(x, 64), absmax) and torch.equal(act_absmax(absmax, 64), absmax)
-    with pytest.raises(QddError, match=r"has \(3, 7, 32\) values, not \[..., 64\]"):
+    with pytest.raises(QddError, match=r"calibration has \(3, 7, 32\) values, not \[..., 64\]"):
         act_absmax(torch.ones(3, 7, 32), 64)
