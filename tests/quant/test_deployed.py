@@ -265,3 +265,31 @@ def test_emulation_close_to_torchao_fp8_kernels(precision: str) -> None:
     gap = ((a - b).norm() / (a - c).norm()).item()
     print(f"{precision}: {differ:.4f} of outputs differ; |real-emu| / |real-exact| = {gap:.4f}")
     assert gap < 0.1  # far below the quantization error itself
+
+
+def test_nvfp4_w4a4_keeps_what_modelopt_keeps_in_diffusers_sd3_and_flux() -> None:
+    """ModelOpt's diffusers example: SD3 → filter_func_default (proj_out quantized), Flux →
+    filter_func_flux_dev (proj_out kept); checked on diffusers' own transformer classes."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from qdd.quant.backends import quantized_layers
+
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+        pooled_projection_dim=32, out_channels=4,
+    )  # fmt: skip
+    flux = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )  # fmt: skip
+    embedders = {
+        "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+        "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+        "context_embedder", "norm_out.linear",
+    }  # fmt: skip
+    for model, kept in ((sd3, embedders), (flux, embedders | {"x_embedder", "proj_out"})):
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        assert linears - set(quantized_layers(model, "nvfp4-w4a4")) == kept, type(model)
