@@ -45,7 +45,10 @@ PERTURB = {"npr": ("jpeg:95", "jpeg:75", "jpeg:50")}
 TILE = 64
 #: One deployed format (weights and activations in 4 bit, SVDQuant's 16-bit low-rank branch)
 #: for the transformers, the architectures it is deployed for; each costs one folder.
-DEPLOYED = {"sd3": ("svdq-int4",), "flux-schnell": ("svdq-int4",)}
+#: (Data-free smoothing: the calibrated svdq-int4 needs a calibration pass per job.)
+DEPLOYED = {"sd3": ("svdq-int4-datafree",), "flux-schnell": ("svdq-int4-datafree",)}
+#: Every generator at every unquantized and weight-only level, in palette order.
+PRECISIONS = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
 #: At most this many tiles of one photograph (half for training, half for test).
 TILES_PER_PHOTO = 16
 #: The sub-folders a demo writes (and --overwrite replaces).
@@ -145,7 +148,6 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
     from qdd.datamodules.schema import REAL
     from qdd.generation.prompts import default_prompts
     from qdd.generation.tiny import build_tiny_pipeline
-    from qdd.quant import WEIGHT_ONLY as PRECISIONS
 
     global _STARTED
     started = _STARTED = time.perf_counter()

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from qdd.cli import VERBOSE_ENV, main
-from qdd.demo import DEPLOYED, DETECTORS, GENERATORS
-from qdd.quant import WEIGHT_ONLY as PRECISIONS  # every generator; DEPLOYED: some
+from qdd.demo import DEPLOYED, DETECTORS, GENERATORS, PRECISIONS  # DEPLOYED: some generators
 from qdd.quiet import is_silenced
 from qdd.report.kde import plot_kde
 from qdd.report.paired import plot_paired

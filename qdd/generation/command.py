@@ -64,6 +64,8 @@ JOB_FIELDS = {f.name for f in fields(Job)}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qdd.quant import registry
+
     parser = argparse.ArgumentParser(
         prog="qdd-cli generate",
         description="Generate images of a diffusion model at one precision (or a study plan's "
@@ -76,12 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-path", help="hub id or local diffusers folder (default: the generator's hub id)"
     )
-    parser.add_argument(
-        "--precision",
-        help="fp32, fp16, fp8, fp4, nf4, nvfp4, mxfp4; weights and activations: fp8-w8a8, "
-        "fp8-w8a8-row, svdq-int4, svdq-nvfp4, nvfp4-w4a4; GGUF files: gguf-q8_0 … gguf-q4_1 "
-        "(docs/quantization.md)",
-    )
+    parser.add_argument("--precision", help=registry.precision_help())
     parser.add_argument(
         "--denoiser-file",
         help="a GGUF denoiser file used as it is (city96's or llama.cpp's Q8_0 … Q4_K); "
@@ -342,7 +339,7 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
     from qdd.generation.loading import compute_dtype_name, resolve_model_path
     from qdd.generation.prompts import load_prompts, prompts_digest
     from qdd.generation.vae import check_vae_precision
-    from qdd.quant import PRECISIONS, resolve_backend
+    from qdd.quant import registry, resolve_backend
     from qdd.quant.gguf import file_sha256
 
     spec = get_generator(job.generator)
@@ -351,10 +348,8 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         check_gguf_job(job, spec)
     elif job.denoiser_file is not None:
         raise QddError(f"--denoiser-file needs a gguf-* precision, not {job.precision}")
-    elif job.precision not in PRECISIONS:
-        raise QddError(
-            f"unknown precision {job.precision!r}: choose one of {', '.join(PRECISIONS)}"
-        )
+    else:
+        registry.get(job.precision)  # an unknown name: one line listing the known ones
     if job.quant_backend not in BACKENDS:
         raise QddError(
             f"unknown --quant-backend {job.quant_backend!r}: choose one of {', '.join(BACKENDS)}"

@@ -61,12 +61,12 @@ def denoiser_bytes(module: Any, precision: str, dtype: str) -> int:
     """What ``module`` (meta or real) weighs at ``precision`` computed in ``dtype``."""
     import torch
 
-    from qdd.quant import QUANTIZED
+    from qdd.quant import registry
     from qdd.quant.backends import quantized_layers
     from qdd.quant.size import module_bytes
 
     module.to(getattr(torch, dtype))
-    layers = quantized_layers(module, precision) if precision in QUANTIZED else {}
+    layers = quantized_layers(module, precision) if precision in registry.quantized() else {}
     return module_bytes(module, precision, layers)
 
 
@@ -85,11 +85,10 @@ def describe_jobs(jobs: list[Job]) -> str:
     from qdd.generation.jobs import pending, work_items
     from qdd.generation.loading import compute_dtype_name
     from qdd.generation.prompts import load_prompts
-    from qdd.quant import PRECISIONS
+    from qdd.quant import registry
 
-    unknown = sorted({job.precision for job in jobs} - set(PRECISIONS))
-    if unknown:
-        raise QddError(f"unknown precision {unknown[0]!r}: choose one of {', '.join(PRECISIONS)}")
+    for precision in sorted({job.precision for job in jobs}):
+        registry.get(precision)  # an unknown name: one line listing the known ones
     denoisers: dict[tuple[str, str], Any] = {}
     rows = []
     total_images = total_todo = total_disk = 0

@@ -12,23 +12,11 @@ from typing import Any
 
 import torch
 
+from qdd.quant import registry
 from qdd.quant.cuda_rcp import table_source
-from qdd.quant.deployed import describe
+from qdd.quant.registry import describe
 
 LIBRARIES = ("diffusers", "bitsandbytes", "torchao")
-
-#: What each emulated precision reproduces (see qdd.quant.formats).
-EMULATION = {
-    "fp8": "torchao-float8-rowwise",
-    "nvfp4": "torchao-nvfp4",
-    "mxfp4": "torchao-mx-rceil",
-    "fp8-w8a8": "comfyui-fp8-scaled-dynamic-input",
-    "fp8-w8a8-row": "torchao-float8-dynamic-rowwise",
-    "svdq-int4": "svdquant-data-free/comfy-kitchen-eager",
-    "svdq-nvfp4": "svdquant-data-free",
-    "nvfp4-w4a4": "modelopt-nvfp4/torchao-nvfp4-dynamic",
-}
-
 
 def library_version(name: str) -> str | None:
     try:
@@ -41,9 +29,10 @@ def emulation_semantics(precision: str, backend: str) -> str | None:
     """The numerics an emulated precision follows; ``None`` when a real library ran."""
     if backend != "emulate":
         return None
-    if precision in ("fp4", "nf4"):
-        return f"bitsandbytes-cuda/rcp-{table_source()}"
-    return EMULATION[precision]
+    tag = registry.get(precision).emulation
+    if tag == "bitsandbytes-cuda":  # which GPU reciprocal table it uses (`qdd.quant.cuda_rcp`)
+        return f"{tag}/rcp-{table_source()}"
+    return tag
 
 
 def device_name(device: torch.device | str) -> str:

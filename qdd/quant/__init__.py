@@ -1,5 +1,6 @@
-"""Precision formats: exact emulations and the real bitsandbytes/torchao backends."""
+"""Precision formats: one registry, exact emulations and the real bitsandbytes/torchao backends."""
 
+from qdd.quant import precisions  # noqa: F401  (fills the registry before anything reads it)
 from qdd.quant.backends import (
     BACKENDS,
     QuantReport,
@@ -7,17 +8,17 @@ from qdd.quant.backends import (
     quantize_module_,
     resolve_backend,
 )
-from qdd.quant.formats import DEPLOYED, PRECISIONS, QUANTIZED, WEIGHT_ONLY, fake_quantize
+from qdd.quant.layer import fake_quantize, quantize_linear
+from qdd.quant.registry import Precision, register
 
 __all__ = [
     "BACKENDS",
-    "DEPLOYED",
-    "PRECISIONS",
-    "QUANTIZED",
+    "Precision",
     "QuantReport",
-    "WEIGHT_ONLY",
     "diffusers_quantization_config",
     "fake_quantize",
+    "quantize_linear",
     "quantize_module_",
+    "register",
     "resolve_backend",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,21 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from qdd.errors import QddError
-from qdd.quant.deployed import describe, quantize_deployed_, quantizes
-from qdd.quant.formats import DEPLOYED, LAST_DIM_MULTIPLE, QUANTIZED, fake_quantize
+from qdd.quant import registry
+from qdd.quant.layer import fake_quantize, quantize_linear, uncalibrated_alternative
 from qdd.quant.size import module_bytes
 
 log = logging.getLogger(__name__)
 
 BACKENDS: tuple[str, ...] = ("auto", "emulate", "torchao", "bitsandbytes")
-#: Which real library implements each format.
-LIBRARY = {"fp4": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao",
-           "nvfp4": "torchao", "mxfp4": "torchao", "fp8-w8a8": "torchao",
-           "fp8-w8a8-row": "torchao"}  # fmt: skip
-#: Deployed formats with no library that runs here: Nunchaku (CUDA only, not on the package
-#: index) and ModelOpt/TensorRT engines. Only the emulation runs them.
-EMULATION_ONLY = {"svdq-int4": "Nunchaku", "svdq-nvfp4": "Nunchaku",
-                  "nvfp4-w4a4": "ModelOpt/TensorRT"}  # fmt: skip
 #: FP8 tensor cores (torch._scaled_mm): Ada (sm89), Hopper (sm90) and newer.
 FP8_COMPUTE_CAPABILITY = (8, 9)
 
@@ -83,32 +76,29 @@ def resolve_backend(precision: str, backend: str, device: torch.device | str) ->
     """
     if backend not in BACKENDS:
         raise QddError(f"unknown quantization backend {backend!r}: one of {', '.join(BACKENDS)}")
-    if precision not in QUANTIZED:
+    entry = registry.get(precision)
+    if not entry.emulated:
         return "none"
     device = torch.device(device)
-    library = LIBRARY.get(precision)
+    library = entry.library
     if backend == "auto":
-        return library if _runs_here(precision, device) else "emulate"
+        return library if library and _runs_here(entry, device) else "emulate"
     if backend == "emulate":
         return backend
     if library is None:
         raise QddError(
-            f"{precision} runs in {EMULATION_ONLY[precision]} only, which qdd cannot call: "
+            f"{precision} runs in {entry.runtime} only, which qdd cannot call: "
             "use --quant-backend emulate"
         )
     if backend != library:
         raise QddError(
             f"--quant-backend {backend} does not implement {precision}: use {library} or emulate"
         )
-    if precision == "mxfp4":
-        raise QddError(
-            "mxfp4 through torchao would also quantize activations (its only MX recipe, "
-            "MXDynamicActivationMXWeightConfig, is W4A4): use --quant-backend emulate, "
-            "bit-exact with torchao's MX weights"
-        )
+    if entry.library_refusal:
+        raise QddError(entry.library_refusal)
     if not _installed(library):
         raise QddError(f"{library} is not installed: pip install {library}, or use emulate")
-    if precision in DEPLOYED and not _has_fp8_compute(device):
+    if entry.activations_quantized and not _has_fp8_compute(device):
         raise QddError(
             f"{precision} through torchao needs a CUDA GPU of compute capability 8.9 or newer "
             f"(FP8 tensor cores), not {_device_label(device)}: use --quant-backend emulate"
@@ -129,19 +119,19 @@ def _device_label(device: torch.device) -> str:
     return str(device)
 
 
-def _runs_here(precision: str, device: torch.device) -> bool:
-    """Whether ``auto`` should pick the real library for ``precision`` on ``device``."""
-    if precision == "mxfp4" or precision in EMULATION_ONLY or not _installed(LIBRARY[precision]):
+def _runs_here(entry: registry.Precision, device: torch.device) -> bool:
+    """Whether ``auto`` should pick the real library for ``entry`` on ``device``."""
+    if entry.library is None or entry.library_refusal or not _installed(entry.library):
         return False
-    if precision in DEPLOYED:
+    if entry.library_device == "sm89":
         return _has_fp8_compute(device)
-    if precision == "fp8":
+    if entry.library_device == "cpu+cuda":
         return device.type in ("cpu", "cuda")
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    if precision == "nvfp4":  # FP4 tensor cores: Blackwell (sm100) and newer
+    if entry.library_device == "sm100":  # FP4 tensor cores: Blackwell (sm100) and newer
         return torch.cuda.get_device_capability(device) >= (10, 0)
-    return True  # bitsandbytes fp4/nf4
+    return True  # cuda
 
 
 def _installed(library: str) -> bool:
@@ -150,31 +140,13 @@ def _installed(library: str) -> bool:
     return importlib.util.find_spec(library) is not None
 
 
-class UnfusedBiasLinear(nn.Linear):
-    """``x @ W.T`` then ``+ bias``: torchao's float8 weight-only layers add the bias apart
-    from the matmul, which rounds differently from ``F.linear``'s fused add in bf16."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.matmul(x, self.weight.t())
-        return out if self.bias is None else out + self.bias
-
-
-def _quantizable(module: nn.Module, precision: str) -> bool:
-    if not isinstance(module, nn.Linear):
-        return False
-    shape = module.weight.shape
-    if precision == "nvfp4":  # torchao refuses NVFP4 weights unless both dims fit
-        return shape[0] % 16 == 0 and shape[1] % 16 == 0
-    multiple = LAST_DIM_MULTIPLE.get(precision)
-    return multiple is None or shape[-1] % multiple == 0
-
-
 def quantized_layers(module: nn.Module, precision: str) -> dict[str, nn.Linear]:
     """The Linear layers ``precision`` quantizes in ``module``, by name (the others stay)."""
+    takes = registry.get(precision).takes
+    if takes is None:
+        return {}
     linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
-    if precision in DEPLOYED:
-        return {n: m for n, m in linears.items() if quantizes(module, n, m, precision)}
-    return {n: m for n, m in linears.items() if _quantizable(m, precision)}
+    return {n: m for n, m in linears.items() if takes(module, n, m)}
 
 
 def quantize_module_(
@@ -183,18 +155,23 @@ def quantize_module_(
     backend: str,
     compute_dtype: torch.dtype,
     bnb_semantics: str = "cuda",
+    calibration: Mapping[str, Tensor] | None = None,
 ) -> QuantReport:
     """Cast ``module`` to ``compute_dtype``, then quantize its Linear layers in place.
 
-    Weight-only formats quantize the weights; the deployed formats (`qdd.quant.deployed`)
-    also quantize each layer's input. ``bnb_semantics``: which bitsandbytes the emulated
-    fp4/nf4 reproduce (`qdd.quant.bnb4bit`).
+    The emulation applies `qdd.quant.layer.quantize_linear` to every Linear the precision
+    takes, with ``calibration.get(name)`` (input activations or their per-channel abs-max,
+    by layer name) for precisions that need it. ``bnb_semantics``: which bitsandbytes the
+    emulated fp4/nf4 reproduce (`qdd.quant.bnb4bit`).
     """
+    entry = registry.get(precision)
     module.to(compute_dtype)
     n_params = sum(p.numel() for p in module.parameters())
     dtype_name = str(compute_dtype).removeprefix("torch.")
-    if precision not in QUANTIZED:
-        fields = describe(precision, dtype_name)
+    if not entry.emulated:
+        if calibration:
+            raise QddError(f"{precision} uses no calibration: drop it")
+        fields = registry.describe(precision, dtype_name)
         return QuantReport(
             precision, "none", dtype_name, 0, n_params, **fields,
             deployed_bytes=module_bytes(module, precision),
@@ -205,16 +182,13 @@ def quantize_module_(
     targets = quantized_layers(module, precision)
     n_quantized = sum(m.weight.numel() for m in targets.values())
     deployed_bytes = module_bytes(module, precision, targets)  # before layers are swapped
-    if backend == "emulate" and precision in DEPLOYED:
-        for linear in targets.values():
-            quantize_deployed_(linear, precision)
-    elif backend == "emulate":
-        with torch.no_grad():
-            for linear in targets.values():
-                quantized = fake_quantize(linear.weight, precision, bnb_semantics)
-                linear.weight.copy_(quantized.to(compute_dtype))
-                if precision == "fp8" and type(linear) is nn.Linear:
-                    linear.__class__ = UnfusedBiasLinear  # same parameters, torchao's op order
+    _check_calibration(module, entry, targets, calibration, backend)
+    if backend == "emulate":
+        for name, linear in targets.items():
+            layer_calibration = calibration.get(name) if calibration else None
+            quantize_linear(
+                linear, precision, calibration=layer_calibration, bnb_semantics=bnb_semantics
+            )
     elif backend == "bitsandbytes":
         _to_bitsandbytes(module, targets, precision, compute_dtype)
     elif backend == "torchao":
@@ -232,8 +206,48 @@ def quantize_module_(
     log.debug("%s/%s: %d of %d parameters quantized", precision, backend, n_quantized, n_params)
     return QuantReport(
         precision, backend, dtype_name, n_quantized, n_params,
-        **describe(precision, dtype_name), kept=kept, deployed_bytes=deployed_bytes,
+        **registry.describe(precision, dtype_name), kept=kept, deployed_bytes=deployed_bytes,
     )  # fmt: skip
+
+
+def _check_calibration(
+    module: nn.Module,
+    entry: registry.Precision,
+    targets: dict[str, nn.Linear],
+    calibration: Mapping[str, Tensor] | None,
+    backend: str,
+) -> None:
+    """Calibration is joined to layers by name: a name the module lacks, a quantized layer
+    without statistics, or statistics for a format that uses none are refused in one line
+    (before any layer changes)."""
+    if entry.calibration is None:
+        if calibration:
+            raise QddError(f"{entry.name} uses no calibration: drop it")
+        return
+    if backend != "emulate":
+        raise QddError(f"{entry.name} is calibrated in qdd's emulation only: use emulate")
+    calibration = calibration or {}
+    layers = {name for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    stray = sorted(set(calibration) - layers)
+    if stray:
+        raise QddError(
+            f"calibration names {len(stray)} layer(s) this module has no Linear of "
+            f"(first: {stray[0]!r}): collect it on the same module"
+        )
+    missing = [name for name in targets if name not in calibration]
+    if missing:
+        raise QddError(
+            f"{entry.name} needs calibration ({entry.calibration}) for every quantized layer; "
+            f"{len(missing)} of {len(targets)} have none (first: {missing[0]!r}): calibrate "
+            f"this module, or use {uncalibrated_alternative(entry.name)}"
+        )
+    for name, linear in targets.items():
+        width = calibration[name].shape[-1:]
+        if width != (linear.in_features,):
+            raise QddError(
+                f"calibration for {name} ends in {tuple(width)}, not its input width "
+                f"{linear.in_features}: collect it from this module's own layers"
+            )
 
 
 def _to_bitsandbytes(
@@ -367,7 +381,7 @@ def diffusers_quantization_config(precision: str, backend: str, compute_dtype: t
 
     ``None`` for the emulation and the unquantized levels, which are applied after loading.
     """
-    if precision not in QUANTIZED or backend in ("emulate", "none"):
+    if precision not in registry.quantized() or backend in ("emulate", "none"):
         return None
     if backend == "bitsandbytes":
         from diffusers import BitsAndBytesConfig

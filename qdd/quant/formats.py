@@ -25,18 +25,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from qdd.quant.bnb4bit import CHUNK, bnb_4bit
-
-#: Weight-only levels (activations stay in the compute dtype).
-WEIGHT_ONLY: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
-#: Deployed formats that quantize activations too (`qdd.quant.deployed`).
-DEPLOYED: tuple[str, ...] = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4")
-#: GGUF files, loaded through diffusers' GGUF loader (`qdd.quant.gguf`).
-GGUF: tuple[str, ...] = tuple(f"gguf-{t}" for t in ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k"))
-PRECISIONS: tuple[str, ...] = WEIGHT_ONLY + DEPLOYED + GGUF
-QUANTIZED: frozenset[str] = frozenset({"fp8", "fp4", "nf4", "nvfp4", "mxfp4", *DEPLOYED})
+from qdd.quant.bnb4bit import CHUNK
 
 #: E2M1 (FP4 of NVFP4/MXFP4): the non-negative values; the sign is a separate bit.
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -46,17 +37,28 @@ E4M3_EPS = torch.finfo(torch.float8_e4m3fn).tiny  # torchao clamps block scales 
 NVFP4_BLOCK, MXFP4_BLOCK = 16, 32
 
 
+def safe_scale(scale: Tensor) -> Tensor:
+    """A zero scale (all-zero input) divides as 1: the values stay zero instead of NaN."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def fp8_row_codes(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """torchao ``_choose_scale_float8`` + ``_quantize_affine_float8`` per row: e4m3 codes and
+    the fp32 scale ``amax/448`` (computed in the rows' own dtype). A zero row stays zero
+    (torchao: 0/0 = NaN)."""
+    scale = (rows.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).float()
+    codes = (rows.float() / safe_scale(scale)).clamp(-E4M3_MAX, E4M3_MAX)
+    return codes.to(torch.float8_e4m3fn), scale
+
+
 def fp8_rowwise(weight: Tensor) -> Tensor:
     """torchao float8 weight-only (e4m3, per-row scale) quantize→dequantize."""
     rows = weight.reshape(weight.shape[0], -1)
     out = torch.empty(rows.shape, dtype=torch.float32, device=weight.device)
     step = max(1, CHUNK // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
-        chunk = rows[start : start + step]
-        scale = (chunk.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).float()
-        scaled = torch.where(scale > 0, chunk.float() / scale, 0.0)  # torchao: 0/0 = NaN
-        scaled = scaled.clamp(-E4M3_MAX, E4M3_MAX)
-        out[start : start + step] = scaled.to(torch.float8_e4m3fn).float() * scale
+        codes, scale = fp8_row_codes(rows[start : start + step])
+        out[start : start + step] = codes.float() * scale
     return out.view(weight.shape)
 
 
@@ -88,8 +90,9 @@ def _e2m1_blocks(
     return out.view(weight.shape)
 
 
-def nvfp4(weight: Tensor) -> Tensor:
-    """torchao NVFP4 weight-only with the dynamic per-tensor scale."""
+def _nvfp4_scales(weight: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+    """torchao NVFP4's block scales: E4M3 relative to the fp32 tensor scale ``amax/(448·6)``;
+    values are multiplied by ``(1/tensor_scale)/block_scale``."""
     if weight.shape[-1] % NVFP4_BLOCK:
         raise ValueError(f"nvfp4 needs the last dim divisible by {NVFP4_BLOCK}")
     tensor_scale = weight.abs().max().float() / (E4M3_MAX * E2M1_MAX)
@@ -100,7 +103,21 @@ def nvfp4(weight: Tensor) -> Tensor:
         fp8 = fp8.float()
         return (1.0 / tensor_scale) / fp8, fp8 * tensor_scale
 
-    return _e2m1_blocks(weight, NVFP4_BLOCK, scales)
+    return scales
+
+
+def nvfp4(weight: Tensor) -> Tensor:
+    """torchao NVFP4 weight-only with the dynamic per-tensor scale."""
+    return _e2m1_blocks(weight, NVFP4_BLOCK, _nvfp4_scales(weight))
+
+
+def nvfp4_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """torchao NVFP4 as E2M1 codes (fp32, the weight's shape) and the per-block scale
+    ``e4m3 × tensor scale`` (``[..., in/16, 1]``): ``nvfp4(w)`` is their product."""
+    blocks = weight.float().unflatten(-1, (-1, NVFP4_BLOCK))
+    divide_by, multiply_by = _nvfp4_scales(weight)(blocks)
+    codes = round_to_e2m1((blocks * divide_by).clamp(-E2M1_MAX, E2M1_MAX))
+    return codes.flatten(-2), multiply_by
 
 
 def _power_of_two(biased_exponent: Tensor) -> Tensor:
@@ -139,32 +156,10 @@ def mxfp4(weight: Tensor, scaling: str = "rceil") -> Tensor:
     return _e2m1_blocks(weight, MXFP4_BLOCK, MX_SCALINGS[scaling])
 
 
-FAKE_QUANTIZERS: dict[str, Callable[[Tensor], Tensor]] = {
-    "fp8": fp8_rowwise,
-    "nvfp4": nvfp4,
-    "mxfp4": mxfp4,
-}
+class UnfusedBiasLinear(nn.Linear):
+    """``x @ W.T`` then ``+ bias``: torchao's float8 weight-only layers add the bias apart
+    from the matmul, which rounds differently from ``F.linear``'s fused add in bf16."""
 
-#: Block size along the last dim that a format needs (Linear layers that miss it stay
-#: unquantized, as the real backends refuse them).
-LAST_DIM_MULTIPLE = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}
-
-
-def fake_quantize(weight: Tensor, precision: str, bnb_semantics: str = "cuda") -> Tensor:
-    """Quantize→dequantize one weight with the exact numerics of ``precision`` (fp32 out).
-
-    ``bnb_semantics`` picks which bitsandbytes implementation fp4/nf4 reproduce: ``cuda``
-    (its CUDA kernels, the default) or ``cpu`` (its PyTorch path); see `qdd.quant.bnb4bit`.
-    """
-    if precision in ("fp4", "nf4"):
-        with torch.no_grad():
-            return bnb_4bit(weight.detach(), precision, bnb_semantics)
-    try:
-        quantizer = FAKE_QUANTIZERS[precision]
-    except KeyError:
-        raise ValueError(
-            f"{precision!r} is not a quantized precision: one of "
-            f"{sorted(['fp4', 'nf4', *FAKE_QUANTIZERS])}"
-        ) from None
-    with torch.no_grad():
-        return quantizer(weight.detach())
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.matmul(x, self.weight.t())
+        return out if self.bias is None else out + self.bias

@@ -36,17 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from qdd.errors import QddError
+from qdd.quant import registry
 
 log = logging.getLogger(__name__)
 
-#: qdd precision → GGML tensor type.
+#: qdd precision → GGML tensor type (the registry's GGUF entries: ``gguf-q8_0`` → Q8_0).
 GGUF_TYPES: dict[str, str] = {
-    "gguf-q8_0": "Q8_0",
-    "gguf-q5_0": "Q5_0",
-    "gguf-q5_1": "Q5_1",
-    "gguf-q4_0": "Q4_0",
-    "gguf-q4_1": "Q4_1",
-    "gguf-q4_k": "Q4_K",
+    name: name.removeprefix("gguf-").upper() for name in registry.names("gguf")
 }
 GGUF_PRECISIONS: tuple[str, ...] = tuple(GGUF_TYPES)
 #: The types qdd quantizes itself (gguf-py's numpy quantizers); the others need a user file.
@@ -63,8 +59,6 @@ KEEP: dict[str, tuple[str, ...]] = {
 }
 #: The diffusers model class of each family's denoiser that loads a GGUF file.
 DENOISER_CLASS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
-#: GGUF ``general.architecture`` of each family (city96's names).
-ARCHITECTURE = {"sd3": "sd3", "flux": "flux"}
 DEFAULT_FILE = "denoiser.gguf"
 
 
@@ -158,7 +152,7 @@ def write_gguf(
     tensors = quantized_tensors(state_dict, linear_weights, precision, family)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), ARCHITECTURE[family])
+    writer = gguf.GGUFWriter(str(partial), family)  # city96's architecture names
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string("qdd.precision", precision)
     writer.add_array("qdd.keep", list(KEEP[family]))

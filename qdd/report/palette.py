@@ -1,8 +1,9 @@
 """One colour per precision, the same in every figure, and the order to list things in.
 
-Precision colours go from cool (full precision) to warm (4-bit), so a reader sees "fewer
-bits" at a glance; real images are grey. The hues are Okabe–Ito's, which stay apart for
-colour-blind readers. Generators get their own, darker set (used where one figure shows
+Each precision's colour and place are declared in its registry entry
+(`qdd.quant.precisions`): from cool (full precision) to warm (4-bit), so a reader sees
+"fewer bits" at a glance; real images are grey. The hues are Okabe–Ito's, which stay apart
+for colour-blind readers. Generators get their own, darker set (used where one figure shows
 one precision per generator), so a generator is never mistaken for a precision.
 """
 
@@ -11,39 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-#: Fewer bits to the right; within a width, weight-only before weights-and-activations
-#: (the same weights, the activations quantized too: fp8 → fp8-w8a8, nvfp4 → nvfp4-w4a4),
-#: GGUF's block formats beside the weight-only format of their width, and the SVDQuant
-#: formats (4-bit activations rescued by a 16-bit low-rank branch) before plain NVFP4 W4A4,
-#: the coarsest recipe.
-PRECISION_ORDER: tuple[str, ...] = (
-    "fp32", "fp16",
-    "fp8", "fp8-w8a8", "fp8-w8a8-row", "gguf-q8_0",
-    "gguf-q5_1", "gguf-q5_0",
-    "fp4", "nf4", "gguf-q4_k", "gguf-q4_1", "gguf-q4_0", "nvfp4", "mxfp4",
-    "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4",
-)  # fmt: skip
-COLORS: dict[str, str] = {
-    "fp32": "#0072B2",  # blue
-    "fp16": "#56B4E9",  # sky
-    "fp8": "#009E73",  # green
-    "fp8-w8a8": "#00664A",  # dark green: fp8 with activations
-    "fp8-w8a8-row": "#66C5AB",  # light green
-    "gguf-q8_0": "#2A9D8F",  # teal: the 8-bit GGUF
-    "gguf-q5_1": "#8AB17D",  # sage
-    "gguf-q5_0": "#B5C99A",  # pale sage
-    "fp4": "#D55E00",  # vermillion
-    "nf4": "#E69F00",  # orange
-    "gguf-q4_k": "#F0C05A",  # light orange: 4-bit GGUF
-    "gguf-q4_1": "#C9A227",  # ochre
-    "gguf-q4_0": "#A07800",  # dark ochre
-    "nvfp4": "#CC79A7",  # reddish purple
-    "mxfp4": "#8B4513",  # brown
-    "svdq-int4": "#7B3294",  # purple: 4-bit weights and activations + low-rank
-    "svdq-nvfp4": "#B07AA1",  # mauve
-    "nvfp4-w4a4": "#6A1B1A",  # dark red: 4-bit weights and activations, nothing else
-    "real": "#7F7F7F",  # grey
-}
+from qdd.quant import registry
+
+#: The colour of real images.
+REAL = "#7F7F7F"  # grey
 #: Colour of a precision the palette does not know.
 UNKNOWN = "#333333"
 GENERATOR_ORDER: tuple[str, ...] = (
@@ -57,9 +29,14 @@ GENERATOR_COLORS: tuple[str, ...] = (
 MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
+def colors() -> dict[str, str]:
+    """Every registered precision's colour, and real's."""
+    return {name: registry.REGISTRY[name].color for name in registry.names()} | {"real": REAL}
+
+
 def color(precision: str) -> str:
     """The precision's colour; ``real`` is grey, unknown precisions dark grey."""
-    return COLORS.get(precision, UNKNOWN)
+    return colors().get(precision, UNKNOWN)
 
 
 def bits(precision: str) -> int | None:
@@ -68,15 +45,16 @@ def bits(precision: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _ordered(names: Iterable[str], order: tuple[str, ...]) -> list[str]:
+def _ordered(names: Iterable[str], order: Iterable[str]) -> list[str]:
     names = {str(n) for n in names}
+    order = tuple(order)
     known = [n for n in order if n in names]
     return known + sorted(names - set(order))
 
 
 def order_precisions(names: Iterable[str]) -> list[str]:
     """Palette order first (fp32 … nvfp4-w4a4), unknown precisions after, alphabetically."""
-    return _ordered(names, PRECISION_ORDER)
+    return _ordered(names, registry.names())
 
 
 def order_generators(names: Iterable[str]) -> list[str]:

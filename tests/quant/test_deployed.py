@@ -10,9 +10,13 @@ from torch import nn
 
 from qdd.errors import QddError
 from qdd.quant import quantize_module_, resolve_backend
-from qdd.quant.deployed import DeployedLinear, describe
+from qdd.quant.deployed import DeployedLinear
+from qdd.quant.registry import describe
 
 E4M3 = torch.float8_e4m3fn
+DEPLOYED = (
+    "fp8-w8a8", "fp8-w8a8-row", "svdq-int4-datafree", "svdq-nvfp4-datafree", "nvfp4-w4a4"
+)  # fmt: skip
 
 
 def linear(in_features: int = 256, out_features: int = 128, seed: int = 0) -> nn.Sequential:
@@ -104,9 +108,9 @@ def relative_error(precision: str, dtype: torch.dtype = torch.bfloat16) -> float
 
 def test_low_rank_branch_beats_plain_nvfp4_w4a4_on_outlier_columns() -> None:
     plain = relative_error("nvfp4-w4a4")
-    assert relative_error("svdq-nvfp4") < 0.7 * plain
-    assert relative_error("svdq-int4") < 0.7 * plain
-    assert 0 < relative_error("fp8-w8a8-row") < relative_error("svdq-nvfp4")
+    assert relative_error("svdq-nvfp4-datafree") < 0.7 * plain
+    assert relative_error("svdq-int4-datafree") < 0.7 * plain
+    assert 0 < relative_error("fp8-w8a8-row") < relative_error("svdq-nvfp4-datafree")
 
 
 def kitchen_weights(layer: DeployedLinear) -> dict[str, torch.Tensor]:
@@ -128,7 +132,7 @@ def test_svdq_int4_equals_comfy_kitchen_eager_backend(dtype: torch.dtype) -> Non
     SVDQuant reference, bit for bit, given the weights qdd's data-free quantizer made."""
     svdquant = pytest.importorskip("comfy_kitchen.backends.eager.svdquant")
     module = outlier_layer(6)
-    quantize_module_(module, "svdq-int4", "emulate", dtype)
+    quantize_module_(module, "svdq-int4-datafree", "emulate", dtype)
     layer = module[0]
     assert layer.proj_up.shape == (256, 32) and layer.proj_down.shape == (32, 512)
     assert layer.weight.abs().max() <= 8 and torch.equal(layer.weight, layer.weight.round())
@@ -145,7 +149,7 @@ def test_svdq_int4_equals_comfy_kitchen_eager_backend(dtype: torch.dtype) -> Non
 def test_svdq_reconstructs_the_smoothed_weight() -> None:
     """Low rank + dequantized residual, unsmoothed, is close to the original weight."""
     reference, module = outlier_layer(), outlier_layer()
-    quantize_module_(module, "svdq-nvfp4", "emulate", torch.float32)
+    quantize_module_(module, "svdq-nvfp4-datafree", "emulate", torch.float32)
     layer = module[0]
     smooth = layer.smooth.float()
     low_rank = layer.proj_up.float() @ (layer.proj_down.float() * smooth)
@@ -189,14 +193,22 @@ class TinyDiT(nn.Module):
         self.proj_out = nn.Linear(64, 64)
 
 
+class FluxTransformer2DModel(TinyDiT):
+    """Named as diffusers' Flux transformer: ModelOpt picks its keep list by model."""
+
+
 def test_keep_lists_follow_nunchaku_and_modelopt() -> None:
-    svdq = quantize_module_(TinyDiT(), "svdq-int4", "emulate", torch.float32)
+    svdq = quantize_module_(TinyDiT(), "svdq-int4-datafree", "emulate", torch.float32)
     assert set(svdq.kept) == {
         "x_embedder", "context_embedder", "transformer_blocks.0.norm1.linear",
         "transformer_blocks.1.norm1.linear", "norm_out.linear", "proj_out",
     }  # fmt: skip
+    # ModelOpt's filter_func_default (SD3, SD3.5): the final proj_out is quantized
     modelopt = quantize_module_(TinyDiT(), "nvfp4-w4a4", "emulate", torch.float32)
-    assert set(modelopt.kept) == {"x_embedder", "context_embedder", "norm_out.linear", "proj_out"}
+    assert set(modelopt.kept) == {"x_embedder", "context_embedder", "norm_out.linear"}
+    # filter_func_flux_dev: Flux keeps its top-level proj_out too
+    flux = quantize_module_(FluxTransformer2DModel(), "nvfp4-w4a4", "emulate", torch.float32)
+    assert set(flux.kept) == {"x_embedder", "context_embedder", "norm_out.linear", "proj_out"}
     assert modelopt.rank is None and svdq.rank == 32 and svdq.group_size == 64
 
 
@@ -205,7 +217,7 @@ def test_every_precision_describes_its_format() -> None:
         "weight_format": "bfloat16", "activation_format": "bfloat16",
         "activations_quantized": False, "group_size": None, "rank": None,
     }  # fmt: skip
-    assert describe("svdq-nvfp4", "bfloat16")["activation_format"] == "nvfp4"
+    assert describe("svdq-nvfp4-datafree", "bfloat16")["activation_format"] == "nvfp4"
     assert describe("gguf-q4_0", "bfloat16")["weight_format"] == "gguf-q4_0"  # names itself
     report = quantize_module_(linear(), "fp4", "emulate", torch.bfloat16)
     assert report.weight_format == "bnb-fp4" and report.activation_format == "bfloat16"
@@ -213,7 +225,7 @@ def test_every_precision_describes_its_format() -> None:
 
 def test_deployed_layers_keep_zero_inputs_finite() -> None:
     """An all-zero input has a zero scale (NaN in ComfyUI/torchao): the emulation keeps 0."""
-    for precision in ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4"):
+    for precision in DEPLOYED:
         module = linear()
         quantize_module_(module, precision, "emulate", torch.bfloat16)
         with torch.no_grad():
@@ -222,14 +234,14 @@ def test_deployed_layers_keep_zero_inputs_finite() -> None:
 
 
 def test_backends_for_deployed_formats_on_cpu() -> None:
-    for precision in ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4"):
+    for precision in DEPLOYED:
         assert resolve_backend(precision, "auto", "cpu") == "emulate"
         assert resolve_backend(precision, "emulate", "cpu") == "emulate"
     pytest.importorskip("torchao")
     with pytest.raises(QddError, match="compute capability 8.9 or newer.*not cpu"):
         resolve_backend("fp8-w8a8-row", "torchao", "cpu")
-    with pytest.raises(QddError, match="svdq-int4 runs in Nunchaku only"):
-        resolve_backend("svdq-int4", "torchao", "cpu")
+    with pytest.raises(QddError, match="svdq-int4-datafree runs in Nunchaku only"):
+        resolve_backend("svdq-int4-datafree", "torchao", "cpu")
     with pytest.raises(QddError, match="does not implement fp8-w8a8: use torchao"):
         resolve_backend("fp8-w8a8", "bitsandbytes", "cpu")
 
@@ -253,3 +265,31 @@ def test_emulation_close_to_torchao_fp8_kernels(precision: str) -> None:
     gap = ((a - b).norm() / (a - c).norm()).item()
     print(f"{precision}: {differ:.4f} of outputs differ; |real-emu| / |real-exact| = {gap:.4f}")
     assert gap < 0.1  # far below the quantization error itself
+
+
+def test_nvfp4_w4a4_keeps_what_modelopt_keeps_in_diffusers_sd3_and_flux() -> None:
+    """ModelOpt's diffusers example: SD3 → filter_func_default (proj_out quantized), Flux →
+    filter_func_flux_dev (proj_out kept); checked on diffusers' own transformer classes."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    from qdd.quant.backends import quantized_layers
+
+    torch.manual_seed(0)
+    sd3 = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+        pooled_projection_dim=32, out_channels=4,
+    )  # fmt: skip
+    flux = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8),
+    )  # fmt: skip
+    embedders = {
+        "time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+        "time_text_embed.text_embedder.linear_1", "time_text_embed.text_embedder.linear_2",
+        "context_embedder", "norm_out.linear",
+    }  # fmt: skip
+    for model, kept in ((sd3, embedders), (flux, embedders | {"x_embedder", "proj_out"})):
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        assert linears - set(quantized_layers(model, "nvfp4-w4a4")) == kept, type(model)

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bnb_reference import bnb_decode  # tests/quant/bnb_reference.py
 from safetensors.torch import load_file
 
 from qdd.quant import fake_quantize
-from qdd.quant.bnb4bit import BNB_BLOCK, bnb_4bit, bnb_decode
+from qdd.quant.bnb4bit import BNB_BLOCK, bnb_4bit
 from qdd.quant.cuda_rcp import MEASURED_FLIPS, cuda_reciprocal, flip_mantissas
 from qdd.quant.formats import round_to_e2m1
 

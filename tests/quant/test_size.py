@@ -11,14 +11,8 @@ from torch import nn
 
 from qdd.quant import quantize_module_
 from qdd.quant.backends import quantized_layers
-from qdd.quant.size import (
-    GGUF_BLOCKS,
-    gguf_bytes,
-    gguf_file_bytes,
-    module_bytes,
-    quantized_weight_bytes,
-    svdq_bytes,
-)
+from qdd.quant.size import gguf_file_bytes, module_bytes, quantized_weight_bytes
+from qdd.quant.storage import GGUF_BLOCKS, gguf_bytes, svdq_bytes
 
 FOUR_BIT = ("fp4", "nf4", "nvfp4", "mxfp4")
 
@@ -139,11 +133,12 @@ def test_meta_module_weighs_the_same() -> None:
 def test_gguf_blocks_match_the_gguf_library(block_type: str) -> None:
     import gguf
 
-    qtype = getattr(gguf.GGMLQuantizationType, block_type.upper())
+    qtype = getattr(gguf.GGMLQuantizationType, block_type)
     values, size = gguf.GGML_QUANT_SIZES[qtype]
     assert gguf_bytes(12, 512, block_type) == 12 * 512 // values * size
-    assert quantized_weight_bytes(f"gguf-{block_type}", 12, 512) == gguf_bytes(12, 512, block_type)
-    if block_type != "q4_k":  # gguf-py quantizes the legacy types in numpy
+    precision = f"gguf-{block_type.lower()}"
+    assert quantized_weight_bytes(precision, 12, 512) == gguf_bytes(12, 512, block_type)
+    if block_type != "Q4_K":  # gguf-py quantizes the legacy types in numpy
         data = np.random.default_rng(0).standard_normal((12, 512)).astype(np.float32)
         assert gguf.quants.quantize(data, qtype).nbytes == gguf_bytes(12, 512, block_type)
 
@@ -162,7 +157,7 @@ def test_gguf_file_bytes_sum_its_tensors(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert gguf_file_bytes(path) == gguf_bytes(4, 64, "q8_0") + 4 * 4
+    assert gguf_file_bytes(path) == gguf_bytes(4, 64, "Q8_0") + 4 * 4
 
 
 @pytest.mark.parametrize("weight_format", ["int4", "nvfp4"])
@@ -183,9 +178,9 @@ def test_svdquant_layout(weight_format: str) -> None:
             tensors += [torch.empty(out_features, dtype=torch.bfloat16),  # wcscales
                         torch.empty((), dtype=torch.float32)]  # wtscale  # fmt: skip
     expected = sum(t.numel() * t.element_size() for t in tensors)
-    assert svdq_bytes(out_features, in_features, weight_format) == expected
-    precision = f"svdq-{weight_format}"
-    assert quantized_weight_bytes(precision, out_features, in_features) == expected
+    assert svdq_bytes(out_features, in_features, weight_format, rank, group) == expected
+    for precision in (f"svdq-{weight_format}", f"svdq-{weight_format}-datafree"):
+        assert quantized_weight_bytes(precision, out_features, in_features) == expected
 
 
 def test_w8a8_and_w4a4_formats() -> None:

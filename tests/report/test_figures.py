@@ -11,7 +11,7 @@ from matplotlib.container import BarContainer
 from qdd.report.heatmap import plot_heatmap
 from qdd.report.kde import plot_kde
 from qdd.report.paired import lower_precisions, paired_logits, plot_paired, shift_table
-from qdd.report.palette import COLORS, bits, color, generator_style, order_precisions
+from qdd.report.palette import bits, color, colors, generator_style, order_precisions
 from qdd.report.robustness import kinds, plot_robustness, precision_table
 from qdd.report.runs import group_table, load_runs
 from tests.report.conftest import reference_metrics
@@ -29,8 +29,9 @@ def test_palette_orders_and_colours() -> None:
     assert order_precisions(["int4", "mxfp4", "fp8", "fp32", "bf16"]) == [
         "fp32", "fp8", "mxfp4", "bf16", "int4"
     ]  # fmt: skip
-    assert len(set(COLORS.values())) == len(COLORS)  # one colour per precision (and real)
-    assert color("fp4") == COLORS["fp4"] and color("int3") not in COLORS.values()
+    palette = colors()
+    assert len(set(palette.values())) == len(palette)  # one colour per precision (and real)
+    assert color("fp4") == palette["fp4"] and color("int3") not in palette.values()
     assert [bits(p) for p in ("fp32", "nvfp4", "int8", "real")] == [32, 4, 8, None]
     styles = generator_style(["sd3", "sd15", "flux-schnell", "sdxl"])
     assert list(styles) == ["sd15", "sdxl", "sd3", "flux-schnell"]
@@ -54,7 +55,7 @@ def test_kde_ridges_one_per_precision_on_one_scale_with_fp32_outlines(make_run) 
     # one FP32 outline over every other precision's ridge (not over the real images)
     outlines = [ln for ln in sd3.lines if ln.get_label() == "_fp32 reference"]
     assert len(outlines) == 3
-    assert all(to_hex(ln.get_color()) == COLORS["fp32"].lower() for ln in outlines)
+    assert all(to_hex(ln.get_color()) == color("fp32").lower() for ln in outlines)
     assert len([ln for ln in flux.lines if ln.get_label() == "_fp32 reference"]) == 1
     # ridges stacked without overlap: fp32 on top, real at the bottom, n on every row
     assert [t.get_text() for t in sd3.get_yticklabels()] == [
