@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precision",
         help="fp32, fp16, fp8, fp4, nf4, nvfp4, mxfp4; weights and activations: fp8-w8a8, "
-        "fp8-w8a8-row, svdq-int4, svdq-nvfp4, nvfp4-w4a4; GGUF files: gguf-q8_0 … gguf-q4_1 "
+        "fp8-w8a8-row, svdq-int4, svdq-nvfp4 (calibrated smoothing), svdq-int4-datafree, "
+        "svdq-nvfp4-datafree, nvfp4-w4a4; GGUF files: gguf-q8_0 … gguf-q4_1 "
         "(docs/quantization.md)",
     )
     parser.add_argument(

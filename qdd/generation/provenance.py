@@ -24,8 +24,10 @@ EMULATION = {
     "mxfp4": "torchao-mx-rceil",
     "fp8-w8a8": "comfyui-fp8-scaled-dynamic-input",
     "fp8-w8a8-row": "torchao-float8-dynamic-rowwise",
-    "svdq-int4": "svdquant-data-free/comfy-kitchen-eager",
-    "svdq-nvfp4": "svdquant-data-free",
+    "svdq-int4": "svdquant-calibrated/comfy-kitchen-eager",
+    "svdq-nvfp4": "svdquant-calibrated",
+    "svdq-int4-datafree": "svdquant-data-free/comfy-kitchen-eager",
+    "svdq-nvfp4-datafree": "svdquant-data-free",
     "nvfp4-w4a4": "modelopt-nvfp4/torchao-nvfp4-dynamic",
 }
 

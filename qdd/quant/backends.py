@@ -22,6 +22,8 @@ GPUs with FP8 tensor cores (compute capability 8.9 or newer).
 from __future__ import annotations
 
 import logging
+import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from qdd.errors import QddError
-from qdd.quant.deployed import describe, quantize_deployed_, quantizes
+from qdd.quant.deployed import FORMATS, SVDQ, describe, quantize_deployed_, quantizes
 from qdd.quant.formats import DEPLOYED, LAST_DIM_MULTIPLE, QUANTIZED, fake_quantize
 from qdd.quant.size import module_bytes
 
@@ -43,6 +45,7 @@ LIBRARY = {"fp4": "bitsandbytes", "nf4": "bitsandbytes", "fp8": "torchao",
 #: Deployed formats with no library that runs here: Nunchaku (CUDA only, not on the package
 #: index) and ModelOpt/TensorRT engines. Only the emulation runs them.
 EMULATION_ONLY = {"svdq-int4": "Nunchaku", "svdq-nvfp4": "Nunchaku",
+                  "svdq-int4-datafree": "Nunchaku", "svdq-nvfp4-datafree": "Nunchaku",
                   "nvfp4-w4a4": "ModelOpt/TensorRT"}  # fmt: skip
 #: FP8 tensor cores (torch._scaled_mm): Ada (sm89), Hopper (sm90) and newer.
 FP8_COMPUTE_CAPABILITY = (8, 9)
@@ -65,6 +68,9 @@ class QuantReport:
     kept: tuple[str, ...] = field(default_factory=tuple)  #: Linear layers left unquantized
     #: the module's size as the real format stores it (`qdd.quant.size`), also when emulated
     deployed_bytes: int = 0
+    #: SVDQuant's smoothing: ``{"kind": "data-free"}`` or ``{"kind": "calibrated", "alpha":
+    #: {min, median, max}, "beta": {…}}`` over the layers; None for other formats
+    smoothing: dict[str, Any] | None = None
 
     @property
     def fraction(self) -> float:
@@ -180,12 +186,15 @@ def quantize_module_(
     backend: str,
     compute_dtype: torch.dtype,
     bnb_semantics: str = "cuda",
+    calibration: Mapping[str, torch.Tensor] | None = None,
 ) -> QuantReport:
     """Cast ``module`` to ``compute_dtype``, then quantize its Linear layers in place.
 
     Weight-only formats quantize the weights; the deployed formats (`qdd.quant.deployed`)
     also quantize each layer's input. ``bnb_semantics``: which bitsandbytes the emulated
-    fp4/nf4 reproduce (`qdd.quant.bnb4bit`).
+    fp4/nf4 reproduce (`qdd.quant.bnb4bit`). ``calibration``: layer name (within
+    ``module``) → per-channel abs-max of its input, for calibrated SVDQuant
+    (`qdd.generation.calibration` gathers it).
     """
     module.to(compute_dtype)
     n_params = sum(p.numel() for p in module.parameters())
@@ -202,7 +211,10 @@ def quantize_module_(
     targets = quantized_layers(module, precision)
     n_quantized = sum(m.weight.numel() for m in targets.values())
     deployed_bytes = module_bytes(module, precision, targets)  # before layers are swapped
-    if backend == "emulate" and precision in DEPLOYED:
+    smoothing = None
+    if backend == "emulate" and precision in SVDQ:
+        smoothing = _to_svdquant(module, targets, precision, calibration)
+    elif backend == "emulate" and precision in DEPLOYED:
         for linear in targets.values():
             quantize_deployed_(linear, precision)
     elif backend == "emulate":
@@ -230,7 +242,63 @@ def quantize_module_(
     return QuantReport(
         precision, backend, dtype_name, n_quantized, n_params,
         **describe(precision, dtype_name), kept=kept, deployed_bytes=deployed_bytes,
+        smoothing=smoothing,
     )  # fmt: skip
+
+
+def _to_svdquant(
+    module: nn.Module,
+    targets: dict[str, nn.Linear],
+    precision: str,
+    calibration: Mapping[str, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """Swap each target for its `SVDQuantLinear`; the smoothing record of the module."""
+    from qdd.quant.svdquant import SVDQuantLinear, svdquant_linear
+
+    weight_format, smoothing = SVDQ[precision]
+    calibrated = smoothing == "calibrated"
+    if calibrated:
+        missing = [name for name in targets if calibration is None or name not in calibration]
+        if missing:
+            raise QddError(
+                f"{precision} smooths with calibration activations, and {len(missing)} of "
+                f"{len(targets)} layers have none (first: {missing[0]}): gather them "
+                f"(qdd.generation.calibration) or use {precision}-datafree"
+            )
+        extra = sorted(set(calibration or {}) - set(targets))
+        if extra:
+            raise QddError(
+                f"the calibration names {len(extra)} layer(s) {precision} does not quantize "
+                f"here (first: {extra[0]}): gather it on this same module"
+            )
+    elif calibration is not None:
+        raise QddError(f"{precision} smooths without data: leave out the calibration")
+    spec = FORMATS[precision]
+    assert spec.group_size is not None and spec.rank is not None
+    alphas: list[float | None] = []
+    betas: list[float | None] = []
+    for name, linear in targets.items():
+        act_absmax = calibration[name] if calibration is not None and calibrated else None
+        layer = svdquant_linear(
+            linear, weight_format=weight_format, rank=spec.rank, group=spec.group_size,
+            smoothing=smoothing, act_absmax=act_absmax,
+        )  # fmt: skip
+        assert isinstance(layer, SVDQuantLinear)
+        if calibrated:
+            alphas.append(layer.alpha)
+            betas.append(layer.beta)
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, layer)
+    if not calibrated:
+        return {"kind": "data-free"}
+    return {"kind": "calibrated", "alpha": _stats(alphas), "beta": _stats(betas)}
+
+
+def _stats(values: list[float | None]) -> dict[str, float | None]:
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"min": None, "median": None, "max": None}
+    return {"min": min(known), "median": statistics.median(known), "max": max(known)}
 
 
 def _to_bitsandbytes(

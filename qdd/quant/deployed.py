@@ -8,19 +8,15 @@
   scale per weight row and per token, ``amax/448`` in the input's dtype, values divided in
   fp32 and clamped to ±448. Layers whose dims are not multiples of 16 stay unquantized, as
   torchao skips them.
-- ``svdq-int4`` / ``svdq-nvfp4``: SVDQuant (Nunchaku) W4A4, data-free: weight-span smoothing
-  ``s_j = 1/sqrt(max_i |W_ij|)``, a rank-32 16-bit low-rank branch from the SVD of the
-  smoothed weight, the residual quantized per group (INT4 ``amax/7`` per 64 or NVFP4 per 16),
-  the activations divided by ``s`` and quantized per token per group — the weights as
-  diffusers' data-free SVDQuant (``quantizers/nunchaku/data_free.py``), the INT4 activations
-  and matmul as comfy-kitchen's eager SVDQuant backend. Calibrated smoothing is not
-  reproduced (it needs activations; docs/quantization.md).
+- ``svdq-int4`` / ``svdq-nvfp4`` (calibrated smoothing, as released Nunchaku models) and
+  ``svdq-int4-datafree`` / ``svdq-nvfp4-datafree`` (diffusers' data-free smoothing):
+  SVDQuant W4A4 with a rank-32 16-bit low-rank branch, `qdd.quant.svdquant`.
 - ``nvfp4-w4a4``: NVFP4 weights and activations without a low-rank branch, as ModelOpt
   deploys it for TensorRT; numerics of torchao's NVFP4 (per-tensor ``amax/(448·6)`` and an
   E4M3 scale per 16), the activation's per-tensor scale taken per call.
 
 Each quantized ``nn.Linear`` becomes a `DeployedLinear` whose ``weight`` holds the format's
-codes (e4m3 values, INT4 integers or E2M1 values: exact in the compute dtype) and whose
+codes (e4m3 or E2M1 values: exact in the compute dtype) and whose
 ``weight_scale`` buffer holds the scales, so no fp32 copy of the weights is kept.
 """
 
@@ -56,14 +52,18 @@ FORMATS: dict[str, Format] = {
     "fp8-w8a8-row": Format("e4m3-row", "e4m3-token"),
     "svdq-int4": Format("int4+lowrank", "int4", 64, 32),
     "svdq-nvfp4": Format("nvfp4+lowrank", "nvfp4", 16, 32),
+    "svdq-int4-datafree": Format("int4+lowrank", "int4", 64, 32),
+    "svdq-nvfp4-datafree": Format("nvfp4+lowrank", "nvfp4", 16, 32),
     "nvfp4-w4a4": Format("nvfp4", "nvfp4", 16),
 }
-SVDQ_RANK = 32
+#: SVDQuant precisions: (weight format, smoothing), `qdd.quant.svdquant`.
+SVDQ = {"svdq-int4": ("int4", "calibrated"), "svdq-nvfp4": ("nvfp4", "calibrated"),
+        "svdq-int4-datafree": ("int4", "data-free"),
+        "svdq-nvfp4-datafree": ("nvfp4", "data-free")}  # fmt: skip
 #: diffusers' data-free SVDQuant leaves adaLN-style linears in 16 bit, by name.
 SVDQ_EXCLUDE = ("norm", "modulation")
 #: ModelOpt's Flux NVFP4 recipe leaves these unquantized (proj_out: the final projection).
 MODELOPT_EXCLUDE = re.compile(r"^proj_out|time_text_embed|context_embedder|x_embedder|norm_out")
-INT4_MAX = 7.0
 
 
 def describe(precision: str, compute_dtype: str) -> dict[str, object]:
@@ -139,46 +139,6 @@ def fp8_row_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return _e4m3(weight.float() / _safe(scale)), scale
 
 
-def smooth_factor(weight: Tensor) -> Tensor:
-    """Data-free weight-span smoothing (fp32): ``1/sqrt(max_i |W_ij|)``, clamped as diffusers."""
-    span = weight.float().abs().amax(dim=0).clamp_min(1e-6)
-    scale = 1.0 / span.sqrt()
-    return torch.where(torch.isfinite(scale), scale, torch.ones_like(scale)).clamp_min(1e-6)
-
-
-def low_rank(smoothed: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``up (out×r) = U_r·S_r`` and ``down (r×in) = V_rᵀ`` of the smoothed weight (fp32)."""
-    u, s, vh = torch.linalg.svd(smoothed, full_matrices=False)
-    rank = min(rank, s.numel())
-    return u[:, :rank] * s[:rank], vh[:rank]
-
-
-def int4_groups(residual: Tensor, group: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Symmetric INT4 per group: codes in [-8, 7], scale ``amax/7`` stored in ``dtype``."""
-    rows = residual.unflatten(-1, (-1, group))
-    scale = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6) / INT4_MAX
-    codes = (rows / scale).round().clamp(-8, 7)
-    return codes.flatten(-2), scale.to(dtype)
-
-
-def _e2m1_nearest_ties_down(x: Tensor) -> Tensor:
-    """E2M1 by midpoint thresholds, ties to the smaller magnitude (diffusers' bucketize)."""
-    grid = torch.tensor((0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), device=x.device)
-    index = torch.bucketize(x.abs(), (grid[:-1] + grid[1:]) / 2, right=False)
-    return torch.copysign(grid[index], x)
-
-
-def nvfp4_svdq_groups(residual: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """diffusers' data-free NVFP4 residual: E2M1 codes, scale = e4m3 block × tensor scale."""
-    rows = residual.unflatten(-1, (-1, 16))
-    effective = rows.abs().amax(dim=-1, keepdim=True).clamp_min(1e-6) / E2M1_MAX
-    tensor_scale = (effective.amax() / E4M3_MAX).clamp_min(1e-12)
-    block = (effective / tensor_scale).clamp(0.0, E4M3_MAX).to(torch.float8_e4m3fn).float()
-    codes = _e2m1_nearest_ties_down(rows / (block * tensor_scale))
-    # The kernel receives the tensor scale in the compute dtype (``wtscale``).
-    return codes.flatten(-2), block * tensor_scale.to(dtype).float()
-
-
 def nvfp4_torchao_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """torchao NVFP4 as codes (E2M1 values) and per-block scales ``e4m3 × tensor scale``."""
     tensor_scale = weight.abs().max().float() / (E4M3_MAX * E2M1_MAX)
@@ -205,50 +165,23 @@ def fp8_token_activation(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes.float(), scale
 
 
-def int4_activation(x: Tensor, group: int = 64) -> Tensor:
-    """comfy-kitchen's eager SVDQuant activations: symmetric [-7, 7] per 64, in x's dtype."""
-    groups = x.unflatten(-1, (-1, group))
-    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-10) / INT4_MAX
-    codes = (groups / scale).round().clamp(-INT4_MAX, INT4_MAX)
-    return (codes.to(x.dtype) * scale.to(x.dtype)).flatten(-2)
-
-
-def nvfp4_block_activation(x: Tensor) -> Tensor:
-    """NVFP4 activations per 16 per token with an E4M3 block scale ``amax/6`` (fp32 out).
-
-    Nunchaku keeps activation scales as ``float8_e4m3fn`` (K/16 × tokens) with no
-    per-tensor factor; its kernel's exact rounding is not reproduced (no CPU reference).
-    """
-    groups = x.float().unflatten(-1, (-1, 16))
-    scale = (groups.abs().amax(dim=-1, keepdim=True) / E2M1_MAX).clamp(max=E4M3_MAX)
-    scale = scale.to(torch.float8_e4m3fn).float()
-    elements = round_to_e2m1((groups / _safe(scale)).clamp(-E2M1_MAX, E2M1_MAX))
-    return (elements * scale).flatten(-2)
-
-
 # --- the layer -----------------------------------------------------------------------------
 
 
 class DeployedLinear(nn.Linear):
     """A Linear in a deployed W+A format; ``weight`` holds codes, ``weight_scale`` scales.
 
-    ``svdq-*`` layers also hold ``smooth`` (in), ``proj_down`` (r×in, 1/smooth folded in)
-    and ``proj_up`` (out×r), all in the compute dtype, as Nunchaku's kernels receive them.
+    (SVDQuant layers are `qdd.quant.svdquant.SVDQuantLinear`.)
     """
 
     precision: str
 
     def dequantized_weight(self) -> Tensor:
-        """The weight the format computes with (fp32; INT4 in the compute dtype)."""
-        out_features, in_features = self.weight.shape
-        scale = self.weight_scale
+        """The weight the format computes with (fp32)."""
         if self.precision in ("fp8-w8a8", "fp8-w8a8-row"):
-            return self.weight.float() * scale
-        if self.precision == "svdq-int4":
-            groups = self.weight.unflatten(-1, (-1, 64))
-            return (groups * scale).flatten(-2)
+            return self.weight.float() * self.weight_scale
         groups = self.weight.float().unflatten(-1, (-1, 16))
-        return (groups * scale).flatten(-2)
+        return (groups * self.weight_scale).flatten(-2)
 
     def forward(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
@@ -259,29 +192,17 @@ class DeployedLinear(nn.Linear):
             codes, scale = (fp8_tensor_activation if per_tensor else fp8_token_activation)(x)
             accumulated = codes @ self.weight.float().t()
             out = accumulated * scale * self.weight_scale.reshape(1, -1)
-            out = (out if bias is None else out + bias.float()).to(dtype)
-        elif self.precision == "nvfp4-w4a4":
+        else:  # nvfp4-w4a4
             # An all-zero input has a zero tensor scale (NaN in torchao): it stays zero here.
             activations = nvfp4(x) if x.any() else x.float()
             out = activations @ self.dequantized_weight().t()
-            out = (out if bias is None else out + bias.float()).to(dtype)
-        else:
-            lora = (x.float() @ self.proj_down.float().t()) @ self.proj_up.float().t()
-            smoothed = x / self.smooth
-            if self.precision == "svdq-int4":
-                main = int4_activation(smoothed) @ self.dequantized_weight().t()
-            else:
-                main = (nvfp4_block_activation(smoothed) @ self.dequantized_weight().t()).to(dtype)
-            out = main + lora.to(dtype)
-            out = out if bias is None else out + bias
+        out = (out if bias is None else out + bias.float()).to(dtype)
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
 def quantize_deployed_(linear: nn.Linear, precision: str) -> None:
     """Turn ``linear`` (already in its compute dtype) into a `DeployedLinear` in place."""
     weight = linear.weight.detach()
-    dtype = weight.dtype
-    extra: dict[str, Tensor] = {}
     if precision == "fp8-w8a8":
         codes, scale = fp8_tensor_weight(weight)
         scale = scale.reshape(1)
@@ -291,23 +212,9 @@ def quantize_deployed_(linear: nn.Linear, precision: str) -> None:
     elif precision == "nvfp4-w4a4":
         codes, scale = nvfp4_torchao_weight(weight)
     else:
-        smooth = smooth_factor(weight)
-        smoothed = weight.float() * smooth
-        up, down = low_rank(smoothed, SVDQ_RANK)
-        residual = smoothed - up @ down
-        if precision == "svdq-int4":
-            codes, scale = int4_groups(residual, 64, dtype)
-        else:
-            codes, scale = nvfp4_svdq_groups(residual, dtype)
-        extra = {
-            "smooth": smooth.to(dtype),
-            "proj_down": (down / smooth).to(dtype),
-            "proj_up": up.to(dtype),
-        }
+        raise ValueError(f"{precision} is not a DeployedLinear format")
     with torch.no_grad():
-        linear.weight.copy_(codes.to(dtype))  # e4m3 / INT4 / E2M1 values: exact in 16 bit
+        linear.weight.copy_(codes.to(weight.dtype))  # e4m3 / E2M1 values: exact in 16 bit
     linear.register_buffer("weight_scale", scale)
-    for name, value in extra.items():
-        linear.register_buffer(name, value)
     linear.__class__ = DeployedLinear
     linear.precision = precision

@@ -32,7 +32,10 @@ from qdd.quant.bnb4bit import CHUNK, bnb_4bit
 #: Weight-only levels (activations stay in the compute dtype).
 WEIGHT_ONLY: tuple[str, ...] = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
 #: Deployed formats that quantize activations too (`qdd.quant.deployed`).
-DEPLOYED: tuple[str, ...] = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4")
+DEPLOYED: tuple[str, ...] = (
+    "fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "svdq-int4-datafree",
+    "svdq-nvfp4-datafree", "nvfp4-w4a4",
+)  # fmt: skip
 #: GGUF files, loaded through diffusers' GGUF loader (`qdd.quant.gguf`).
 GGUF: tuple[str, ...] = tuple(f"gguf-{t}" for t in ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k"))
 PRECISIONS: tuple[str, ...] = WEIGHT_ONLY + DEPLOYED + GGUF

@@ -126,8 +126,8 @@ def quantized_weight_bytes(precision: str, rows: int, cols: int) -> int:
         return mxfp4_bytes(rows * cols)
     if precision.startswith("gguf-"):
         return gguf_bytes(rows, cols, precision.removeprefix("gguf-"))
-    if precision in ("svdq-int4", "svdq-nvfp4"):
-        return svdq_bytes(rows, cols, precision.removeprefix("svdq-"))
+    if precision.startswith("svdq-"):  # the smoothing does not change the stored layout
+        return svdq_bytes(rows, cols, precision.removeprefix("svdq-").removesuffix("-datafree"))
     raise ValueError(f"{precision!r} has no quantized storage format")
 
 

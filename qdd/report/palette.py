@@ -21,7 +21,7 @@ PRECISION_ORDER: tuple[str, ...] = (
     "fp8", "fp8-w8a8", "fp8-w8a8-row", "gguf-q8_0",
     "gguf-q5_1", "gguf-q5_0",
     "fp4", "nf4", "gguf-q4_k", "gguf-q4_1", "gguf-q4_0", "nvfp4", "mxfp4",
-    "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4",
+    "svdq-int4", "svdq-int4-datafree", "svdq-nvfp4", "svdq-nvfp4-datafree", "nvfp4-w4a4",
 )  # fmt: skip
 COLORS: dict[str, str] = {
     "fp32": "#0072B2",  # blue
@@ -40,7 +40,9 @@ COLORS: dict[str, str] = {
     "nvfp4": "#CC79A7",  # reddish purple
     "mxfp4": "#8B4513",  # brown
     "svdq-int4": "#7B3294",  # purple: 4-bit weights and activations + low-rank
+    "svdq-int4-datafree": "#A366C2",  # light purple: data-free smoothing
     "svdq-nvfp4": "#B07AA1",  # mauve
+    "svdq-nvfp4-datafree": "#D4B0CB",  # pale mauve
     "nvfp4-w4a4": "#6A1B1A",  # dark red: 4-bit weights and activations, nothing else
     "real": "#7F7F7F",  # grey
 }

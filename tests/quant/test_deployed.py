@@ -11,6 +11,7 @@ from torch import nn
 from qdd.errors import QddError
 from qdd.quant import quantize_module_, resolve_backend
 from qdd.quant.deployed import DeployedLinear, describe
+from qdd.quant.svdquant import SVDQuantLinear
 
 E4M3 = torch.float8_e4m3fn
 
@@ -104,12 +105,12 @@ def relative_error(precision: str, dtype: torch.dtype = torch.bfloat16) -> float
 
 def test_low_rank_branch_beats_plain_nvfp4_w4a4_on_outlier_columns() -> None:
     plain = relative_error("nvfp4-w4a4")
-    assert relative_error("svdq-nvfp4") < 0.7 * plain
-    assert relative_error("svdq-int4") < 0.7 * plain
-    assert 0 < relative_error("fp8-w8a8-row") < relative_error("svdq-nvfp4")
+    assert relative_error("svdq-nvfp4-datafree") < 0.7 * plain
+    assert relative_error("svdq-int4-datafree") < 0.7 * plain
+    assert 0 < relative_error("fp8-w8a8-row") < relative_error("svdq-nvfp4-datafree")
 
 
-def kitchen_weights(layer: DeployedLinear) -> dict[str, torch.Tensor]:
+def kitchen_weights(layer: SVDQuantLinear) -> dict[str, torch.Tensor]:
     """Our svdq-int4 layer in comfy-kitchen's natural layout (its eager backend's inputs)."""
     from comfy_kitchen.backends.eager.svdquant import _pack_int4_row_major
 
@@ -128,7 +129,7 @@ def test_svdq_int4_equals_comfy_kitchen_eager_backend(dtype: torch.dtype) -> Non
     SVDQuant reference, bit for bit, given the weights qdd's data-free quantizer made."""
     svdquant = pytest.importorskip("comfy_kitchen.backends.eager.svdquant")
     module = outlier_layer(6)
-    quantize_module_(module, "svdq-int4", "emulate", dtype)
+    quantize_module_(module, "svdq-int4-datafree", "emulate", dtype)
     layer = module[0]
     assert layer.proj_up.shape == (256, 32) and layer.proj_down.shape == (32, 512)
     assert layer.weight.abs().max() <= 8 and torch.equal(layer.weight, layer.weight.round())
@@ -145,7 +146,7 @@ def test_svdq_int4_equals_comfy_kitchen_eager_backend(dtype: torch.dtype) -> Non
 def test_svdq_reconstructs_the_smoothed_weight() -> None:
     """Low rank + dequantized residual, unsmoothed, is close to the original weight."""
     reference, module = outlier_layer(), outlier_layer()
-    quantize_module_(module, "svdq-nvfp4", "emulate", torch.float32)
+    quantize_module_(module, "svdq-nvfp4-datafree", "emulate", torch.float32)
     layer = module[0]
     smooth = layer.smooth.float()
     low_rank = layer.proj_up.float() @ (layer.proj_down.float() * smooth)
@@ -190,7 +191,7 @@ class TinyDiT(nn.Module):
 
 
 def test_keep_lists_follow_nunchaku_and_modelopt() -> None:
-    svdq = quantize_module_(TinyDiT(), "svdq-int4", "emulate", torch.float32)
+    svdq = quantize_module_(TinyDiT(), "svdq-int4-datafree", "emulate", torch.float32)
     assert set(svdq.kept) == {
         "x_embedder", "context_embedder", "transformer_blocks.0.norm1.linear",
         "transformer_blocks.1.norm1.linear", "norm_out.linear", "proj_out",
@@ -213,7 +214,8 @@ def test_every_precision_describes_its_format() -> None:
 
 def test_deployed_layers_keep_zero_inputs_finite() -> None:
     """An all-zero input has a zero scale (NaN in ComfyUI/torchao): the emulation keeps 0."""
-    for precision in ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "nvfp4-w4a4"):
+    for precision in ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4-datafree", "svdq-nvfp4-datafree",
+                      "nvfp4-w4a4"):  # fmt: skip
         module = linear()
         quantize_module_(module, precision, "emulate", torch.bfloat16)
         with torch.no_grad():
