@@ -186,6 +186,7 @@ def quantize_module_(
     backend: str,
     compute_dtype: torch.dtype,
     bnb_semantics: str = "cuda",
+    *,
     calibration: Mapping[str, torch.Tensor] | None = None,
 ) -> QuantReport:
     """Cast ``module`` to ``compute_dtype``, then quantize its Linear layers in place.
