@@ -28,12 +28,15 @@ Two smoothings:
   calibration activations — qdd keeps only the abs-max per layer; (2) one search per layer,
   not one per group of layers sharing an input (deepcompressor smooths q/k/v together);
   (3) the low-rank branch is one SVD of the smoothed weight, not deepcompressor's iterative
-  refinement (``low_rank.num_iters: 100``); (4) the data-free vector is one more candidate
-  (last), so calibrated smoothing is never worse than data-free on the probe.
+  refinement (``low_rank.num_iters: 100``), and while searching a seeded randomized SVD
+  (`sketched_low_rank`) stands in for it, so a candidate costs O(out·in·r), not a full
+  SVD (the chosen smoothing is then factorized exactly); (4) the data-free vector is one
+  more candidate (last), so calibrated smoothing is never worse than data-free on the probe.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +97,21 @@ def low_rank(smoothed: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     u, s, vh = torch.linalg.svd(smoothed, full_matrices=False)
     rank = min(rank, s.numel())
     return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def sketched_low_rank(smoothed: Tensor, rank: int, oversample: int = 8) -> tuple[Tensor, Tensor]:
+    """`low_rank` by a seeded randomized SVD (Halko et al. 2011, two power iterations): the
+    search's stand-in, O(out·in·r) instead of a full SVD per candidate; exact when small."""
+    width = rank + oversample
+    if width >= min(smoothed.shape):
+        return low_rank(smoothed, rank)
+    seeded = torch.Generator().manual_seed(PROBE_SEED)
+    sketch = torch.randn(smoothed.shape[1], width, generator=seeded).to(smoothed.device)
+    basis = torch.linalg.qr(smoothed @ sketch).Q
+    for _ in range(2):
+        basis = torch.linalg.qr(smoothed @ torch.linalg.qr(smoothed.t() @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.t() @ smoothed, full_matrices=False)
+    return (basis @ u[:, :rank]) * s[:rank], vh[:rank]
 
 
 def int4_groups(residual: Tensor, group: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -159,11 +177,17 @@ class SvdqWeights:
 
 
 def svdq_weights(
-    weight: Tensor, smooth: Tensor, weight_format: str, rank: int, group: int, dtype: torch.dtype
+    weight: Tensor,
+    smooth: Tensor,
+    weight_format: str,
+    rank: int,
+    group: int,
+    dtype: torch.dtype,
+    factorize: Callable[[Tensor, int], tuple[Tensor, Tensor]] = low_rank,
 ) -> SvdqWeights:
     """Smooth (fp32), split off the rank-``rank`` branch, quantize the residual per group."""
     smoothed = weight.float() * smooth
-    up, down = low_rank(smoothed, rank)
+    up, down = factorize(smoothed, rank)
     residual = smoothed - up @ down
     if weight_format == "int4":
         codes, scale = int4_groups(residual, group, dtype)
@@ -266,7 +290,9 @@ def search_smoothing(
     ]
     candidates.append((smooth_factor(weight), 0.0, 0.5))  # data-free, as a last candidate
     for smooth, alpha, beta in candidates:
-        weights = svdq_weights(weight, smooth, weight_format, rank, group, dtype)
+        weights = svdq_weights(
+            weight, smooth, weight_format, rank, group, dtype, factorize=sketched_low_rank
+        )
         out = svdq_matmul(
             probe, weights, dequantized(weights, weight_format, group), weight_format, group
         )

@@ -147,3 +147,18 @@ def test_data_free_smoothing_is_the_weight_span() -> None:
     )  # fmt: skip
     assert torch.equal(quantized.smooth, smooth_factor(weight))
     assert quantized.alpha is None
+
+
+def test_the_searchs_sketched_svd_is_seeded_and_near_exact() -> None:
+    from qdd.quant.svdquant import low_rank, sketched_low_rank
+
+    weight = layer(outlier_columns=True)[0].weight.detach()
+    state = torch.random.get_rng_state()
+    up, down = sketched_low_rank(weight, 32)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    again = sketched_low_rank(weight, 32)
+    assert torch.equal(up, again[0]) and torch.equal(down, again[1])
+    exact_up, exact_down = low_rank(weight, 32)
+    sketched = (weight - up @ down).norm()
+    exact = (weight - exact_up @ exact_down).norm()
+    assert exact <= sketched <= 1.03 * exact  # a flat spectrum: the hardest case
