@@ -8,9 +8,9 @@ steps, tokens and prompts. That vector is the ``act_absmax`` of `qdd.quant.svdqu
 
 It runs once per job: the result is cached in the output folder (``calibration.safetensors``)
 with a digest of everything it depends on (model, precision, scope, dtype, prompts, steps,
-guidance, size, seed, batch size) and reused by a resumed run; a cache of another digest is recomputed,
-never reused. A layer the pipeline never calls (SD3's last block has context projections it
-does not run) gets zeros, which smooth as "no smoothing".
+guidance, size, seed, batch size) and reused by a resumed run; a cache of another digest is
+recomputed, never reused. A layer the pipeline never calls (SD3's last block has context
+projections it does not run) gets zeros, which smooth as "no smoothing".
 """
 
 from __future__ import annotations

@@ -341,6 +341,8 @@ def svdquant_linear(
                 f"act_absmax has shape {tuple(act_absmax.shape)}, the layer takes "
                 f"{weight.shape[1]} input channels"
             )
+        if not torch.isfinite(act_absmax).all():
+            raise ValueError("act_absmax holds inf or NaN: the calibration overflowed")
         act_absmax = act_absmax.to(weight.device)
         if alpha is None:
             smooth, alpha, beta = search_smoothing(weight, act_absmax, weight_format, rank, group)
