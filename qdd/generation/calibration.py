@@ -9,8 +9,8 @@ steps, tokens and prompts. That vector is the ``act_absmax`` of `qdd.quant.svdqu
 It runs once per job: the result is cached in the output folder (``calibration.safetensors``)
 with a digest of everything it depends on (model, precision, scope, dtype, prompts, steps,
 guidance, size, seed, batch size) and reused by a resumed run; a cache of another digest is
-recomputed, never reused. A layer the pipeline never calls (SD3's last block has context
-projections it does not run) gets zeros, which smooth as "no smoothing".
+recomputed, never reused. A layer the pipeline never calls gets zeros, which the search
+smooths as "no smoothing" (every candidate scores zero error; the first wins).
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ def calibration_prompts(job_prompts: list[str], file: str | None, count: int | N
     count = DEFAULT_COUNT if count is None else count
     if count < 1:
         raise QddError(f"--calibration-count must be at least 1, got {count}")
+    if file is not None and not Path(file).is_file():
+        raise QddError(
+            f"calibration prompt file {file} not found: pass --calibration-prompts FILE (one "
+            "prompt a line), or leave it out to calibrate on the job's prompts"
+        )
     prompts = job_prompts if file is None else load_prompts(file)
     return prompts[:count]
 

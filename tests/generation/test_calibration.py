@@ -122,3 +122,17 @@ def test_calibration_flags_are_checked_in_one_line(
             precision, "--calibration-count", count, "--out", str(tmp_path / "o"),
         )  # fmt: skip
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_a_missing_calibration_file_is_named_in_one_line(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "none.txt"
+    with pytest.raises(SystemExit):
+        generate(
+            "--generator", "sd3", "--model-path", str(tiny_models["sd3"]), "--precision",
+            "svdq-int4", "--calibration-prompts", str(missing), "--out", str(tmp_path / "o"),
+        )  # fmt: skip
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"calibration prompt file {missing} not found: pass --calibration-prompts" in error
+    assert not (tmp_path / "o").exists()  # refused before anything was written
