@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -149,25 +148,12 @@ def save_cache(out_dir: Path, digest: str, absmax: dict[str, torch.Tensor], n: i
 def smoothing_record(
     modules: Iterable[nn.Module], digest: str | None, n_prompts: int | None
 ) -> dict[str, Any] | None:
-    """The ``smoothing`` field of a sample: α (and β) over every SVDQuant layer, the
-    calibration's prompt count and digest; ``{"kind": "data-free"}``; None without SVDQuant."""
-    from qdd.quant.svdquant import SVDQuantLinear
+    """The ``smoothing`` field of a sample: `smoothing_summary` over every SVDQuant layer of
+    ``modules``, with the calibration's prompt count and digest; None without SVDQuant."""
+    from qdd.quant.svdquant import SVDQuantLinear, smoothing_summary
 
     layers = [m for module in modules for m in module.modules() if isinstance(m, SVDQuantLinear)]
-    if not layers:
-        return None
-    if all(layer.alpha is None for layer in layers):
-        return {"kind": "data-free"}
-    alphas = [round(layer.alpha, 4) for layer in layers if layer.alpha is not None]
-    betas = [round(layer.beta, 4) for layer in layers if layer.beta is not None]
-    return {
-        "kind": "calibrated",
-        "alpha": _stats(alphas),
-        "beta": _stats(betas),
-        "calibration_prompts": n_prompts,
-        "calibration_digest": digest,
-    }
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+    summary = smoothing_summary(layers)
+    if summary is not None and summary["kind"] == "calibrated":
+        summary |= {"calibration_prompts": n_prompts, "calibration_digest": digest}
+    return summary

@@ -22,7 +22,6 @@ GPUs with FP8 tensor cores (compute capability 8.9 or newer).
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -252,9 +251,9 @@ def _to_svdquant(
     targets: dict[str, nn.Linear],
     precision: str,
     calibration: Mapping[str, torch.Tensor] | None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Swap each target for its `SVDQuantLinear`; the smoothing record of the module."""
-    from qdd.quant.svdquant import SVDQuantLinear, svdquant_linear
+    from qdd.quant.svdquant import SVDQuantLinear, smoothing_summary, svdquant_linear
 
     weight_format, smoothing = SVDQ[precision]
     calibrated = smoothing == "calibrated"
@@ -276,8 +275,7 @@ def _to_svdquant(
         raise QddError(f"{precision} smooths without data: leave out the calibration")
     spec = FORMATS[precision]
     assert spec.group_size is not None and spec.rank is not None
-    alphas: list[float | None] = []
-    betas: list[float | None] = []
+    layers = []
     for name, linear in targets.items():
         act_absmax = calibration[name] if calibration is not None and calibrated else None
         layer = svdquant_linear(
@@ -285,21 +283,10 @@ def _to_svdquant(
             smoothing=smoothing, act_absmax=act_absmax,
         )  # fmt: skip
         assert isinstance(layer, SVDQuantLinear)
-        if calibrated:
-            alphas.append(layer.alpha)
-            betas.append(layer.beta)
+        layers.append(layer)
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, layer)
-    if not calibrated:
-        return {"kind": "data-free"}
-    return {"kind": "calibrated", "alpha": _stats(alphas), "beta": _stats(betas)}
-
-
-def _stats(values: list[float | None]) -> dict[str, float | None]:
-    known = [v for v in values if v is not None]
-    if not known:
-        return {"min": None, "median": None, "max": None}
-    return {"min": min(known), "median": statistics.median(known), "max": max(known)}
+    return smoothing_summary(layers)
 
 
 def _to_bitsandbytes(

@@ -36,8 +36,10 @@ Two smoothings:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -351,3 +353,20 @@ def svdquant_linear(
             smooth = calibrated_smooth(act_absmax, weight, alpha, beta)
     weights = svdq_weights(weight, smooth, weight_format, rank, group, weight.dtype)
     return SVDQuantLinear(weights, linear.bias, weight_format, group, alpha, beta)
+
+
+def smoothing_summary(layers: Iterable[SVDQuantLinear]) -> dict[str, Any] | None:
+    """``{"kind": "data-free"}``, or ``{"kind": "calibrated", "alpha": {min, median, max},
+    "beta": {…}}`` over ``layers``; None when there are none."""
+    layers = list(layers)
+    if not layers:
+        return None
+    if all(layer.alpha is None for layer in layers):
+        return {"kind": "data-free"}
+    summary: dict[str, Any] = {"kind": "calibrated"}
+    for name in ("alpha", "beta"):
+        values = [round(v, 4) for v in (getattr(layer, name) for layer in layers) if v is not None]
+        summary[name] = {
+            "min": min(values), "median": statistics.median(values), "max": max(values)
+        }  # fmt: skip
+    return summary
