@@ -45,8 +45,7 @@ PERTURB = {"npr": ("jpeg:95", "jpeg:75", "jpeg:50")}
 TILE = 64
 #: One deployed format (weights and activations in 4 bit, SVDQuant's 16-bit low-rank branch)
 #: for the transformers, the architectures it is deployed for; each costs one folder.
-#: (Data-free smoothing: the calibrated svdq-int4 needs a calibration pass per job.)
-DEPLOYED = {"sd3": ("svdq-int4-datafree",), "flux-schnell": ("svdq-int4-datafree",)}
+DEPLOYED = {"sd3": ("svdq-int4",), "flux-schnell": ("svdq-int4",)}
 #: Every generator at every unquantized and weight-only level, in palette order.
 PRECISIONS = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
 #: At most this many tiles of one photograph (half for training, half for test).

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ class Job:
     offload: str = "none"  #: diffusers' CPU offload (changes time and memory, not pixels)
     save_latents: bool = False  #: keep each sample's final latents (``latents.npy``)
     vae_precision: str | None = None  #: decode at this VAE precision (default: as loaded)
+    #: calibrated SVDQuant: a prompt file to calibrate on (default: the job's own prompts)
+    calibration_prompts: str | None = None
+    calibration_count: int | None = None  #: its first N prompts (default 64)
 
 
 JOB_FIELDS = {f.name for f in fields(Job)}
@@ -131,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae-precision",
         help="decode with the VAE at fp32, fp16, bf16, or quantized fp8, fp4, nf4 (default: "
         "as the pipeline loads it); the samples' precision becomes e.g. fp4-vaefp32",
+    )
+    parser.add_argument(
+        "--calibration-prompts",
+        help="svdq-int4/svdq-nvfp4: prompt file whose activations calibrate the smoothing "
+        "(default: --prompts); gathered once per folder, reused on resume",
+    )
+    parser.add_argument(
+        "--calibration-count",
+        type=int,
+        help="svdq-int4/svdq-nvfp4: calibrate on the first N calibration prompts (default 64)",
     )
     parser.add_argument(
         "--dry-run",
@@ -284,7 +297,21 @@ def jobs_from_config(config: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]
     for name in ("generator", "precision", "out"):
         if settings.get(name) is None:
             raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")
+    check_calibration_flags(settings)
     return [Job(**settings)], check_trainer_kwargs(trainer)
+
+
+def check_calibration_flags(settings: dict[str, Any]) -> None:
+    """Calibration flags go with a calibrated precision only (a plan's apply where they can)."""
+    from qdd.quant.registry import REGISTRY
+
+    given = [k for k in ("calibration_prompts", "calibration_count") if k in settings]
+    entry = REGISTRY.get(settings["precision"])
+    if given and (entry is None or entry.calibration is None):
+        flag = "--" + given[0].replace("_", "-")
+        raise QddError(
+            f"{flag} calibrates svdq-int4/svdq-nvfp4, not {settings['precision']}: leave it out"
+        )
 
 
 def wants_dry_run(argv: list[str]) -> bool:
@@ -335,6 +362,7 @@ def make_trainer(trainer_kwargs: dict[str, Any]) -> Any:
 def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
     """Generate one folder (resuming it if it holds part of the set); returns the folder."""
     from qdd.datamodules.writer import write_manifest
+    from qdd.generation.calibration import calibrates, calibration_prompts, recipe_digest
     from qdd.generation.jobs import Recipe, pending, prepare_folder, work_items
     from qdd.generation.loading import compute_dtype_name, resolve_model_path
     from qdd.generation.prompts import load_prompts, prompts_digest
@@ -386,6 +414,14 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         backend = resolve_backend(job.precision, job.quant_backend, str(device))
     else:
         backend = "none"
+    calibration: list[str] = []
+    if calibrates(job.precision, backend):
+        if job.offload != "none":
+            raise QddError(
+                f"{job.precision} calibrates by running the whole pipeline on one device: leave "
+                f"out --offload {job.offload}, or use {job.precision}-datafree"
+            )
+        calibration = calibration_prompts(prompts, job.calibration_prompts, job.calibration_count)
     recipe = Recipe(
         generator=spec.name,
         model_id=model_path,
@@ -405,6 +441,8 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         save_latents=True if job.save_latents else None,
         vae_precision=job.vae_precision,
     )
+    if calibration:
+        recipe = replace(recipe, calibration_digest=recipe_digest(recipe, calibration))
     out = Path(job.out)
     leader = is_launch_leader()
     if leader:
@@ -427,8 +465,9 @@ def run_job(job: Job, trainer_kwargs: dict[str, Any] | None = None) -> Path:
         from qdd.modules.generator import GeneratorModule
 
         module = GeneratorModule(
-            recipe, model_path, out, shard_size=job.shard_size, offload=job.offload
-        )
+            recipe, model_path, out, shard_size=job.shard_size, offload=job.offload,
+            calibration_prompts=calibration,
+        )  # fmt: skip
         data = PromptDataModule(todo, batch_size=job.batch_size)
         with warnings.catch_warnings():  # predict_step writes and returns None on purpose
             warnings.filterwarnings("ignore", message="predict returned None")

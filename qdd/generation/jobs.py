@@ -68,6 +68,8 @@ class Recipe:
     prompts_sha: str
     denoiser_file: str | None = None  #: a user's GGUF file (``--denoiser-file``), as given
     denoiser_sha256: str | None = None  #: its sha256: another file is another recipe
+    #: calibrated SVDQuant: digest of its calibration (`qdd.generation.calibration`)
+    calibration_digest: str | None = None
     save_latents: bool | None = None  #: True: each sample keeps its final latents
     vae_precision: str | None = None  #: None: the VAE as the pipeline loads it
 
@@ -129,13 +131,14 @@ def failed_keys(out_dir: Path) -> set[str]:
 def prepare_folder(out_dir: Path, recipe: Recipe, overwrite: bool) -> None:
     """Check (or write) the folder's recipe; ``overwrite`` starts the folder afresh."""
     from qdd.datamodules.writer import shard_files
+    from qdd.generation.calibration import CACHE as CALIBRATION_CACHE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RECIPE
     if overwrite:
         for stale in [*shard_files(out_dir), *out_dir.glob("*.tar.partial")]:
             stale.unlink(missing_ok=True)
-        for name in ("manifest.json", FAILED, RECIPE):
+        for name in ("manifest.json", FAILED, RECIPE, CALIBRATION_CACHE):
             (out_dir / name).unlink(missing_ok=True)
     elif path.exists():
         held = json.loads(path.read_text(encoding="utf-8"))

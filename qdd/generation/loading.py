@@ -176,10 +176,12 @@ def apply_precision(
     device: Any,
     denoiser_file: Path | None = None,
     written_by_qdd: bool = False,
+    calibration: dict[str, Any] | None = None,
 ) -> QuantSummary:
     """Quantize the components of ``scope`` in place; count what was quantized.
 
     A GGUF denoiser (``denoiser_file``) was quantized by its file: only counted here.
+    ``calibration``: ``component.layer`` → input abs-max, for calibrated SVDQuant.
     """
     from qdd.quant.size import module_bytes
 
@@ -200,7 +202,13 @@ def apply_precision(
         module = getattr(pipeline, name, None)
         if not isinstance(module, torch.nn.Module):
             continue  # an optional component this checkpoint does not ship (e.g. no T5)
-        report = quantize_module_(module, precision, resolved, getattr(torch, dtype))
+        given = None
+        if calibration is not None:
+            given = {k.removeprefix(f"{name}."): v for k, v in calibration.items()
+                     if k.startswith(f"{name}.")}  # fmt: skip
+        report = quantize_module_(
+            module, precision, resolved, getattr(torch, dtype), calibration=given
+        )
         n_quantized += report.n_quantized
         n_params += report.n_params
         kept += [f"{name}.{layer}" for layer in report.kept]

@@ -16,6 +16,14 @@ import lightning as L
 import torch
 
 from qdd.datamodules.writer import ShardWriter
+from qdd.errors import QddError
+from qdd.generation.calibration import (
+    CACHE,
+    calibrate_pipeline,
+    load_cache,
+    save_cache,
+    smoothing_record,
+)
 from qdd.generation.costs import sample_costs, timed_call
 from qdd.generation.images import image_failure, to_uint8
 from qdd.generation.jobs import Recipe, WorkItem
@@ -46,6 +54,7 @@ class GeneratorModule(L.LightningModule):
         out_dir: str | Path,
         shard_size: int = 100,
         offload: str = "none",
+        calibration_prompts: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.recipe = recipe
@@ -54,6 +63,8 @@ class GeneratorModule(L.LightningModule):
         self.out_dir = Path(out_dir)
         self.shard_size = shard_size
         self.offload = offload  #: diffusers' CPU offload: none, model or sequential
+        #: calibrated SVDQuant's prompts (`qdd.generation.calibration`); empty otherwise
+        self.calibration_prompts = list(calibration_prompts or [])
         self.pipeline: Any = None  # a DiffusionPipeline is not an nn.Module: Lightning leaves it
         self.summary: QuantSummary | None = None
         self.provenance: dict[str, Any] = {}
@@ -80,6 +91,7 @@ class GeneratorModule(L.LightningModule):
                 component = getattr(self.pipeline, name, None)
                 if isinstance(component, torch.nn.Module):
                     component.to(device)
+        calibration = self.calibrate(scope) if recipe.calibration_digest else None
         self.summary = apply_precision(
             self.pipeline,
             self.spec,
@@ -89,6 +101,7 @@ class GeneratorModule(L.LightningModule):
             str(device),
             denoiser_file=gguf,
             written_by_qdd=recipe.denoiser_file is None,
+            calibration=calibration,
         )
         if self.offload == "model":
             self.pipeline.enable_model_cpu_offload(device=device)
@@ -103,6 +116,13 @@ class GeneratorModule(L.LightningModule):
             **self.summary.details,
             **self.vae_record,
         }  # fmt: skip
+        components = [getattr(self.pipeline, name, None) for name in self.spec.components[scope]]
+        smoothing = smoothing_record(
+            [c for c in components if isinstance(c, torch.nn.Module)],
+            recipe.calibration_digest, len(self.calibration_prompts) or None,
+        )  # fmt: skip
+        if smoothing is not None:
+            self.provenance["smoothing"] = smoothing
         if self.summary.backend != recipe.quant_backend:
             raise RuntimeError(
                 f"backend {self.summary.backend!r} on {device}, but the recipe says "
@@ -129,6 +149,43 @@ class GeneratorModule(L.LightningModule):
             return {"vae_precision": usual, "vae_dtype": usual}
         half = getattr(torch, self.spec.half_dtype)
         return set_vae_precision(self.pipeline, recipe.vae_precision, half, str(device))
+
+    def calibrate(self, scope: str) -> dict[str, torch.Tensor]:
+        """The input abs-max of every layer the precision quantizes: from the folder's cache,
+        else gathered by the global-zero rank over the calibration prompts and cached."""
+        from qdd.quant.backends import quantized_layers
+
+        recipe = self.recipe
+        digest = recipe.calibration_digest
+        assert digest is not None and self.calibration_prompts
+        layers: dict[str, torch.nn.Linear] = {}
+        for name in self.spec.components[scope]:
+            component = getattr(self.pipeline, name, None)
+            if isinstance(component, torch.nn.Module):
+                found = quantized_layers(component, recipe.precision)
+                layers |= {f"{name}.{layer}": m for layer, m in found.items()}
+        if self.trainer.is_global_zero and load_cache(self.out_dir, digest) is None:
+            call = {
+                "num_inference_steps": recipe.steps, "guidance_scale": recipe.guidance,
+                "height": recipe.height, "width": recipe.width,
+                "output_type": "np" if "vae" in self.spec.components[scope] else "latent",
+                **self.spec.call_kwargs,
+            }  # fmt: skip
+            absmax = calibrate_pipeline(
+                self.pipeline, layers, self.calibration_prompts, recipe.base_seed,
+                recipe.batch_size, call,
+            )  # fmt: skip
+            path = save_cache(self.out_dir, digest, absmax, len(self.calibration_prompts))
+            log.info("%s: calibrated on %d prompts", path, len(self.calibration_prompts))
+        self.trainer.strategy.barrier("calibration")
+        cached = load_cache(self.out_dir, digest)
+        if cached is None or set(cached) != set(layers):
+            raise QddError(
+                f"{self.out_dir / CACHE} does not hold this model's layers (the model at "
+                f"{recipe.model_id} changed?): pass --overwrite to calibrate again"
+            )
+        device = self.trainer.strategy.root_device
+        return {name: t.to(device) for name, t in cached.items()}
 
     def on_predict_start(self) -> None:
         prefix = f"r{self.trainer.global_rank}"

@@ -61,6 +61,9 @@ class QuantReport:
     kept: tuple[str, ...] = field(default_factory=tuple)  #: Linear layers left unquantized
     #: the module's size as the real format stores it (`qdd.quant.size`), also when emulated
     deployed_bytes: int = 0
+    #: SVDQuant's smoothing: ``{"kind": "data-free"}`` or ``{"kind": "calibrated", "alpha":
+    #: {min, median, max}, "beta": {…}}`` over the layers; None for other formats
+    smoothing: dict[str, Any] | None = None
 
     @property
     def fraction(self) -> float:
@@ -183,12 +186,19 @@ def quantize_module_(
     n_quantized = sum(m.weight.numel() for m in targets.values())
     deployed_bytes = module_bytes(module, precision, targets)  # before layers are swapped
     _check_calibration(module, entry, targets, calibration, backend)
+    smoothing = None
     if backend == "emulate":
+        layers = []
         for name, linear in targets.items():
             layer_calibration = calibration.get(name) if calibration else None
-            quantize_linear(
+            layer = quantize_linear(
                 linear, precision, calibration=layer_calibration, bnb_semantics=bnb_semantics
             )
+            if layer is not linear:  # a kernel that builds its own module (SVDQuant)
+                parent, _, child = name.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, child, layer)
+            layers.append(layer)
+        smoothing = _smoothing_record(layers)
     elif backend == "bitsandbytes":
         _to_bitsandbytes(module, targets, precision, compute_dtype)
     elif backend == "torchao":
@@ -207,7 +217,15 @@ def quantize_module_(
     return QuantReport(
         precision, backend, dtype_name, n_quantized, n_params,
         **registry.describe(precision, dtype_name), kept=kept, deployed_bytes=deployed_bytes,
+        smoothing=smoothing,
     )  # fmt: skip
+
+
+def _smoothing_record(layers: list[nn.Module]) -> dict[str, Any] | None:
+    """SVDQuant's smoothing over the module's layers (`svdquant.smoothing_summary`)."""
+    from qdd.quant.svdquant import SVDQuantLinear, smoothing_summary
+
+    return smoothing_summary(layer for layer in layers if isinstance(layer, SVDQuantLinear))
 
 
 def _check_calibration(

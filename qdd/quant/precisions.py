@@ -20,10 +20,9 @@ from qdd.quant.bnb4bit import BNB_BLOCK, bnb_4bit
 from qdd.quant.deployed import deployed_linear
 from qdd.quant.formats import MXFP4_BLOCK, NVFP4_BLOCK, UnfusedBiasLinear, fp8_rowwise, mxfp4, nvfp4
 from qdd.quant.registry import Precision, WeightKernel, register
-from qdd.quant.svdquant import svdquant_linear
+from qdd.quant.svdquant import INT4_GROUP as SVDQ_INT4_GROUP
+from qdd.quant.svdquant import SVDQ_RANK, svdquant_linear
 
-SVDQ_RANK = 32
-SVDQ_INT4_GROUP = 64
 #: What calibrated SVDQuant needs per quantized layer (`qdd.quant.layer.quantize_linear`).
 ACT_ABSMAX = "activation abs-max"
 

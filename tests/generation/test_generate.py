@@ -16,9 +16,8 @@ from qdd.datamodules.schema import FIELDS
 
 PRECISIONS = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
 #: Weights and activations quantized, as SD3.5 and Flux are deployed (qdd.quant.deployed).
-DEPLOYED = (
-    "fp8-w8a8", "fp8-w8a8-row", "svdq-int4-datafree", "svdq-nvfp4-datafree", "nvfp4-w4a4"
-)  # fmt: skip
+DEPLOYED = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "svdq-int4-datafree",
+            "svdq-nvfp4-datafree", "nvfp4-w4a4")  # fmt: skip
 
 
 def test_precision_list_matches_qdd_quant() -> None:
@@ -39,9 +38,10 @@ def test_transformers_at_every_deployed_format(
     generator: str, precision: str, tiny_models: dict[str, Path], tmp_path: Path, generate,
     read_samples,
 ) -> None:  # fmt: skip
+    calibrated = ["--calibration-count", "1"] if precision in ("svdq-int4", "svdq-nvfp4") else []
     out = generate(
         "--generator", generator, "--model-path", str(tiny_models[generator]),
-        "--precision", precision, "--out", str(tmp_path / "out"), limit=1,
+        "--precision", precision, "--out", str(tmp_path / "out"), *calibrated, limit=1,
     )  # fmt: skip
     ((png, meta),) = read_samples(out).values()
     assert png.startswith(b"\x89PNG") and meta["precision"] == precision
@@ -111,6 +111,7 @@ def assert_provenance(meta: dict, precision: str) -> None:
         "fp4": "bitsandbytes-cuda/rcp-", "nf4": "bitsandbytes-cuda/rcp-",
         "fp8": "torchao-float8-rowwise", "nvfp4": "torchao-nvfp4", "mxfp4": "torchao-mx-rceil",
         "fp8-w8a8": "comfyui-fp8", "fp8-w8a8-row": "torchao-float8-dynamic",
+        "svdq-int4": "svdquant-calibrated", "svdq-nvfp4": "svdquant-calibrated",
         "svdq-int4-datafree": "svdquant-data-free", "svdq-nvfp4-datafree": "svdquant-data-free",
         "nvfp4-w4a4": "modelopt-nvfp4",
     }  # fmt: skip
