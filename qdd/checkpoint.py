@@ -86,7 +86,8 @@ class FitCheckpoint:
         if "detector" not in saved:
             raise QddError(
                 f"{flag} {self.path} is not a `qdd-cli fit` checkpoint (no saved detector): "
-                "pass the detector's official weights with --weights instead"
+                "pass one written by `qdd-cli fit`, or an official weights file (not named "
+                "*.ckpt) with --weights"
             )
         if given.get("detector") not in (None, saved["detector"]):
             raise QddError(

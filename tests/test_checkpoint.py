@@ -140,3 +140,7 @@ def test_your_flags_win_over_the_checkpoint_and_presets(clipd_ckpt):
         start.resolve_model(model_config({}), {"detector": "npr"}, "--ckpt_path", "test")
     with pytest.raises(QddError, match="--ckpt_path .* does not exist"):
         read_checkpoint(clipd_ckpt.with_name("missing.ckpt"), "--ckpt_path")
+    official = clipd_ckpt.with_name("official.ckpt")
+    torch.save({"fc.weight": torch.zeros(1, 4)}, official)  # weights, no hyperparameters
+    with pytest.raises(QddError, match="not a `qdd-cli fit` checkpoint"):
+        read_checkpoint(official).resolve_model(model_config({}), {}, "--weights", "test")
