@@ -144,3 +144,33 @@ def test_your_flags_win_over_the_checkpoint_and_presets(clipd_ckpt):
     torch.save({"fc.weight": torch.zeros(1, 4)}, official)  # weights, no hyperparameters
     with pytest.raises(QddError, match="not a `qdd-cli fit` checkpoint"):
         read_checkpoint(official).resolve_model(model_config({}), {}, "--weights", "test")
+
+
+def test_fine_tune_reports_train_overlap_in_metrics_json(tmp_path: Path, capsys):
+    """Done-when of issue 21: a fine-tune from A.ckpt reports ``train_overlap: 0`` for its
+    validation split, or refuses in one line."""
+    import json
+
+    from qdd.cli import main
+    from qdd.detectors.tiny import tiny_detector_args
+
+    write_fake_shards(tmp_path / "shards" / "real-x", [40], "x", None, label=0, size=(48, 48))
+    write_fake_shards(tmp_path / "shards" / "g-fp4", [40], "g", "fp4", size=(48, 48))
+    common = ["--detector", "npr", "--data", str(tmp_path / "shards" / "*"), "--data.batch_size=16",
+              "--model.detector_args", json.dumps(tiny_detector_args("npr")),
+              "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--data.num_workers=0",
+              "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false"]  # fmt: skip
+    main(["fit", *common, "--random-weights", "--out", str(tmp_path / "a")])
+    start = json.loads((tmp_path / "a" / "metrics.json").read_text())["last_checkpoint"]
+    main(["fit", *common, "--weights", start, "--out", str(tmp_path / "b")])
+    tuned = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert tuned["train_overlap"] == 0 and tuned["data"]["checkpoint"] == start
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *common, "--weights", start, "--data.val_fraction=0.5",
+              "--out", str(tmp_path / "c")])  # fmt: skip
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "validation images of this fit" in error and start in error
+    assert not (tmp_path / "c" / "metrics.json").exists()
