@@ -79,7 +79,7 @@ _EXAMPLES = {
     "test": [
         "qdd-cli test --detector npr --data shards/sd3-fp4 --data shards/real-coco",
         "qdd-cli test --detector clipd --data paper --out runs/clipd-paper",
-        "qdd-cli test --detector npr --data 'shards/*' --data.split=test "
+        "qdd-cli test --data 'shards/*' --data.split=test "
         "--ckpt_path runs/fit-npr/checkpoints/last.ckpt   (the fit's held-out split)",
     ],
 }
@@ -92,7 +92,7 @@ def short_help(command: str) -> str:
         examples = [e.replace("qdd-cli test", f"qdd-cli {command}") for e in examples[:2]]
     return "\n".join([
         f"usage: qdd-cli {command} --detector NAME --data DIR|GLOB|PRESET",
-        "           [--weights FILE | --random-weights] [--out DIR] [--ckpt_path CKPT]",
+        "           [--weights FILE | --random-weights | --ckpt_path CKPT] [--out DIR]",
         "           [--verbose] [LightningCLI flags: --trainer.* --model.* --data.* --config]",
         "",
         _PURPOSE[command],
@@ -110,7 +110,9 @@ def short_help(command: str) -> str:
         f"  --out DIR             the run folder (default runs/{command}-DETECTOR-TIMESTAMP/);",
         "                        printed as the last line",
         "  --ckpt_path CKPT      resume (fit) or evaluate (test) a `qdd-cli fit`",
-        "                        checkpoint; --model.* flags you give win, it fills the rest",
+        "                        checkpoint: its detector and detector_args are used (no",
+        "                        --detector needed; a conflicting value is refused); other",
+        "                        --model.* flags you give win over its saved ones",
         "  --perturb SPEC        test also after jpeg:Q, resize:S, blur:SIGMA, noise:SIGMA or",
         "                        crop:N (repeatable; the unperturbed pass always runs)",
         "  --trainer cpu|gpu|ddp a packaged Trainer preset (configs/trainer/)",

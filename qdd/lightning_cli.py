@@ -9,12 +9,10 @@ in `before_instantiate_classes`:
 - the run folder: ``trainer.default_root_dir`` (``--out``), else
   ``runs/<command>-<detector>-<time>``; loggers without a ``save_dir`` write there, and
   checkpoints go to ``<run>/checkpoints/`` (``last.ckpt`` always).
-- `apply_checkpoint`, the checkpoint rule of ``--ckpt_path``: the checkpoint's weights are
-  what runs; the values the user gave (flags, ``--config`` files, ``--detector``) win and
-  are logged where they differ from the checkpoint; its saved hyperparameters fill the
-  rest. Refused in one line: another detector, ``--weights`` beside it (two sources of
-  weights), another ``--model.calibration`` (its threshold was fitted by its own rule and a
-  test never re-fits it). (LightningCLI alone lets the checkpoint replace the user's values.)
+- `qdd.checkpoint.apply_checkpoint`, the rule of ``--ckpt_path`` and ``--weights X.ckpt``:
+  which value wins (your flags > the checkpoint > presets > defaults; the checkpoint's
+  architecture is never replaced), and whose training data the data module must not
+  evaluate. (LightningCLI alone lets the checkpoint replace the user's values.)
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from qdd.calibration import stored_calibration
-from qdd.errors import QddError
+from qdd.checkpoint import apply_checkpoint
 from qdd.threads import use_threads
 
 log = logging.getLogger(__name__)
@@ -86,12 +83,7 @@ class QddCLI(LightningCLI):
                 logger.init_args.save_dir = run_dir
             if "WandbLogger" in logger.class_path and logger.init_args.get("name") is None:
                 logger.init_args.name = Path(run_dir).name
-        if config.get("ckpt_path"):
-            apply_checkpoint(config.model, self.given(), str(config.ckpt_path), self.subcommand)
-        weights = config.model.get("weights")
-        if weights and str(weights).endswith(".ckpt") and not config.data.get("checkpoint"):
-            # a qdd checkpoint's training data is never evaluated (nor forgotten by a fine-tune)
-            config.data.checkpoint = str(weights)
+        apply_checkpoint(config, self.given, self.subcommand)  # qdd.checkpoint's rules
 
     def after_instantiate_classes(self) -> None:
         use_threads(workers=self.datamodule.workers_for(self.trainer),
@@ -100,42 +92,6 @@ class QddCLI(LightningCLI):
         if callback is not None and callback.dirpath is None:
             callback.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
             callback.save_last = True  # checkpoints/last.ckpt: a path users can predict
-
-
-def apply_checkpoint(model: Namespace, given: dict[str, Any], ckpt_path: str, command: str) -> None:
-    """qdd's checkpoint rule, applied to the parsed ``model`` config before it is built.
-
-    The user's values (``given``) win; the checkpoint's saved hyperparameters fill the rest;
-    its weights are what runs. A different detector, ``weights`` beside the checkpoint, or a
-    calibration rule other than the one its threshold was fitted by are refused (`QddError`).
-    """
-    if not Path(ckpt_path).is_file():
-        raise QddError(f"--ckpt_path {ckpt_path} does not exist: check the path")
-    import torch
-
-    checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-    saved = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in model}
-    if given.get("detector") not in (None, saved.get("detector")):
-        raise QddError(
-            f"--ckpt_path {ckpt_path} holds a {saved['detector']} detector, not "
-            f"{given['detector']}: pass --detector {saved['detector']}"
-        )
-    if given.get("weights"):
-        raise QddError(f"both --weights {given['weights']} and --ckpt_path {ckpt_path} name "
-                       "weights: pass one of them")  # fmt: skip
-    stored = (stored_calibration(checkpoint) or {}).get("rule")
-    if stored and given.get("calibration") not in (None, stored):
-        raise QddError(
-            f"the threshold in {ckpt_path} was calibrated by {stored}; "
-            f"--model.calibration={given['calibration']} cannot be applied at {command} "
-            "time (test data never tunes it): drop the flag, or re-fit with that rule"
-        )
-    for key, value in sorted(saved.items()):
-        if key in given and given[key] != value and key != "weights":
-            log.info("--model.%s=%r given: used instead of the checkpoint's %r",
-                     key, given[key], value)  # fmt: skip
-        model[key] = given.get(key, value)
-    model.weights, model.random_weights = ckpt_path, False  # loaded and checked when built
 
 
 class ValidateAtMaxSteps(Callback):

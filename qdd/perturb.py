@@ -2,8 +2,9 @@
 
 Images in the wild are re-compressed, resized, blurred and cropped; a detector that only
 works on pristine files is of little use. A perturbation is written as a short spec, and the
-user's own spelling of it is its name everywhere (``--perturb blur:1.0`` is ``blur:1.0`` in
-the ``perturbation`` column of scores.parquet, metrics.json and the report); specs that
+user's own spelling of it, in lower case (specs are case-insensitive: ``JPEG:75`` is
+``jpeg:75``), is its name everywhere (``--perturb blur:1.0`` is ``blur:1.0`` in the
+``perturbation`` column of scores.parquet, metrics.json and the report); specs that
 mean the same operation (``blur:1`` and ``blur:1.0``) share one ``canonical`` form, which
 seeds the randomness and is run once:
 
@@ -71,7 +72,7 @@ def _number(text: str) -> str:
 class Perturbation:
     """One post-processing operation.
 
-    ``name`` is the spec as the user wrote it (surrounding spaces dropped, e.g.
+    ``name`` is the spec as the user wrote it (surrounding spaces dropped, lower case, e.g.
     ``"blur:1.0"``): what scores.parquet and metrics.json call it. ``canonical`` is the
     normal form (``"blur:1"``): what the operation and its noise seed depend on.
     """
@@ -153,7 +154,7 @@ def parse(spec: str) -> Perturbation:
     """The perturbation a spec names, named as written; a `QddError` naming the valid forms
     if it is malformed."""
     parsed = _canonical(spec)
-    return replace(parsed, name=str(spec).strip(), canonical=parsed.name)
+    return replace(parsed, name=str(spec).strip().lower(), canonical=parsed.name)
 
 
 def _canonical(spec: str) -> Perturbation:
@@ -192,6 +193,38 @@ def _canonical(spec: str) -> Perturbation:
     if value <= 0 or (value >= 1 and value != int(value)):
         raise _bad(spec, "crop takes whole pixels N >= 1 or a fraction 0 < F < 1")
     return Perturbation(f"crop:{_number(args[0])}", "crop", value)
+
+
+#: Kinds whose effect grows as their number falls (JPEG quality, kept crop or size share).
+DESCENDING = {"jpeg", "crop"}
+
+
+def kind_of(spec: str) -> str:
+    """The kind of a recorded perturbation name (``JPEG:75`` → ``jpeg``), also for a name
+    this qdd cannot parse (the part before the colon, lower case)."""
+    try:
+        return parse(spec).kind
+    except QddError:
+        return str(spec).strip().lower().partition(":")[0]
+
+
+def severity(spec: str) -> float:
+    """How strong a perturbation is, for ordering within its kind (larger: stronger).
+
+    JPEG quality and crop share weaken as they grow; a resize by s is as strong as |log s|;
+    blur and noise σ grow with their number. A name that does not parse sorts last.
+    """
+    try:
+        parsed = parse(spec)
+    except QddError:
+        return math.inf
+    if parsed.strength is None:
+        return 0.0  # none
+    if parsed.kind in DESCENDING:
+        return -parsed.strength
+    if parsed.kind == "resize":
+        return abs(math.log(parsed.strength))
+    return parsed.strength
 
 
 def perturbations(specs: Sequence[str] | None) -> list[Perturbation]:

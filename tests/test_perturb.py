@@ -153,3 +153,17 @@ def test_crop_centre_pixels_and_fraction() -> None:
     np.testing.assert_array_equal(np.asarray(crop), pixels[2:6, 3:7])
     assert parse("crop:0.5").apply(image, "k").size == (5, 4)
     assert parse("crop:100").apply(image, "k").size == (10, 8)  # shorter sides kept whole
+
+
+def test_upper_case_spec_is_the_same_kind_with_severity_in_order() -> None:
+    """Issue 21, finding 8: ``--perturb JPEG:75`` became its own kind ``JPEG`` in the report,
+    ordered as if a higher quality were stronger."""
+    from qdd.report.robustness import kinds, spec_rank
+
+    assert parse("JPEG:75").name == "jpeg:75"
+    assert [p.name for p in perturbations(["JPEG:75", "jpeg:75"])] == ["none", "jpeg:75"]
+    # names recorded by an older qdd, in the user's case: one kind, weakest first
+    assert kinds(["JPEG:75", "jpeg:50", "none", "JPEG:90"]) == {
+        "jpeg": ["JPEG:90", "JPEG:75", "jpeg:50"]
+    }
+    assert sorted(["Blur:2", "none", "blur:1"], key=spec_rank) == ["none", "blur:1", "Blur:2"]

@@ -3,6 +3,8 @@
 - fit: how far it went (epochs, steps, what stopped it), the last logged metrics, the
   calibrated threshold, what the data module drew from, the best and last checkpoints;
 - validate: the logged metrics and the threshold this validation fitted;
+- fit, validate and test: ``train_overlap``, the evaluated images in the training data of
+  the checkpoint the run starts from or evaluates (`qdd.checkpoint`);
 - test: per group and per perturbation pass (`DetectorModule.test_results`), the skipped
   samples (`ScoreWriter.skipped`), and how each fake group was made; printed as a table,
   and handed to W&B as one when a WandbLogger is in use.
@@ -84,6 +86,9 @@ def model_summary(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "calibrated_threshold": pl_module.calibration.value,
         "calibration": pl_module.calibration.summary(),
+        # validation images in the start checkpoint's training data (0: checked, none;
+        # null: no checkpoint to check against); see qdd.checkpoint
+        "train_overlap": data.train_overlap if data is not None else None,
         "data": data.describe() if data is not None else None,
     }
 
@@ -129,7 +134,8 @@ def summary_of_test(
         "calibration": pl_module.calibration.summary(),
         "n": results["n"],
         "expected": data.expected if data is not None else None,
-        # images of the checkpoint's training data evaluated on purpose (allow_train_overlap)
+        # images of the checkpoint's training data evaluated (on purpose: allow_train_overlap;
+        # 0: checked, none; null: nothing to check against)
         "train_overlap": data.train_overlap if data is not None else None,
         "n_skipped": len(scores.skipped),
         "skipped": scores.skipped,

@@ -208,3 +208,41 @@ def read_entry(entry: Entry) -> tuple[Image.Image, dict[str, Any]] | None:
     except ValueError as error:
         log.warning("skipped %s in %s: %s", entry.key, entry.shard, error)
         return None
+
+
+def image_problem(entry: Entry) -> str | None:
+    """Why a sample's image cannot be read (None: it can), found without decoding it: the
+    PNG member is present, opens, and its chunks and checksums are intact (PIL's verify)."""
+    if entry.png is None:
+        return "no .png member"
+    fd = os.open(entry.shard, os.O_RDONLY)
+    try:
+        png = _read(fd, entry.png)
+    except ValueError as error:
+        return str(error)
+    finally:
+        os.close(fd)
+    try:
+        with Image.open(io.BytesIO(png)) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types for bad data
+        return f"cannot decode: {error}"
+    return None
+
+
+def unreadable(samples: Sequence[Any]) -> dict[tuple[str, str], str]:
+    """The samples (anything with an ``entry``) whose image cannot be read, as
+    ``{(shard, key): why}`` (`image_problem`; twins share a key, not a shard)."""
+    found = {}
+    for sample in samples:
+        why = image_problem(sample.entry)
+        if why is not None:
+            found[sample.entry.shard, sample.entry.key] = why
+    return found
+
+
+def describe_problems(problems: dict[tuple[str, str], str], limit: int = 3) -> str:
+    """``N unreadable: KEY in SHARD (why), …`` in one line."""
+    named = [f"{key} in {shard} ({why})" for (shard, key), why in list(problems.items())[:limit]]
+    more = f", … (+{len(problems) - limit})" if len(problems) > limit else ""
+    return f"{len(problems)} unreadable: {', '.join(named)}{more}"

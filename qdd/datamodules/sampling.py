@@ -13,11 +13,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from qdd.datamodules.dataset import Sample, ShardDataset, Skipped
+from qdd.datamodules.dataset import Collate, Sample, ShardDataset, Skipped, Transform
+from qdd.datamodules.reader import Entry
+from qdd.reencode import Reencoder
 
 
 @contextmanager
@@ -92,3 +95,46 @@ class WeightedDrawSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.total // self.num_replicas
+
+
+def train_loader(
+    entries: list[Entry],
+    transform: Transform | None,
+    reencoder: Reencoder | None,
+    probabilities: torch.Tensor | None,
+    samples_per_epoch: int | None,
+    batch_size: int,
+    trainer: Any,
+    seed: int,
+    options: dict[str, Any],
+) -> DataLoader:
+    """The training loader: weighted draws (`WeightedDrawSampler`) when ``probabilities``
+    are given, else each sample once per epoch, shuffled by ``seed`` (Lightning swaps in a
+    seeded DistributedSampler under DDP)."""
+    if probabilities is None:
+        dataset = ShardDataset(entries, transform, reencode=reencoder)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=Collate(dataset.perturbation_names),
+            **options,
+        )
+    draws = DrawDataset(entries, transform, reencode=reencoder)
+    sampler = WeightedDrawSampler(
+        draws,
+        probabilities,
+        samples_per_epoch or len(entries),
+        batch_size,
+        rank=trainer.global_rank if trainer else 0,
+        world_size=trainer.world_size if trainer else 1,
+        seed=seed,
+    )
+    return DataLoader(
+        draws,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=Collate(draws.perturbation_names),
+        **options,
+    )

@@ -180,3 +180,24 @@ def take(
         and split_of(s.unit, val_fraction, test_fraction) == split
         and s.generator not in held
     ]
+
+
+def split_state(
+    train: Sequence[Indexed],
+    inherited: torch.Tensor,
+    val_fraction: float,
+    test_fraction: float,
+    holdout: Sequence[str],
+) -> dict[str, Any]:
+    """What a fit checkpoint stores of its data: the split settings and the units trained on
+    (its own ``train`` samples and those ``inherited`` from its start checkpoint), hashed."""
+    units = torch.unique(torch.cat([identities(train), inherited]))  # sorted
+    return {
+        "rule": RULE,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "holdout_generators": list(holdout),
+        "train_units": units,
+        "n_train_units": len(units),
+        "train_digest": digest(units),
+    }

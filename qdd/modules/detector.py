@@ -19,7 +19,6 @@ accuracy at ``threshold``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,12 +27,12 @@ from torch import Tensor
 from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from qdd.calibration import LEGACY_KEY, Calibration, calibration_state, stored_calibration
+from qdd.calibration import LEGACY_KEY, Calibration, calibration_state
 from qdd.callbacks import RunSummary, ScoreWriter
+from qdd.checkpoint import read_checkpoint
 from qdd.datamodules.dataset import UNPERTURBED
 from qdd.detectors import build_detector, load_detector
-from qdd.detectors.weights import apply_state, load_tensor_file
-from qdd.errors import QddError
+from qdd.detectors.weights import apply_state
 from qdd.metrics import GroupedDetectionMetrics, batch_groups
 
 #: The loader-side transforms, by the kind of loader that runs them.
@@ -85,13 +84,11 @@ class DetectorModule(LightningModule):
         hp = self.hparams
         args = dict(hp.detector_args or {})
         if hp.weights and str(hp.weights).endswith(".ckpt"):
-            if not Path(hp.weights).is_file():
-                raise QddError(f"checkpoint {hp.weights} does not exist: check the path")
-            checkpoint = load_tensor_file(hp.weights)  # one-line error if it is not one
+            start = read_checkpoint(hp.weights)  # read once (`qdd.checkpoint`)
             self.detector = build_detector(hp.detector, **args)
-            apply_state(self.detector, checkpoint_state(checkpoint), str(hp.weights))
+            apply_state(self.detector, checkpoint_state(start.contents), str(hp.weights))
             self.detector.weights_source = str(hp.weights)
-            self.calibration.load(stored_calibration(checkpoint))
+            self.calibration.load(start.calibration)
         else:
             self.detector = load_detector(
                 hp.detector, hp.weights, random_weights=hp.random_weights, **args

@@ -16,13 +16,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from qdd.perturb import kind_of, severity
 from qdd.report.palette import color, order_precisions
 from qdd.report.runs import NONE, DetectorResults
 from qdd.report.stats import BOOTSTRAP, group_metrics
 from qdd.report.style import RC
 
-#: Kinds whose effect grows as the number falls (JPEG quality, kept crop or size share).
-DESCENDING = {"jpeg", "crop"}
 ROWS = (("fake_acc", "fake accuracy"), ("auroc", "AUROC"))
 #: Horizontal shift between neighbouring precisions' markers (in steps): equal values, common
 #: when quantization changes nothing, would otherwise hide every line but the last drawn.
@@ -42,27 +41,11 @@ def strength(spec: str) -> float:
         return math.nan
 
 
-def severity(spec: str) -> float:
-    """How strong a perturbation is, for ordering within its kind (larger: stronger).
-
-    JPEG quality and crop share weaken as they grow; a resize by s is as strong as |log s|;
-    other kinds (blur σ, noise σ) grow with their number. Unparsed strengths sort last.
-    """
-    kind, value = spec.partition(":")[0], strength(spec)
-    if math.isnan(value):
-        return math.inf
-    if kind in DESCENDING:
-        return -value
-    if kind == "resize":
-        return abs(math.log(value)) if value > 0 else math.inf
-    return value
-
-
 def spec_rank(spec: str) -> tuple:
     """``none`` first, then by kind, weakest first."""
     if spec == NONE:
         return (0, "", 0.0, spec)
-    return (1, spec.partition(":")[0], severity(spec), spec)
+    return (1, kind_of(spec), severity(spec), spec)
 
 
 def ordered_specs(kind: str, specs: list[str]) -> list[str]:
@@ -75,7 +58,7 @@ def kinds(perturbations: list[str]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
     for spec in perturbations:
         if spec != NONE:
-            grouped.setdefault(spec.partition(":")[0], []).append(spec)
+            grouped.setdefault(kind_of(spec), []).append(spec)
     return {k: ordered_specs(k, v) for k, v in sorted(grouped.items())}
 
 
@@ -91,7 +74,7 @@ def precision_table(
             for precision, part in fakes.groupby("precision"):
                 fake = part["logit"].to_numpy(dtype=float)
                 rows.append({"detector": name, "perturbation": perturbation,
-                             "kind": perturbation.partition(":")[0],
+                             "kind": kind_of(perturbation),
                              "strength": strength(perturbation), "precision": precision,
                              **group_metrics(real, fake, entry.threshold, resamples)})  # fmt: skip
     return pd.DataFrame(rows)

@@ -192,7 +192,7 @@ def test_training_loader_reshuffles_each_epoch(tmp_path: Path) -> None:
 
 
 def test_default_workers_follow_the_cores(monkeypatch) -> None:
-    from qdd.datamodules import shard
+    from qdd.datamodules import loaders as shard
 
     monkeypatch.setattr(shard, "usable_cores", lambda: 16)
     assert shard.default_num_workers("gpu") == 15

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 
-from qdd.datamodules.shard import ShardDataModule, Source, read_split_state
+from qdd.checkpoint import read_checkpoint
+from qdd.datamodules.shard import ShardDataModule, Source
 from qdd.datamodules.split import identities
 from qdd.errors import QddError
 from tests.conftest import write_fake_shards
@@ -78,7 +79,7 @@ def test_fit_checkpoint_stores_the_split_and_the_trained_units(shards, fitted) -
     units = {s.unit for s in data.split["train"]}
     assert state["n_train_units"] == len(units) == len(state["train_units"])
     assert torch.equal(state["train_units"], identities(data.split["train"]))
-    assert torch.equal(read_split_state(fitted)["train_units"], state["train_units"])
+    assert torch.equal(read_checkpoint(fitted).trained_units(), state["train_units"])
 
 
 def test_testing_on_the_training_data_is_refused_in_one_line(shards, fitted) -> None:
@@ -133,7 +134,7 @@ def test_fine_tuning_inherits_the_start_checkpoints_units(shards, fitted, tmp_pa
         [str(shards / "real-x"), str(tmp_path / "g-fp4")], checkpoint=str(fitted)
     )
     data.setup("fit")
-    start = read_split_state(fitted)["train_units"]
+    start = read_checkpoint(fitted).trained_units()
     stored = data.state_dict()["train_units"]
     assert set(start.tolist()) <= set(stored.tolist())
     assert len(stored) > len(start)
