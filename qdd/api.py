@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,11 +167,15 @@ def run_lightning(command: str, args: dict[str, Any] | list[str]) -> RunResult:
         args = lightning_config(args)
         check_data(args["data"].get("paths"), args["data"].get("perturb"))
     from qdd.datamodules.shard import ShardDataModule
-    from qdd.lightning_cli import QddCLI
+    from qdd.lightning_cli import QddCLI, finish_loggers
     from qdd.modules.detector import DetectorModule
 
     cli_args = {command: args} if isinstance(args, dict) else [command, *args]
-    cli = QddCLI(DetectorModule, ShardDataModule, args=cli_args)
+    try:
+        cli = QddCLI(DetectorModule, ShardDataModule, args=cli_args)
+    except BaseException:
+        finish_loggers(None, failed=True)  # a W&B run opened before the Trainer ran
+        raise
     trainer = cli.trainer
     run_dir = Path(trainer.default_root_dir)
     callback = trainer.checkpoint_callback if command == "fit" else None
@@ -185,8 +188,6 @@ def run_lightning(command: str, args: dict[str, Any] | list[str]) -> RunResult:
     summaries = [c for c in trainer.callbacks if isinstance(c, RunSummary)]
     metrics = json.loads(json.dumps(summaries[0].metrics, default=lambda v: v.item()))
     scores = run_dir / "scores.parquet" if command in ("test", "predict") else None
-    if "wandb" in sys.modules:  # end the W&B run: the next run in this process starts its own
-        sys.modules["wandb"].finish()
     return RunResult(run_dir, metrics, checkpoints, scores if scores and scores.is_file() else None)
 
 

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from lightning.pytorch import Callback
 
 from qdd import api
 from qdd.errors import QddError
+from qdd.run_folder import fresh_run_dir
 from tests.test_cli_detect import write_set
 
 TRAINER = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
@@ -65,3 +67,75 @@ def test_short_keys_become_lightning_sections() -> None:
     assert config["data"]["batch_size"] == 32  # the npr preset, under the keys given
     assert config["trainer"]["default_root_dir"] == "runs/x"
     assert config["trainer"]["accelerator"] == "cpu"
+
+
+def _tiny_shards(root: Path) -> str:
+    write_set(root / "real-noise", 6, 0, None, None, offset=1000)
+    write_set(root / "tiny-fp32", 6, 1, "tiny", "fp32", smooth=True)
+    return str(root / "*")
+
+
+def _npr(data: str | dict, **extra: object) -> dict:
+    return {"detector": "npr", "random_weights": True, "data": data,
+            "model": {"detector_args": {"resize": 32, "crop": 28}},
+            "trainer": dict(TRAINER), **extra}  # fmt: skip
+
+
+def _files(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime; W&B's own debug logs aside (its service process appends
+    their last lines after `wandb.finish` has returned)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith("debug")}  # fmt: skip
+
+
+def test_a_call_without_out_never_writes_into_the_previous_calls_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 2: the folder of ``validate(out=A)`` travelled in os.environ into ``test()``."""
+    monkeypatch.chdir(tmp_path)
+    data = _tiny_shards(tmp_path / "shards")
+    first = api.validate(_npr({"paths": data, "val_fraction": 0.5}), out=tmp_path / "A")
+    assert first.run_dir == tmp_path / "A" and (first.run_dir / "metrics.json").is_file()
+    before = _files(first.run_dir)
+    second = api.test(_npr(data))
+    third = api.test(_npr(data))
+    assert _files(first.run_dir) == before  # bytes and mtimes
+    assert len(list((first.run_dir / "wandb").glob("offline-run-*"))) == 1
+    assert second.run_dir.parent == third.run_dir.parent == Path("runs")
+    assert second.run_dir.name.startswith("test-npr-") and second.run_dir != third.run_dir
+    for run in (second, third):
+        assert (run.run_dir / "metrics.json").is_file() and run.scores.is_file()
+        assert (run.run_dir / "config.yaml").is_file()
+
+
+class FailAfterLoggersStarted(Callback):
+    """Fails a run once its loggers (W&B included) have started."""
+
+    def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        for logger in trainer.loggers:
+            logger.experiment  # noqa: B018 (starts the W&B run, as a logged metric would)
+        raise RuntimeError("failed on purpose")
+
+
+def test_a_failed_call_leaves_no_wandb_run_open(tmp_path: Path) -> None:
+    """Finding 2: after a failed call, the next call's W&B data landed in the failed run."""
+    wandb = pytest.importorskip("wandb")
+    data = _tiny_shards(tmp_path / "shards")
+    failing = _npr(data)
+    failing["trainer"]["callbacks"] = [{"class_path": f"{__name__}.FailAfterLoggersStarted"}]
+    with pytest.raises(RuntimeError, match="on purpose"):
+        api.test(failing, out=tmp_path / "failed")
+    assert wandb.run is None
+    failed_runs = sorted((tmp_path / "failed" / "wandb").glob("offline-run-*"))
+    assert len(failed_runs) == 1
+    api.test(_npr(data), out=tmp_path / "next")
+    assert wandb.run is None
+    assert sorted((tmp_path / "failed" / "wandb").glob("offline-run-*")) == failed_runs
+    assert len(list((tmp_path / "next" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_fresh_run_folders_are_unique_within_one_second(tmp_path: Path) -> None:
+    folders = [fresh_run_dir("test", "npr", tmp_path) for _ in range(3)]
+    assert len(set(folders)) == 3 and all(f.is_dir() for f in folders)
+    assert folders[1].name == folders[0].name + "-2"
