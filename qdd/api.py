@@ -16,8 +16,11 @@ Trainer commands (fit, validate, test, predict): ``detector`` (a name or a YAML:
 packaged preset), ``data`` (a folder, a glob, a list of them, a preset name such as
 ``paper``, or the data module's own keys as a dict), ``weights``, ``random_weights``,
 ``out``, ``perturb``, ``ckpt_path``, and LightningCLI's own sections ``model``, ``data``,
-``trainer`` (a dict, or a preset name: ``cpu``, ``gpu``, ``ddp``), ``seed_everything``.
-Presets come first; the keys given win over them. Nothing heavy is imported at module level.
+``trainer`` (a dict, or a preset name: ``cpu``, ``gpu``, ``ddp``), ``seed_everything``;
+``lightning_args``: LightningCLI command-line arguments applied last (what ``qdd-cli``
+passes through: ``--trainer.max_epochs=2``, ``--config FILE``). Presets come first; the
+keys given win over them. A call without ``out`` writes into a fresh folder of its own.
+Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
@@ -101,11 +104,13 @@ def lightning_config(config: dict[str, Any]) -> dict[str, Any]:
         path = preset("detectors", str(rest["detector"]))
         layers.append(read_yaml(path) if path else {"model": {"detector": rest["detector"]}})
         rest.pop("detector")
-    if isinstance(data, (str, Path)) and preset("data", str(data)):
-        layers.append({"data": read_yaml(preset("data", str(data)))})  # type: ignore[arg-type]
-        data = {}
-    elif isinstance(data, (str, Path, list, tuple)):
-        data = {"paths": [str(p) for p in data] if isinstance(data, (list, tuple)) else str(data)}
+    if isinstance(data, (str, Path, list, tuple)):  # folders, globs and presets, in order
+        items = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
+        presets = [path for path in map(lambda d: preset("data", d), items) if path]
+        folders = [d for d in items if not preset("data", d)]
+        layers += [{"data": read_yaml(path)} for path in presets]
+        many = isinstance(data, (list, tuple))
+        data = {"paths": folders if many else folders[0]} if folders else {}
     model, data, trainer = dict(rest.pop("model", None) or {}), dict(data), dict(trainer)
     weights, out, perturb = (rest.pop(k, None) for k in ("weights", "out", "perturb"))
     if weights is not None:
@@ -158,21 +163,28 @@ def predict(config: Config = None, **overrides: Any) -> RunResult:
     return run_lightning("predict", load_config(config, overrides))
 
 
-def run_lightning(command: str, args: dict[str, Any] | list[str]) -> RunResult:
-    """Run ``command`` through `qdd.lightning_cli.QddCLI`: a qdd config dict, or the
-    command line's arguments after ``qdd-cli COMMAND`` (short flags already rewritten)."""
+def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
+    """Run ``command`` through `qdd.lightning_cli.QddCLI` with a qdd config dict.
+
+    The dict (qdd's short keys, presets resolved: `lightning_config`) is LightningCLI's
+    first ``--config``; ``lightning_args``, LightningCLI's own arguments (``--trainer.*``,
+    ``--model.*``, ``--data.*``, ``--config FILE``, ``--print_config``: what ``qdd-cli``
+    passes through), come after it and win. ``qdd-cli`` and the API take this one path.
+    """
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    if isinstance(args, dict):
-        args = lightning_config(args)
-        check_data(args["data"].get("paths"), args["data"].get("perturb"))
+    config = dict(config)
+    passed = [str(a) for a in config.pop("lightning_args", None) or []]
+    sections = lightning_config(config)
+    if not {"--help", "--print_config"} & {a.partition("=")[0] for a in passed}:
+        check_data(sections["data"].get("paths"), sections["data"].get("perturb"))
+    args = [command, "--config", json.dumps(sections, default=str), *passed]
     from qdd.datamodules.shard import ShardDataModule
     from qdd.lightning_cli import QddCLI, finish_loggers
     from qdd.modules.detector import DetectorModule
 
-    cli_args = {command: args} if isinstance(args, dict) else [command, *args]
     try:
-        cli = QddCLI(DetectorModule, ShardDataModule, args=cli_args)
+        cli = QddCLI(DetectorModule, ShardDataModule, args=args)
     except BaseException:
         finish_loggers(None, failed=True)  # a W&B run opened before the Trainer ran
         raise

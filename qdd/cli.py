@@ -1,41 +1,42 @@
 """``qdd-cli``: one entry point for the whole study; it parses, then calls `qdd.api`.
 
-The Trainer subcommands (fit, validate, test, predict) are LightningCLI
-(`qdd.lightning_cli`); their short flags are rewritten into plain LightningCLI arguments
-first, so ``--config``, ``--trainer.*``, ``--model.*``, ``--data.*`` and
-``--print_config`` work as Lightning documents them:
+Every subcommand parses its flags into the config dict its `qdd.api` function takes and
+calls it; the flags several commands share are declared once, in `qdd.flags` (``--data``
+is repeatable everywhere, its occurrences add up). The Trainer subcommands (fit, validate,
+test, predict) are LightningCLI (`qdd.lightning_cli`): qdd's short flags become the dict
+(`qdd.flags.trainer_config`; `qdd.api.lightning_config` maps its keys and presets onto
+LightningCLI's sections), and every other argument (``--config``, ``--trainer.*``,
+``--model.*``, ``--data.*``, ``--print_config``) goes to LightningCLI unchanged, after
+the dict, so it wins:
 
 ==========================  ==================================================================
-``--detector npr``          ``--config configs/detectors/npr.yaml`` (the packaged preset, or a
-                            YAML you name), else ``--model.detector=NAME``
-``--data X``                a preset under ``configs/data/`` (or a YAML) → ``--data X.yaml``;
-                            anything else (folder, glob; repeatable) → ``--data.paths``
-``--weights F``             ``--model.weights=F``; ``--random-weights``: ``--model.random_weights``
-``--out DIR``               the run folder, ``--trainer.default_root_dir=DIR``
-``--trainer cpu|gpu|ddp``   ``--config configs/trainer/NAME.yaml``
-``--perturb SPEC``          ``--data.perturb=[...]`` (repeatable); ``none`` always runs
+``--detector npr``          the packaged preset ``configs/detectors/npr.yaml`` (or a YAML you
+                            name), else ``model.detector``
+``--data X``                a preset under ``configs/data/`` (or a YAML); anything else
+                            (folder, glob) → ``data.paths``; repeatable
+``--weights F``             ``model.weights``; ``--random-weights``: ``model.random_weights``
+``--out DIR``               the run folder, ``trainer.default_root_dir`` (default: a fresh one)
+``--trainer cpu|gpu|ddp``   the packaged ``configs/trainer/NAME.yaml``
+``--perturb SPEC``          ``data.perturb`` (repeatable); ``none`` always runs
 ==========================  ==================================================================
 
-Presets come first, so later flags such as ``--data.batch_size=8`` still override. Nothing
-heavy is imported before a command runs: ``qdd-cli test --help`` and a bad ``--data``
-answer before Lightning (~7 s to import), weights or models are touched. The other
-subcommands run the ``main(argv)`` of their module (`COMMANDS`). A `QddError` ends in one
-line on stderr and exit code 2; the run folder is printed last.
+Nothing heavy is imported before a command runs: ``qdd-cli test --help`` and a bad
+``--data`` answer before Lightning (~7 s to import), weights or models are touched. A
+`QddError` ends in one line on stderr and exit code 2; the run folder is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from importlib import import_module
 from importlib.util import find_spec
 
-from qdd import __version__
-from qdd.api import check_data, preset, read_yaml
+from qdd import __version__, api
 from qdd.errors import QddError
+from qdd.flags import trainer_config
 from qdd.logs import VERBOSE_ENV, configure_logging, is_verbose
 
 __all__ = ["VERBOSE_ENV", "main"]
@@ -126,58 +127,14 @@ def short_help(command: str) -> str:
     ])  # fmt: skip
 
 
-def expand_shorthands(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """The short flags as LightningCLI arguments (table above); also the shard folders and
-    perturbations they name, for `qdd.api.check_data`."""
-    front, rest, folders, paths, perturb = [], [], [], [], []
-    i = 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name in ("--detector", "--data", "--weights", "--out", "--perturb") and not eq:
-            if i + 1 == len(argv):
-                raise QddError(f"{name} needs a value")
-            i, value = i + 1, argv[i + 1]
-        if name == "--detector":
-            path = preset("detectors", value)
-            front += [f"--config={path}"] if path else []
-            rest += [] if path else [f"--model.detector={value}"]
-        elif name == "--data" and preset("data", value):
-            front.append(f"--data={preset('data', value)}")
-            named = read_yaml(preset("data", value)).get("paths")  # type: ignore[arg-type]
-            paths += [named] if isinstance(named, str) else list(named or [])
-        elif name in ("--data", "--perturb"):
-            (folders if name == "--data" else perturb).append(value)
-        elif name in ("--weights", "--out"):
-            flag = "--model.weights" if name == "--weights" else "--trainer.default_root_dir"
-            rest.append(f"{flag}={value}")
-        elif argv[i] == "--random-weights":
-            rest.append("--model.random_weights=true")
-        elif argv[i] == "--trainer" and i + 1 < len(argv) and preset("trainer", argv[i + 1]):
-            i += 1
-            front.append(f"--config={preset('trainer', argv[i])}")
-        else:
-            rest.append(argv[i])
-        i += 1
-    if folders:
-        rest.append(f"--data.paths={folders[0] if len(folders) == 1 else json.dumps(folders)}")
-    if perturb:
-        rest.append(f"--data.perturb={json.dumps(perturb)}")
-    return front + rest, paths + folders, perturb
-
-
 def run_trainer(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ARGS``: prints the run folder last."""
     if {"-h", "--help"} & set(argv):  # qdd's flags; LightningCLI's ~580 lines: --help-all
         print(short_help(command))
         return
-    args, paths, perturb = expand_shorthands(argv)
-    if HELP_ALL in args:
-        args = ["--help" if a == HELP_ALL else a for a in args]
-    elif "--print_config" not in " ".join(args):
-        check_data(paths, perturb)  # before Lightning is imported, weights read, models built
-    from qdd.api import run_lightning
-
-    result = run_lightning(command, args)
+    config, passed = trainer_config(argv)
+    passed = ["--help" if a == HELP_ALL else a for a in passed]
+    result = getattr(api, command)(config, lightning_args=passed)
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
