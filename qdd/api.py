@@ -250,8 +250,19 @@ def report(config: Config = None, **overrides: Any) -> RunResult:
     return RunResult(out)
 
 
-def sweep(config: str | Path, out: str | Path) -> RunResult:
-    """A W&B sweep YAML run offline, one fit per trial under ``out``."""
-    from qdd.sweep import run_sweep
+def sweep(
+    config: Config, *, seed: int | None = None, out: str | Path | None = None, **overrides: Any
+) -> RunResult:
+    """A W&B sweep (a dict, or the path of its YAML; ``overrides`` merged on top) run
+    offline: one `fit` per trial into ``out/trial-NNN`` (default: a fresh
+    ``runs/sweep-<name>-<time>``); ``seed`` draws a random sweep's trials (default: the one
+    ``out`` recorded, else 0). ``metrics["trials"]``: sweep.json's trial records."""
+    from qdd.run_folder import fresh_run_dir
+    from qdd.sweep import load_sweep, read_sweep, run_sweep
 
-    return RunResult(Path(out), {"trials": run_sweep(Path(config), Path(out))})
+    given = isinstance(config, (str, Path))
+    source = Path(config) if given else Path("sweep config")  # type: ignore[arg-type]
+    settings = merge(read_sweep(source) if given else dict(config or {}), overrides)  # type: ignore[arg-type]
+    load_sweep(source, settings)  # refused in one line before any folder is made
+    folder = Path(out) if out is not None else fresh_run_dir("sweep", source.stem)
+    return RunResult(folder, {"trials": run_sweep(settings, source, folder, seed, fit)})

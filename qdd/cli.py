@@ -33,10 +33,12 @@ import sys
 from collections.abc import Sequence
 from importlib import import_module
 from importlib.util import find_spec
+from pathlib import Path
 
 from qdd import __version__, api
+from qdd.api import read_yaml
 from qdd.errors import QddError
-from qdd.flags import trainer_config
+from qdd.flags import add_flags, trainer_config
 from qdd.logs import VERBOSE_ENV, configure_logging, is_verbose
 
 __all__ = ["VERBOSE_ENV", "main"]
@@ -54,7 +56,7 @@ COMMANDS = {
     "quality": ("qdd.quality:main", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
     "report": ("qdd.report.command:main", "draw the study's figures and tables from runs"),
     "quantize": ("qdd.generation.quantize:main", "write a deployable quantized denoiser file"),
-    "sweep": ("qdd.sweep:main", "run a W&B sweep (grid or random) offline: a fit per trial"),
+    "sweep": ("qdd.cli:sweep_command", "run a W&B sweep (grid or random) offline: a fit per trial"),
     "demo": ("qdd.demo:main", "the whole study in miniature, offline, on CPU"),
 }
 #: The flag that shows LightningCLI's full help (every --trainer.*, --model.*, --data.*).
@@ -163,6 +165,34 @@ def shard_command(argv: Sequence[str]) -> None:
     print(f"{result.metrics['total']} samples in {result.metrics['shards']} shard(s)",
           file=sys.stderr)  # fmt: skip
     print(args.out)
+
+
+def sweep_command(argv: Sequence[str]) -> None:
+    """``qdd-cli sweep``: run the sweep, print one line per trial and the sweep folder."""
+    parser = argparse.ArgumentParser(
+        prog="qdd-cli sweep",
+        description="Run a W&B sweep YAML (configs/sweeps/: method grid or random) offline: "
+        "one `qdd-cli fit` run folder per trial under --out.",
+    )
+    parser.add_argument("config", help="W&B sweep YAML with method: grid or random")
+    add_flags(parser, "--out", "--seed", out={"help": "folder for the trials (default: "
+              "runs/sweep-NAME-TIME)"}, seed={"help": "seed of a random sweep's draws "
+              "(default: the one --out recorded, else 0; recorded in sweep.json)"})  # fmt: skip
+    args = parser.parse_args(argv)
+    result = api.sweep(args.config, seed=args.seed, out=args.out)
+    records = result.metrics["trials"]
+    metric = (read_yaml(Path(args.config)).get("metric") or {}).get("name", "metric")
+    for record in records:
+        value = "—" if record["metric"] is None else f"{record['metric']:.4f}"
+        print(f"{record['trial']}  {metric}={value}  {record['params']}", file=sys.stderr)
+    failed = [r["trial"] for r in records if r["returncode"] != 0]
+    if failed:
+        raise QddError(
+            f"{len(failed)} of {len(records)} trials failed ({', '.join(failed)}): read their "
+            f"sweep.log under {result.run_dir}, fix, and re-run the same command (finished "
+            "trials are kept)"
+        )
+    print(result.run_dir)
 
 
 def available() -> dict[str, str]:
