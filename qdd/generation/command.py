@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import yaml
 
 from qdd.errors import QddError
 from qdd.generation.costs import OFFLOADS
+from qdd.generation.jobs import JOB_FIELDS, Job
 from qdd.generation.registry import GENERATORS, get_generator
 
 log = logging.getLogger("qdd.generation")
@@ -31,33 +31,6 @@ SCOPES = ("denoiser", "text", "all")
 STUDY_DIR = Path(__file__).resolve().parent.parent / "configs" / "study"
 #: Trainer settings that would change the numerics behind the recipe's back.
 FORBIDDEN_TRAINER_KEYS = ("precision", "plugins")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One output folder: a generator at a precision, and how to run it."""
-
-    generator: str
-    precision: str
-    out: str
-    model_path: str | None = None  #: default: the generator's hub id
-    denoiser_file: str | None = None  #: a user's GGUF denoiser; the precision is its label
-    quant_backend: str = "auto"
-    quant_scope: str = "denoiser"
-    prompts: str | None = None  #: default: the built-in set
-    limit: int | None = None
-    seed: int = 0
-    steps: int | None = None
-    guidance: float | None = None
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 1
-    shard_size: int = 100
-    overwrite: bool = False
-    offload: str = "none"  #: diffusers' CPU offload (changes time and memory, not pixels)
-
-
-JOB_FIELDS = {f.name for f in fields(Job)}
 
 
 def build_parser() -> argparse.ArgumentParser:
