@@ -205,10 +205,18 @@ def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
 
 def generate(config: Config = None, **overrides: Any) -> RunResult:
     """Images of a generator at a precision (``generator``, ``precision``, ``out``, ...: the
-    flags of ``qdd-cli generate``), or a study ``plan``; ``trainer``: Trainer keywords."""
+    flags of ``qdd-cli generate``), or a study ``plan``; ``trainer``: Trainer keywords.
+    With ``dry_run``, nothing runs: ``metrics["dry_run"]`` says what the jobs would make."""
     from qdd.generation.command import jobs_from_config, run_jobs
 
-    folders = run_jobs(*jobs_from_config(load_config(config, overrides)))
+    settings = load_config(config, overrides)
+    dry_run = settings.pop("dry_run", False)
+    jobs, trainer_kwargs = jobs_from_config(settings)
+    if dry_run:
+        from qdd.generation.dryrun import describe_jobs
+
+        return RunResult(Path(jobs[0].out), {"dry_run": describe_jobs(jobs)})
+    folders = run_jobs(jobs, trainer_kwargs)
     return RunResult(folders[0] if len(folders) == 1 else folders[0].parent)
 
 
@@ -231,23 +239,37 @@ def shard(config: Config = None, **overrides: Any) -> RunResult:
 def quality(config: Config = None, **overrides: Any) -> RunResult:
     """Every generated image against its twin at the ``reference`` precision (``data``,
     ``reference``, ``out``, ``lpips_weights``, ``feature_weights``, ...: the flags of
-    ``qdd-cli quality``); ``scores`` is quality.parquet."""
+    ``qdd-cli quality``); ``scores`` is quality.parquet. Without ``out``: a fresh folder."""
     from qdd.quality import run_quality
+    from qdd.run_folder import fresh_run_dir, inherited_ddp_run_dir, shared_with_ddp_ranks
 
     settings = load_config(config, overrides)
-    result = run_quality(settings.pop("data"), **settings)
+    if settings.get("out") is None:
+        settings["out"] = inherited_ddp_run_dir() or fresh_run_dir("quality")
+    with shared_with_ddp_ranks(settings["out"]):
+        result = run_quality(settings.pop("data"), **settings)
     return RunResult(result.run_dir, result.metrics, {}, result.scores)
 
 
 def report(config: Config = None, **overrides: Any) -> RunResult:
     """Figures and tables from test runs (``runs``, ``out``), or with ``compare`` the runs
-    ranked by ``metric`` on ``group``; ``run_dir`` is the report folder."""
+    ranked by ``metric`` on ``group``; ``run_dir`` is the report folder, ``metrics["index"]``
+    its report.md (compare.md)."""
     from qdd.report.command import run_report
 
     settings = load_config(config, overrides)
     runs, out = [Path(r) for r in settings.pop("runs")], Path(settings.pop("out", "report"))
-    run_report(runs, out, **settings)
-    return RunResult(out)
+    index = run_report(runs, out, **settings)
+    return RunResult(out, {"index": str(index)})
+
+
+def quantize(config: Config = None, **overrides: Any) -> RunResult:
+    """A generator's denoiser as a deployable file (``generator``, ``precision``, ``out``,
+    ``model_path``: the flags of ``qdd-cli quantize``); ``run_dir`` is the file written."""
+    from qdd.generation.quantize import quantize_to_file
+
+    written = quantize_to_file(**load_config(config, overrides))
+    return RunResult(Path(written.path), {"precision": written.precision, "sha256": written.sha256})
 
 
 def sweep(

@@ -31,7 +31,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -49,15 +48,16 @@ TRAINER_COMMANDS = {
     "test": "benchmark a detector on shards: metrics.json + scores.parquet",
     "predict": "score shards with a detector",
 }
-#: The other subcommands: the ``module:function`` taking the arguments, and what it does.
+#: The other subcommands: the module they need (listed only where it is installed), and what
+#: they do. Each runs ``<name>_command(argv)`` below: parse, then call `qdd.api`.
 COMMANDS = {
-    "shard": ("qdd.cli:shard_command", "turn a folder of images (real photos) into shards"),
-    "generate": ("qdd.generation.command:main", "generate images at each precision"),
-    "quality": ("qdd.quality:main", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
-    "report": ("qdd.report.command:main", "draw the study's figures and tables from runs"),
-    "quantize": ("qdd.generation.quantize:main", "write a deployable quantized denoiser file"),
-    "sweep": ("qdd.cli:sweep_command", "run a W&B sweep (grid or random) offline: a fit per trial"),
-    "demo": ("qdd.demo:main", "the whole study in miniature, offline, on CPU"),
+    "shard": ("qdd.datamodules.tars", "turn a folder of images (real photos) into shards"),
+    "generate": ("qdd.generation.command", "generate images at each precision"),
+    "quality": ("qdd.quality", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
+    "report": ("qdd.report.command", "draw the study's figures and tables from runs"),
+    "quantize": ("qdd.generation.quantize", "write a deployable quantized denoiser file"),
+    "sweep": ("qdd.sweep", "run a W&B sweep (grid or random) offline: a fit per trial"),
+    "demo": ("qdd.demo", "the whole study in miniature, offline, on CPU"),
 }
 #: The flag that shows LightningCLI's full help (every --trainer.*, --model.*, --data.*).
 HELP_ALL = "--help-all"
@@ -167,6 +167,52 @@ def shard_command(argv: Sequence[str]) -> None:
     print(args.out)
 
 
+def generate_command(argv: Sequence[str]) -> None:
+    """``qdd-cli generate``: prints the output folder (a plan: its parent) last, or with
+    ``--dry-run`` what the jobs would make and weigh."""
+    from qdd.generation.command import build_parser, is_launch_leader, split_trainer_flags
+
+    argv, trainer = split_trainer_flags(list(argv))
+    result = api.generate({**vars(build_parser().parse_args(argv)), "trainer": trainer})
+    if "dry_run" in result.metrics:
+        print(result.metrics["dry_run"])
+    elif is_launch_leader():
+        print(result.run_dir)
+
+
+def quality_command(argv: Sequence[str]) -> None:
+    """``qdd-cli quality``: prints the run folder last (on rank 0)."""
+    from qdd.generation.command import split_trainer_flags
+    from qdd.quality import build_parser
+
+    argv, trainer = split_trainer_flags(list(argv))
+    result = api.quality({**vars(build_parser().parse_args(argv)), "trainer": trainer})
+    if result.scores is not None:
+        print(result.run_dir)
+
+
+def report_command(argv: Sequence[str]) -> None:
+    """``qdd-cli report``: prints report.md (with --compare: compare.md) last."""
+    from qdd.report.command import build_parser
+
+    print(api.report(vars(build_parser().parse_args(argv))).metrics["index"])
+
+
+def quantize_command(argv: Sequence[str]) -> None:
+    """``qdd-cli quantize``: prints the file written last."""
+    from qdd.generation.quantize import build_parser
+
+    print(api.quantize(vars(build_parser().parse_args(argv))).run_dir)
+
+
+def demo_command(argv: Sequence[str]) -> None:
+    """``qdd-cli demo``: `qdd.demo` runs every step of the study through `qdd.api` (it sits a
+    layer above the API, so an ``api.demo`` would be an import circle)."""
+    from qdd.demo import main as demo_main
+
+    demo_main(list(argv))
+
+
 def sweep_command(argv: Sequence[str]) -> None:
     """``qdd-cli sweep``: run the sweep, print one line per trial and the sweep folder."""
     parser = argparse.ArgumentParser(
@@ -197,8 +243,8 @@ def sweep_command(argv: Sequence[str]) -> None:
 
 def available() -> dict[str, str]:
     """Every subcommand whose module is installed in this package, and what it does."""
-    others = {n: text for n, (target, text) in COMMANDS.items()
-              if find_spec(target.partition(":")[0]) is not None}  # fmt: skip
+    others = {n: text for n, (module, text) in COMMANDS.items()
+              if find_spec(module) is not None}  # fmt: skip
     return {**TRAINER_COMMANDS, **others}
 
 
@@ -249,8 +295,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if name in TRAINER_COMMANDS:
             run_trainer(name, rest)
         else:
-            module, _, function = COMMANDS[name][0].partition(":")
-            getattr(import_module(module), function)(rest)
+            globals()[f"{name}_command"](rest)
     except QddError as error:
         print(f"qdd-cli {name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -19,9 +19,11 @@ from pathlib import Path
 DDP_RUN_DIR_ENV = "QDD_DDP_RUN_DIR"
 
 
-def fresh_run_dir(command: str, name: str, root: str | Path = "runs") -> Path:
-    """A new, empty folder ``root/<command>-<name>-<YYYYmmdd-HHMMSS>[-N]``, created now."""
-    stem = f"{command}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(str(name)).stem)}"
+def fresh_run_dir(command: str, name: str | None = None, root: str | Path = "runs") -> Path:
+    """A new, empty folder ``root/<command>[-<name>]-<YYYYmmdd-HHMMSS>[-N]``, created now."""
+    stem = command
+    if name:
+        stem += f"-{re.sub(r'[^A-Za-z0-9_.-]+', '_', Path(str(name)).stem)}"
     base = Path(root) / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     Path(root).mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):

@@ -133,7 +133,8 @@ def test_two_trial_sweep_runs_end_to_end(mix_shards: Path, tmp_path: Path, capsy
     assert [(t["trial"], t.get("planned", True)) for t in capped["trials"]] == [
         ("trial-000", True), ("trial-001", False)
     ]  # fmt: skip
-    assert capped["trials"][1]["metric"] == index["trials"][1]["metric"]
+    assert capped["trials"][1]["returncode"] == 0
+    assert capped["trials"][1]["command"] == index["trials"][1]["command"]
     # each trial's checkpoint tested, then the trials ranked side by side
     tests = []
     for i, trial in enumerate(index["trials"]):

@@ -210,14 +210,6 @@ def gguf_label(file: str, precision: str | list[str] | None) -> str:
     return label
 
 
-def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
-    """The command line as jobs and Trainer keyword arguments."""
-    argv, trainer = split_trainer_flags(argv)
-    args = vars(build_parser().parse_args(argv))
-    args.pop("dry_run")  # main's business: see wants_dry_run
-    return jobs_from_config({**args, "trainer": trainer})
-
-
 def jobs_from_config(config: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]:
     """Jobs and Trainer keyword arguments from the command line's keys (``model_path`` for
     ``--model-path``; ``plan``; ``trainer``: a dict), as `qdd.api.generate` takes them."""
@@ -237,11 +229,6 @@ def jobs_from_config(config: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]
         if settings.get(name) is None:
             raise QddError(f"--{name} is required (or pass --plan configs/study/NAME.yaml)")
     return [Job(**settings)], check_trainer_kwargs(trainer)
-
-
-def wants_dry_run(argv: list[str]) -> bool:
-    """Whether the command line asks for ``--dry-run``."""
-    return bool(build_parser().parse_known_args(split_trainer_flags(argv)[0])[0].dry_run)
 
 
 def run_jobs(jobs: list[Job], trainer_kwargs: dict[str, Any]) -> list[Path]:
@@ -425,17 +412,3 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def main(argv: list[str]) -> None:
-    """``qdd-cli generate ARGS``: prints the output folder (a plan: its parent) last, or with
-    ``--dry-run`` what the jobs would make and weigh."""
-    jobs, trainer_kwargs = parse_jobs(list(argv))
-    if wants_dry_run(list(argv)):
-        from qdd.generation.dryrun import describe_jobs
-
-        print(describe_jobs(jobs))
-        return
-    folders = run_jobs(jobs, trainer_kwargs)
-    if is_launch_leader():
-        print(folders[0] if len(folders) == 1 else folders[0].parent)
