@@ -244,10 +244,16 @@ def quality(config: Config = None, **overrides: Any) -> RunResult:
     from qdd.run_folder import fresh_run_dir, inherited_ddp_run_dir, shared_with_ddp_ranks
 
     settings = load_config(config, overrides)
+    fresh = settings.get("out") is None and not inherited_ddp_run_dir()
     if settings.get("out") is None:
         settings["out"] = inherited_ddp_run_dir() or fresh_run_dir("quality")
-    with shared_with_ddp_ranks(settings["out"]):
-        result = run_quality(settings.pop("data"), **settings)
+    try:
+        with shared_with_ddp_ranks(settings["out"]):
+            result = run_quality(settings.pop("data"), **settings)
+    except BaseException:
+        if fresh and not any(Path(settings["out"]).iterdir()):
+            Path(settings["out"]).rmdir()  # refused before writing: no empty folder left
+        raise
     return RunResult(result.run_dir, result.metrics, {}, result.scores)
 
 

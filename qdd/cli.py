@@ -49,7 +49,7 @@ TRAINER_COMMANDS = {
     "predict": "score shards with a detector",
 }
 #: The other subcommands: the module they need (listed only where it is installed), and what
-#: they do. Each runs ``<name>_command(argv)`` below: parse, then call `qdd.api`.
+#: they do. Each runs its function in `OTHER_COMMANDS`: parse, then call `qdd.api`.
 COMMANDS = {
     "shard": ("qdd.datamodules.tars", "turn a folder of images (real photos) into shards"),
     "generate": ("qdd.generation.command", "generate images at each precision"),
@@ -241,6 +241,18 @@ def sweep_command(argv: Sequence[str]) -> None:
     print(result.run_dir)
 
 
+#: What runs each subcommand of `COMMANDS`.
+OTHER_COMMANDS = {
+    "shard": shard_command,
+    "generate": generate_command,
+    "quality": quality_command,
+    "report": report_command,
+    "quantize": quantize_command,
+    "sweep": sweep_command,
+    "demo": demo_command,
+}
+
+
 def available() -> dict[str, str]:
     """Every subcommand whose module is installed in this package, and what it does."""
     others = {n: text for n, (module, text) in COMMANDS.items()
@@ -295,7 +307,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if name in TRAINER_COMMANDS:
             run_trainer(name, rest)
         else:
-            globals()[f"{name}_command"](rest)
+            OTHER_COMMANDS[name](rest)
     except QddError as error:
         print(f"qdd-cli {name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

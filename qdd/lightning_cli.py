@@ -78,12 +78,12 @@ class QddCLI(LightningCLI):
         trainer = config.trainer
         run_dir = trainer.default_root_dir or inherited_ddp_run_dir()
         if not run_dir:
-            run_dir = str(fresh_run_dir(self.subcommand, str(config.model.detector)))
+            run_dir = self.fresh_run_dir = fresh_run_dir(self.subcommand, config.model.detector)
         trainer.default_root_dir = run_dir = str(run_dir)
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in [lg for lg in loggers if isinstance(lg, Namespace)]:  # not true/false
-            if logger.init_args.get("save_dir") == ".":
-                logger.init_args.save_dir = run_dir
+            if logger.init_args.get("save_dir") == ".":  # absolute: W&B's service process
+                logger.init_args.save_dir = str(Path(run_dir).resolve())  # has its own cwd
             if "WandbLogger" in logger.class_path and logger.init_args.get("name") is None:
                 logger.init_args.name = Path(run_dir).name
         if config.get("ckpt_path"):
@@ -92,6 +92,15 @@ class QddCLI(LightningCLI):
         if weights and str(weights).endswith(".ckpt") and not config.data.get("checkpoint"):
             # a qdd checkpoint's training data is never evaluated (nor forgotten by a fine-tune)
             config.data.checkpoint = str(weights)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:  # refused before anything ran: leave no empty run folder behind
+            folder = getattr(self, "fresh_run_dir", None)
+            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            raise
 
     def after_instantiate_classes(self) -> None:
         use_threads(workers=self.datamodule.workers_for(self.trainer),

@@ -138,6 +138,16 @@ def test_a_failed_call_leaves_no_wandb_run_open(tmp_path: Path) -> None:
     assert len(list((tmp_path / "next" / "wandb").glob("offline-run-*"))) == 1
 
 
+def test_a_refused_call_leaves_no_empty_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = _tiny_shards(tmp_path / "shards")
+    with pytest.raises(QddError, match="nodetector"):
+        api.test({**_npr(data), "detector": "nodetector"})
+    assert not list((tmp_path / "runs").glob("*"))
+
+
 def test_fresh_run_folders_are_unique_within_one_second(tmp_path: Path) -> None:
     folders = [fresh_run_dir("test", "npr", tmp_path) for _ in range(3)]
     assert len(set(folders)) == 3 and all(f.is_dir() for f in folders)
