@@ -16,15 +16,17 @@ Trainer commands (fit, validate, test, predict): ``detector`` (a name or a YAML:
 packaged preset), ``data`` (a folder, a glob, a list of them, a preset name such as
 ``paper``, or the data module's own keys as a dict), ``weights``, ``random_weights``,
 ``out``, ``perturb``, ``ckpt_path``, and LightningCLI's own sections ``model``, ``data``,
-``trainer`` (a dict, or a preset name: ``cpu``, ``gpu``, ``ddp``), ``seed_everything``.
-Presets come first; the keys given win over them. Nothing heavy is imported at module level.
+``trainer`` (a dict, or a preset name: ``cpu``, ``gpu``, ``ddp``), ``seed_everything``;
+``lightning_args``: LightningCLI command-line arguments applied last (what ``qdd-cli``
+passes through: ``--trainer.max_epochs=2``, ``--config FILE``). Presets come first; the
+keys given win over them. A call without ``out`` writes into a fresh folder of its own.
+Nothing heavy is imported at module level.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,11 +104,13 @@ def lightning_config(config: dict[str, Any]) -> dict[str, Any]:
         path = preset("detectors", str(rest["detector"]))
         layers.append(read_yaml(path) if path else {"model": {"detector": rest["detector"]}})
         rest.pop("detector")
-    if isinstance(data, (str, Path)) and preset("data", str(data)):
-        layers.append({"data": read_yaml(preset("data", str(data)))})  # type: ignore[arg-type]
-        data = {}
-    elif isinstance(data, (str, Path, list, tuple)):
-        data = {"paths": [str(p) for p in data] if isinstance(data, (list, tuple)) else str(data)}
+    if isinstance(data, (str, Path, list, tuple)):  # folders, globs and presets, in order
+        items = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
+        presets = [path for path in map(lambda d: preset("data", d), items) if path]
+        folders = [d for d in items if not preset("data", d)]
+        layers += [{"data": read_yaml(path)} for path in presets]
+        many = isinstance(data, (list, tuple))
+        data = {"paths": folders if many else folders[0]} if folders else {}
     model, data, trainer = dict(rest.pop("model", None) or {}), dict(data), dict(trainer)
     weights, out, perturb = (rest.pop(k, None) for k in ("weights", "out", "perturb"))
     if weights is not None:
@@ -159,20 +163,31 @@ def predict(config: Config = None, **overrides: Any) -> RunResult:
     return run_lightning("predict", load_config(config, overrides))
 
 
-def run_lightning(command: str, args: dict[str, Any] | list[str]) -> RunResult:
-    """Run ``command`` through `qdd.lightning_cli.QddCLI`: a qdd config dict, or the
-    command line's arguments after ``qdd-cli COMMAND`` (short flags already rewritten)."""
+def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
+    """Run ``command`` through `qdd.lightning_cli.QddCLI` with a qdd config dict.
+
+    The dict (qdd's short keys, presets resolved: `lightning_config`) is LightningCLI's
+    first ``--config``; ``lightning_args``, LightningCLI's own arguments (``--trainer.*``,
+    ``--model.*``, ``--data.*``, ``--config FILE``, ``--print_config``: what ``qdd-cli``
+    passes through), come after it and win. ``qdd-cli`` and the API take this one path.
+    """
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-    if isinstance(args, dict):
-        args = lightning_config(args)
-        check_data(args["data"].get("paths"), args["data"].get("perturb"))
+    config = dict(config)
+    passed = [str(a) for a in config.pop("lightning_args", None) or []]
+    sections = lightning_config(config)
+    if not {"--help", "--print_config"} & {a.partition("=")[0] for a in passed}:
+        check_data(sections["data"].get("paths"), sections["data"].get("perturb"))
+    args = [command, "--config", json.dumps(sections, default=str), *passed]
     from qdd.datamodules.shard import ShardDataModule
-    from qdd.lightning_cli import QddCLI
+    from qdd.lightning_cli import QddCLI, finish_loggers
     from qdd.modules.detector import DetectorModule
 
-    cli_args = {command: args} if isinstance(args, dict) else [command, *args]
-    cli = QddCLI(DetectorModule, ShardDataModule, args=cli_args)
+    try:
+        cli = QddCLI(DetectorModule, ShardDataModule, args=args)
+    except BaseException:
+        finish_loggers(None, failed=True)  # a W&B run opened before the Trainer ran
+        raise
     trainer = cli.trainer
     run_dir = Path(trainer.default_root_dir)
     callback = trainer.checkpoint_callback if command == "fit" else None
@@ -185,17 +200,23 @@ def run_lightning(command: str, args: dict[str, Any] | list[str]) -> RunResult:
     summaries = [c for c in trainer.callbacks if isinstance(c, RunSummary)]
     metrics = json.loads(json.dumps(summaries[0].metrics, default=lambda v: v.item()))
     scores = run_dir / "scores.parquet" if command in ("test", "predict") else None
-    if "wandb" in sys.modules:  # end the W&B run: the next run in this process starts its own
-        sys.modules["wandb"].finish()
     return RunResult(run_dir, metrics, checkpoints, scores if scores and scores.is_file() else None)
 
 
 def generate(config: Config = None, **overrides: Any) -> RunResult:
     """Images of a generator at a precision (``generator``, ``precision``, ``out``, ...: the
-    flags of ``qdd-cli generate``), or a study ``plan``; ``trainer``: Trainer keywords."""
+    flags of ``qdd-cli generate``), or a study ``plan``; ``trainer``: Trainer keywords.
+    With ``dry_run``, nothing runs: ``metrics["dry_run"]`` says what the jobs would make."""
     from qdd.generation.command import jobs_from_config, run_jobs
 
-    folders = run_jobs(*jobs_from_config(load_config(config, overrides)))
+    settings = load_config(config, overrides)
+    dry_run = settings.pop("dry_run", False)
+    jobs, trainer_kwargs = jobs_from_config(settings)
+    if dry_run:
+        from qdd.generation.dryrun import describe_jobs
+
+        return RunResult(Path(jobs[0].out), {"dry_run": describe_jobs(jobs)})
+    folders = run_jobs(jobs, trainer_kwargs)
     return RunResult(folders[0] if len(folders) == 1 else folders[0].parent)
 
 
@@ -233,11 +254,21 @@ def shard(config: Config = None, **overrides: Any) -> RunResult:
 def quality(config: Config = None, **overrides: Any) -> RunResult:
     """Every generated image against its twin at the ``reference`` precision (``data``,
     ``reference``, ``out``, ``lpips_weights``, ``feature_weights``, ...: the flags of
-    ``qdd-cli quality``); ``scores`` is quality.parquet."""
+    ``qdd-cli quality``); ``scores`` is quality.parquet. Without ``out``: a fresh folder."""
     from qdd.quality import run_quality
+    from qdd.run_folder import fresh_run_dir, inherited_ddp_run_dir, shared_with_ddp_ranks
 
     settings = load_config(config, overrides)
-    result = run_quality(settings.pop("data"), **settings)
+    fresh = settings.get("out") is None and not inherited_ddp_run_dir()
+    if settings.get("out") is None:
+        settings["out"] = inherited_ddp_run_dir() or fresh_run_dir("quality")
+    try:
+        with shared_with_ddp_ranks(settings["out"]):
+            result = run_quality(settings.pop("data"), **settings)
+    except BaseException:
+        if fresh and not any(Path(settings["out"]).iterdir()):
+            Path(settings["out"]).rmdir()  # refused before writing: no empty folder left
+        raise
     return RunResult(result.run_dir, result.metrics, {}, result.scores)
 
 
@@ -254,17 +285,38 @@ def fingerprint(config: Config = None, **overrides: Any) -> RunResult:
 
 def report(config: Config = None, **overrides: Any) -> RunResult:
     """Figures and tables from test runs (``runs``, ``out``), or with ``compare`` the runs
-    ranked by ``metric`` on ``group``; ``run_dir`` is the report folder."""
+    ranked by ``metric`` on ``group``; ``run_dir`` is the report folder, ``metrics["index"]``
+    its report.md (compare.md)."""
     from qdd.report.command import run_report
 
     settings = load_config(config, overrides)
     runs, out = [Path(r) for r in settings.pop("runs")], Path(settings.pop("out", "report"))
-    run_report(runs, out, **settings)
-    return RunResult(out)
+    index = run_report(runs, out, **settings)
+    return RunResult(out, {"index": str(index)})
 
 
-def sweep(config: str | Path, out: str | Path) -> RunResult:
-    """A W&B sweep YAML run offline, one fit per trial under ``out``."""
-    from qdd.sweep import run_sweep
+def quantize(config: Config = None, **overrides: Any) -> RunResult:
+    """A generator's denoiser as a deployable file (``generator``, ``precision``, ``out``,
+    ``model_path``: the flags of ``qdd-cli quantize``); ``run_dir`` is the file written."""
+    from qdd.generation.quantize import quantize_to_file
 
-    return RunResult(Path(out), {"trials": run_sweep(Path(config), Path(out))})
+    written = quantize_to_file(**load_config(config, overrides))
+    return RunResult(Path(written.path), {"precision": written.precision, "sha256": written.sha256})
+
+
+def sweep(
+    config: Config, *, seed: int | None = None, out: str | Path | None = None, **overrides: Any
+) -> RunResult:
+    """A W&B sweep (a dict, or the path of its YAML; ``overrides`` merged on top) run
+    offline: one `fit` per trial into ``out/trial-NNN`` (default: a fresh
+    ``runs/sweep-<name>-<time>``); ``seed`` draws a random sweep's trials (default: the one
+    ``out`` recorded, else 0). ``metrics["trials"]``: sweep.json's trial records."""
+    from qdd.run_folder import fresh_run_dir
+    from qdd.sweep import load_sweep, read_sweep, run_sweep
+
+    given = isinstance(config, (str, Path))
+    source = Path(config) if given else Path("sweep config")  # type: ignore[arg-type]
+    settings = merge(read_sweep(source) if given else dict(config or {}), overrides)  # type: ignore[arg-type]
+    load_sweep(source, settings)  # refused in one line before any folder is made
+    folder = Path(out) if out is not None else fresh_run_dir("sweep", source.stem)
+    return RunResult(folder, {"trials": run_sweep(settings, source, folder, seed, fit)})

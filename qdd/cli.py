@@ -1,41 +1,43 @@
 """``qdd-cli``: one entry point for the whole study; it parses, then calls `qdd.api`.
 
-The Trainer subcommands (fit, validate, test, predict) are LightningCLI
-(`qdd.lightning_cli`); their short flags are rewritten into plain LightningCLI arguments
-first, so ``--config``, ``--trainer.*``, ``--model.*``, ``--data.*`` and
-``--print_config`` work as Lightning documents them:
+Every subcommand parses its flags into the config dict its `qdd.api` function takes and
+calls it; the flags several commands share are declared once, in `qdd.flags` (``--data``
+is repeatable everywhere, its occurrences add up). The Trainer subcommands (fit, validate,
+test, predict) are LightningCLI (`qdd.lightning_cli`): qdd's short flags become the dict
+(`qdd.flags.trainer_config`; `qdd.api.lightning_config` maps its keys and presets onto
+LightningCLI's sections), and every other argument (``--config``, ``--trainer.*``,
+``--model.*``, ``--data.*``, ``--print_config``) goes to LightningCLI unchanged, after
+the dict, so it wins:
 
 ==========================  ==================================================================
-``--detector npr``          ``--config configs/detectors/npr.yaml`` (the packaged preset, or a
-                            YAML you name), else ``--model.detector=NAME``
-``--data X``                a preset under ``configs/data/`` (or a YAML) → ``--data X.yaml``;
-                            anything else (folder, glob; repeatable) → ``--data.paths``
-``--weights F``             ``--model.weights=F``; ``--random-weights``: ``--model.random_weights``
-``--out DIR``               the run folder, ``--trainer.default_root_dir=DIR``
-``--trainer cpu|gpu|ddp``   ``--config configs/trainer/NAME.yaml``
-``--perturb SPEC``          ``--data.perturb=[...]`` (repeatable); ``none`` always runs
+``--detector npr``          the packaged preset ``configs/detectors/npr.yaml`` (or a YAML you
+                            name), else ``model.detector``
+``--data X``                a preset under ``configs/data/`` (or a YAML); anything else
+                            (folder, glob) → ``data.paths``; repeatable
+``--weights F``             ``model.weights``; ``--random-weights``: ``model.random_weights``
+``--out DIR``               the run folder, ``trainer.default_root_dir`` (default: a fresh one)
+``--trainer cpu|gpu|ddp``   the packaged ``configs/trainer/NAME.yaml``
+``--perturb SPEC``          ``data.perturb`` (repeatable); ``none`` always runs
 ==========================  ==================================================================
 
-Presets come first, so later flags such as ``--data.batch_size=8`` still override. Nothing
-heavy is imported before a command runs: ``qdd-cli test --help`` and a bad ``--data``
-answer before Lightning (~7 s to import), weights or models are touched. The other
-subcommands run the ``main(argv)`` of their module (`COMMANDS`). A `QddError` ends in one
-line on stderr and exit code 2; the run folder is printed last.
+Nothing heavy is imported before a command runs: ``qdd-cli test --help`` and a bad
+``--data`` answer before Lightning (~7 s to import), weights or models are touched. A
+`QddError` ends in one line on stderr and exit code 2; the run folder is printed last.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
-from importlib import import_module
 from importlib.util import find_spec
+from pathlib import Path
 
-from qdd import __version__
-from qdd.api import check_data, preset, read_yaml
+from qdd import __version__, api
+from qdd.api import read_yaml
 from qdd.errors import QddError
+from qdd.flags import add_flags, trainer_config
 from qdd.logs import VERBOSE_ENV, configure_logging, is_verbose
 
 __all__ = ["VERBOSE_ENV", "main"]
@@ -46,17 +48,18 @@ TRAINER_COMMANDS = {
     "test": "benchmark a detector on shards: metrics.json + scores.parquet",
     "predict": "score shards with a detector",
 }
-#: The other subcommands: the ``module:function`` taking the arguments, and what it does.
+#: The other subcommands: the module they need (listed only where it is installed), and what
+#: they do. Each runs its function in `OTHER_COMMANDS`: parse, then call `qdd.api`.
 COMMANDS = {
-    "shard": ("qdd.cli:shard_command", "turn a folder of images (real photos) into shards"),
-    "generate": ("qdd.generation.command:main", "generate images at each precision"),
-    "decode": ("qdd.cli:decode_command", "decode stored latents with the VAE at a precision"),
-    "quality": ("qdd.quality:main", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
-    "fingerprint": ("qdd.fingerprint.command:main", "residual spectra per group vs the fp32 twin"),
-    "report": ("qdd.report.command:main", "draw the study's figures and tables from runs"),
-    "quantize": ("qdd.generation.quantize:main", "write a deployable quantized denoiser file"),
-    "sweep": ("qdd.sweep:main", "run a W&B sweep (grid or random) offline: a fit per trial"),
-    "demo": ("qdd.demo:main", "the whole study in miniature, offline, on CPU"),
+    "shard": ("qdd.datamodules.tars", "turn a folder of images (real photos) into shards"),
+    "generate": ("qdd.generation.command", "generate images at each precision"),
+    "decode": ("qdd.generation.redecode", "decode stored latents with the VAE at a precision"),
+    "quality": ("qdd.quality", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
+    "fingerprint": ("qdd.fingerprint", "residual spectra per group vs the fp32 twin"),
+    "report": ("qdd.report.command", "draw the study's figures and tables from runs"),
+    "quantize": ("qdd.generation.quantize", "write a deployable quantized denoiser file"),
+    "sweep": ("qdd.sweep", "run a W&B sweep (grid or random) offline: a fit per trial"),
+    "demo": ("qdd.demo", "the whole study in miniature, offline, on CPU"),
 }
 #: The flag that shows LightningCLI's full help (every --trainer.*, --model.*, --data.*).
 HELP_ALL = "--help-all"
@@ -130,58 +133,14 @@ def short_help(command: str) -> str:
     ])  # fmt: skip
 
 
-def expand_shorthands(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
-    """The short flags as LightningCLI arguments (table above); also the shard folders and
-    perturbations they name, for `qdd.api.check_data`."""
-    front, rest, folders, paths, perturb = [], [], [], [], []
-    i = 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name in ("--detector", "--data", "--weights", "--out", "--perturb") and not eq:
-            if i + 1 == len(argv):
-                raise QddError(f"{name} needs a value")
-            i, value = i + 1, argv[i + 1]
-        if name == "--detector":
-            path = preset("detectors", value)
-            front += [f"--config={path}"] if path else []
-            rest += [] if path else [f"--model.detector={value}"]
-        elif name == "--data" and preset("data", value):
-            front.append(f"--data={preset('data', value)}")
-            named = read_yaml(preset("data", value)).get("paths")  # type: ignore[arg-type]
-            paths += [named] if isinstance(named, str) else list(named or [])
-        elif name in ("--data", "--perturb"):
-            (folders if name == "--data" else perturb).append(value)
-        elif name in ("--weights", "--out"):
-            flag = "--model.weights" if name == "--weights" else "--trainer.default_root_dir"
-            rest.append(f"{flag}={value}")
-        elif argv[i] == "--random-weights":
-            rest.append("--model.random_weights=true")
-        elif argv[i] == "--trainer" and i + 1 < len(argv) and preset("trainer", argv[i + 1]):
-            i += 1
-            front.append(f"--config={preset('trainer', argv[i])}")
-        else:
-            rest.append(argv[i])
-        i += 1
-    if folders:
-        rest.append(f"--data.paths={folders[0] if len(folders) == 1 else json.dumps(folders)}")
-    if perturb:
-        rest.append(f"--data.perturb={json.dumps(perturb)}")
-    return front + rest, paths + folders, perturb
-
-
 def run_trainer(command: str, argv: list[str]) -> None:
     """``qdd-cli fit|validate|test|predict ARGS``: prints the run folder last."""
     if {"-h", "--help"} & set(argv):  # qdd's flags; LightningCLI's ~580 lines: --help-all
         print(short_help(command))
         return
-    args, paths, perturb = expand_shorthands(argv)
-    if HELP_ALL in args:
-        args = ["--help" if a == HELP_ALL else a for a in args]
-    elif "--print_config" not in " ".join(args):
-        check_data(paths, perturb)  # before Lightning is imported, weights read, models built
-    from qdd.api import run_lightning
-
-    result = run_lightning(command, args)
+    config, passed = trainer_config(argv)
+    passed = ["--help" if a == HELP_ALL else a for a in passed]
+    result = getattr(api, command)(config, lightning_args=passed)
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank == 0:
@@ -214,16 +173,114 @@ def shard_command(argv: Sequence[str]) -> None:
 
 def decode_command(argv: Sequence[str]) -> None:
     """``qdd-cli decode``: parse, then `qdd.api.decode`; prints the new folder."""
-    from qdd.api import decode
     from qdd.generation.redecode import build_parser
 
-    print(decode(vars(build_parser().parse_args(argv))).run_dir)
+    print(api.decode(vars(build_parser().parse_args(argv))).run_dir)
+
+
+def fingerprint_command(argv: Sequence[str]) -> None:
+    """``qdd-cli fingerprint``: prints the run folder last (on rank 0)."""
+    from qdd.fingerprint.command import build_parser
+    from qdd.generation.command import split_trainer_flags
+
+    argv, trainer = split_trainer_flags(list(argv))
+    result = api.fingerprint({**vars(build_parser().parse_args(argv)), "trainer": trainer})
+    if result.metrics:
+        print(result.run_dir)
+
+
+def generate_command(argv: Sequence[str]) -> None:
+    """``qdd-cli generate``: prints the output folder (a plan: its parent) last, or with
+    ``--dry-run`` what the jobs would make and weigh."""
+    from qdd.generation.command import build_parser, is_launch_leader, split_trainer_flags
+
+    argv, trainer = split_trainer_flags(list(argv))
+    result = api.generate({**vars(build_parser().parse_args(argv)), "trainer": trainer})
+    if "dry_run" in result.metrics:
+        print(result.metrics["dry_run"])
+    elif is_launch_leader():
+        print(result.run_dir)
+
+
+def quality_command(argv: Sequence[str]) -> None:
+    """``qdd-cli quality``: prints the run folder last (on rank 0)."""
+    from qdd.generation.command import split_trainer_flags
+    from qdd.quality import build_parser
+
+    argv, trainer = split_trainer_flags(list(argv))
+    result = api.quality({**vars(build_parser().parse_args(argv)), "trainer": trainer})
+    if result.scores is not None:
+        print(result.run_dir)
+
+
+def report_command(argv: Sequence[str]) -> None:
+    """``qdd-cli report``: prints report.md (with --compare: compare.md) last."""
+    from qdd.report.command import build_parser
+
+    print(api.report(vars(build_parser().parse_args(argv))).metrics["index"])
+
+
+def quantize_command(argv: Sequence[str]) -> None:
+    """``qdd-cli quantize``: prints the file written last."""
+    from qdd.generation.quantize import build_parser
+
+    print(api.quantize(vars(build_parser().parse_args(argv))).run_dir)
+
+
+def demo_command(argv: Sequence[str]) -> None:
+    """``qdd-cli demo``: `qdd.demo` runs every step of the study through `qdd.api` (it sits a
+    layer above the API, so an ``api.demo`` would be an import circle)."""
+    from qdd.demo import main as demo_main
+
+    demo_main(list(argv))
+
+
+def sweep_command(argv: Sequence[str]) -> None:
+    """``qdd-cli sweep``: run the sweep, print one line per trial and the sweep folder."""
+    parser = argparse.ArgumentParser(
+        prog="qdd-cli sweep",
+        description="Run a W&B sweep YAML (configs/sweeps/: method grid or random) offline: "
+        "one `qdd-cli fit` run folder per trial under --out.",
+    )
+    parser.add_argument("config", help="W&B sweep YAML with method: grid or random")
+    add_flags(parser, "--out", "--seed", out={"help": "folder for the trials (default: "
+              "runs/sweep-NAME-TIME)"}, seed={"help": "seed of a random sweep's draws "
+              "(default: the one --out recorded, else 0; recorded in sweep.json)"})  # fmt: skip
+    args = parser.parse_args(argv)
+    result = api.sweep(args.config, seed=args.seed, out=args.out)
+    records = result.metrics["trials"]
+    metric = (read_yaml(Path(args.config)).get("metric") or {}).get("name", "metric")
+    for record in records:
+        value = "—" if record["metric"] is None else f"{record['metric']:.4f}"
+        print(f"{record['trial']}  {metric}={value}  {record['params']}", file=sys.stderr)
+    failed = [r["trial"] for r in records if r["returncode"] != 0]
+    if failed:
+        raise QddError(
+            f"{len(failed)} of {len(records)} trials failed ({', '.join(failed)}): read their "
+            f"sweep.log under {result.run_dir}, fix, and re-run the same command (finished "
+            "trials are kept)"
+        )
+    print(result.run_dir)
+
+
+#: What runs each subcommand of `COMMANDS`.
+OTHER_COMMANDS = {
+    "shard": shard_command,
+    "generate": generate_command,
+    "decode": decode_command,
+    "fingerprint": fingerprint_command,
+    "quality": quality_command,
+    "report": report_command,
+    "quantize": quantize_command,
+    "sweep": sweep_command,
+    "demo": demo_command,
+}
 
 
 def available() -> dict[str, str]:
     """Every subcommand whose module is installed in this package, and what it does."""
-    others = {n: text for n, (target, text) in COMMANDS.items()
-              if find_spec(target.partition(":")[0]) is not None}  # fmt: skip
+    others = {n: text for n, (module, text) in COMMANDS.items()
+              if find_spec(module) is not None}  # fmt: skip
     return {**TRAINER_COMMANDS, **others}
 
 
@@ -234,7 +291,7 @@ def usage(commands: dict[str, str]) -> str:
         "usage: qdd-cli SUBCOMMAND [options] [--verbose]  (qdd-cli SUBCOMMAND --help: options)",
         "",
         "subcommands:",
-        *(f"  {name:<9} {text}" for name, text in commands.items()),
+        *(f"  {name:<11} {text}" for name, text in commands.items()),
         "",
         "examples:",
         "  qdd-cli demo --out demo",
@@ -274,8 +331,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if name in TRAINER_COMMANDS:
             run_trainer(name, rest)
         else:
-            module, _, function = COMMANDS[name][0].partition(":")
-            getattr(import_module(module), function)(rest)
+            OTHER_COMMANDS[name](rest)
     except QddError as error:
         print(f"qdd-cli {name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -6,9 +6,12 @@ offline + CSV), extra wiring through `add_arguments_to_parser`. `qdd.api` runs i
 a config dict, ``qdd-cli`` with the command line; both get the same two qdd steps, taken
 in `before_instantiate_classes`:
 
-- the run folder: ``trainer.default_root_dir`` (``--out``), else
-  ``runs/<command>-<detector>-<time>``; loggers without a ``save_dir`` write there, and
-  checkpoints go to ``<run>/checkpoints/`` (``last.ckpt`` always).
+- the run folder: ``trainer.default_root_dir`` (``--out``), else a fresh
+  ``runs/<command>-<detector>-<time>`` (`qdd.run_folder.fresh_run_dir`); it is handed to
+  the Trainer pieces as an argument: loggers without a ``save_dir`` write there, config.yaml
+  and metrics.json go there, checkpoints to ``<run>/checkpoints/`` (``last.ckpt`` always).
+  Every logger is finished when the command ends, failed or not (`finish_loggers`), so
+  the next run in the process starts its own W&B run in its own folder.
 - `qdd.checkpoint.apply_checkpoint`, the rule of ``--ckpt_path`` and ``--weights X.ckpt``:
   which value wins (your flags > the checkpoint > presets > defaults; the checkpoint's
   architecture is never replaced), and whose training data the data module must not
@@ -18,8 +21,7 @@ in `before_instantiate_classes`:
 from __future__ import annotations
 
 import logging
-import os
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,12 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from qdd.checkpoint import apply_checkpoint
+from qdd.run_folder import fresh_run_dir, inherited_ddp_run_dir, shared_with_ddp_ranks
 from qdd.threads import use_threads
 
 log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).parent / "configs"
-#: Shared with DDP's child processes, which re-run the command and must find the same run.
-RUN_DIR_ENV = "QDD_RUN_DIR"
 COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -71,19 +72,27 @@ class QddCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
-        trainer = config.trainer
-        run_dir = trainer.default_root_dir or os.environ.get(RUN_DIR_ENV)
+        apply_checkpoint(config, self.given, self.subcommand)  # qdd.checkpoint's rules, first:
+        trainer = config.trainer  # a refusal leaves no folder; the folder names its detector
+        run_dir = trainer.default_root_dir or inherited_ddp_run_dir()
         if not run_dir:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = f"runs/{self.subcommand}-{config.model.detector}-{stamp}"
-        os.environ[RUN_DIR_ENV] = trainer.default_root_dir = run_dir
+            run_dir = self.fresh_run_dir = fresh_run_dir(self.subcommand, config.model.detector)
+        trainer.default_root_dir = run_dir = str(run_dir)
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in [lg for lg in loggers if isinstance(lg, Namespace)]:  # not true/false
-            if logger.init_args.get("save_dir") == ".":
-                logger.init_args.save_dir = run_dir
+            if logger.init_args.get("save_dir") == ".":  # absolute: W&B's service process
+                logger.init_args.save_dir = str(Path(run_dir).resolve())  # has its own cwd
             if "WandbLogger" in logger.class_path and logger.init_args.get("name") is None:
                 logger.init_args.name = Path(run_dir).name
-        apply_checkpoint(config, self.given, self.subcommand)  # qdd.checkpoint's rules
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:  # refused before anything ran: leave no empty run folder behind
+            folder = getattr(self, "fresh_run_dir", None)
+            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            raise
 
     def after_instantiate_classes(self) -> None:
         use_threads(workers=self.datamodule.workers_for(self.trainer),
@@ -92,6 +101,33 @@ class QddCLI(LightningCLI):
         if callback is not None and callback.dirpath is None:
             callback.dirpath = str(Path(self.trainer.default_root_dir) / "checkpoints")
             callback.save_last = True  # checkpoints/last.ckpt: a path users can predict
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """The command, its DDP ranks told the run folder, its loggers finished in any case."""
+        failed = True
+        try:
+            with shared_with_ddp_ranks(self.trainer.default_root_dir):
+                super()._run_subcommand(subcommand)
+            failed = False
+        finally:
+            finish_loggers(self.trainer, failed)
+
+
+def finish_loggers(trainer: Trainer | None, failed: bool) -> None:
+    """Finalize every logger of ``trainer`` and end the process's W&B run, if one is open.
+
+    Lightning finalizes loggers on success only, and never ends a W&B run: left open, the
+    next WandbLogger in the process would reuse it, writing into this run's folder.
+    """
+    status = "failed" if failed else "success"
+    for logger in trainer.loggers if trainer is not None else []:
+        try:
+            logger.finalize(status)
+        except Exception:  # noqa: BLE001 (one logger's failure must not keep the others open)
+            log.warning("logger %s could not be finalized", type(logger).__name__, exc_info=True)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 class ValidateAtMaxSteps(Callback):

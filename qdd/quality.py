@@ -398,11 +398,10 @@ def run_quality(
     return QualityResult(run_dir, _json(metrics), run_dir / PARQUET, notes)
 
 
-def main(argv: list[str]) -> None:
-    """``qdd-cli quality``: parse, run, print the run folder last (on rank 0)."""
-    from qdd.generation.command import split_trainer_flags
+def build_parser() -> argparse.ArgumentParser:
+    """``qdd-cli quality``'s flags (the keys of `qdd.api.quality`; ``--trainer.*`` aside)."""
+    from qdd.flags import add_flags
 
-    argv, trainer = split_trainer_flags(list(argv))
     parser = argparse.ArgumentParser(
         prog="qdd-cli quality",
         description="Compare every generated image with its twin at the reference precision "
@@ -411,12 +410,8 @@ def main(argv: list[str]) -> None:
         "Lightning Trainer flags: --trainer.devices N, --trainer.strategy ddp, "
         "--trainer.accelerator cpu|gpu.",
     )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        help="shard folders or globs: the reference folder and the others",
-    )
+    add_flags(parser, "--data", data={"required": True, "help": "shard folders or globs: "
+              "the reference folder and the others (repeatable: occurrences add up)"})  # fmt: skip
     parser.add_argument("--reference", default="fp32", help="precision of the twins")
     parser.add_argument("--out", help="run folder (default runs/quality-TIMESTAMP)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -429,18 +424,4 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--feature-model", default="ViT-L-14", help="open_clip architecture of --feature-weights"
     )
-    args = parser.parse_args(argv)
-    result = run_quality(
-        args.data,
-        args.reference,
-        args.out,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        lpips_weights=args.lpips_weights,
-        lpips_net=args.lpips_net,
-        feature_weights=args.feature_weights,
-        feature_model=args.feature_model,
-        trainer=trainer,
-    )
-    if result.scores is not None:
-        print(result.run_dir)
+    return parser

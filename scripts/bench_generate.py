@@ -58,9 +58,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One measurement in this process: imports first, then the timed run."""
     import torch
 
-    from qdd.generation.command import Job, make_trainer, run_job
+    from qdd.generation.command import make_trainer, run_job
     from qdd.generation.costs import timed_call
-    from qdd.generation.jobs import work_items
+    from qdd.generation.jobs import Job, work_items
     from qdd.generation.loading import apply_precision, compute_dtype_name, load_pipeline
     from qdd.generation.prompts import default_prompts
     from qdd.generation.registry import get_generator

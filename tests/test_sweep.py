@@ -129,7 +129,12 @@ def test_two_trial_sweep_runs_end_to_end(mix_shards: Path, tmp_path: Path, capsy
     main(["sweep", str(path), "--out", str(out)])
     assert capsys.readouterr().err.count("done earlier, kept") == 1
     capped = json.loads((out / "sweep.json").read_text())
-    assert [t["trial"] for t in capped["trials"]] == ["trial-000"] and capped["run_cap"] == 1
+    assert capped["run_cap"] == 1  # the finished trial-001 is still recorded (finding 8)
+    assert [(t["trial"], t.get("planned", True)) for t in capped["trials"]] == [
+        ("trial-000", True), ("trial-001", False)
+    ]  # fmt: skip
+    assert capped["trials"][1]["returncode"] == 0
+    assert capped["trials"][1]["command"] == index["trials"][1]["command"]
     # each trial's checkpoint tested, then the trials ranked side by side
     tests = []
     for i, trial in enumerate(index["trials"]):
@@ -276,9 +281,9 @@ def test_macros_qdd_cannot_expand_are_refused_before_any_trial(
 
 
 def main_sweep(argv: list[str]) -> None:
-    from qdd.sweep import main as sweep_main
+    from qdd.cli import sweep_command
 
-    sweep_main(argv)
+    sweep_command(argv)
 
 
 def test_boolean_parameters_are_refused_with_bare_boolean_flags(tmp_path: Path) -> None:
@@ -328,7 +333,7 @@ def test_what_a_local_sweep_cannot_honour_is_refused_in_one_line(
 
 
 def test_a_sweep_folder_keeps_its_seed(tmp_path: Path) -> None:
-    from qdd.sweep import _seed
+    from qdd.sweep.runner import _seed
 
     out = tmp_path / "out"
     out.mkdir()
@@ -348,7 +353,7 @@ def test_what_qdd_runs_wandb_accepts(tmp_path: Path) -> None:
 
 
 def test_metric_target_stops_at_the_goal_side() -> None:
-    from qdd.sweep import _reached
+    from qdd.sweep.runner import _reached
 
     high = {"name": "val_auroc", "goal": "maximize", "target": 0.9}
     assert _reached(0.9, high) and _reached(0.95, high) and not _reached(0.89, high)

@@ -276,11 +276,8 @@ def run_fingerprint(
     return FingerprintResult(run_dir, metrics, notes + warnings)
 
 
-def main(argv: list[str]) -> None:
-    """``qdd-cli fingerprint``: parse, run, print the run folder last (on rank 0)."""
-    from qdd.generation.command import split_trainer_flags
-
-    argv, trainer = split_trainer_flags(list(argv))
+def build_parser() -> argparse.ArgumentParser:
+    """``qdd-cli fingerprint``'s flags (`qdd.cli.fingerprint_command` runs it)."""
     parser = argparse.ArgumentParser(
         prog="qdd-cli fingerprint",
         description="Residual power spectra per generator x precision (x perturbation) and "
@@ -301,18 +298,4 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    args = parser.parse_args(argv)
-    result = run_fingerprint(
-        args.data,
-        args.out,
-        crop=args.crop,
-        reference=args.reference,
-        perturb=args.perturb,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        resamples=args.resamples,
-        seed=args.seed,
-        trainer=trainer,
-    )
-    if result.metrics:
-        print(result.run_dir)
+    return parser

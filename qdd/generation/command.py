@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import yaml
 
 from qdd.errors import QddError
 from qdd.generation.costs import OFFLOADS
-from qdd.generation.jobs import vae_label
+from qdd.generation.jobs import JOB_FIELDS, Job, vae_label
 from qdd.generation.registry import GENERATORS, get_generator
 
 log = logging.getLogger("qdd.generation")
@@ -32,38 +32,6 @@ SCOPES = ("denoiser", "text", "all")
 STUDY_DIR = Path(__file__).resolve().parent.parent / "configs" / "study"
 #: Trainer settings that would change the numerics behind the recipe's back.
 FORBIDDEN_TRAINER_KEYS = ("precision", "plugins")
-
-
-@dataclass(frozen=True)
-class Job:
-    """One output folder: a generator at a precision, and how to run it."""
-
-    generator: str
-    precision: str
-    out: str
-    model_path: str | None = None  #: default: the generator's hub id
-    denoiser_file: str | None = None  #: a user's GGUF denoiser; the precision is its label
-    quant_backend: str = "auto"
-    quant_scope: str = "denoiser"
-    prompts: str | None = None  #: default: the built-in set
-    limit: int | None = None
-    seed: int = 0
-    steps: int | None = None
-    guidance: float | None = None
-    height: int | None = None
-    width: int | None = None
-    batch_size: int = 1
-    shard_size: int = 100
-    overwrite: bool = False
-    offload: str = "none"  #: diffusers' CPU offload (changes time and memory, not pixels)
-    save_latents: bool = False  #: keep each sample's final latents (``latents.npy``)
-    vae_precision: str | None = None  #: decode at this VAE precision (default: as loaded)
-    #: calibrated SVDQuant: a prompt file to calibrate on (default: the job's own prompts)
-    calibration_prompts: str | None = None
-    calibration_count: int | None = None  #: its first N prompts (default 64)
-
-
-JOB_FIELDS = {f.name for f in fields(Job)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,14 +237,6 @@ def gguf_label(file: str, precision: str | list[str] | None, generator: str | No
     return label
 
 
-def parse_jobs(argv: list[str]) -> tuple[list[Job], dict[str, Any]]:
-    """The command line as jobs and Trainer keyword arguments."""
-    argv, trainer = split_trainer_flags(argv)
-    args = vars(build_parser().parse_args(argv))
-    args.pop("dry_run")  # main's business: see wants_dry_run
-    return jobs_from_config({**args, "trainer": trainer})
-
-
 def jobs_from_config(config: dict[str, Any]) -> tuple[list[Job], dict[str, Any]]:
     """Jobs and Trainer keyword arguments from the command line's keys (``model_path`` for
     ``--model-path``; ``plan``; ``trainer``: a dict), as `qdd.api.generate` takes them."""
@@ -312,11 +272,6 @@ def check_calibration_flags(settings: dict[str, Any]) -> None:
         raise QddError(
             f"{flag} calibrates svdq-int4/svdq-nvfp4, not {settings['precision']}: leave it out"
         )
-
-
-def wants_dry_run(argv: list[str]) -> bool:
-    """Whether the command line asks for ``--dry-run``."""
-    return bool(build_parser().parse_known_args(split_trainer_flags(argv)[0])[0].dry_run)
 
 
 def run_jobs(jobs: list[Job], trainer_kwargs: dict[str, Any]) -> list[Path]:
@@ -514,17 +469,3 @@ def _barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def main(argv: list[str]) -> None:
-    """``qdd-cli generate ARGS``: prints the output folder (a plan: its parent) last, or with
-    ``--dry-run`` what the jobs would make and weigh."""
-    jobs, trainer_kwargs = parse_jobs(list(argv))
-    if wants_dry_run(list(argv)):
-        from qdd.generation.dryrun import describe_jobs
-
-        print(describe_jobs(jobs))
-        return
-    folders = run_jobs(jobs, trainer_kwargs)
-    if is_launch_leader():
-        print(folders[0] if len(folders) == 1 else folders[0].parent)

@@ -18,7 +18,7 @@ from qdd.errors import QddError
 from qdd.generation.registry import get_generator
 
 if TYPE_CHECKING:
-    from qdd.generation.command import Job
+    from qdd.generation.jobs import Job
 
 #: Bytes per sample beside its pixels: the JSON (~1 KiB) and two 512-byte tar headers.
 SAMPLE_OVERHEAD = 2048

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,38 @@ from qdd.errors import QddError
 log = logging.getLogger(__name__)
 
 RECIPE = "recipe.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One output folder: a generator at a precision, and how to run it."""
+
+    generator: str
+    precision: str
+    out: str
+    model_path: str | None = None  #: default: the generator's hub id
+    denoiser_file: str | None = None  #: a user's GGUF denoiser; the precision is its label
+    quant_backend: str = "auto"
+    quant_scope: str = "denoiser"
+    prompts: str | None = None  #: default: the built-in set
+    limit: int | None = None
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 1
+    shard_size: int = 100
+    overwrite: bool = False
+    offload: str = "none"  #: diffusers' CPU offload (changes time and memory, not pixels)
+    save_latents: bool = False  #: keep each sample's final latents (``latents.npy``)
+    vae_precision: str | None = None  #: decode at this VAE precision (default: as loaded)
+    #: calibrated SVDQuant: a prompt file to calibrate on (default: the job's own prompts)
+    calibration_prompts: str | None = None
+    calibration_count: int | None = None  #: its first N prompts (default 64)
+
+
+JOB_FIELDS = {f.name for f in fields(Job)}
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,8 @@ def write_denoiser(generator: str, model_path: str, precision: str, out: str | P
     return written
 
 
-def main(argv: list[str]) -> None:
-    """``qdd-cli quantize``: write the deployable GGUF file; prints its path last."""
+def build_parser() -> argparse.ArgumentParser:
+    """``qdd-cli quantize``'s flags (the keys of `qdd.api.quantize`)."""
     parser = argparse.ArgumentParser(
         prog="qdd-cli quantize",
         description="Write a generator's denoiser as a deployable quantized file (GGUF, "
@@ -70,12 +70,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model-path", help="hub id or local diffusers folder")
     parser.add_argument("--precision", required=True, help=", ".join(sorted(WRITABLE)))
     parser.add_argument("--out", required=True, help="the .gguf file to write")
-    args = parser.parse_args(argv)
-    spec = get_generator(args.generator)
-    if not is_gguf(args.precision):
+    return parser
+
+
+def quantize_to_file(
+    generator: str, precision: str, out: str | Path, model_path: str | None = None
+) -> WrittenFile:
+    """``generator``'s denoiser (from ``model_path``, default its hub id) written to ``out``
+    as a deployable ``precision`` file; only GGUF precisions are written (one-line refusal)."""
+    spec = get_generator(generator)
+    if not is_gguf(precision):
         raise QddError(
-            f"qdd-cli quantize writes GGUF files only, not {args.precision}: choose one of "
+            f"qdd-cli quantize writes GGUF files only, not {precision}: choose one of "
             f"{', '.join(sorted(WRITABLE))} (other precisions are applied by generate)"
         )
-    written = write_denoiser(spec.name, args.model_path or spec.hub_id, args.precision, args.out)
-    print(written.path)
+    return write_denoiser(spec.name, model_path or spec.hub_id, precision, out)

@@ -167,8 +167,8 @@ def tradeoff(
             *lines]  # fmt: skip
 
 
-def main(argv: list[str]) -> None:
-    """Parse the arguments and build the report (or the comparison); prints its path last."""
+def build_parser() -> argparse.ArgumentParser:
+    """``qdd-cli report``'s flags (the keys of `qdd.api.report`)."""
     parser = argparse.ArgumentParser(
         prog="qdd-cli report",
         description="Figures (KDE per detector, heatmaps, paired views against FP32, "
@@ -187,8 +187,7 @@ def main(argv: list[str]) -> None:
         help="test group to rank on with --compare: overall (default), a "
         "generator/precision such as sd3/fp4, a generator or a precision",
     )
-    args = parser.parse_args(argv)
-    print(run_report(args.runs, args.out, args.compare, args.metric, args.group))
+    return parser
 
 
 def run_report(

@@ -121,7 +121,7 @@ def test_dry_run_counts_what_a_folder_still_lacks(
 
 
 def test_dry_run_without_the_denoiser_config_is_one_line(tmp_path: Path, sd3: Path) -> None:
-    from qdd.generation.command import main
+    from qdd.cli import generate_command as main
 
     broken = tmp_path / "no-config"
     shutil.copytree(sd3, broken)
@@ -132,7 +132,7 @@ def test_dry_run_without_the_denoiser_config_is_one_line(tmp_path: Path, sd3: Pa
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
 def test_offload_refused_on_cpu(offload: str, sd3: Path, tmp_path: Path) -> None:
-    from qdd.generation.command import main
+    from qdd.cli import generate_command as main
 
     args = generate_args(sd3, tmp_path / "out", "--precision", "fp32", "--offload", offload)
     with pytest.raises(QddError, match=f"--offload {offload} .* on the CPU") as error:

@@ -343,7 +343,7 @@ def test_compare_ranks_runs_best_first_with_calibrated_accuracy(make_run, tmp_pa
     md = (out / "compare.md").read_text()
     assert md.index("| 1 | tuned") < md.index("| 2 | official") and "compare_fake_acc.png" in md
     assert (out / "compare_fake_acc.png").is_file()
-    from qdd.report.command import main as report_main
+    from qdd.cli import report_command as report_main
     from qdd.report.compare import build_comparison
 
     with pytest.raises(QddError, match="--metric and --group choose what --compare ranks by"):
