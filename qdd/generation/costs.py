@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from qdd.datamodules.schema import group_of
+from qdd.identity import group_label
 
 T = TypeVar("T")
 
@@ -90,7 +90,7 @@ def summarise_costs(folder: str | Path) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for meta in _metas(Path(folder)):
         if meta.get("seconds_per_image") is not None:
-            groups.setdefault(group_of(meta), []).append(meta)
+            groups.setdefault(group_label(meta), []).append(meta)
     summary = {}
     for group, metas in sorted(groups.items()):
         seconds = [m["seconds_per_image"] for m in metas]
