@@ -8,9 +8,9 @@
   ``<generator>/<precision>`` for generated ones, with ``@<backend>`` appended when the
   recorded backend is not the precision's reference one (`group_label`): the library that
   defines the format (``fp4`` = bitsandbytes, ``fp8`` = torchao), the emulation where no
-  library runs it (``svdq-int4``), diffusers' loader for GGUF. So bitsandbytes FP4 is ``sd3/fp4`` and its emulation
-  ``sd3/fp4@emulate`` — two groups, never merged, and a sample's label depends on its own
-  metadata only (the same in every run and report).
+  library runs it (``svdq-int4``), diffusers' loader for GGUF. So bitsandbytes FP4 is
+  ``sd3/fp4`` and its emulation ``sd3/fp4@emulate`` — two groups, never merged, and a
+  sample's label depends on its own metadata only (the same in every run and report).
 
 Every command that pairs or groups samples (quality, the report's paired views, test
 metrics, splits, manifests) calls these functions; none rebuilds the keys itself.

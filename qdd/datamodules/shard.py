@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from qdd.datamodules.dataset import (
     Collate,
@@ -646,14 +646,16 @@ def loader_options(trainer: Any, num_workers: int | None, persistent: bool) -> d
 
 
 def evaluation_loader(
-    dataset: ShardDataset,
+    dataset: ShardDataset | Dataset,
     batch_size: int,
     trainer: Any,
     num_workers: int | None = None,
     persistent: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """An exactly-once loader of ``dataset`` for this trainer's rank (validate, test,
-    predict): ``UnrepeatedDistributedSampler`` under DDP, which Lightning leaves alone."""
+    predict; quality's pairs with their ``collate_fn``): ``UnrepeatedDistributedSampler``
+    under DDP, which Lightning leaves alone."""
     world = trainer.world_size if trainer else 1
     sampler = None
     if world > 1:
@@ -669,7 +671,7 @@ def evaluation_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=Collate(dataset.perturbation_names),
+        collate_fn=collate_fn if collate_fn is not None else Collate(dataset.perturbation_names),
         **loader_options(trainer, num_workers, persistent),
     )
 

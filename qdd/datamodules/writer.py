@@ -29,8 +29,8 @@ from PIL import Image
 
 import qdd
 from qdd.datamodules.schema import FORMAT, MANIFEST, check_key
-from qdd.identity import group_label
 from qdd.errors import QddError
+from qdd.identity import group_label
 
 FAILED = "failed.jsonl"
 #: Provenance of samples whose caller does not say otherwise: pixels saved losslessly.
