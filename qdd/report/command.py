@@ -144,6 +144,7 @@ def tradeoff(
     )
 
     quality = load_quality(quality_runs)
+    notes.extend(unverified_networks(quality_runs))
     frame = tradeoff_table(quality, table)
     tables["tradeoff"] = write_table(frame, out / "tables", "tradeoff")
     detectors = detectors_in(frame)
@@ -157,6 +158,25 @@ def tradeoff(
     lines = verdicts(frame, quality.reference)
     return [f"Keeping quality means a mean SSIM ≥ {KEEP_SSIM:.2f} against the "
             f"{quality.reference} twin of the same prompt and seed.", *lines]  # fmt: skip
+
+
+def unverified_networks(quality_runs: list[Path]) -> list[str]:
+    """One note per quality run whose LPIPS or FID network file is not the published one
+    (`qdd.quality.networks`): its values are not comparable with published ones."""
+    import json
+
+    lines = []
+    for run in quality_runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        for name in ("lpips", "fid"):
+            record = metrics.get(name)
+            if isinstance(record, dict) and record.get("verified") is False:
+                lines.append(
+                    f"{run}: {name.upper()} from {record.get('weights')} (sha256 "
+                    f"{str(record.get('sha256'))[:16]}…), not the published file — verified: "
+                    "false, not comparable with published values"
+                )
+    return lines
 
 
 def main(argv: list[str]) -> None:

@@ -30,7 +30,8 @@ KEEP_SSIM = 0.90
 CMAP = "viridis"
 QUALITY_PARQUET = "quality.parquet"
 #: Group-level quality measures copied from the quality runs' metrics.json.
-DISTANCES = ("fid", "kid", "kid_std")
+DISTANCES = ("fid", "kid", "kid_std", "fid_real", "kid_real", "kid_real_std",
+             "fd_clip", "kd_clip", "kd_clip_std")  # fmt: skip
 COSTS = ("denoiser_bytes", "seconds_per_image", "peak_memory_bytes")
 
 
@@ -148,7 +149,7 @@ def tradeoff_table(quality: QualityResults, detection: pd.DataFrame) -> pd.DataF
     empty = [
         c
         for c in table.columns
-        if table[c].isna().all() and c.startswith(("lpips", "fid", "kid", "clip"))
+        if table[c].isna().all() and c.startswith(("lpips", "fid", "kid", "fd_", "kd_", "clip"))
     ]
     table = table.drop(columns=empty)
     g = {n: i for i, n in enumerate(order_generators(table["generator"].unique()))}
