@@ -85,7 +85,12 @@ def group_distances(
         sets |= {g: list(by_key.values()) for g, by_key in twins.items()}
         for group, fake in sets.items():
             distances = distribution_distances(np.stack(fake), photos, "inception")
-            out.setdefault(group, {}).update({f"{k}_real": v for k, v in distances.items()})
+            named = {
+                "fid_real": distances["fid"],
+                "kid_real": distances["kid"],
+                "kid_real_std": distances["kid_std"],
+            }
+            out.setdefault(group, {}).update(named)
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qdd.identity import precision_label
 from qdd.report.command import build_report
 from tests.report.test_tradeoff import write_quality_run
 
@@ -31,3 +32,37 @@ def test_tradeoff_names_clip_distances_and_flags_unverified_networks(tmp_path: P
     assert {"fd_clip", "kd_clip"} <= set(frame.columns) and "fid" not in frame.columns
     assert "LPIPS from random-alex.pth (sha256 abababababababab…)" in index
     assert "verified: false" in index
+
+
+def test_paired_view_pairs_twins_by_model_and_keeps_backends_apart() -> None:
+    from qdd.report.paired import lower_precisions, paired_logits
+    from qdd.report.runs import _named_fakes
+
+    rows = []
+    for precision, backend, model, shift in (
+        ("fp32", "none", "org/a", 0.0),
+        ("fp4", "bitsandbytes", "org/a", -1.0),
+        ("fp4", "emulate", "org/a", -2.0),
+        ("fp8", "torchao", "org/b", -3.0),
+    ):
+        for i in range(3):
+            rows.append(
+                {
+                    "label": 1,
+                    "generator": "sd3",
+                    "precision": precision,
+                    "quant_backend": backend,
+                    "model_id": model,
+                    "key": f"p{i}",
+                    "logit": 1.0 + i + shift,
+                    "group": f"sd3/{precision_label(precision, backend)}",
+                }
+            )
+    scores = _named_fakes(pd.DataFrame(rows))
+    assert lower_precisions(scores) == ["fp8", "fp4", "fp4@emulate"] or set(
+        lower_precisions(scores)
+    ) == {"fp8", "fp4", "fp4@emulate"}
+    fp4, emulated = paired_logits(scores, "fp4"), paired_logits(scores, "fp4@emulate")
+    assert ((fp4["fp4"] - fp4["fp32"]) == -1.0).all() and len(fp4) == 3
+    assert ((emulated["fp4@emulate"] - emulated["fp32"]) == -2.0).all() and len(emulated) == 3
+    assert paired_logits(scores, "fp8").empty  # another model's images are not twins
