@@ -68,6 +68,7 @@ def test_fid_on_inception_pool3_against_twins_and_real_photos(
     group, reference = metrics["groups"]["sd3/fp4"], metrics["groups"]["sd3/fp32"]
     # the reference: torch-fidelity's own extractor on the images, the Fréchet formula
     extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(inception_file))
+    extractor.eval()  # torch-fidelity < 0.4 builds it in training mode
     images = images_of(shards)
     keys = sorted(k for g, p, k in images if p == "fp4" and (g, "fp32", k) in images)
 

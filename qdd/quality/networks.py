@@ -127,7 +127,8 @@ def load_inception(weights: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as error:
         reason = str(error).splitlines()[0]
         raise QddError(f"{path} is not the FID Inception-V3 ({reason}): pass {flag}") from None
-    return InceptionPool3(network), provenance(path, "inception", "FID Inception")
+    # torch-fidelity < 0.4 leaves the network in training mode (batch-statistics BN)
+    return InceptionPool3(network.eval()), provenance(path, "inception", "FID Inception")
 
 
 class InceptionPool3(nn.Module):
