@@ -242,7 +242,7 @@ def test_every_detector_tests_over_cli_made_shards(
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["detector"] == detector and metrics["n"] == 22
-    assert metrics["groups"]["tiny/fp4"]["n_real"] == 6
+    assert metrics["groups"]["tiny/fp4@emulate"]["n_real"] == 6
     assert 0.0 <= metrics["overall"]["auroc"] <= 1.0
     scores = pd.read_parquet(out / "scores.parquet")
     assert scores["logit"].notna().all() and set(scores["detector"]) == {detector}
