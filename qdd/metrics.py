@@ -27,7 +27,7 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
-from qdd.datamodules.schema import group_of
+from qdd.identity import group_label
 
 METRICS: tuple[str, ...] = (
     "acc",
@@ -42,10 +42,10 @@ METRICS: tuple[str, ...] = (
 
 
 def batch_groups(meta: dict[str, list[Any]]) -> list[str]:
-    """Each row's group (`qdd.datamodules.schema.group_of`) from a batch's collated metadata."""
-    fields = ("label", "source", "generator", "precision")
+    """Each row's group (`qdd.identity.group_label`) from a batch's collated metadata."""
+    fields = ("label", "source", "generator", "precision", "quant_backend")
     rows = zip(*(meta[f] for f in fields), strict=True)
-    return [group_of(dict(zip(fields, row, strict=True))) for row in rows]
+    return [group_label(dict(zip(fields, row, strict=True))) for row in rows]
 
 
 def rank_scores(logits: torch.Tensor) -> torch.Tensor:

@@ -84,9 +84,10 @@ def test_test_writes_run_folder(shards: Path, tmp_path: Path, capsys) -> None:
     assert (out / "config.yaml").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weights"] == "random" and metrics["n"] == 56
-    assert set(metrics["groups"]) == {"tiny/fp32", "tiny/fp4"}
-    assert metrics["groups"]["tiny/fp4"]["n_real"] == 24
-    assert metrics["recipes"]["tiny/fp4"]["quant_backend"] == "emulate"
+    # the emulation's fp4 is its own group (`qdd.identity.group_label`)
+    assert set(metrics["groups"]) == {"tiny/fp32", "tiny/fp4@emulate"}
+    assert metrics["groups"]["tiny/fp4@emulate"]["n_real"] == 24
+    assert metrics["recipes"]["tiny/fp4@emulate"]["quant_backend"] == "emulate"
     scores = pd.read_parquet(out / "scores.parquet")
     assert len(scores) == 56 and scores["key"].is_unique is False  # fp32/fp4 twins share keys
     assert set(scores.columns) >= {"key", "label", "generator", "precision", "logit", "group"}
@@ -241,7 +242,7 @@ def test_every_detector_tests_over_cli_made_shards(
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["detector"] == detector and metrics["n"] == 22
-    assert metrics["groups"]["tiny/fp4"]["n_real"] == 6
+    assert metrics["groups"]["tiny/fp4@emulate"]["n_real"] == 6
     assert 0.0 <= metrics["overall"]["auroc"] <= 1.0
     scores = pd.read_parquet(out / "scores.parquet")
     assert scores["logit"].notna().all() and set(scores["detector"]) == {detector}

@@ -23,7 +23,8 @@ from qdd.cli import main
 from qdd.datamodules.schema import make_meta
 from qdd.datamodules.writer import ShardWriter, write_manifest
 from qdd.errors import QddError
-from qdd.quality import distribution_distances, run_quality
+from qdd.quality import run_quality
+from qdd.quality.metrics import distribution_distances
 from tests.conftest import run_qdd, zero_images
 
 CPU = {"accelerator": "cpu"}
@@ -121,12 +122,15 @@ def test_psnr_and_ssim_equal_numpy_and_scikit_image(pairs: Path, tmp_path: Path)
     assert list(scores.columns) == [
         "generator",
         "precision",
+        "quant_backend",
         "prompt_id",
         "seed",
         "key",
+        "reference_key",
         "psnr",
         "ssim",
     ]
+    assert (scores["reference_key"] == scores["key"]).all()
     images = images_of(pairs)
     for row in scores.itertuples():
         image = images[row.generator, row.precision, row.key]
@@ -186,12 +190,9 @@ def test_every_pair_once_and_missing_twins_named(
     }
     # the costs each group's samples recorded, for the report's trade-off table
     assert metrics["costs"]["sd3/fp32"]["denoiser_bytes"] == 4000
-    assert metrics["costs"]["sd3/fp4"] == {
-        "denoiser_bytes": 1000,
-        "seconds_per_image": 0.5,
-        "peak_memory_bytes": 10**6,
-        "n_recorded": 7,
-    }
+    cost = metrics["costs"]["sd3/fp4"]  # as `qdd.generation.costs` summarises them
+    assert (cost["n"], cost["denoiser_bytes"], cost["peak_memory_bytes"]) == (7, 1000, 10**6)
+    assert cost["seconds_per_image"] == cost["seconds_per_image_mean"] == 0.5
     assert any("LPIPS not computed" in note for note in metrics["notes"])
 
 
@@ -236,15 +237,10 @@ def test_unreadable_pair_is_counted_and_named(tmp_path: Path) -> None:
     assert "cannot read" in result.metrics["skipped"][0]["error"]
 
 
-def test_costs_absent_in_older_shards_are_none(tmp_path: Path) -> None:
+def test_costs_absent_in_older_shards_are_left_out(tmp_path: Path) -> None:
     root = write_pairs(tmp_path / "shards", FOLDERS[:2], costs=False)
     result = run_quality([str(root / "*")], "fp32", tmp_path / "q", trainer=CPU)
-    assert result.metrics["costs"]["sd3/fp4"] == {
-        "denoiser_bytes": None,
-        "seconds_per_image": None,
-        "peak_memory_bytes": None,
-        "n_recorded": 0,
-    }
+    assert result.metrics["costs"] == {} and result.metrics["n"] == 6
 
 
 def test_user_errors_are_one_line(pairs: Path, tmp_path: Path, capsys) -> None:
@@ -314,7 +310,9 @@ def test_lpips_from_a_local_alexnet_file(tmp_path: Path) -> None:
     )
     scores = pd.read_parquet(result.scores)
     assert "lpips" in scores.columns and len(scores) == 2
-    assert result.metrics["lpips"] == {"net": "alex", "weights": str(weights)}
+    record = result.metrics["lpips"]  # a random trunk: recorded, and marked unverified
+    assert (record["net"], record["weights"], record["verified"]) == ("alex", str(weights), False)
+    assert len(record["sha256"]) == 64 and result.metrics["verified"] is False
     images = images_of(root)
     for row in scores.itertuples():
         a, b = (
@@ -335,32 +333,37 @@ def test_lpips_from_a_local_alexnet_file(tmp_path: Path) -> None:
         )
 
 
-def test_fid_and_kid_equal_the_formulas() -> None:
+def test_fd_clip_and_kd_clip_equal_the_formulas() -> None:
     from scipy.linalg import sqrtm
 
     rng = np.random.default_rng(0)
     fake, ref = rng.normal(0.3, 1.2, (40, 6)), rng.normal(0, 1, (30, 6))
-    got = distribution_distances(fake, ref)
+    got = distribution_distances(fake, ref, "clip")
     mu1, mu2 = ref.mean(0), fake.mean(0)
     s1, s2 = np.cov(ref, rowvar=False), np.cov(fake, rowvar=False)
     fid = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(sqrtm(s1 @ s2)))
-    assert got["fid"] == pytest.approx(fid, rel=1e-5)
+    assert got["fd_clip"] == pytest.approx(fid, rel=1e-5)
 
     def kernel(a, b):
         return (a @ b.T / a.shape[1] + 1) ** 3
 
-    # subsets of the full group size are permutations: KID is then the full unbiased MMD²
+    # subsets of the full size of both sets are the sets: KID is the full unbiased MMD², and
+    # no spread over subsets is reported (none were drawn)
     n = 30
     x, y = ref[:n], fake[:n]
     kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
     mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (n * (n - 1))
     mmd -= 2 * kxy.mean()
-    got = distribution_distances(fake[:n], ref)
-    assert got["kid"] == pytest.approx(mmd, rel=1e-6) and got["kid_std"] < 1e-9
-    assert distribution_distances(fake[:1], ref) == {"fid": None, "kid": None, "kid_std": None}
+    got = distribution_distances(fake[:n], ref, "clip")
+    assert got["kd_clip"] == pytest.approx(mmd, rel=1e-6) and got["kd_clip_std"] is None
+    # fake has 40: subsets of 30 are drawn from it, and their spread is reported
+    got = distribution_distances(fake, ref, "inception")
+    assert set(got) == {"fid", "kid", "kid_std"} and got["kid_std"] > 0
+    empty = {"fd_clip": None, "kd_clip": None, "kd_clip_std": None}
+    assert distribution_distances(fake[:1], ref, "clip") == empty
 
 
-def test_fid_and_kid_per_group_from_a_local_clip_tower(pairs: Path, tmp_path: Path) -> None:
+def test_fd_clip_and_kd_clip_per_group_from_a_local_clip_tower(pairs: Path, tmp_path: Path) -> None:
     import open_clip
 
     from qdd.detectors.clip_backbone import TINY_CONFIG, _register_configs
@@ -379,13 +382,15 @@ def test_fid_and_kid_per_group_from_a_local_clip_tower(pairs: Path, tmp_path: Pa
         feature_model=TINY_CONFIG.stem,
     )
     groups = result.metrics["groups"]
-    assert result.metrics["features"] == {"model": TINY_CONFIG.stem, "weights": str(weights)}
+    assert result.metrics["clip"]["model"] == TINY_CONFIG.stem
+    assert result.metrics["clip"]["weights"] == str(weights)
+    assert "fid" not in groups["sd3/fp4"]  # CLIP features are never called FID
     assert not any("CLIP score not computed" in note for note in result.metrics["notes"])
     for group in ("sd3/fp4", "sd3/fp16", "flux-schnell/nf4"):
-        assert np.isfinite(groups[group]["fid"]) and groups[group]["fid"] > -1e-6
-        assert np.isfinite(groups[group]["kid"])
+        assert np.isfinite(groups[group]["fd_clip"]) and groups[group]["fd_clip"] > -1e-6
+        assert np.isfinite(groups[group]["kd_clip"])
     # fp16's images are nearly their twins: their features nearly coincide
-    assert groups["sd3/fp16"]["fid"] < groups["sd3/fp4"]["fid"]
+    assert groups["sd3/fp16"]["fd_clip"] < groups["sd3/fp4"]["fd_clip"]
     # CLIP score (100 · max(cos, 0)) of each image and of its twin against their prompt,
     # recomputed with open_clip's tokenizer and constants and torchvision's transforms
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD

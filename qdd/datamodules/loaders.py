@@ -8,10 +8,11 @@ batch size and number of ranks.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from qdd.datamodules.dataset import Collate, ShardDataset
 from qdd.errors import QddError
@@ -66,14 +67,16 @@ def loader_options(trainer: Any, num_workers: int | None, persistent: bool) -> d
 
 
 def evaluation_loader(
-    dataset: ShardDataset,
+    dataset: ShardDataset | Dataset,
     batch_size: int,
     trainer: Any,
     num_workers: int | None = None,
     persistent: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader:
     """An exactly-once loader of ``dataset`` for this trainer's rank (validate, test,
-    predict): ``UnrepeatedDistributedSampler`` under DDP, which Lightning leaves alone."""
+    predict; quality's pairs with their ``collate_fn``): ``UnrepeatedDistributedSampler``
+    under DDP, which Lightning leaves alone."""
     world = trainer.world_size if trainer else 1
     sampler = None
     if world > 1:
@@ -89,6 +92,6 @@ def evaluation_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=Collate(dataset.perturbation_names),
+        collate_fn=collate_fn if collate_fn is not None else Collate(dataset.perturbation_names),
         **loader_options(trainer, num_workers, persistent),
     )

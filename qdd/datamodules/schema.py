@@ -60,10 +60,3 @@ def make_meta(label: int, source: str, **fields: Any) -> dict[str, Any]:
     meta.update(fields)
     meta.update(label=label, source=source, qdd_version=qdd.__version__)
     return meta
-
-
-def group_of(meta: dict[str, Any]) -> str:
-    """The evaluation group: ``real/<source>`` or ``<generator>/<precision>``."""
-    if meta["label"] == REAL:
-        return f"real/{meta['source']}"
-    return f"{meta.get('generator') or meta['source']}/{meta.get('precision') or 'unknown'}"

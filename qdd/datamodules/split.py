@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from qdd.datamodules.reader import Entry, index_shard, read_manifest
-from qdd.datamodules.schema import REAL, group_of
+from qdd.datamodules.schema import REAL
+from qdd.identity import group_label
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _indexed(entry: Entry, raw: bytes | None) -> Indexed:
     return Indexed(
         entry,
         int(meta["label"]),
-        group_of(meta),
+        group_label(meta),
         meta.get("generator"),
         unit,
         identity(unit, meta),

@@ -28,8 +28,9 @@ import numpy as np
 from PIL import Image
 
 import qdd
-from qdd.datamodules.schema import FORMAT, MANIFEST, check_key, group_of
+from qdd.datamodules.schema import FORMAT, MANIFEST, check_key
 from qdd.errors import QddError
+from qdd.identity import group_label
 
 FAILED = "failed.jsonl"
 #: Provenance of samples whose caller does not say otherwise: pixels saved losslessly.
@@ -215,8 +216,8 @@ def scan_shard(path: Path) -> tuple[list[str], Counter[str], Counter[tuple[str, 
                 keys[key] = None
                 if ext == "json":
                     meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
-                    groups[group_of(meta)] += 1
-                    formats[group_of(meta), meta.get("source_format") or "unknown"] += 1
+                    groups[group_label(meta)] += 1
+                    formats[group_label(meta), meta.get("source_format") or "unknown"] += 1
     except (tarfile.TarError, OSError, json.JSONDecodeError) as error:
         raise QddError(f"{path} is corrupt ({error}): delete it and re-create the shards") from None
     return list(keys), groups, formats

@@ -92,7 +92,7 @@ def check_repeated(entries: list[Any]) -> None:
             meta = read_meta(entry)
         except ValueError:
             continue  # the loader names it as skipped
-        fields = (meta.get(f) for f in ("source", "generator", "precision"))
+        fields = (meta.get(f) for f in ("source", "generator", "precision", "quant_backend"))
         label = 0 if meta.get("label") == 0 else 1
         key = (group_key(label, *fields, UNPERTURBED), entry.key)
         if key in seen:

@@ -79,7 +79,7 @@ class FingerprintModule(LightningModule):
         power = power_spectrum(residual)
         weights = torch.from_numpy(bootstrap_weights(meta["key"], self.resamples, self.seed))
         weights = weights.to(self.device)
-        fields = ("label", "source", "generator", "precision", "perturbation")
+        fields = ("label", "source", "generator", "precision", "quant_backend", "perturbation")
         keys = [group_key(*row) for row in zip(*(meta[f] for f in fields), strict=True)]
         for key in sorted(set(keys)):
             rows = torch.tensor([i for i, k in enumerate(keys) if k == key], device=self.device)

@@ -54,13 +54,17 @@ UNPERTURBED = "none"
 
 
 def group_key(
-    label: int, source: str, generator: str, precision: str, perturbation: str
+    label: int, source: str, generator: str, precision: str, backend: str, perturbation: str
 ) -> tuple[str, str, str]:
-    """A sample's group: (generator, precision, perturbation); real photographs are
-    ("real", their source, perturbation), as `qdd.datamodules.schema.group_of` names them."""
+    """A sample's group: (generator, precision label, perturbation), the label as
+    `qdd.identity.group_label` names it (two backends: two groups); real photographs are
+    ("real", their source, perturbation)."""
+    from qdd.identity import precision_label
+
     if int(label) == 0:
         return "real", source or "unknown", perturbation or UNPERTURBED
-    return generator or source or "unknown", precision or "unknown", perturbation or UNPERTURBED
+    label_ = precision_label(precision or None, backend or None)
+    return generator or source or "unknown", label_, perturbation or UNPERTURBED
 
 
 def group_name(key: tuple[str, str, str]) -> str:

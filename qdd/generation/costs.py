@@ -20,13 +20,13 @@ import json
 import statistics
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from qdd.datamodules.schema import group_of
+from qdd.identity import group_label
 
 T = TypeVar("T")
 
@@ -81,16 +81,23 @@ def _metas(folder: Path) -> list[dict[str, Any]]:
 
 
 def summarise_costs(folder: str | Path) -> dict[str, dict[str, Any]]:
-    """Per group of ``folder``'s complete shards: the costs its samples recorded.
+    """Per group of ``folder``'s complete shards: the costs its samples recorded
+    (`summarise_samples`)."""
+    return summarise_samples(_metas(Path(folder)))
+
+
+def summarise_samples(metas: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per group (`qdd.identity.group_label`): the costs the samples recorded; groups
+    whose samples recorded none are left out.
 
     ``seconds_per_image`` is the median over samples (the first call's warm-up does not
     move it), ``seconds_per_image_mean`` the mean; ``peak_memory_bytes`` the largest call's
     (``None`` when no call measured one, with the reason in ``peak_memory_note``).
     """
     groups: dict[str, list[dict[str, Any]]] = {}
-    for meta in _metas(Path(folder)):
+    for meta in metas:
         if meta.get("seconds_per_image") is not None:
-            groups.setdefault(group_of(meta), []).append(meta)
+            groups.setdefault(group_label(meta), []).append(meta)
     summary = {}
     for group, metas in sorted(groups.items()):
         seconds = [m["seconds_per_image"] for m in metas]

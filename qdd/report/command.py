@@ -147,6 +147,7 @@ def tradeoff(
     from qdd.report.verdict import verdicts
 
     quality = load_quality(quality_runs)
+    notes.extend(unverified_networks(quality_runs))
     frame = tradeoff_table(quality, table)
     tables["tradeoff"] = write_table(frame, out / "tables", "tradeoff")
     detectors = detectors_in(frame)
@@ -165,6 +166,25 @@ def tradeoff(
             f"{ref}, on the detectors that scored both; precisions are ranked on one common "
             "set of detectors, and values equal as printed are named as ties.",
             *lines]  # fmt: skip
+
+
+def unverified_networks(quality_runs: list[Path]) -> list[str]:
+    """One note per quality run whose LPIPS or FID network file is not the published one
+    (`qdd.quality.networks`): its values are not comparable with published ones."""
+    import json
+
+    lines = []
+    for run in quality_runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        for name in ("lpips", "fid"):
+            record = metrics.get(name)
+            if isinstance(record, dict) and record.get("verified") is False:
+                lines.append(
+                    f"{run}: {name.upper()} from {record.get('weights')} (sha256 "
+                    f"{str(record.get('sha256'))[:16]}…), not the published file — verified: "
+                    "false, not comparable with published values"
+                )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,8 +31,10 @@ CAPTIONS = {
     "tradeoff": "Trade-off per generator × precision: the denoiser's deployed bytes and their "
     "ratio to the reference, seconds per image and peak memory as the shards recorded them "
     "(– where not recorded); image quality against the reference twin of the same prompt and "
-    "seed (PSNR in dB, SSIM, LPIPS; mean and 95 % t-interval; FID/KID and the CLIP score of the "
-    "image and of its twin against their prompt where a CLIP model ran); each detector's "
+    "seed (PSNR in dB, SSIM, LPIPS; mean and 95 % t-interval; FID/KID on Inception-V3 pool3 "
+    "features against the twins, fid_real against real photos; fd_clip/kd_clip on CLIP "
+    "features, not comparable with any published FID; the CLIP score of the image and of its "
+    "twin against their prompt where a CLIP model ran); each detector's "
     "AUROC and fake accuracy on the unperturbed images. memory_saved: the share of the "
     "reference's denoiser bytes saved, from recorded bytes, or from nominal bits for a "
     "generator some of whose groups lack them (memory_saved_from)",

@@ -34,12 +34,16 @@ def lower_precisions(scores: pd.DataFrame) -> list[str]:
 
 
 def paired_logits(scores: pd.DataFrame, precision: str) -> pd.DataFrame:
-    """Rows (generator, key, fp32, <precision>) for keys that have both images."""
+    """Rows (generator, model_id, key, fp32, <precision>) for the images that have their
+    twin: same generator, model and key (scores.parquet's part of `qdd.identity.twin_key`;
+    the precision is a label, so ``fp4@emulate`` is paired apart from ``fp4``)."""
     fakes = scores[(scores["label"] == 1) & scores["precision"].isin([REFERENCE, precision])]
     if fakes.empty:
-        return pd.DataFrame(columns=["generator", "key", REFERENCE, precision])
-    wide = fakes.pivot_table(index=["generator", "key"], columns="precision", values="logit",
-                             aggfunc="first")  # fmt: skip
+        return pd.DataFrame(columns=["generator", "model_id", "key", REFERENCE, precision])
+    model = fakes["model_id"] if "model_id" in fakes.columns else pd.Series("", fakes.index)
+    fakes = fakes.assign(model_id=model.fillna("").astype(str))
+    wide = fakes.pivot_table(index=["generator", "model_id", "key"], columns="precision",
+                             values="logit", aggfunc="first")  # fmt: skip
     wide = wide.reindex(columns=[REFERENCE, precision])
     wide.columns.name = None
     return wide.dropna().reset_index()

@@ -35,8 +35,12 @@ def colors() -> dict[str, str]:
 
 
 def color(precision: str) -> str:
-    """The precision's colour; ``real`` is grey, unknown precisions dark grey."""
-    return colors().get(precision, UNKNOWN)
+    """The precision's colour (a label's: ``fp4@emulate`` and ``fp4-vaefp32`` take fp4's);
+    ``real`` is grey, unknown precisions dark grey."""
+    from qdd.identity import base_precision
+
+    known = colors()
+    return known.get(precision, known.get(base_precision(precision), UNKNOWN))
 
 
 def bits(precision: str) -> int | None:
@@ -53,8 +57,15 @@ def _ordered(names: Iterable[str], order: Iterable[str]) -> list[str]:
 
 
 def order_precisions(names: Iterable[str]) -> list[str]:
-    """Palette order first (fp32 … nvfp4-w4a4), unknown precisions after, alphabetically."""
-    return _ordered(names, registry.names())
+    """Palette order first (fp32 … nvfp4-w4a4; a label beside its precision: ``fp4``,
+    ``fp4@emulate``, ``fp4-vaefp32``), unknown precisions after, alphabetically."""
+    from qdd.identity import base_precision
+
+    place = {name: i for i, name in enumerate(registry.names())}
+    names = sorted({str(n) for n in names})
+    known = [n for n in names if base_precision(n) in place]
+    known.sort(key=lambda n: (place[base_precision(n)], n != base_precision(n), n))
+    return known + [n for n in names if n not in known]
 
 
 def order_generators(names: Iterable[str]) -> list[str]:

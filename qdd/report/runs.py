@@ -136,7 +136,8 @@ def canonical_perturbations(names: pd.Series, path: Path) -> pd.Series:
 
 
 def _named_fakes(scores: pd.DataFrame) -> pd.DataFrame:
-    """Fakes without generator/precision metadata take them from their group name.
+    """Fakes without generator/precision metadata take them from their group name; a
+    fake's precision is its group's label (``fp4@emulate`` for the emulation's images).
 
     A fake shard made with ``qdd-cli shard --label fake`` has no precision; its group
     (``<source>/unknown``) is how metrics.json names it, so the figures use the same name.
@@ -147,6 +148,10 @@ def _named_fakes(scores: pd.DataFrame) -> pd.DataFrame:
     for column, fallback in (("generator", generator), ("precision", precision)):
         absent = fake & scores[column].isna()
         scores.loc[absent, column] = fallback[absent.to_numpy()]
+    # a fake's precision is its group's (`qdd.identity.group_label`, recorded by the test
+    # run): two backends of one precision are two groups in every figure and table
+    named = fake & (scores["generator"].astype(str) == pd.Series(generator, scores.index))
+    scores.loc[named, "precision"] = precision[named.to_numpy()]
     return scores
 
 

@@ -16,9 +16,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from qdd.generation.vae import VAE_PRECISIONS
+from qdd.identity import base_precision
 from qdd.report.palette import order_precisions
 
-VAE_LABEL = re.compile(r"^(?P<denoiser>.+)-vae(?P<decoder>[a-z0-9]+)$")
+#: ``fp4-vaefp32``; with the group's backend (`qdd.identity.group_label`): ``fp4-vaefp32@emulate``
+VAE_LABEL = re.compile(r"^(?P<denoiser>.+)-vae(?P<decoder>[a-z0-9]+)(?P<backend>@.+)?$")
 DTYPE_LABELS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
@@ -43,8 +45,10 @@ def swap_table(table: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     rows = rows[rows["generator"].isin(swapped)].copy()
     parsed = rows["precision"].str.extract(VAE_LABEL)
-    rows["denoiser"] = parsed["denoiser"].fillna(rows["precision"])
-    plain = [usual_decoder(g, p) for g, p in zip(rows["generator"], rows["precision"], strict=True)]
+    denoiser = parsed["denoiser"] + parsed["backend"].fillna("")
+    rows["denoiser"] = denoiser.fillna(rows["precision"])
+    plain = [usual_decoder(g, base_precision(p))
+             for g, p in zip(rows["generator"], rows["precision"], strict=True)]  # fmt: skip
     rows["decoder"] = parsed["decoder"].fillna(pd.Series(plain, index=rows.index))
     return rows.dropna(subset=["decoder"])
 

@@ -37,7 +37,8 @@ QUALITY_PARQUET = "quality.parquet"
 PER_IMAGE = ("psnr", "ssim", "lpips")
 #: Group-level distances copied from the quality runs' metrics.json: FID/KID on Inception-V3
 #: features, FD/KD on CLIP features (older runs named the CLIP ones fid/kid).
-DISTANCES = ("fid", "kid", "kid_std", "fd_clip", "kd_clip", "kd_clip_std")
+DISTANCES = ("fid", "kid", "kid_std", "fid_real", "kid_real", "kid_real_std",
+             "fd_clip", "kd_clip", "kd_clip_std")  # fmt: skip
 #: Per-image scores against the prompt (the image's and its twin's).
 PROMPT_SCORES = ("clip_score", "clip_score_reference")
 #: Quality columns left out of the table when no run measured them.

@@ -13,6 +13,7 @@ import torch
 
 from qdd.errors import QddError
 from qdd.generation.costs import sample_costs, timed_call
+from qdd.identity import group_label
 from tests.generation.conftest import SIZE, samples_of
 
 COST_FIELDS = ("denoiser_bytes", "seconds_per_image", "peak_memory_bytes", "offload")
@@ -62,7 +63,7 @@ def test_costs_in_every_sample_and_the_manifest(runs: dict[str, Path], sd3: Path
         (size,) = {meta["denoiser_bytes"] for meta in metas}
         recorded[precision] = size
         manifest = json.loads((folder / "manifest.json").read_text())
-        costs = manifest["costs"][f"sd3/{precision}"]
+        costs = manifest["costs"][group_label(metas[0])]  # sd3/fp4@emulate: the emulation
         assert costs["n"] == 2 and costs["denoiser_bytes"] == size
         seconds = [meta["seconds_per_image"] for meta in metas]
         assert costs["seconds_per_image"] == pytest.approx(statistics.median(seconds))

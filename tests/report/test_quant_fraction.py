@@ -76,10 +76,12 @@ def test_report_quantized_fraction_matches_a_count_of_linear_parameters(tmp_path
     groups = pd.read_csv(tmp_path / "report" / "tables" / "groups.csv")
     cells = groups.set_index(["generator", "precision"])
     for generator, share in expected.items():
-        assert cells.loc[(generator, "fp4"), "quant_fraction"] == pytest.approx(share, rel=1e-6)
-        assert cells.loc[(generator, "fp4"), "quant_scope"] == "denoiser"
+        assert cells.loc[(generator, "fp4@emulate"), "quant_fraction"] == pytest.approx(
+            share, rel=1e-6
+        )
+        assert cells.loc[(generator, "fp4@emulate"), "quant_scope"] == "denoiser"
         assert cells.loc[(generator, "fp32"), "quant_fraction"] == 0
-        assert f"| {generator} | fp4 | emulate | denoiser | {share:.3f} |" in index
+        assert f"| {generator} | fp4@emulate | emulate | denoiser | {share:.3f} |" in index
     assert expected["sd15"] < 0.5 < expected["sd3"]  # the tiny models keep the real contrast
     # the report's numpy metrics equal the torchmetrics ones qdd-cli test wrote
     written = json.loads((run / "metrics.json").read_text())["groups"]

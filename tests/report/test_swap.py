@@ -42,3 +42,16 @@ def test_report_draws_the_view_only_when_swapped_groups_exist(make_run, tmp_path
     texts = [t.get_text() for t in ax.texts]
     assert texts.count("–") == 2 and len(texts) == 6  # 2 × 3 cells, fp32 × bf16 etc. absent
     assert all(np.isfinite(float(t)) for t in texts if t != "–")
+
+
+def test_labels_with_a_backend_keep_their_denoiser_row(make_run) -> None:
+    """Emulated groups are labelled ``fp4@emulate`` (`qdd.identity.group_label`): the swap
+    view reads the backend as part of the denoiser's row, not as a decoder."""
+    from qdd.report.runs import group_table, load_runs
+    from qdd.report.swap import swap_table
+
+    grid = {"sd3": ["fp32", "fp4@emulate", "fp4-vaefp32@emulate", "fp32-vaefp4"]}
+    swap = swap_table(group_table(load_runs([make_run("t", "npr", grid)])))
+    cells = {(r.denoiser, r.decoder) for r in swap.itertuples()}
+    assert cells == {("fp32", "fp32"), ("fp4@emulate", "bf16"), ("fp4@emulate", "fp32"),
+                     ("fp32", "fp4")}  # fmt: skip
