@@ -50,6 +50,7 @@ TRAINER_COMMANDS = {
 COMMANDS = {
     "shard": ("qdd.cli:shard_command", "turn a folder of images (real photos) into shards"),
     "generate": ("qdd.generation.command:main", "generate images at each precision"),
+    "detectors": ("qdd.detectors.table:main", "every detector: family, input, files, licence"),
     "quality": ("qdd.quality:main", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
     "report": ("qdd.report.command:main", "draw the study's figures and tables from runs"),
     "quantize": ("qdd.generation.quantize:main", "write a deployable quantized denoiser file"),

@@ -279,3 +279,16 @@ def test_cli_test_runs_on_shards_with_local_files(
     assert len(scores) == 10 and scores["logit"].notna().all()
     if detector == "rigid":
         assert (scores["logit"] <= 1).all() and (scores["logit"] >= -1).all()
+
+
+def test_detectors_command_lists_every_card(capsys) -> None:
+    from qdd.detectors import available, detector_class
+
+    main(["detectors"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| detector | family |") and len(lines) == 2 + len(available())
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert set(rows) == set(available())
+    assert "training-free" in rows["rigid"] and "dinov2_vitl14_pretrain.pth" in rows["rigid"]
+    assert "GRIP-UNINA non-profit" in rows["bfree"] and "five 504² windows" in rows["bfree"]
+    assert detector_class("commfor").card.trainable and not detector_class("rigid").card.trainable
