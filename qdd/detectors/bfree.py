@@ -56,8 +56,12 @@ def five_windows(embeddings: Tensor, grid: tuple[int, int]) -> list[Tensor]:
 @register(
     "bfree",
     card=DetectorCard(
-        family="DINOv2", input_size=504, resize="none", interpolation="-",
-        crop="five 504² windows in patch space", normalisation="imagenet",
+        family="DINOv2",
+        input_size=504,
+        resize="none",
+        interpolation="-",
+        crop="five 504² windows in patch space",
+        normalisation="imagenet",
         files=("bfree_model_epoch_best.pth (--weights; BFREE_dino2reg4.zip)",),
         licence="GRIP-UNINA non-profit research only",
     ),

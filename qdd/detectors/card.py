@@ -53,6 +53,8 @@ class DetectorCard:
 
     def input_policy(self) -> str:
         """One phrase: resize, crop and normalisation as the official test code does them."""
-        resize = "no resize" if self.resize == "none" else f"resize {self.resize} {self.interpolation}"
+        resize = f"resize {self.resize} {self.interpolation}"
+        if self.resize == "none":
+            resize = "no resize"
         crop = "" if self.crop == "none" else f", {self.crop}"
         return f"{resize}{crop}, {self.normalisation} norm"

@@ -16,18 +16,24 @@ from torchvision import transforms
 
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
-from qdd.detectors.clip_backbone import image_size, load_image_tower
 from qdd.detectors.card import DetectorCard
+from qdd.detectors.clip_backbone import image_size, load_image_tower
 from qdd.detectors.registry import register
 
 
 @register(
     "clipd",
     card=DetectorCard(
-        family="CLIP features", input_size=224, resize="224 (short side)",
-        interpolation="bicubic", crop="centre 224", normalisation="clip",
-        files=("clipd_latent10k_plus.pth (--weights)",
-               "CLIP ViT-L/14 CommonPool-XL (detector_args.backbone_weights)"),
+        family="CLIP features",
+        input_size=224,
+        resize="224 (short side)",
+        interpolation="bicubic",
+        crop="centre 224",
+        normalisation="clip",
+        files=(
+            "clipd_latent10k_plus.pth (--weights)",
+            "CLIP ViT-L/14 CommonPool-XL (detector_args.backbone_weights)",
+        ),
         licence="no licence file in grip-unina/ClipBased-SyntheticImageDetection",
     ),
 )

@@ -42,8 +42,12 @@ COMPILED = "_orig_mod."
 @register(
     "commfor",
     card=DetectorCard(
-        family="end-to-end", input_size=384, resize="440 (short side; 224: 256)",
-        interpolation="bilinear", crop="centre 384 (224)", normalisation="imagenet",
+        family="end-to-end",
+        input_size=384,
+        resize="440 (short side; 224: 256)",
+        interpolation="bilinear",
+        crop="centre 384 (224)",
+        normalisation="imagenet",
         files=("commfor_model.safetensors (--weights; or model_v11_ViT_384_base_ckpt.pt)",),
         licence="MIT",
     ),
@@ -62,9 +66,7 @@ class CommFor(Detector):
         super().__init__()
         if input_size not in RESIZE:
             raise QddError(f"commfor input_size {input_size}: the released models are 384 or 224")
-        self.vit = create_vit(
-            f"vit_small_patch16_{input_size}", num_classes=1, **(vit_args or {})
-        )
+        self.vit = create_vit(f"vit_small_patch16_{input_size}", num_classes=1, **(vit_args or {}))
 
     @property
     def input_size(self) -> int:

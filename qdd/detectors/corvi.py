@@ -29,8 +29,13 @@ from qdd.detectors.registry import register
 @register(
     "corvi",
     card=DetectorCard(
-        family="end-to-end", input_size=None, resize="none", interpolation="-", crop="none",
-        normalisation="imagenet", files=("corvi2023.pth (--weights)",),
+        family="end-to-end",
+        input_size=None,
+        resize="none",
+        interpolation="-",
+        crop="none",
+        normalisation="imagenet",
+        files=("corvi2023.pth (--weights)",),
         licence="no licence file in grip-unina/ClipBased-SyntheticImageDetection",
     ),
 )

@@ -49,8 +49,13 @@ def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequentia
 @register(
     "npr",
     card=DetectorCard(
-        family="end-to-end", input_size=256, resize="256²", interpolation="bilinear",
-        crop="none", normalisation="imagenet", files=("NPR.pth (--weights)",),
+        family="end-to-end",
+        input_size=256,
+        resize="256²",
+        interpolation="bilinear",
+        crop="none",
+        normalisation="imagenet",
+        files=("NPR.pth (--weights)",),
         licence="no licence stated in the repository",
     ),
 )

@@ -78,10 +78,15 @@ def resolve_backbone(weights: str) -> Path:
 @register(
     "rigid",
     card=DetectorCard(
-        family="training-free", input_size=SIZE, resize="224 (short side)",
-        interpolation="bicubic", crop="centre 224", normalisation="imagenet",
+        family="training-free",
+        input_size=SIZE,
+        resize="224 (short side)",
+        interpolation="bicubic",
+        crop="centre 224",
+        normalisation="imagenet",
         files=(f"{DINOV2_FILE} (detector_args.backbone_weights)",),
-        licence="Apache-2.0 (DINOv2 weights)", trainable=False,
+        licence="Apache-2.0 (DINOv2 weights)",
+        trainable=False,
     ),
 )
 class Rigid(Detector):

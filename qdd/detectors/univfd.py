@@ -15,18 +15,24 @@ from torchvision import transforms
 from qdd.detectors.augment import Degrade
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
-from qdd.detectors.clip_backbone import image_size, load_image_tower
 from qdd.detectors.card import DetectorCard
+from qdd.detectors.clip_backbone import image_size, load_image_tower
 from qdd.detectors.registry import register
 
 
 @register(
     "univfd",
     card=DetectorCard(
-        family="CLIP features", input_size=224, resize="none", interpolation="-",
-        crop="centre 224", normalisation="clip",
-        files=("univfd_fc_weights.pth (--weights)",
-               "OpenAI CLIP ViT-L/14 (detector_args.backbone_weights)"),
+        family="CLIP features",
+        input_size=224,
+        resize="none",
+        interpolation="-",
+        crop="centre 224",
+        normalisation="clip",
+        files=(
+            "univfd_fc_weights.pth (--weights)",
+            "OpenAI CLIP ViT-L/14 (detector_args.backbone_weights)",
+        ),
         licence="MIT",
     ),
 )

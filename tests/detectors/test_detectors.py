@@ -23,7 +23,8 @@ def test_registry_accepts_every_spelling() -> None:
     for spelling in ("npr", "NPR", "NPRDetector", "npr_detector"):
         assert detector_class(spelling).name == "npr"
     assert detector_class("clip-d").name == detector_class("ClipD").name == "clipd"
-    with pytest.raises(QddError, match="choose from bfree, clipd, commfor, corvi, npr, rigid, univfd"):
+    choices = "choose from bfree, clipd, commfor, corvi, npr, rigid, univfd"
+    with pytest.raises(QddError, match=choices):
         detector_class("dire")
 
 

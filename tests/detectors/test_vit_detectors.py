@@ -21,7 +21,7 @@ from qdd.cli import main
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.tiny import TINY_VIT, tiny_detector_args
 from qdd.errors import QddError
-from tests.conftest import random_image, write_fake_shards
+from tests.conftest import write_fake_shards
 from tests.detectors.reference_vit import encode, patchify, randomise
 
 HEADS = TINY_VIT["num_heads"]
