@@ -292,3 +292,41 @@ def test_detectors_command_lists_every_card(capsys) -> None:
     assert "training-free" in rows["rigid"] and "dinov2_vitl14_pretrain.pth" in rows["rigid"]
     assert "GRIP-UNINA non-profit" in rows["bfree"] and "five 504² windows" in rows["bfree"]
     assert detector_class("commfor").card.trainable and not detector_class("rigid").card.trainable
+
+
+@pytest.mark.parametrize(
+    "detector",
+    ["commfor", pytest.param("bfree", marks=pytest.mark.slow)],  # 504² windows
+)
+def test_fit_from_the_official_file_and_reload_its_checkpoint(
+    detector: str, tmp_path: Path
+) -> None:
+    """``qdd-cli fit`` on real + FP4 shards from an official file; ``--weights`` and
+    ``--ckpt_path`` of the fit both reload it (commfor: a 224 file stays 224)."""
+    root = tmp_path / "shards"
+    write_fake_shards(root / "real", [4, 4], generator="photos", precision=None, label=0)
+    write_fake_shards(root / "tiny-fp4", [4, 4], generator="tiny", precision="fp4")
+    if detector == "commfor":
+        official = tmp_path / "model.safetensors"
+        save_file(commfor_state(224, 7), str(official))
+    else:
+        official = tmp_path / "model_epoch_best.pth"
+        state = timm_state("vit_base_patch14_reg4_dinov2", 8, num_classes=1, img_size=504)
+        torch.save({"model": state}, official)
+    args = ["--model.detector_args", json.dumps(tiny_detector_args(detector))]
+    data = ["--data", str(root / "real"), "--data", str(root / "tiny-fp4"),
+            "--data.val_fraction=0.25", "--data.test_fraction=0.25"]  # fmt: skip
+    fit = tmp_path / "fit"
+    main(["fit", "--detector", detector, "--weights", str(official), *args, *data,
+          "--out", str(fit), "--data.batch_size=4", "--trainer.max_steps=2", *FAST])  # fmt: skip
+    summary = json.loads((fit / "metrics.json").read_text())
+    assert summary["weight_files"] == {str(official): summary["weight_files"][str(official)]}
+    ckpt = summary["last_checkpoint"] or summary["best_checkpoint"]
+    runs = []
+    for flag in (["--weights", ckpt], ["--ckpt_path", ckpt]):
+        out = tmp_path / f"test{len(runs)}"
+        main(["test", "--detector", detector, *flag, *args, *data, "--data.split=test",
+              "--out", str(out), "--data.batch_size=1", *FAST])  # fmt: skip
+        runs.append(pd.read_parquet(out / "scores.parquet").sort_values("key"))
+    np.testing.assert_allclose(runs[0]["logit"], runs[1]["logit"], atol=1e-5)
+    assert len(runs[0]) > 0
