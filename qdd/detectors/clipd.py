@@ -17,8 +17,9 @@ from torchvision import transforms
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
 from qdd.detectors.card import DetectorCard
-from qdd.detectors.clip_backbone import image_size, load_image_tower
+from qdd.detectors.clip_backbone import image_size, load_image_tower, local_file
 from qdd.detectors.registry import register
+from qdd.detectors.weights import file_sha256
 
 
 @register(
@@ -53,6 +54,8 @@ class ClipD(Detector):
     ) -> None:
         super().__init__()
         self.backbone = load_image_tower(backbone, backbone_weights, projected=False)
+        if (file := local_file(backbone_weights)) is not None:
+            self.weight_files[str(file)] = file_sha256(file)
         width = self.backbone.ln_post.normalized_shape[0]
         self.fc = nn.Linear(width, 1)
         nn.init.normal_(self.fc.weight, 0.0, 0.02)

@@ -16,8 +16,9 @@ from qdd.detectors.augment import Degrade
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
 from qdd.detectors.card import DetectorCard
-from qdd.detectors.clip_backbone import image_size, load_image_tower
+from qdd.detectors.clip_backbone import image_size, load_image_tower, local_file
 from qdd.detectors.registry import register
+from qdd.detectors.weights import file_sha256
 
 
 @register(
@@ -52,6 +53,8 @@ class UnivFD(Detector):
     ) -> None:
         super().__init__()
         self.backbone = load_image_tower(backbone, backbone_weights, projected=True)
+        if (file := local_file(backbone_weights)) is not None:
+            self.weight_files[str(file)] = file_sha256(file)
         self.fc = nn.Linear(self.backbone.output_dim, 1)
 
     @classmethod

@@ -161,6 +161,10 @@ def test_clip_backbone_loads_a_local_open_clip_file(tmp_path: Path) -> None:
         backbone_weights=str(tmp_path / "open_clip_pytorch_model.bin"),
     )
     assert torch.equal(detector.backbone.conv1.weight, clip.visual.conv1.weight)
+    import hashlib
+
+    file = tmp_path / "open_clip_pytorch_model.bin"
+    assert detector.weight_files == {str(file): hashlib.sha256(file.read_bytes()).hexdigest()}
 
 
 @pytest.mark.slow
