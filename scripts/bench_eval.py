@@ -220,7 +220,13 @@ def main() -> None:
     workers = args.num_workers
     if workers is None:
         workers = default_num_workers("cpu" if device.type == "cpu" else "gpu")
-    name = args.detector
+    from qdd.detectors import detector_class
+    from qdd.errors import QddError
+
+    try:
+        name = detector_class(args.detector).name
+    except QddError as error:
+        raise SystemExit(f"bench_eval.py: {error}") from None
     extra = RANDOM_BACKBONE.get(name, {})
     nchw = load_detector(name, random_weights=True, **extra).eval().to(device)
     nhwc = load_detector(name, random_weights=True, **extra).eval()

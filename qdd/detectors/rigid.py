@@ -11,6 +11,7 @@ calibrated at 0: thresholds come from calibration; AUROC/AP need none.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from qdd.detectors.registry import register
 from qdd.detectors.vit import create_vit, hub_position_embedding, patch_grid
 from qdd.detectors.weights import file_sha256, load_tensor_file, state_mismatch, unwrap_state
 from qdd.errors import QddError
+
+log = logging.getLogger(__name__)
 
 DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
 NOISE_LEVEL = 0.05
@@ -112,7 +115,9 @@ class Rigid(Detector):
         super().__init__()
         self.noise_seed = noise_seed
         self.backbone = create_vit(arch, num_classes=0, img_size=SIZE, **(vit_args or {}))
-        if backbone_weights is not None:
+        if backbone_weights is None:
+            log.warning("rigid: DINOv2 backbone has random weights (asked for explicitly)")
+        else:
             path = resolve_backbone(backbone_weights)
             load_hub_backbone(self.backbone, path)
             self.weight_files[str(path)] = file_sha256(path)

@@ -201,5 +201,7 @@ def _training_free(name: str, weights: str | Path | None, **args: Any) -> Detect
             "files through --model.detector_args (see `qdd-cli detectors`)"
         )
     detector = build_detector(name, **args)
-    detector.weights_source = "training-free"
+    detector.weights_source = "training-free" + (
+        "" if detector.weight_files else ", random backbone"
+    )
     return detector
