@@ -29,6 +29,7 @@ from qdd.detectors.base import (
 from qdd.detectors.card import DetectorCard
 from qdd.detectors.registry import register
 from qdd.detectors.vit import create_vit, patch_grid
+from qdd.errors import QddError
 
 
 def tile_to(embeddings: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -99,6 +100,12 @@ class BFree(Detector):
         return {k if k.startswith("patch_embed.") else f"vit.{k}": v for k, v in state.items()}
 
     def forward(self, x: Tensor) -> Tensor:
+        patch = self.patch_embed.patch_size
+        if x.shape[-2] < patch[0] or x.shape[-1] < patch[1]:
+            raise QddError(
+                f"bfree needs images of at least one patch ({patch[0]}×{patch[1]} px), got "
+                f"{x.shape[-2]}×{x.shape[-1]}: drop such images from the shards"
+            )
         embeddings = self.patch_embed.proj(x)  # remainder rows/columns dropped by the stride
         if embeddings.shape[-2] < self.grid[0] or embeddings.shape[-1] < self.grid[1]:
             embeddings = tile_to(embeddings, self.grid)

@@ -95,7 +95,9 @@ def test_bfree_batches_equal_single_images() -> None:
     with torch.inference_mode():
         batched = detector(x)
         single = torch.cat([detector(x[i : i + 1]) for i in range(3)])
-    assert torch.allclose(batched, single, atol=1e-5)
+        assert torch.allclose(batched, single, atol=1e-5)
+        with pytest.raises(QddError, match=r"at least one patch \(14×14 px\), got 10×300"):
+            detector(torch.randn(1, 3, 10, 300))
 
 
 # -- Community Forensics -----------------------------------------------------------------
