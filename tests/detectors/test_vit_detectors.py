@@ -332,3 +332,28 @@ def test_fit_from_the_official_file_and_reload_its_checkpoint(
         runs.append(pd.read_parquet(out / "scores.parquet").sort_values("key"))
     np.testing.assert_allclose(runs[0]["logit"], runs[1]["logit"], atol=1e-5)
     assert len(runs[0]) > 0
+
+
+def test_real_sizes_match_the_released_files() -> None:
+    """B-Free's file: 177 tensors, 86.5 M values; Community Forensics 384: 577 positions."""
+    bfree = build_detector("bfree")
+    state = bfree.state_dict()
+    assert len(state) == 177 and sum(v.numel() for v in state.values()) == 86_526_721
+    assert state["vit.pos_embed"].shape == (1, 36 * 36, 768) and bfree.grid == (36, 36)
+    commfor = build_detector("commfor").state_dict()
+    assert commfor["vit.pos_embed"].shape == (1, 577, 384)
+    assert commfor["vit.head.weight"].shape == (1, 384)
+
+
+@pytest.mark.slow
+def test_real_rigid_backbone_takes_the_hub_layout(tmp_path: Path) -> None:
+    """DINOv2 ViT-L/14 at 518 px (1370 positions) loads into the 224-px timm model."""
+    hub = timm.create_model("vit_large_patch14_dinov2", pretrained=False, num_classes=0)
+    state = hub.state_dict()
+    state["mask_token"] = torch.zeros(1, 1024)
+    assert state["pos_embed"].shape == (1, 1370, 1024)
+    torch.save(state, tmp_path / "dinov2_vitl14_pretrain.pth")
+    detector = build_detector(
+        "rigid", backbone_weights=str(tmp_path / "dinov2_vitl14_pretrain.pth")
+    )
+    assert detector.backbone.pos_embed.shape == (1, 257, 1024)
