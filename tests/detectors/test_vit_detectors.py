@@ -357,3 +357,14 @@ def test_real_rigid_backbone_takes_the_hub_layout(tmp_path: Path) -> None:
         "rigid", backbone_weights=str(tmp_path / "dinov2_vitl14_pretrain.pth")
     )
     assert detector.backbone.pos_embed.shape == (1, 257, 1024)
+
+
+def test_fit_on_a_training_free_detector_is_one_line(small_shards: Path, tmp_path, capsys) -> None:
+    args = json.dumps(tiny_detector_args("rigid"))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--detector", "rigid", "--model.detector_args", args,
+              "--data", str(small_shards / "real"), "--data", str(small_shards / "tiny-fp4"),
+              "--out", str(tmp_path / "fit"), "--trainer.max_steps=1", *FAST])  # fmt: skip
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("qdd-cli fit: error: rigid is training-free: there is nothing to fit")
