@@ -12,6 +12,7 @@ calibrated at 0: thresholds come from calibration; AUROC/AP need none.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,12 @@ def load_hub_backbone(vit: nn.Module, path: Path) -> None:
     missing_hub = [k for k in HUB_ONLY if k not in state]
     state = {k: v for k, v in state.items() if k not in HUB_ONLY}
     pos = state.get("pos_embed")
-    if pos is not None and pos.ndim == 3 and pos.shape[1] != vit.pos_embed.shape[1]:
+    if (
+        pos is not None
+        and pos.ndim == 3
+        and pos.shape[-1] == vit.pos_embed.shape[-1]
+        and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1
+    ):  # a class position and a square grid: resampled; anything else is a mismatch below
         state["pos_embed"] = hub_position_embedding(pos, patch_grid(vit))
     problems = state_mismatch(vit.state_dict(), state)
     if missing_hub:
