@@ -269,7 +269,7 @@ def main() -> None:
     }
     for key, label in labels.items():
         if key in rates:
-            print(f"| {label} | {rates[key]:.1f} |")
+            print(f"| {label} | {rates[key]:.3g} |")
     print(f"\nend to end / forward only   = {rates['qdd'] / rates['forward']:.3f}")
     if "official" in rates:
         print(f"end to end / official loop  = {rates['qdd'] / rates['official']:.3f}")
