@@ -120,11 +120,11 @@ class Rigid(Detector):
     ) -> None:
         super().__init__()
         self.noise_seed = noise_seed
+        path = None if backbone_weights is None else resolve_backbone(backbone_weights)
         self.backbone = create_vit(arch, num_classes=0, img_size=SIZE, **(vit_args or {}))
-        if backbone_weights is None:
+        if path is None:
             log.warning("rigid: DINOv2 backbone has random weights (asked for explicitly)")
         else:
-            path = resolve_backbone(backbone_weights)
             load_hub_backbone(self.backbone, path)
             self.weight_files[str(path)] = file_sha256(path)
         self.backbone.requires_grad_(False)
