@@ -54,6 +54,7 @@ COMMANDS = {
     "shard": ("qdd.datamodules.tars", "turn a folder of images (real photos) into shards"),
     "generate": ("qdd.generation.command", "generate images at each precision"),
     "decode": ("qdd.generation.redecode", "decode stored latents with the VAE at a precision"),
+    "detectors": ("qdd.detectors", "every detector: family, input, files, licence"),
     "quality": ("qdd.quality", "PSNR, SSIM, LPIPS, FID of each image vs its fp32 twin"),
     "fingerprint": ("qdd.fingerprint", "residual spectra per group vs the fp32 twin"),
     "report": ("qdd.report.command", "draw the study's figures and tables from runs"),
@@ -171,6 +172,14 @@ def shard_command(argv: Sequence[str]) -> None:
     print(args.out)
 
 
+def detectors_command(argv: Sequence[str]) -> None:
+    """``qdd-cli detectors``. Named here, not by its module: finding ``qdd.detectors.table``
+    would import every detector (torch, ~10 s) for each ``qdd-cli --help``."""
+    from qdd.detectors.table import main as print_table
+
+    print_table(argv)
+
+
 def decode_command(argv: Sequence[str]) -> None:
     """``qdd-cli decode``: parse, then `qdd.api.decode`; prints the new folder."""
     from qdd.generation.redecode import build_parser
@@ -268,6 +277,7 @@ OTHER_COMMANDS = {
     "shard": shard_command,
     "generate": generate_command,
     "decode": decode_command,
+    "detectors": detectors_command,
     "fingerprint": fingerprint_command,
     "quality": quality_command,
     "report": report_command,

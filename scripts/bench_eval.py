@@ -1,6 +1,7 @@
-"""NPR test throughput: where `qdd-cli test` stands against its ceilings, in one run.
+"""Detector test throughput: where `qdd-cli test` stands against its ceilings, in one run.
 
-Five loops over the same PNG images (marginal images/s: a run on N images minus a run on
+Any registered detector (``--detector``, default NPR) at its real size. Five loops over
+the same PNG images (marginal images/s: a run on N images minus a run on
 N/4, so start-up — imports, Lightning set-up, worker start — cancels):
 
 - forward only: the detector alone on batches decoded and preprocessed beforehand (on the
@@ -8,21 +9,24 @@ N/4, so start-up — imports, Lightning set-up, worker start — cancels):
 - loader alone: `ShardDataModule`'s test loader, batches copied to the device and
   normalised, no model;
 - `qdd-cli test` end to end (shards → scores.parquet + metrics.json);
-- the official-style loop: torchvision ImageFolder + PIL ``Resize((256, 256))`` + ToTensor +
-  Normalize + DataLoader, NCHW model, ``.sigmoid().tolist()`` per batch, as NPR's own
-  evaluation code does;
+- the official-style loop (NPR only): torchvision ImageFolder + PIL ``Resize((256, 256))`` +
+  ToTensor + Normalize + DataLoader, NCHW model, ``.sigmoid().tolist()`` per batch, as
+  NPR's own evaluation code does;
 - the decode ceiling: one core's PNG decode + resize time per image, times the workers.
 
 Ratios printed: end to end / forward only, end to end / official loop, end to end / decode
-ceiling. Weights are random (throughput does not depend on them); nothing is downloaded.
+ceiling. Weights are random, backbones included (throughput does not depend on them); nothing is
+downloaded. Full-resolution detectors (corvi, bfree) batch here because the bench images
+share one size.
 
-Run: ``python scripts/bench_eval.py --device cpu|cuda [--images 256] [--size 512]
-[--batch-size 32] [--num-workers N]`` (workers default to qdd's own default).
+Run: ``python scripts/bench_eval.py --device cpu|cuda [--detector npr] [--images 256]
+[--size 512] [--batch-size 32] [--num-workers N]`` (workers default to qdd's own default).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -37,6 +41,13 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+#: Detector arguments that avoid every download: random, seeded backbones.
+RANDOM_BACKBONE: dict[str, dict[str, Any]] = {
+    "clipd": {"backbone_weights": None},
+    "univfd": {"backbone_weights": None},
+    "rigid": {"backbone_weights": None},
+}
 
 
 def make_images(root: Path, n: int, size: int) -> Path:
@@ -111,12 +122,16 @@ def loader_alone(shards: Path, detector, batch_size: int, workers: int, device) 
     return time.perf_counter() - start
 
 
-def end_to_end(shards: Path, batch_size: int, workers: int, device, out: Path) -> float:
-    """`qdd-cli test --detector npr --random-weights`, in this process."""
+def end_to_end(
+    detector: str, shards: Path, batch_size: int, workers: int, device, out: Path
+) -> float:
+    """`qdd-cli test --detector D --random-weights`, in this process."""
     from qdd.cli import main
 
+    extra = json.dumps(RANDOM_BACKBONE.get(detector, {}))
     args = [
-        "test", "--detector", "npr", "--random-weights", "--data", str(shards / "*"),
+        "test", "--detector", detector, "--random-weights", "--model.detector_args", extra,
+        "--data", str(shards / "*"),
         "--out", str(out), f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
@@ -187,6 +202,7 @@ def marginal_rates(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--detector", default="npr", help="a registered detector name")
     parser.add_argument("--images", type=int, default=256, help="the big run (small: 1/4)")
     parser.add_argument("--size", type=int, default=512, help="side of the source images")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -204,8 +220,16 @@ def main() -> None:
     workers = args.num_workers
     if workers is None:
         workers = default_num_workers("cpu" if device.type == "cpu" else "gpu")
-    nchw = load_detector("npr", random_weights=True).eval().to(device)
-    nhwc = load_detector("npr", random_weights=True).eval()
+    from qdd.detectors import detector_class
+    from qdd.errors import QddError
+
+    try:
+        name = detector_class(args.detector).name
+    except QddError as error:
+        raise SystemExit(f"bench_eval.py: {error}") from None
+    extra = RANDOM_BACKBONE.get(name, {})
+    nchw = load_detector(name, random_weights=True, **extra).eval().to(device)
+    nhwc = load_detector(name, random_weights=True, **extra).eval()
     nhwc.load_state_dict(nchw.state_dict())
     nhwc.to(device, memory_format=torch.channels_last)
     small, big = args.images // 4, args.images
@@ -218,17 +242,18 @@ def main() -> None:
         runs = {
             "forward": lambda n: forward_only(data[n][1], nhwc, bs, device),
             "loader": lambda n: loader_alone(data[n][1], nhwc, bs, workers, device),
-            "qdd": lambda n: end_to_end(data[n][1], bs, workers, device, root / f"run{n}"),
-            "official": lambda n: official(data[n][0], nchw, bs, workers, device),
+            "qdd": lambda n: end_to_end(name, data[n][1], bs, workers, device, root / f"run{n}"),
         }
-        end_to_end(data[small][1], bs, workers, device, root / "warm-up")  # imports, caches
+        if name == "npr":  # the official loop written here is NPR's
+            runs["official"] = lambda n: official(data[n][0], nchw, bs, workers, device)
+        end_to_end(name, data[small][1], bs, workers, device, root / "warm-up")  # imports
         rates.update(marginal_rates(runs, small, big, args.repeats))
         per_image = decode_seconds(folder, nhwc)
     rates["ceiling"] = max(workers, 1) / per_image
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
     print(
-        f"\nNPR test throughput on {args.device} ({name or platform.machine()}, "
+        f"\n{name} test throughput on {args.device} ({name or platform.machine()}, "
         f"{usable_cores()} usable cores, torch threads {torch.get_num_threads()}): "
         f"marginal images/s between {small} and {big} PNGs of {args.size}², "
         f"batch {args.batch_size}, {workers} DataLoader worker(s)"
@@ -243,9 +268,11 @@ def main() -> None:
         f"{max(workers, 1)})",
     }
     for key, label in labels.items():
-        print(f"| {label} | {rates[key]:.1f} |")
+        if key in rates:
+            print(f"| {label} | {rates[key]:.3g} |")
     print(f"\nend to end / forward only   = {rates['qdd'] / rates['forward']:.3f}")
-    print(f"end to end / official loop  = {rates['qdd'] / rates['official']:.3f}")
+    if "official" in rates:
+        print(f"end to end / official loop  = {rates['qdd'] / rates['official']:.3f}")
     print(f"end to end / decode ceiling = {rates['qdd'] / rates['ceiling']:.3f}")
 
 

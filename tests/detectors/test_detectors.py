@@ -19,11 +19,12 @@ def tiny(name: str):
 
 
 def test_registry_accepts_every_spelling() -> None:
-    assert available() == ["clipd", "corvi", "npr", "univfd"]
+    assert available() == ["bfree", "clipd", "commfor", "corvi", "npr", "rigid", "univfd"]
     for spelling in ("npr", "NPR", "NPRDetector", "npr_detector"):
         assert detector_class(spelling).name == "npr"
     assert detector_class("clip-d").name == detector_class("ClipD").name == "clipd"
-    with pytest.raises(QddError, match="choose from clipd, corvi, npr, univfd"):
+    choices = "choose from bfree, clipd, commfor, corvi, npr, rigid, univfd"
+    with pytest.raises(QddError, match=choices):
         detector_class("dire")
 
 
@@ -160,6 +161,10 @@ def test_clip_backbone_loads_a_local_open_clip_file(tmp_path: Path) -> None:
         backbone_weights=str(tmp_path / "open_clip_pytorch_model.bin"),
     )
     assert torch.equal(detector.backbone.conv1.weight, clip.visual.conv1.weight)
+    import hashlib
+
+    file = tmp_path / "open_clip_pytorch_model.bin"
+    assert detector.weight_files == {str(file): hashlib.sha256(file.read_bytes()).hexdigest()}
 
 
 @pytest.mark.slow

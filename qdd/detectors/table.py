@@ -1,0 +1,43 @@
+"""``qdd-cli detectors``: every registered detector's card as one table.
+
+Family, how images are fed at test time, the files each needs and their licence, so a
+user knows what to download (checkpoints/README.md says where from) before a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from qdd.detectors.card import FAMILIES
+
+COLUMNS = ("detector", "family", "fit", "test-time input", "files", "licence")
+
+
+def rows() -> list[tuple[str, ...]]:
+    """One row per detector, by family (as `FAMILIES` orders them), then name."""
+    from qdd.detectors.registry import available, detector_class
+
+    cards = [(name, detector_class(name).card) for name in available()]
+    cards.sort(key=lambda item: (FAMILIES.index(item[1].family), item[0]))
+    return [
+        (name, card.family, "yes" if card.trainable else "training-free", card.input_policy(),
+         "; ".join(card.files), card.licence)
+        for name, card in cards
+    ]  # fmt: skip
+
+
+def markdown(table: list[tuple[str, ...]]) -> str:
+    lines = [f"| {' | '.join(COLUMNS)} |", f"|{'---|' * len(COLUMNS)}"]
+    lines += [f"| {' | '.join(row)} |" for row in table]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="qdd-cli detectors",
+        description="Every detector: family, test-time input, files it needs, licence "
+        "(a Markdown table). Where each file comes from: checkpoints/README.md.",
+    )
+    parser.parse_args(argv)
+    print(markdown(rows()))
