@@ -6,12 +6,17 @@ from typing import Any
 
 from qdd.detectors.clip_backbone import TINY_CONFIG
 
+#: A tiny SPAI: 224-px tiles and patch 16 as released, narrow and shallow everywhere else.
+TINY_SPAI = {"dim": 16, "depth": 2, "heads": 2, "proj_dim": 8, "attn_dim": 8, "attn_heads": 2,
+             "head_ratio": 1}  # fmt: skip
+
 #: Detector arguments that make each detector tiny (random, seeded CLIP towers).
 TINY_ARGS: dict[str, dict[str, Any]] = {
     "npr": {"resize": 64, "crop": 56},
     "corvi": {"layers": [1, 1, 1, 1], "crop": 32},
     "clipd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
     "univfd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
+    "spai": {"net_args": TINY_SPAI},
 }
 
 
