@@ -127,9 +127,8 @@ class SPAI(Detector):
     def eval_transform(self) -> Transform:
         # Normalize(0, 1) is the official ``A.Normalize(mean=0, std=1)``: x / 255; the
         # ImageNet normalisation runs inside, after the frequency split.
-        return transforms.Compose(
-            [PadToTile(self.tile), transforms.ToTensor(), transforms.Normalize((0.0,) * 3, (1.0,) * 3)]
-        )
+        unit = transforms.Normalize((0.0,) * 3, (1.0,) * 3)
+        return transforms.Compose([PadToTile(self.tile), transforms.ToTensor(), unit])
 
     def train_transform(self) -> Transform:
         """qdd's recipe (the official one augments with albumentations): blur/JPEG, one

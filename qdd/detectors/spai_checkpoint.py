@@ -45,8 +45,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         module = "builtins" if module == "__builtin__" else module  # protocol 2's spelling
         found = ALLOWED.get((module, name))
-        if found is None and module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            found = getattr(torch, name)
+        dtype = getattr(torch, name, None) if module == "torch" else None
+        if found is None and isinstance(dtype, torch.dtype):
+            found = dtype
         if found is None:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
         return found

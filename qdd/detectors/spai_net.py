@@ -106,9 +106,7 @@ class MFMViT(nn.Module):
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
         self.actual_cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_blocks = nn.ModuleList([Block(dim, heads, mlp_ratio)])
-        self.intermediate_fc_norm = nn.ModuleList(
-            nn.LayerNorm(dim, eps=1e-6) for _ in range(depth)
-        )
+        self.intermediate_fc_norm = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in range(depth))
         self.head = nn.Linear(dim * depth, num_classes)
         for p in (self.pos_embed, self.cls_pos_embed, self.cls_token, self.actual_cls_token):
             nn.init.trunc_normal_(p, std=0.02)
