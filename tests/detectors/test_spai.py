@@ -190,3 +190,32 @@ def test_cli_test_on_tiny_shards(tmp_path: Path) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["detector"] == "spai" and metrics["n"] == 6
     assert metrics["weights"] == str(weights)
+
+
+@pytest.mark.slow
+def test_fit_trains_the_head_keeps_the_backbone_and_reloads(tmp_path: Path) -> None:
+    from qdd.cli import main
+
+    write_fake_shards(tmp_path / "fake", [6], size=(240, 232))
+    write_fake_shards(tmp_path / "real", [6], generator="real", label=0, size=(230, 250))
+    state = random_state()
+    weights = save_official(tmp_path / "spai.pth", state)
+    common = [
+        *("--detector", "spai", "--model.detector_args", json.dumps(tiny_detector_args("spai"))),
+        *("--data", str(tmp_path / "fake"), "--data", str(tmp_path / "real")),
+        *("--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"),
+    ]
+    fit = tmp_path / "fit"
+    # Mixed sizes: the preset's batch size 1 keeps every image at its native resolution.
+    main(["fit", *common, "--weights", str(weights), "--out", str(fit), "--trainer.max_epochs=1"])
+    ckpt = fit / "checkpoints" / "last.ckpt"
+    trained = torch.load(ckpt, weights_only=True)["state_dict"]
+    trained = {k.removeprefix("detector.net."): v for k, v in trained.items()}
+    assert torch.equal(trained["mfvit.vit.blocks.0.attn.qkv.weight"],
+                       state["mfvit.vit.blocks.0.attn.qkv.weight"])  # fmt: skip
+    assert not torch.equal(trained["cls_head.head.6.weight"], state["cls_head.head.6.weight"])
+    test = tmp_path / "test"
+    main(["test", *common, "--weights", str(ckpt), "--out", str(test),
+          "--data.allow_train_overlap=true"])  # fmt: skip
+    metrics = json.loads((test / "metrics.json").read_text())
+    assert metrics["n"] == 12 and metrics["weights"] == str(ckpt)
