@@ -11,9 +11,11 @@ attention pools the tiles into one logit (pre-sigmoid, > 0 means fake).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms
@@ -24,7 +26,7 @@ from qdd.detectors.base import Detector, Optimization, Transform
 from qdd.detectors.card import DetectorCard
 from qdd.detectors.registry import register
 from qdd.detectors.spai_checkpoint import read_spai_checkpoint
-from qdd.detectors.spai_net import PatchBasedMFViT
+from qdd.detectors.spai_net import MFMViT, MFViT
 
 #: What `qdd-cli detectors` says about SPAI.
 SPAI_CARD = DetectorCard(
@@ -37,6 +39,15 @@ SPAI_CARD = DetectorCard(
     files=("spai.pth (--weights; the released training checkpoint)",),
     licence="Apache-2.0",
 )
+
+
+#: The released model (``configs/spai.yaml``): MFM ViT-B/16 on 224-px tiles, all 12 layers,
+#: 1024-d projections, FFT radius 16, 12-head attention of width 1536, head MLP ratio 3.
+ARCHITECTURE: dict[str, Any] = {
+    "tile": 224, "patch": 16, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0,
+    "vit_classes": 2, "proj_dim": 1024, "proj_layers": 2, "radius": 16, "attn_dim": 1536,
+    "attn_heads": 12, "head_ratio": 3,
+}  # fmt: skip
 
 
 def reflect101_indices(size: int, target: int) -> np.ndarray:
@@ -87,20 +98,48 @@ class SPAI(Detector):
     weights_reader = staticmethod(read_spai_checkpoint)
 
     def __init__(
-        self, minimum_tiles: int = 4, tile_batch: int = 64, net_args: dict | None = None
+        self,
+        minimum_tiles: int = 4,
+        tile_batch: int = 64,
+        net_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.net = PatchBasedMFViT(**(net_args or {}))
-        self.tile = self.net.mfvit.frequencies_mask.shape[-1]
-        self.minimum_tiles = minimum_tiles
-        self.tile_batch = tile_batch
+        a = {**ARCHITECTURE, **(net_args or {})}
+        self.tile, self.minimum_tiles, self.tile_batch = a["tile"], minimum_tiles, tile_batch
+        # The official PatchBasedMFViT's modules, under its names (spai.pth loads unchanged).
+        vit = MFMViT(a["tile"], a["patch"], a["dim"], a["depth"], a["heads"], a["mlp_ratio"],
+                     a["vit_classes"])  # fmt: skip
+        vit.requires_grad_(False)  # SPAI trains with its MFM backbone frozen
+        self.mfvit = MFViT(vit, a["depth"], a["dim"], a["proj_dim"], a["proj_layers"],
+                           a["tile"], a["radius"])  # fmt: skip
+        width = 6 * a["depth"] + a["proj_dim"]  # per-layer statistics + the 1024-d branch
+        self.heads = a["attn_heads"]
+        self.to_kv = nn.Linear(width, a["attn_dim"] * 2, bias=False)
+        self.patch_aggregator = nn.Parameter(
+            torch.zeros(self.heads, 1, a["attn_dim"] // self.heads)
+        )
+        nn.init.trunc_normal_(self.patch_aggregator, std=0.02)
+        self.to_out = nn.Sequential(nn.Linear(a["attn_dim"], width, bias=False), nn.Dropout(0.5))
+        self.norm = nn.LayerNorm(width)
+        hidden = width * a["head_ratio"]
+        self.cls_head = nn.Module()
+        self.cls_head.head = nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.5),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 1),
+        )  # fmt: skip
 
-    @classmethod
-    def adapt_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The official keys (``mfvit.*``, ``to_kv.*`` …) live under ``net.`` here."""
-        if any(k.startswith("net.") for k in state):
-            return state
-        return {f"net.{k}": v for k, v in state.items()}
+    def aggregate(self, features: Tensor) -> Tensor:
+        """B × L × D tile features → B logits: a learned query attends over the tiles (the
+        spectral-context attention), then LayerNorm and the 3-layer MLP."""
+        b, n, _ = features.shape
+        k, v = (
+            t.reshape(b, n, self.heads, -1).transpose(1, 2)
+            for t in self.to_kv(features).chunk(2, dim=-1)
+        )
+        query = self.patch_aggregator.expand(b, -1, -1, -1)
+        x = F.scaled_dot_product_attention(query, k, v)  # B × heads × 1 × d
+        x = self.to_out(x.transpose(1, 2).reshape(b, -1))
+        return self.cls_head.head(self.norm(x)).squeeze(-1)
 
     def tiles(self, x: Tensor) -> Tensor:
         """B×C×H×W in [0, 1] (H, W ≥ tile) → B×L×C×tile×tile, as the official code cuts them."""
@@ -119,10 +158,10 @@ class SPAI(Detector):
         tiles = self.tiles(x)
         flat = tiles.flatten(0, 1)
         features = torch.cat(
-            [self.net.mfvit(flat[i : i + self.tile_batch])
+            [self.mfvit(flat[i : i + self.tile_batch])
              for i in range(0, len(flat), self.tile_batch)]
         )  # fmt: skip
-        return self.net.aggregate(features.view(len(x), tiles.shape[1], -1))
+        return self.aggregate(features.view(len(x), tiles.shape[1], -1))
 
     def eval_transform(self) -> Transform:
         # Normalize(0, 1) is the official ``A.Normalize(mean=0, std=1)``: x / 255; the

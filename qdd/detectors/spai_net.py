@@ -1,9 +1,11 @@
 """SPAI's network (Karageorgiou et al., CVPR 2025; mever-team/spai ``spai/models/sid.py``).
 
-Parameter names and shapes follow the official ``PatchBasedMFViT`` exactly, so the
-released ``spai.pth`` loads with strict key matching. Parts the released model carries but
-never runs at test time (the MFM ViT's ``head``, ``fc_norm``, ``cls_blocks`` …) are kept as
-plain parameters: they are in the file, so they must be here for the keys to match.
+The tile encoder ``MFViT`` (``mfvit.*`` in the file) with the official parameter names and
+shapes; `qdd.detectors.spai.SPAI` holds it beside the official ``PatchBasedMFViT``'s other
+modules, so the released ``spai.pth`` loads with strict key matching. Parts the released
+model carries but never runs at test time (the MFM ViT's ``head``, ``fc_norm``,
+``cls_blocks`` …) are kept as plain parameters: they are in the file, so they must be here
+for the keys to match.
 """
 
 from __future__ import annotations
@@ -204,43 +206,3 @@ class MFViT(nn.Module):
         with torch.no_grad():
             tokens = self.vit(torch.cat(views)).chunk(3)
         return self.features_processor(*tokens)
-
-
-class PatchBasedMFViT(nn.Module):
-    """Tiles → MFViT features → spectral-context attention → LayerNorm → 3-layer MLP."""
-
-    def __init__(
-        self, tile: int = 224, patch: int = 16, dim: int = 768, depth: int = 12,
-        heads: int = 12, mlp_ratio: float = 4.0, vit_classes: int = 2, proj_dim: int = 1024,
-        proj_layers: int = 2, radius: int = 16, attn_dim: int = 1536, attn_heads: int = 12,
-        head_ratio: int = 3,
-    ) -> None:  # fmt: skip
-        super().__init__()
-        vit = MFMViT(tile, patch, dim, depth, heads, mlp_ratio, vit_classes)
-        self.mfvit = MFViT(vit, depth, dim, proj_dim, proj_layers, tile, radius)
-        width = 6 * depth + proj_dim
-        self.heads = attn_heads
-        self.to_kv = nn.Linear(width, attn_dim * 2, bias=False)
-        self.patch_aggregator = nn.Parameter(torch.zeros(attn_heads, 1, attn_dim // attn_heads))
-        nn.init.trunc_normal_(self.patch_aggregator, std=0.02)
-        self.to_out = nn.Sequential(nn.Linear(attn_dim, width, bias=False), nn.Dropout(0.5))
-        self.norm = nn.LayerNorm(width)
-        hidden = width * head_ratio
-        self.cls_head = nn.Module()
-        self.cls_head.head = nn.Sequential(
-            nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(0.5), nn.Linear(hidden, 1),
-        )  # fmt: skip
-        self.mfvit.vit.requires_grad_(False)  # SPAI trains with its MFM backbone frozen
-
-    def aggregate(self, features: Tensor) -> Tensor:
-        """B × L × D tile features → B logits (a learned query attends over the tiles)."""
-        b, n, _ = features.shape
-        k, v = (
-            t.reshape(b, n, self.heads, -1).transpose(1, 2)
-            for t in self.to_kv(features).chunk(2, dim=-1)
-        )
-        query = self.patch_aggregator.expand(b, -1, -1, -1)
-        x = F.scaled_dot_product_attention(query, k, v)  # B × heads × 1 × d
-        x = self.to_out(x.transpose(1, 2).reshape(b, -1))
-        return self.cls_head.head(self.norm(x)).squeeze(-1)

@@ -31,9 +31,9 @@ def official_config():
 
 
 def random_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The tiny model's official keys (no ``net.`` prefix) with random, non-trivial values."""
+    """The tiny model's official keys with random, non-trivial values."""
     torch.manual_seed(seed)
-    state = build_detector("spai", net_args=TINY_SPAI).net.state_dict()
+    state = build_detector("spai", net_args=TINY_SPAI).state_dict()
     for key, value in state.items():
         if value.is_floating_point():
             layer_norm_gain = value.ndim == 1 and key.endswith(".weight")
@@ -62,7 +62,7 @@ def save_official(path: Path, state: dict[str, torch.Tensor], config=None) -> Pa
 
 
 def test_full_size_model_has_the_released_keys() -> None:
-    state = build_detector("spai").net.state_dict()
+    state = build_detector("spai").state_dict()
     assert len(state) == 324  # as in spai.pth's 'model'
     assert state["mfvit.frequencies_mask"].dtype == torch.int64
     assert torch.equal(state["mfvit.frequencies_mask"], circular_mask(224, 16))
@@ -136,14 +136,14 @@ def test_renamed_or_misshaped_keys_fail_in_one_line(tmp_path: Path) -> None:
     renamed["to_kv.weights"] = renamed.pop("to_kv.weight")
     path = save_official(tmp_path / "renamed.pth", renamed)
     with pytest.raises(
-        QddError, match=r"missing keys net\.to_kv\.weight.*unexpected keys net\.to_kv\.weights"
+        QddError, match=r"missing keys to_kv\.weight; unexpected keys to_kv\.weights"
     ) as error:  # noqa: E501
         load_detector("spai", path, **tiny_detector_args("spai"))
     assert "\n" not in str(error.value)
     misshaped = dict(state)
     misshaped["norm.weight"] = torch.ones(3)
     path = save_official(tmp_path / "misshaped.pth", misshaped)
-    with pytest.raises(QddError, match=r"shape mismatch net\.norm\.weight \(3,\)") as error:
+    with pytest.raises(QddError, match=r"shape mismatch norm\.weight \(3,\)") as error:
         load_detector("spai", path, **tiny_detector_args("spai"))
     assert "\n" not in str(error.value)
 
@@ -210,7 +210,7 @@ def test_fit_trains_the_head_keeps_the_backbone_and_reloads(tmp_path: Path) -> N
     main(["fit", *common, "--weights", str(weights), "--out", str(fit), "--trainer.max_epochs=1"])
     ckpt = fit / "checkpoints" / "last.ckpt"
     trained = torch.load(ckpt, weights_only=True)["state_dict"]
-    trained = {k.removeprefix("detector.net."): v for k, v in trained.items()}
+    trained = {k.removeprefix("detector."): v for k, v in trained.items()}
     assert torch.equal(trained["mfvit.vit.blocks.0.attn.qkv.weight"],
                        state["mfvit.vit.blocks.0.attn.qkv.weight"])  # fmt: skip
     assert not torch.equal(trained["cls_head.head.6.weight"], state["cls_head.head.6.weight"])
