@@ -16,11 +16,10 @@ from qdd.errors import QddError
 from tests.conftest import random_image, write_fake_shards
 from tests.detectors.reference_spai import circular_mask, pad_if_needed, spai_logit
 
-yacs_config = pytest.importorskip("yacs.config")
-
 
 def official_config():
     """A yacs CfgNode like the one pickled in spai.pth (a few of its real fields)."""
+    yacs_config = pytest.importorskip("yacs.config")  # in [dev]: a real CfgNode pickle
     cfg = yacs_config.CfgNode(new_allowed=True)
     cfg.MODEL = yacs_config.CfgNode(new_allowed=True)
     cfg.MODEL.VIT = yacs_config.CfgNode({"EMBED_DIM": 768, "INTERMEDIATE_LAYERS": list(range(12))})
