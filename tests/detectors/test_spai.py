@@ -218,3 +218,18 @@ def test_fit_trains_the_head_keeps_the_backbone_and_reloads(tmp_path: Path) -> N
           "--data.allow_train_overlap=true"])  # fmt: skip
     metrics = json.loads((test / "metrics.json").read_text())
     assert metrics["n"] == 12 and metrics["weights"] == str(ckpt)
+
+
+def test_tiles_follow_the_official_rule() -> None:
+    detector = build_detector("spai", **tiny_detector_args("spai")).eval()
+    # (height, width) → tiles: 2×3 grid (remainders dropped); 1×2 < 4 → five-crop; 4×1 = 4
+    for shape, count in (((460, 700), 6), ((300, 470), 5), ((1000, 224), 4), ((224, 224), 1)):
+        assert detector.tiles(torch.rand(1, 3, *shape)).shape[1] == count, shape
+    x = torch.rand(2, 3, 300, 470)
+    assert torch.equal(detector.tiles(x)[1, 4], x[1, :, 38:262, 123:347])  # the centre crop
+    # A 224² image: one tile stands for its five identical crops (attention weights sum to 1).
+    with torch.no_grad():
+        one = detector.mfvit(torch.rand(1, 3, 224, 224))
+        assert torch.allclose(
+            detector.aggregate(one[None]), detector.aggregate(one.repeat(5, 1)[None]), atol=1e-6
+        )
