@@ -104,6 +104,9 @@ class SPAI(Detector):
         net_args: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(net_args or {}) - set(ARCHITECTURE))
+        if unknown:  # build_detector turns this into one line
+            raise TypeError(f"unknown net_args {unknown}: choose from {', '.join(ARCHITECTURE)}")
         a = {**ARCHITECTURE, **(net_args or {})}
         self.tile, self.minimum_tiles, self.tile_batch = a["tile"], minimum_tiles, tile_batch
         # The official PatchBasedMFViT's modules, under its names (spai.pth loads unchanged).

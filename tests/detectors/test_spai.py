@@ -220,6 +220,13 @@ def test_fit_trains_the_head_keeps_the_backbone_and_reloads(tmp_path: Path) -> N
     assert metrics["n"] == 12 and metrics["weights"] == str(ckpt)
 
 
+def test_unknown_architecture_argument_is_one_line() -> None:
+    with pytest.raises(
+        QddError, match=r"bad arguments for detector 'spai': unknown net_args \['dims'\]"
+    ):
+        build_detector("spai", net_args={"dims": 8})
+
+
 def test_tiles_follow_the_official_rule() -> None:
     detector = build_detector("spai", **tiny_detector_args("spai")).eval()
     # (height, width) → tiles: 2×3 grid (remainders dropped); 1×2 < 4 → five-crop; 4×1 = 4
