@@ -187,6 +187,8 @@ class SPAI(Detector):
         )
 
     def configure_optimizer(self, params: Iterable[nn.Parameter]) -> Optimization:
-        """AdamW 5e-4, weight decay 0.05 (``spai.yaml``'s base rate; its warm-up, layer
-        decay and cosine schedule are left out), the backbone frozen as in SPAI."""
+        """AdamW 5e-4, weight decay 0.05: qdd's choice after ``spai.yaml``'s base rate (its
+        batch scaling, warm-up, layer decay and cosine schedule are left out). The backbone
+        stays frozen as in SPAI, but runs without the stochastic depth (0.1) the official
+        training keeps active in it."""
         return torch.optim.AdamW(params, lr=5e-4, weight_decay=0.05), None
