@@ -47,6 +47,9 @@ class Detector(torch.nn.Module):
     #: File name of the official weights under ``checkpoints/`` (see checkpoints/README.md).
     official_weights: ClassVar[str]
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: Reads an official file that is not a plain tensor file (SPAI's training checkpoint)
+    #: into a state_dict; None: `qdd.detectors.weights.read_state`.
+    weights_reader: ClassVar[Callable[[Path], dict[str, Tensor]] | None] = None
     #: Where the trained weights came from (a file), or "random": recorded in metrics.json.
     weights_source: str = "random"
 

@@ -10,6 +10,10 @@ from qdd.detectors.clip_backbone import TINY_CONFIG
 #: A tiny timm ViT: the real architecture's code path, patch size as released.
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
+#: A tiny SPAI: 224-px tiles and patch 16 as released, narrow and shallow everywhere else.
+TINY_SPAI = {"dim": 16, "depth": 2, "heads": 2, "proj_dim": 8, "attn_dim": 8, "attn_heads": 2,
+             "head_ratio": 1}  # fmt: skip
+
 #: Detector arguments that make each detector tiny (random, seeded CLIP towers and ViTs).
 TINY_ARGS: dict[str, dict[str, Any]] = {
     "bfree": {"vit_args": TINY_VIT},
@@ -19,6 +23,7 @@ TINY_ARGS: dict[str, dict[str, Any]] = {
     "corvi": {"layers": [1, 1, 1, 1], "crop": 32},
     "clipd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
     "univfd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
+    "spai": {"net_args": TINY_SPAI},
 }
 
 

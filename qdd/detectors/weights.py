@@ -184,7 +184,7 @@ def load_detector(
         detector = build_detector(name, **args)
         log.warning("detector %s runs with RANDOM head weights (--random-weights)", cls.name)
         return detector
-    state = read_state(path)
+    state = (cls.weights_reader or read_state)(path)
     detector = build_detector(name, **args)
     apply_state(detector, state, str(path))
     detector.weights_source = str(path)

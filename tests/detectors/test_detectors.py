@@ -19,11 +19,11 @@ def tiny(name: str):
 
 
 def test_registry_accepts_every_spelling() -> None:
-    assert available() == ["bfree", "clipd", "commfor", "corvi", "npr", "rigid", "univfd"]
+    assert available() == ["bfree", "clipd", "commfor", "corvi", "npr", "rigid", "spai", "univfd"]
     for spelling in ("npr", "NPR", "NPRDetector", "npr_detector"):
         assert detector_class(spelling).name == "npr"
     assert detector_class("clip-d").name == detector_class("ClipD").name == "clipd"
-    choices = "choose from bfree, clipd, commfor, corvi, npr, rigid, univfd"
+    choices = "choose from bfree, clipd, commfor, corvi, npr, rigid, spai, univfd"
     with pytest.raises(QddError, match=choices):
         detector_class("dire")
 
