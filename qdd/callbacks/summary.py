@@ -81,6 +81,7 @@ def model_summary(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any
     return {
         "detector": pl_module.hparams.detector,
         "weights": pl_module.detector.weights_source,
+        "weight_files": dict(pl_module.detector.weight_files),  # path → sha256
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "calibrated_threshold": pl_module.calibration.value,
         "calibration": pl_module.calibration.summary(),
@@ -121,6 +122,7 @@ def summary_of_test(
     return {
         "detector": pl_module.hparams.detector,
         "weights": pl_module.detector.weights_source,
+        "weight_files": dict(pl_module.detector.weight_files),  # path → sha256
         "data": [str(f) for f in data.folders] if data is not None else [],
         "reencode": data.reencode if data is not None else None,
         "formats": data.formats if data is not None else None,

@@ -12,6 +12,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms
 
+from qdd.detectors.card import DetectorCard
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -40,11 +42,18 @@ class Detector(torch.nn.Module):
     """
 
     name: ClassVar[str]
+    #: Family, input policy, files and licence (set by ``@register``).
+    card: ClassVar[DetectorCard]
     #: File name of the official weights under ``checkpoints/`` (see checkpoints/README.md).
     official_weights: ClassVar[str]
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
     #: Where the trained weights came from (a file), or "random": recorded in metrics.json.
     weights_source: str = "random"
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Every weight file this detector was built from → its sha256 (run outputs record it).
+        self.weight_files: dict[str, str] = {}
 
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -64,6 +73,10 @@ class Detector(torch.nn.Module):
     def adapt_state(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Rename keys of a published weight file to this module's names (identity here)."""
         return state
+
+    def match_state(self, state: dict[str, Tensor]) -> None:
+        """Adapt the architecture to a weight file's sizes where the official loader does
+        (Community Forensics: 384 or 224 from the position embedding); nothing here."""
 
     def head_state_dict(self) -> dict[str, Tensor]:
         """What a weight file of this detector holds: everything but the frozen parts."""

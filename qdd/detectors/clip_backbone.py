@@ -82,6 +82,12 @@ def _create_pretrained(open_clip: ModuleType, model: str, weights: str) -> nn.Mo
         ) from None
 
 
+def local_file(weights: str | None) -> Path | None:
+    """The local file ``weights`` names, if it names one (not a pretrained tag)."""
+    path = Path(weights).expanduser() if weights else None
+    return path if path is not None and path.is_file() else None
+
+
 def image_size(tower: nn.Module) -> int:
     """The square input size the tower was built for (224 for ViT-L/14)."""
     size = tower.image_size

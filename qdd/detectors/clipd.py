@@ -16,11 +16,28 @@ from torchvision import transforms
 
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
-from qdd.detectors.clip_backbone import image_size, load_image_tower
+from qdd.detectors.card import DetectorCard
+from qdd.detectors.clip_backbone import image_size, load_image_tower, local_file
 from qdd.detectors.registry import register
+from qdd.detectors.weights import file_sha256
 
 
-@register("clipd")
+@register(
+    "clipd",
+    card=DetectorCard(
+        family="CLIP features",
+        input_size=224,
+        resize="224 (short side)",
+        interpolation="bicubic",
+        crop="centre 224",
+        normalisation="clip",
+        files=(
+            "clipd_latent10k_plus.pth (--weights)",
+            "CLIP ViT-L/14 CommonPool-XL (detector_args.backbone_weights)",
+        ),
+        licence="no licence file in grip-unina/ClipBased-SyntheticImageDetection",
+    ),
+)
 class ClipD(Detector):
     """CLIP-D with the paper's CommonPool-XL ViT-L/14 by default.
 
@@ -37,6 +54,8 @@ class ClipD(Detector):
     ) -> None:
         super().__init__()
         self.backbone = load_image_tower(backbone, backbone_weights, projected=False)
+        if (file := local_file(backbone_weights)) is not None:
+            self.weight_files[str(file)] = file_sha256(file)
         width = self.backbone.ln_post.normalized_shape[0]
         self.fc = nn.Linear(width, 1)
         nn.init.normal_(self.fc.weight, 0.0, 0.02)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qdd.detectors.base import Detector
+from qdd.detectors.card import DetectorCard
 from qdd.errors import QddError
 
 _REGISTRY: dict[str, type[Detector]] = {}
@@ -21,14 +22,15 @@ def _canonical(name: str) -> str:
     return key.removesuffix("detector") or key
 
 
-def register(name: str) -> Callable[[type[Detector]], type[Detector]]:
-    """Class decorator: make a detector available under ``name``."""
+def register(name: str, card: DetectorCard) -> Callable[[type[Detector]], type[Detector]]:
+    """Class decorator: make a detector available under ``name``, described by ``card``."""
 
     def decorate(cls: type[Detector]) -> type[Detector]:
         key = _canonical(name)
         if key in _REGISTRY:
             raise ValueError(f"detector {name!r} registered twice")
         cls.name = name
+        cls.card = card
         _REGISTRY[key] = cls
         return cls
 

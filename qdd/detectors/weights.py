@@ -7,8 +7,10 @@ naming the file, what did not match, and the fix.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,36 @@ def _why_unreadable(error: Exception) -> str:
     return f"it is not a readable PyTorch tensor file ({error.__class__.__name__}: {first[:120]})"
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a weight file (cached per path, size and mtime: files are large)."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise QddError(
+            f"cannot read weights {path}: it is not a readable safetensors file ({first[:120]}); "
+            "download it again (see checkpoints/README.md)"
+        ) from None
+
+
 def load_tensor_file(path: str | Path) -> Any:
     """``torch.load`` of tensors and plain containers only, on CPU; failures in one line.
 
@@ -70,6 +102,8 @@ def load_tensor_file(path: str | Path) -> Any:
             f"weights file {path} does not exist: download it (see checkpoints/README.md) "
             "or pass --weights FILE"
         )
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -96,11 +130,8 @@ def _names(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def apply_state(detector: Detector, state: dict[str, Tensor], source: str) -> None:
-    """Load ``state`` into the detector's trainable part, strictly, or explain the mismatch."""
-    state = type(detector).adapt_state(state)
-    state = {k: v for k, v in state.items() if not k.startswith(detector.frozen_prefixes)}
-    expected = detector.head_state_dict()
+def state_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor]) -> str:
+    """What keeps ``state`` from loading strictly where ``expected`` is ('' when it fits)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -115,9 +146,18 @@ def apply_state(detector: Detector, state: dict[str, Tensor], source: str) -> No
         problems.append(f"unexpected keys {_names(unexpected)}")
     if wrong:
         problems.append(f"shape mismatch {_names(wrong, 2)}")
+    return "; ".join(problems)
+
+
+def apply_state(detector: Detector, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into the detector's trainable part, strictly, or explain the mismatch."""
+    state = type(detector).adapt_state(state)
+    state = {k: v for k, v in state.items() if not k.startswith(detector.frozen_prefixes)}
+    detector.match_state(state)
+    problems = state_mismatch(detector.head_state_dict(), state)
     if problems:
         raise QddError(
-            f"{source} does not fit detector {detector.name} ({'; '.join(problems)}): "
+            f"{source} does not fit detector {detector.name} ({problems}): "
             f"pass the {detector.name} weights listed in checkpoints/README.md, or check "
             "--model.detector_args"
         )
@@ -132,6 +172,8 @@ def load_detector(
     Without either, it refuses — unless ``random_weights`` asks for an untrained head.
     """
     cls = detector_class(name)
+    if not cls.card.trainable:
+        return _training_free(cls.name, weights, **args)
     path = Path(weights).expanduser() if weights else cls.official_path()
     if weights is None and not path.is_file():
         if not random_weights:
@@ -146,5 +188,20 @@ def load_detector(
     detector = build_detector(name, **args)
     apply_state(detector, state, str(path))
     detector.weights_source = str(path)
+    detector.weight_files[str(path)] = file_sha256(path)
     log.info("detector %s: weights from %s", cls.name, path)
+    return detector
+
+
+def _training_free(name: str, weights: str | Path | None, **args: Any) -> Detector:
+    """A detector with no trained weights of its own: its files come through its arguments."""
+    if weights:
+        raise QddError(
+            f"detector {name} is training-free: it takes no --weights ({weights}); give its "
+            "files through --model.detector_args (see `qdd-cli detectors`)"
+        )
+    detector = build_detector(name, **args)
+    detector.weights_source = "training-free" + (
+        "" if detector.weight_files else ", random backbone"
+    )
     return detector
