@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from qdd.detectors.clip_backbone import TINY_CONFIG
 
-#: Detector arguments that make each detector tiny (random, seeded CLIP towers).
+#: A tiny timm ViT: the real architecture's code path, patch size as released.
+TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+#: Detector arguments that make each detector tiny (random, seeded CLIP towers and ViTs).
 TINY_ARGS: dict[str, dict[str, Any]] = {
+    "bfree": {"vit_args": TINY_VIT},
+    "commfor": {"vit_args": TINY_VIT},
+    "rigid": {"backbone_weights": None, "vit_args": TINY_VIT},
     "npr": {"resize": 64, "crop": 56},
     "corvi": {"layers": [1, 1, 1, 1], "crop": 32},
     "clipd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
+    "rine": {"backbone": TINY_CONFIG.stem, "backbone_weights": None, "nproj": 2, "proj_dim": 8},
     "univfd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
 }
 
@@ -19,4 +27,4 @@ def tiny_detector_args(detector: str) -> dict[str, Any]:
     """``--model.detector_args`` for a tiny ``detector``."""
     from qdd.detectors.registry import detector_class
 
-    return dict(TINY_ARGS[detector_class(detector).name])
+    return copy.deepcopy(TINY_ARGS[detector_class(detector).name])

@@ -19,11 +19,11 @@ def tiny(name: str):
 
 
 def test_registry_accepts_every_spelling() -> None:
-    assert available() == ["clipd", "corvi", "npr", "univfd"]
+    assert available() == ["clipd", "corvi", "npr", "rine", "univfd"]
     for spelling in ("npr", "NPR", "NPRDetector", "npr_detector"):
         assert detector_class(spelling).name == "npr"
     assert detector_class("clip-d").name == detector_class("ClipD").name == "clipd"
-    with pytest.raises(QddError, match="choose from clipd, corvi, npr, univfd"):
+    with pytest.raises(QddError, match="choose from clipd, corvi, npr, rine, univfd"):
         detector_class("dire")
 
 
