@@ -4,7 +4,7 @@ Every detector module is imported here, so an import error surfaces as itself ra
 than as "unknown detector".
 """
 
-from qdd.detectors import clipd, corvi, npr, rine, univfd  # noqa: F401  (registration)
+from qdd.detectors import aeroblade, clipd, corvi, npr, rine, univfd  # noqa: F401
 from qdd.detectors.base import Detector
 from qdd.detectors.registry import available, build_detector, detector_class
 from qdd.detectors.weights import apply_state, load_detector, read_state
