@@ -49,6 +49,11 @@ def autoencoder_folder(folder: str | Path) -> tuple[Path, str]:
     path = Path(folder).expanduser()
     if not path.is_dir() and not path.is_absolute() and (checkpoints_dir() / path).is_dir():
         path = checkpoints_dir() / path
+    if not path.is_dir():
+        raise QddError(
+            f"aeroblade: autoencoder folder {folder} not found (nor under {checkpoints_dir()}): "
+            "download it (see checkpoints/README.md) or pass --model.detector_args.vae='[DIR,...]'"
+        )
     for candidate in (path, *(path / sub for sub in KINDS.values())):
         config = candidate / "config.json"
         if config.is_file():

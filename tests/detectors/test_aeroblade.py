@@ -201,6 +201,8 @@ def test_aeroblade_file_errors_are_one_line(files: dict[str, Path], tmp_path: Pa
         build_detector("aeroblade", lpips_weights=vgg)
     with pytest.raises(QddError, match=f"aeroblade: {tmp_path} is not a diffusers AutoencoderKL"):
         build_detector("aeroblade", vae=[str(tmp_path)], lpips_weights=vgg)
+    with pytest.raises(QddError, match="autoencoder folder /nope/vae not found"):
+        build_detector("aeroblade", vae=["/nope/vae"], lpips_weights=vgg)
     with pytest.raises(QddError, match="VGG16 file /nope/vgg.pth not found"):
         build_detector("aeroblade", vae=vae, lpips_weights="/nope/vgg.pth")
     state = torch.load(files["vgg"], weights_only=True)
@@ -292,3 +294,21 @@ def test_cli_test_runs_aeroblade_on_shards_twice_alike(files: dict[str, Path], t
             ]
         )
     assert stop.value.code != 0
+
+
+def test_aeroblade_card_and_device_normalisation(files: dict[str, Path]) -> None:
+    """Pixels in [0, 1]: the loader's uint8 batch divided by 255 on the device is the same."""
+    from qdd.detectors import detector_class
+    from qdd.modules.detector import split_normalization
+
+    card = detector_class("aeroblade").card
+    assert not card.trainable and card.family == "training-free"
+    assert card.input_policy() == "no resize, bottom/right to multiples of 8, pixels in [0, 1]"
+    detector = build_detector("aeroblade", vae=[str(files["kl"])], lpips_weights=str(files["vgg"]))
+    transform = detector.eval_transform()
+    host, (mean, std) = split_normalization(transform)
+    image = random_image(3, (45, 37))
+    pixels = host(image)
+    assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, 32, 40)
+    on_device = (pixels[None].float().div(255) - mean) / std
+    assert torch.equal(on_device[0], transform(image))
