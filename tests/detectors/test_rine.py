@@ -250,3 +250,17 @@ def test_cli_test_and_fit_rine_with_local_files(tmp_path: Path) -> None:
         ]
     )
     assert json.loads((again / "metrics.json").read_text())["n"] == 10
+
+
+@pytest.mark.slow
+def test_real_size_rine_head_loads_onto_vit_l14(tmp_path: Path) -> None:
+    """The released 1-class head's sizes (nproj 4, proj_dim 1024) on a random ViT-L/14."""
+    torch.save(rine_head(4, 1024, blocks=24, width=1024), tmp_path / "model_1class_trainable.pth")
+    detector = load_detector(
+        "rine", tmp_path / "model_1class_trainable.pth", backbone_weights=None
+    ).eval()
+    assert (detector.nproj, detector.proj_dim, len(detector.mlp_inputs)) == (4, 1024, 24)
+    x = detector.eval_transform()(random_image(0, (300, 260)))[None]
+    assert x.shape == (1, 3, 224, 224)
+    with torch.inference_mode():
+        assert detector(x).shape == (1,)
