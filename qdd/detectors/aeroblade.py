@@ -67,11 +67,10 @@ def autoencoder_folder(folder: str | Path) -> tuple[Path, str]:
     )
 
 
-def load_autoencoder(folder: str | Path, dtype: torch.dtype) -> tuple[nn.Module, list[Path]]:
-    """The frozen autoencoder in ``dtype`` and its weight files (for their sha256)."""
+def load_autoencoder(path: Path, kind: str, dtype: torch.dtype) -> tuple[nn.Module, list[Path]]:
+    """The frozen ``kind`` autoencoder in ``dtype`` and its weight files (for their sha256)."""
     import diffusers
 
-    path, kind = autoencoder_folder(folder)
     files = sorted(path.glob("diffusion_pytorch_model*.safetensors")) or sorted(
         path.glob("diffusion_pytorch_model*.bin")
     )
@@ -154,8 +153,9 @@ class Aeroblade(Detector):
                 f"aeroblade: autoencoder_dtype {autoencoder_dtype!r}: one of {', '.join(DTYPES)}"
             )
         self.autoencoders = nn.ModuleList()
-        for folder in dict.fromkeys(str(v) for v in vae):  # a folder given twice counts once
-            model, files = load_autoencoder(folder, DTYPES[autoencoder_dtype])
+        folders = [autoencoder_folder(v) for v in vae]
+        for folder, kind in dict.fromkeys((f.resolve(), k) for f, k in folders):  # once each
+            model, files = load_autoencoder(folder, kind, DTYPES[autoencoder_dtype])
             self.autoencoders.append(model)
             self.weight_files |= {str(f): file_sha256(f) for f in files}
         self.lpips = LpipsLayer2()

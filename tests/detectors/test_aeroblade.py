@@ -193,6 +193,15 @@ def test_aeroblade_records_its_files(files: dict[str, Path]) -> None:
     }
     assert detector.weights_source == "training-free"
     assert next(detector.autoencoders.parameters()).dtype == torch.float16
+    twice = [
+        str(files["kl"]),
+        f"{files['kl']}/",
+        str(files["kl"].parent / ".." / files["kl"].parent.name / "sd-vae"),
+    ]
+    assert (
+        len(build_detector("aeroblade", vae=twice, lpips_weights=str(files["vgg"])).autoencoders)
+        == 1
+    )
 
 
 def test_aeroblade_file_errors_are_one_line(files: dict[str, Path], tmp_path: Path) -> None:
