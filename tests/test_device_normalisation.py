@@ -14,7 +14,7 @@ from qdd.modules.detector import split_normalization
 from tests.conftest import random_image
 
 
-@pytest.mark.parametrize("name", ["npr", "clipd", "univfd", "corvi", "spai"])
+@pytest.mark.parametrize("name", ["npr", "clipd", "univfd", "corvi", "spai", "rine"])
 @pytest.mark.parametrize("train", [False, True])
 def test_split_normalisation_is_exact(name: str, train: bool) -> None:
     detector = load_detector(name, random_weights=True, **tiny_detector_args(name))

@@ -4,7 +4,18 @@ Every detector module is imported here, so an import error surfaces as itself ra
 than as "unknown detector".
 """
 
-from qdd.detectors import bfree, clipd, commfor, corvi, npr, rigid, spai, univfd  # noqa: F401
+from qdd.detectors import (  # noqa: F401  (registration)
+    aeroblade,
+    bfree,
+    clipd,
+    commfor,
+    corvi,
+    npr,
+    rigid,
+    rine,
+    spai,
+    univfd,
+)
 from qdd.detectors.base import Detector
 from qdd.detectors.registry import available, build_detector, detector_class
 from qdd.detectors.weights import apply_state, load_detector, read_state

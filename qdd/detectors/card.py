@@ -29,7 +29,7 @@ class DetectorCard:
         resize: test-time resize of the short side, or ``"none"`` (full resolution).
         interpolation: of that resize (``"-"`` when there is none).
         crop: test-time crop (``"centre 224"``, ``"five 504² windows"``, ``"none"``).
-        normalisation: ``"imagenet"`` or ``"clip"``.
+        normalisation: ``"imagenet"``, ``"clip"``, or ``"none"`` (pixels in [0, 1]: AEROBLADE).
         files: the files it needs and the flag or place each comes from.
         licence: of the official weights.
         trainable: ``qdd-cli fit`` can train it (training-free ones take no ``--weights``).
@@ -48,8 +48,8 @@ class DetectorCard:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
-        if self.normalisation not in ("imagenet", "clip"):
-            raise ValueError(f"normalisation {self.normalisation!r}: imagenet or clip")
+        if self.normalisation not in ("imagenet", "clip", "none"):
+            raise ValueError(f"normalisation {self.normalisation!r}: imagenet, clip or none")
 
     def input_policy(self) -> str:
         """One phrase: resize, crop and normalisation as the official test code does them."""
@@ -57,4 +57,5 @@ class DetectorCard:
         if self.resize == "none":
             resize = "no resize"
         crop = "" if self.crop == "none" else f", {self.crop}"
-        return f"{resize}{crop}, {self.normalisation} norm"
+        norm = "pixels in [0, 1]" if self.normalisation == "none" else f"{self.normalisation} norm"
+        return f"{resize}{crop}, {norm}"

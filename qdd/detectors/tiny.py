@@ -22,6 +22,7 @@ TINY_ARGS: dict[str, dict[str, Any]] = {
     "npr": {"resize": 64, "crop": 56},
     "corvi": {"layers": [1, 1, 1, 1], "crop": 32},
     "clipd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
+    "rine": {"backbone": TINY_CONFIG.stem, "backbone_weights": None, "nproj": 2, "proj_dim": 8},
     "univfd": {"backbone": TINY_CONFIG.stem, "backbone_weights": None},
     "spai": {"net_args": TINY_SPAI},
 }
