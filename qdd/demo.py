@@ -7,6 +7,9 @@ Every step runs through the same code a real study uses, only smaller:
    from configs, saved, and run by ``qdd-cli generate`` at every weight-only precision (and
    SD3/Flux at one deployed W4A4 format, svdq-int4), paired by seed; ``qdd-cli quality``
    compares each image with its fp32 twin (PSNR, SSIM) — the cost side of the trade-off;
+   SD3's fp32 and fp4 latents decoded again by a VAE at the other precision (``qdd-cli
+   decode``: the denoiser × decoder swap), and ``qdd-cli fingerprint`` draws every group's
+   residual spectrum against its fp32 twin group (why a detector fails);
 3. each detector, with a tiny backbone, fitted briefly on real vs FP32 fakes (as the
    published detectors were trained on full-precision fakes) — ``qdd-cli fit``;
 4. each detector tested on held-out prompts at every precision — ``qdd-cli test``;
@@ -46,6 +49,9 @@ TILE = 64
 #: One deployed format (weights and activations in 4 bit, SVDQuant's 16-bit low-rank branch)
 #: for the transformers, the architectures it is deployed for; each costs one folder.
 DEPLOYED = {"sd3": ("svdq-int4",), "flux-schnell": ("svdq-int4",)}
+#: The denoiser × decoder swap on one generator: its fp32 and fp4 test folders keep their
+#: latents, decoded again with the VAE at the other precision (`qdd-cli decode`).
+SWAP = ("sd3", ("fp32", "fp4"))
 #: Every generator at every unquantized and weight-only level, in palette order.
 PRECISIONS = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
 #: At most this many tiles of one photograph (half for training, half for test).
@@ -176,6 +182,7 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
         prompt_files[split].write_text("\n".join(chosen) + "\n")
 
     step(f"2/5 tiny generators {', '.join(GENERATORS)} at {', '.join(PRECISIONS)}")
+    swapped = {(SWAP[0], p) for p in SWAP[1]}
     for generator in GENERATORS:
         model = build_tiny_pipeline(generator, out / "models" / generator)
         plan = [("train", "fp32"), ("train", "fp4")] + [("test", p) for p in PRECISIONS]
@@ -196,7 +203,18 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
                 batch_size=GENERATE_BATCH,
                 out=str(shards / split / f"{generator}-{precision}"),
                 limit=FP4_TRAIN_PROMPTS if fp4_twins else None,
+                save_latents=split == "test" and (generator, precision) in swapped,
             )
+    generator, (fp32, fp4) = SWAP
+    step(f"   the denoiser × decoder swap: {generator} {fp32} latents decoded by an {fp4} VAE "
+         f"and {fp4} latents by an {fp32} one")  # fmt: skip
+    for denoiser, vae in ((fp32, fp4), (fp4, fp32)):
+        call(
+            api.decode,
+            src=str(shards / "test" / f"{generator}-{denoiser}"),
+            vae_precision=vae,
+            out=str(shards / "test" / f"{generator}-{denoiser}-vae{vae}"),
+        )
 
     step("   image quality of every test image against its fp32 twin (PSNR, SSIM)")
     quality = call(
@@ -204,6 +222,13 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
         data=[str(shards / "test" / f"{generator}-*") for generator in GENERATORS],
         reference="fp32",
         out=out / "runs" / "quality",
+    )
+    step("   spectral fingerprints of every test group against its fp32 twin group")
+    fingerprint = call(
+        api.fingerprint,
+        data=[str(shards / "test" / "*")],
+        crop=TILE,
+        out=out / "runs" / "fingerprint",
     )
     test_runs = []
     for detector in DETECTORS:
@@ -232,7 +257,7 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
 
     for run in test_runs:  # report.md then carries the "tiny random models" caveat
         mark_demo_run(run)
-    call(api.report, runs=[*test_runs, quality.run_dir], out=out / "report")
+    call(api.report, runs=[*test_runs, quality.run_dir, fingerprint.run_dir], out=out / "report")
     minutes = (time.perf_counter() - started) / 60
     step(f"done in {minutes:.1f} min — tiny random-init models: the pipeline, not the paper")
     return RunResult(out, {"report": str(out / "report" / "report.md"),
