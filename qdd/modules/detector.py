@@ -33,6 +33,7 @@ from qdd.checkpoint import read_checkpoint
 from qdd.datamodules.dataset import UNPERTURBED
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.weights import apply_state
+from qdd.errors import QddError
 from qdd.metrics import GroupedDetectionMetrics, batch_groups
 
 #: The loader-side transforms, by the kind of loader that runs them.
@@ -252,7 +253,14 @@ class DetectorModule(LightningModule):
         logits = self.predict_step(batch, batch_idx)
         _, labels, meta = batch
         if len(logits):
-            groups = [self._group_index.get(g, -1) for g in batch_groups(meta)]
+            names = batch_groups(meta)
+            stray = [g for g in names if g not in self._group_index]
+            if stray and self._group_index:  # the data module's groups come from the same
+                raise QddError(  # `group_label` of the same JSON: a bug if this is ever hit
+                    f"{len(stray)} image(s) of group {stray[0]} are in none of the data's "
+                    f"groups ({', '.join(sorted(self._group_index)[:4])}…): please report it"
+                )
+            groups = [self._group_index.get(g, -1) for g in names]
             group_ids = torch.tensor(groups, device=logits.device)
             for name, metric in self.test_metrics.items():
                 rows = [i for i, p in enumerate(meta["perturbation"]) if p == name]
