@@ -21,14 +21,10 @@ DEPLOYED = ("fp8-w8a8", "fp8-w8a8-row", "svdq-int4", "svdq-nvfp4", "svdq-int4-da
 
 
 def test_precision_list_matches_qdd_quant() -> None:
-    """Every registered precision is generated here, but GGUF (test_generate_gguf.py) and
-    the calibrated ones (they need a calibration pass)."""
+    """Every registered precision is generated here, but GGUF (test_generate_gguf.py)."""
     from qdd.quant import registry
 
-    plain = {
-        name for name in registry.names()
-        if registry.get(name).kind != "gguf" and registry.get(name).calibration is None
-    }  # fmt: skip
+    plain = {name for name in registry.names() if registry.get(name).kind != "gguf"}
     assert set(PRECISIONS) | set(DEPLOYED) == plain
 
 
