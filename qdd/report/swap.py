@@ -36,8 +36,9 @@ def usual_decoder(generator: str, precision: str) -> str | None:
 
 
 def swap_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The unperturbed rows of generators that have decoder-swapped groups, with
-    ``denoiser`` and ``decoder`` columns (empty when no group was swapped)."""
+    """The unperturbed rows of the denoiser precisions whose latents were decoded at another
+    VAE precision (their plain groups and the swapped ones), with ``denoiser`` and
+    ``decoder`` columns (empty when no group was swapped)."""
     rows = table[table["perturbation"] == "none"]
     parsed = rows["precision"].str.extract(VAE_LABEL)
     swapped = rows.loc[parsed["denoiser"].notna(), "generator"].unique()
@@ -50,7 +51,8 @@ def swap_table(table: pd.DataFrame) -> pd.DataFrame:
     plain = [usual_decoder(g, base_precision(p))
              for g, p in zip(rows["generator"], rows["precision"], strict=True)]  # fmt: skip
     rows["decoder"] = parsed["decoder"].fillna(pd.Series(plain, index=rows.index))
-    return rows.dropna(subset=["decoder"])
+    swapped_denoisers = set(rows.loc[parsed["denoiser"].notna(), "denoiser"])
+    return rows[rows["denoiser"].isin(swapped_denoisers)].dropna(subset=["decoder"])
 
 
 def plot_swap(swap: pd.DataFrame, metric: str = "fake_acc") -> Figure:
