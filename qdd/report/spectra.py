@@ -136,7 +136,7 @@ def plot_spectra(groups: dict[str, Any], generator: str) -> Figure | None:
             spectrum_image = ax.imshow(10 * np.log10(base["spectrum"] + 1e-12),
                                        cmap=SPECTRUM_CMAP, origin="lower",
                                        extent=_extent(base["spectrum"].shape))  # fmt: skip
-            ax.set_title(f"{reference} (n={base['n']}){suffix}")
+            ax.set_title(f"{reference}\n(n={base['n']}){suffix}", fontsize=8)
             for c, precision in enumerate(precisions):
                 ax = axes[r][c + 1]
                 if (r, c) not in differences:
@@ -146,7 +146,7 @@ def plot_spectra(groups: dict[str, Any], generator: str) -> Figure | None:
                 difference_image = ax.imshow(differences[r, c], cmap=DIFFERENCE_CMAP,
                                              vmin=-scale, vmax=scale, origin="lower",
                                              extent=_extent(group["spectrum"].shape))  # fmt: skip
-                ax.set_title(f"{precision} − {reference} (n={group['n']}){suffix}")
+                ax.set_title(f"{precision}\n− {reference} (n={group['n']}){suffix}", fontsize=8)
         for ax in axes.flat:
             ax.set_xlabel("cycles/pixel")
         fig.colorbar(spectrum_image, ax=axes[:, 0].tolist(), shrink=0.8,
