@@ -158,3 +158,24 @@ def test_two_backends_of_one_precision_are_two_groups(tmp_path: Path) -> None:
     }
     # the emulation's images carry twice the noise: the groups' values are their own
     assert metrics["groups"]["sd3/fp4"]["psnr"] > metrics["groups"]["sd3/fp4@emulate"]["psnr"]
+
+
+def test_two_models_in_one_group_are_refused_not_dropped(tmp_path: Path) -> None:
+    """fp32 and fp4 of model A and of a fine-tune B, both named sd3: main kept A's images
+    and dropped B's as "repeated keys" (n 3 of 6, nothing in the log). A folder named twice
+    is still the same images, counted once."""
+    keys = [f"p{i:05d}-s{i}" for i in range(2)]
+    tuned = {**RED_CAT, "model_id": "org/finetune-b"}
+    for name, recipe in (("a", RED_CAT), ("b", tuned)):
+        for precision in ("fp32", "fp4"):
+            metas = {k: fake(precision, seed=i, **recipe) for i, k in enumerate(keys)}
+            write_folder(tmp_path / f"{name}-{precision}", metas, noise=3.0)
+    with pytest.raises(QddError) as error:
+        run_quality([str(tmp_path / "*")], out=tmp_path / "q", trainer=CPU)
+    message = str(error.value)
+    assert "\n" not in message and "in --data twice with different recipes" in message
+    assert "model_id 'org/finetune-b'≠'org/model-a'" in message
+    assert not (tmp_path / "q").exists()
+    twice = [str(tmp_path / "a-fp32"), str(tmp_path / "a-fp4"), str(tmp_path / "a-fp4")]
+    result = run_quality(twice, out=tmp_path / "q", trainer=CPU)
+    assert result.metrics["n"] == 2
