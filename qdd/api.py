@@ -286,11 +286,14 @@ def fingerprint(config: Config = None, **overrides: Any) -> RunResult:
 def report(config: Config = None, **overrides: Any) -> RunResult:
     """Figures and tables from test runs (``runs``, ``out``), or with ``compare`` the runs
     ranked by ``metric`` on ``group``; ``run_dir`` is the report folder, ``metrics["index"]``
-    its report.md (compare.md)."""
+    its report.md (compare.md). Without ``out``: a fresh folder (``qdd-cli report`` passes
+    its default, ``report``)."""
     from qdd.report.command import run_report
+    from qdd.run_folder import fresh_run_dir
 
     settings = load_config(config, overrides)
-    runs, out = [Path(r) for r in settings.pop("runs")], Path(settings.pop("out", "report"))
+    runs, out = [Path(r) for r in settings.pop("runs")], settings.pop("out", None)
+    out = Path(out) if out is not None else fresh_run_dir("report")
     index = run_report(runs, out, **settings)
     return RunResult(out, {"index": str(index)})
 

@@ -18,6 +18,7 @@ metrics, splits, manifests) calls these functions; none rebuilds the keys itself
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Any
@@ -51,6 +52,14 @@ def _value(value: Any) -> Any:
 def twin_key(meta: dict[str, Any]) -> tuple[Any, ...]:
     """The identity a sample shares with its twins at every other precision."""
     return tuple(_value(meta.get(name)) for name in TWIN_FIELDS)
+
+
+def twin_id(meta: dict[str, Any]) -> str | None:
+    """`twin_key` as a short string, for tables that keep one column per sample
+    (scores.parquet's ``twin``); None for a real photo, which has no twin."""
+    if meta.get("label") == REAL:
+        return None
+    return hashlib.sha256(repr(twin_key(meta)).encode()).hexdigest()[:16]
 
 
 def twin_mismatches(meta: dict[str, Any], other: dict[str, Any]) -> list[str]:

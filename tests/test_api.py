@@ -206,6 +206,10 @@ def test_test_and_report_twice_with_a_dict_then_a_yaml(
     first, second = _twice(api.report, report, tmp_path, {"out": str(tmp_path / "report-2")})
     assert Path(first.metrics["index"]).name == "report.md"
     assert Path(second.metrics["index"]).is_file()
+    # without out (main: Path(None), a TypeError; or ./report, rewritten by each call)
+    report.pop("out")
+    first, second = _twice(api.report, report, tmp_path)
+    assert first.run_dir.parent == second.run_dir.parent == Path("runs")
 
 
 def test_shard_twice_with_a_dict_then_a_yaml(tmp_path: Path) -> None:

@@ -158,3 +158,54 @@ def test_two_backends_of_one_precision_are_two_groups(tmp_path: Path) -> None:
     }
     # the emulation's images carry twice the noise: the groups' values are their own
     assert metrics["groups"]["sd3/fp4"]["psnr"] > metrics["groups"]["sd3/fp4@emulate"]["psnr"]
+
+
+def test_two_models_in_one_group_are_refused_not_dropped(tmp_path: Path) -> None:
+    """fp32 and fp4 of model A and of a fine-tune B, both named sd3: main kept A's images
+    and dropped B's as "repeated keys" (n 3 of 6, nothing in the log). A folder named twice
+    is still the same images, counted once."""
+    keys = [f"p{i:05d}-s{i}" for i in range(2)]
+    tuned = {**RED_CAT, "model_id": "org/finetune-b"}
+    for name, recipe in (("a", RED_CAT), ("b", tuned)):
+        for precision in ("fp32", "fp4"):
+            metas = {k: fake(precision, seed=i, **recipe) for i, k in enumerate(keys)}
+            write_folder(tmp_path / f"{name}-{precision}", metas, noise=3.0)
+    with pytest.raises(QddError) as error:
+        run_quality([str(tmp_path / "*")], out=tmp_path / "q", trainer=CPU)
+    message = str(error.value)
+    assert "\n" not in message and "in --data twice with different recipes" in message
+    assert "model_id 'org/finetune-b'≠'org/model-a'" in message
+    assert not (tmp_path / "q").exists()
+    twice = [str(tmp_path / "a-fp32"), str(tmp_path / "a-fp4"), str(tmp_path / "a-fp4")]
+    result = run_quality(twice, out=tmp_path / "q", trainer=CPU)
+    assert result.metrics["n"] == 2
+
+
+def test_report_pairs_a_tests_logits_by_twin_not_by_key(tmp_path: Path) -> None:
+    """One test run of sd3 fp32 at 20 steps, fp4 at 4 steps and fp4@emulate at 20 steps,
+    keys alike: main's paired view paired fp4 with fp32 by key (scores.parquet held no
+    recipe); now scores.parquet carries each image's twin id and only true twins pair."""
+    from qdd import api
+    from qdd.report.paired import paired_logits
+    from qdd.report.runs import _named_fakes
+
+    keys = [f"p{i:05d}-s{i}" for i in range(3)]
+    for name, precision, backend, steps in (("fp32", "fp32", "none", 20),
+                                            ("fp4", "fp4", "bitsandbytes", 4),
+                                            ("emu", "fp4", "emulate", 20)):  # fmt: skip
+        recipe = {**RED_CAT, "steps": steps}
+        metas = {k: fake(precision, backend, seed=i, **recipe) for i, k in enumerate(keys)}
+        write_folder(tmp_path / name, metas, noise=3.0)
+    write_folder(tmp_path / "real", {f"r{i}": make_meta(0, "coco", width=16, height=16)
+                                     for i in range(3)})  # fmt: skip
+    tested = api.test(
+        {"detector": "npr", "random_weights": True, "data": str(tmp_path / "*"),
+         "model": {"detector_args": {"resize": 32, "crop": 28}}},
+        out=tmp_path / "test", trainer={**CPU, "logger": False, "enable_progress_bar": False},
+    )  # fmt: skip
+    scores = _named_fakes(pd.read_parquet(tested.scores))  # precisions as labels
+    assert scores.loc[scores["label"] == 0, "twin"].isna().all()
+    assert paired_logits(scores, "fp4").empty  # 4 steps against 20: no twins
+    assert len(paired_logits(scores, "fp4@emulate")) == 3
+    older = scores.drop(columns="twin")  # scores.parquet of before: by key, as it was
+    assert len(paired_logits(older, "fp4")) == 3

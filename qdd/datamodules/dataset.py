@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from qdd.datamodules.reader import Entry, read_sample
+from qdd.identity import twin_id
 from qdd.reencode import Reencoder
 
 #: Metadata passed along with each image (strings only, so batches collate cleanly).
@@ -53,6 +54,7 @@ META_FIELDS = (
     "model_id",
     "quant_fraction",
     "source_format",
+    "twin",  # `qdd.identity.twin_id`: what pairs an image with its fp32 twin in the report
 )
 #: The unperturbed pass, as named in scores.parquet and metrics.json.
 UNPERTURBED = "none"
@@ -132,6 +134,7 @@ class ShardDataset(Dataset):
             image = self.reencode.apply(image, entry.key, meta)
         info = {"key": entry.key}
         info.update({f: "" if meta.get(f) is None else str(meta[f]) for f in META_FIELDS[1:]})
+        info["twin"] = twin_id(meta) or ""
         if not self.perturbations:
             images = [self.transform(image)]
         else:

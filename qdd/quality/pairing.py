@@ -119,6 +119,7 @@ def find_pairs(folders: list[Path], reference: str) -> Pairing:
             continue
         slot = (group_label(meta), entry.key)
         if slot in images:
+            refuse_two_recipes(slot, images[slot], (entry, meta))
             n_repeated += 1
             continue
         images[slot] = (entry, meta)
@@ -163,6 +164,23 @@ def find_pairs(folders: list[Path], reference: str) -> Pairing:
             item["differs"] = twin_mismatches(meta, namesake)
         unpaired.append(item)
     return Pairing(pairs, unpaired, n_real, n_repeated, unreadable, metas)
+
+
+def refuse_two_recipes(
+    slot: tuple[str, str], kept: tuple[Entry, dict[str, Any]], other: tuple[Entry, dict[str, Any]]
+) -> None:
+    """One group and key twice: the same image (a folder named twice) is counted once; two
+    images of different identity (another model, prompt, steps ...) are refused in one line,
+    since keeping either would silently drop the other from the group."""
+    differs = twin_mismatches(other[1], kept[1])
+    if not differs:
+        return
+    group, key = slot
+    raise QddError(
+        f"{group} {key} is in --data twice with different recipes ({', '.join(differs)}; "
+        f"shards {kept[0].shard} and {other[0].shard}): one group holds one recipe, so "
+        "measure each model or recipe in its own qdd-cli quality run"
+    )
 
 
 def refuse_unpaired(pairing: Pairing, reference: str) -> None:

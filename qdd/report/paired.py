@@ -35,15 +35,20 @@ def lower_precisions(scores: pd.DataFrame) -> list[str]:
 
 def paired_logits(scores: pd.DataFrame, precision: str) -> pd.DataFrame:
     """Rows (generator, model_id, key, fp32, <precision>) for the images that have their
-    twin: same generator, model and key (scores.parquet's part of `qdd.identity.twin_key`;
-    the precision is a label, so ``fp4@emulate`` is paired apart from ``fp4``)."""
+    twin: the same `qdd.identity.twin_id` (scores.parquet's ``twin``: generator, model,
+    prompt, seed, steps, guidance, size) and key; older scores without it: same generator,
+    model and key. The precision is a label, so ``fp4@emulate`` is paired apart from ``fp4``."""
     fakes = scores[(scores["label"] == 1) & scores["precision"].isin([REFERENCE, precision])]
     if fakes.empty:
         return pd.DataFrame(columns=["generator", "model_id", "key", REFERENCE, precision])
-    model = fakes["model_id"] if "model_id" in fakes.columns else pd.Series("", fakes.index)
-    fakes = fakes.assign(model_id=model.fillna("").astype(str))
-    wide = fakes.pivot_table(index=["generator", "model_id", "key"], columns="precision",
+    filled = {
+        c: (fakes[c] if c in fakes.columns else pd.Series("", fakes.index)).fillna("").astype(str)
+        for c in ("model_id", "twin")
+    }
+    fakes = fakes.assign(**filled)
+    wide = fakes.pivot_table(index=["generator", "model_id", "key", "twin"], columns="precision",
                              values="logit", aggfunc="first")  # fmt: skip
+    wide = wide.reset_index("twin", drop=True)
     wide = wide.reindex(columns=[REFERENCE, precision])
     wide.columns.name = None
     return wide.dropna().reset_index()

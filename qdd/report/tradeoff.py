@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from qdd.errors import QddError
@@ -46,6 +47,8 @@ OPTIONAL = (*PER_IMAGE[2:], *DISTANCES, *PROMPT_SCORES)
 #: What ``memory_saved`` is a share of, per row of the table.
 BYTES, NOMINAL = "denoiser bytes", "nominal bits"
 COSTS = ("denoiser_bytes", "seconds_per_image", "peak_memory_bytes")
+#: A measured image, across quality runs.
+SAMPLE = ["generator", "precision", "key"]
 
 
 @dataclass
@@ -80,7 +83,7 @@ def load_quality(folders: list[Path]) -> QualityResults:
     for folder in folders:
         parquet, metrics_path = folder / QUALITY_PARQUET, folder / "metrics.json"
         try:
-            frames.append(pd.read_parquet(parquet))
+            frames.append(pd.read_parquet(parquet).assign(_run=str(folder)))
             metrics = json.loads(metrics_path.read_text())
         except Exception as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -109,8 +112,30 @@ def load_quality(folders: list[Path]) -> QualityResults:
             "report them in separate qdd-cli report calls"
         )
     scores = pd.concat(frames, ignore_index=True)
-    scores = scores.drop_duplicates(["generator", "precision", "key"], ignore_index=True)
+    refuse_different_images(scores)
+    scores = scores.drop_duplicates(SAMPLE, ignore_index=True).drop(columns="_run")
     return QualityResults(scores, references.pop(), distances, costs, runs)
+
+
+def refuse_different_images(scores: pd.DataFrame) -> None:
+    """An image measured by two quality runs counts once, if it is the same image: the same
+    group and key with another PSNR or SSIM is another model's or recipe's image (quality.parquet
+    records no recipe), refused in one line rather than one run's rows silently kept."""
+    measures = [m for m in ("psnr", "ssim") if m in scores.columns]
+    twice = scores[scores.duplicated(SAMPLE, keep=False)]
+    for _, rows in twice.groupby(SAMPLE, sort=False):
+        values = rows[measures].astype(float).to_numpy()
+        same = np.isclose(values, values[0], rtol=1e-4, atol=1e-4, equal_nan=True).all(axis=1)
+        if same.all():
+            continue
+        first, other = rows.iloc[0], rows[~same].iloc[0]
+        raise QddError(
+            f"quality runs {first['_run']} and {other['_run']} both measured "
+            f"{first['generator']}/{first['precision']} {first['key']}, with different values "
+            f"(SSIM {first.get('ssim', math.nan):.4f} vs {other.get('ssim', math.nan):.4f}): "
+            "they measured different images (another model or recipe); report them in "
+            "separate qdd-cli report calls"
+        )
 
 
 def tradeoff_table(quality: QualityResults, detection: pd.DataFrame) -> pd.DataFrame:

@@ -31,10 +31,11 @@ from qdd.report.tradeoff import (
     unrecorded_bytes,
 )
 
-#: Decimal places the line prints: values equal at these are ties.
 #: How the line prints memory shares (87%) and fake accuracies (0.55): values that print
 #: alike are ties.
 SHARE, ACCURACY = ".0%", ".2f"
+#: How the line prints the quality measure (SSIM 0.850).
+QUALITY = ".3f"
 
 
 def _names(items: list[str]) -> str:
@@ -160,11 +161,13 @@ def _line(
             f"twins); of all its lower precisions"
         )
     elif kept.empty:
-        best = lower.loc[quality.idxmax()]
+        tops = _best(quality, QUALITY, largest=True)  # those that print alike: a tie
+        names = _names(list(lower.loc[tops, "precision"]))
         which = "measured lower precision" if unmeasured else "lower precision"
+        best = f"best: {names}" if len(tops) == 1 else f"best, tied: {names}"
         head = (
             f"no {which} keeps {measure} ≥ {keep:.2f} against {reference} "
-            f"(best: {best['precision']}, {measure} {best[KEEP_MEASURE]:.3f})"
+            f"({best}, {measure} {quality[tops[0]]:{QUALITY}})"
         )
         candidates = None
     else:

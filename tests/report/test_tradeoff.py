@@ -233,3 +233,24 @@ def test_quality_runs_alone_give_the_table_without_detectors(quality_run, tmp_pa
     assert not [c for c in frame.columns if c.endswith("_fake_acc")]
     assert "no test runs beside the quality runs" in index
     assert not list((tmp_path / "report").glob("tradeoff_*.png"))
+
+
+def test_two_quality_runs_of_different_images_under_one_key_are_refused(tmp_path) -> None:
+    """Two quality runs of sd3/fp4 (model A, then a fine-tune B: quality.parquet records no
+    model): main kept the first run's rows by key and dropped the other's, without a word. The
+    same run given twice is still the same images, counted once."""
+    from qdd.errors import QddError
+
+    first = write_quality_run(tmp_path / "a")
+    other = write_quality_run(tmp_path / "b")
+    scores = pd.read_parquet(other / "quality.parquet")
+    scores.loc[scores["precision"] == "fp4", "ssim"] -= 0.2  # other images of the same keys
+    scores.to_parquet(other / "quality.parquet", index=False)
+    with pytest.raises(QddError) as error:
+        load_quality([first, other])
+    message = str(error.value)
+    assert "\n" not in message and str(first) in message and str(other) in message
+    assert "/fp4 p00000-s0, with different values" in message
+    again = load_quality([first, first])
+    assert len(again.scores) == len(load_quality([first]).scores)
+    assert "_run" not in again.scores.columns

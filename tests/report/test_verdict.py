@@ -115,6 +115,19 @@ def test_ties_are_named_as_ties() -> None:
     assert "none evades the detectors more than fp32 itself" in verdicts(trade_table(same))[0]
 
 
+def test_a_tie_below_the_bar_is_named_as_a_tie() -> None:
+    """fp8 and nf4 both at SSIM 0.850, neither keeps 0.90: main named fp8 alone as best."""
+    (line,) = verdicts(trade_table([
+        {"generator": "sd3", "precision": "fp32", "bytes": 100, "acc": every(0.8)},
+        {"generator": "sd3", "precision": "fp8", "bytes": 50, "ssim": 0.85, "acc": every(0.7)},
+        {"generator": "sd3", "precision": "nf4", "bytes": 26, "ssim": 0.8501, "acc": every(0.6)},
+    ]))  # fmt: skip
+    assert line == (
+        "**sd3**: no lower precision keeps SSIM ≥ 0.90 against fp32 "
+        "(best, tied: fp8 and nf4, SSIM 0.850)"
+    )
+
+
 def test_evasion_is_against_fp32_on_the_detectors_that_scored_both() -> None:
     table = trade_table([
         {"generator": "sd3", "precision": "fp32", "bytes": 1000, "acc": every(0.8)},
