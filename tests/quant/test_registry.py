@@ -145,3 +145,20 @@ def test_calibration_is_joined_to_layers_by_name() -> None:
     assert torch.equal(act_absmax(x, 64), absmax) and torch.equal(act_absmax(absmax, 64), absmax)
     with pytest.raises(QddError, match=r"calibration has \(3, 7, 32\) values, not \[..., 64\]"):
         act_absmax(torch.ones(3, 7, 32), 64)
+
+
+@pytest.mark.parametrize("precision", ["svdq-int4", "svdq-nvfp4-datafree"])
+def test_quantize_linear_quantizes_svdquant_in_place_as_documented(precision: str) -> None:
+    """A researcher's ``quantize_linear(model.fc, ...)`` that ignores the return value (as every
+    other precision allows) used to leave the model in full precision, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+    x = torch.randn(5, 64)
+    calibration = x if registry.get(precision).calibration else None
+    with torch.no_grad():
+        before = model(x)
+        returned = quantize_linear(model[0], precision, calibration=calibration)
+        assert returned is model[0]
+        assert not torch.equal(model(x), before)
+    with pytest.raises(QddError, match="already quantized"):
+        quantize_linear(model[0], precision, calibration=calibration)
