@@ -162,3 +162,15 @@ def test_quantize_linear_quantizes_svdquant_in_place_as_documented(precision: st
         assert not torch.equal(model(x), before)
     with pytest.raises(QddError, match="already quantized"):
         quantize_linear(model[0], precision, calibration=calibration)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_calibration_that_overflowed_is_refused_in_one_line(bad: float) -> None:
+    """Half-precision activations that overflowed (a NaN image among the calibration prompts)
+    used to end in a ValueError traceback from deep inside the smoothing search."""
+    calibration = torch.ones(2, 64)
+    calibration[1, 3] = bad
+    layer = nn.Linear(64, 32)
+    with pytest.raises(QddError, match="calibration holds inf or NaN.*svdq-int4-datafree"):
+        quantize_linear(layer, "svdq-int4", calibration=calibration)
+    assert getattr(layer, "qdd_precision", None) is None  # nothing changed
