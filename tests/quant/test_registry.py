@@ -174,3 +174,17 @@ def test_a_calibration_that_overflowed_is_refused_in_one_line(bad: float) -> Non
     with pytest.raises(QddError, match="calibration holds inf or NaN.*svdq-int4-datafree"):
         quantize_linear(layer, "svdq-int4", calibration=calibration)
     assert getattr(layer, "qdd_precision", None) is None  # nothing changed
+
+
+@pytest.mark.parametrize("name", ["int3@test", "int3/test", "int3-vaetest", "Int3 test", ""])
+def test_a_name_the_labels_would_misread_is_refused(name: str) -> None:
+    """A sample's group label is ``<generator>/<precision>[@backend]``, folders are named
+    ``<generator>-<precision>`` and a ``-vae…`` suffix is the VAE's: a format named with
+    ``@``, ``/``, spaces or that suffix used to register and then be grouped under another
+    name (``int3-vaetest`` as ``int3``'s VAE variant) or no colour."""
+    with pytest.raises(ValueError, match="precision name"):
+        register(Precision(
+            name, "weight-only", "a throw-away test format", takes=every_linear,
+            weight_bytes=lambda rows, cols: rows * cols, weight_kernel=halve_weight,
+        ))  # fmt: skip
+    assert name not in registry.REGISTRY
