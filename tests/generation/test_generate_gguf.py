@@ -381,3 +381,27 @@ def test_a_plan_refuses_an_sd3_file_for_flux_before_anything_is_written(
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{file} holds a sd3 denoiser, not flux-schnell's (flux)" in line, line
     assert not (tmp_path / "grid").exists()
+
+
+def test_a_file_of_no_denoiser_is_refused_before_anything_is_written(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """A GGUF file neither family's (an LLM's) used to pass the architecture check and end in
+    diffusers' IndexError after recipe.json was written."""
+    from qdd.cli import main
+
+    file = tmp_path / "llm.gguf"
+    writer = gguf.GGUFWriter(str(file), "llama")
+    for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+        writer.add_tensor(name, np.ones((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit):
+        main(["generate", "--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+              "--denoiser-file", str(file), "--out", str(out)])  # fmt: skip
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{file} holds no SD3 or Flux denoiser" in line and "sd3" in line, line
+    assert not out.exists()
