@@ -194,9 +194,12 @@ def jobs_from_plan(plan_path: Path, overrides: dict[str, Any]) -> tuple[list[Job
     for entry in entries:
         entry = {"generator": entry} if isinstance(entry, str) else dict(entry)
         precisions = entry.pop("precisions", default_precisions)
-        file = entry.get("denoiser_file", plan.get("denoiser_file"))
-        if file is not None:
-            precisions = [gguf_label(file, precisions, entry.get("generator"))]
+        file = overrides.get("denoiser_file") or entry.get(
+            "denoiser_file", plan.get("denoiser_file")
+        )
+        if file is not None:  # checked against the generator the job will run
+            generator = entry.get("generator", plan.get("generator"))
+            precisions = [gguf_label(file, precisions, generator)]
         if not precisions:
             raise QddError(
                 f"plan {plan_path}: no precisions for {entry.get('generator')}: "
@@ -443,6 +446,8 @@ def check_gguf_job(job: Job, spec: Any) -> None:
     check_family(spec.family, spec.name)
     if job.denoiser_file is None:
         check_writable(job.precision)
+    else:  # a Job built in code: the file's family and label, as the command line checks
+        gguf_label(job.denoiser_file, job.precision, spec.name)
     if job.quant_backend != "auto":
         raise QddError(
             f"{job.precision} runs through diffusers' GGUF loader: leave out --quant-backend"

@@ -221,7 +221,12 @@ def check_architecture(path: str | Path, family: str, generator: str) -> None:
     """Refuse, before anything is written, a GGUF file of another family than ``generator``
     (diffusers' converter would fail deep inside, or load nonsense)."""
     found = file_architecture(path)
-    if found is not None and found != family:
+    if found is None:
+        raise QddError(
+            f"{path} holds no SD3 or Flux denoiser (neither its tensor names nor "
+            f"general.architecture say one): pass a GGUF file of {generator}'s transformer"
+        )
+    if found != family:
         raise QddError(
             f"{path} holds a {found} denoiser, not {generator}'s ({family}): pass a {family} "
             f"GGUF file, or a {found} --generator"

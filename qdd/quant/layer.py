@@ -69,6 +69,11 @@ def quantize_linear(
             f"(kept in 16 bit: {entry.keeps})"
         )
     absmax = None if calibration is None else act_absmax(calibration, linear.in_features)
+    if absmax is not None and not torch.isfinite(absmax).all():
+        raise QddError(
+            f"calibration holds inf or NaN (the activations overflowed): calibrate in a wider "
+            f"dtype, drop the prompts that overflow, or use {uncalibrated_alternative(precision)}"
+        )
     if entry.layer_kernel is not None:
         layer = entry.layer_kernel(linear, entry, absmax)
     else:

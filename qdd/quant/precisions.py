@@ -21,7 +21,7 @@ from qdd.quant.deployed import deployed_linear
 from qdd.quant.formats import MXFP4_BLOCK, NVFP4_BLOCK, UnfusedBiasLinear, fp8_rowwise, mxfp4, nvfp4
 from qdd.quant.registry import Precision, WeightKernel, register
 from qdd.quant.svdquant import INT4_GROUP as SVDQ_INT4_GROUP
-from qdd.quant.svdquant import SVDQ_RANK, svdquant_linear
+from qdd.quant.svdquant import SVDQ_RANK, become_svdquant_, svdquant_linear
 
 #: What calibrated SVDQuant needs per quantized layer (`qdd.quant.layer.quantize_linear`).
 ACT_ABSMAX = "activation abs-max"
@@ -42,11 +42,12 @@ def _deployed(linear: nn.Linear, precision: Precision, act_absmax: Tensor | None
 
 def _svdquant(linear: nn.Linear, precision: Precision, act_absmax: Tensor | None) -> nn.Module:
     assert precision.group_size and precision.rank and precision.smoothing
-    return svdquant_linear(
+    built = svdquant_linear(
         linear, weight_format=precision.weight_format.removesuffix("+lowrank"),
         rank=precision.rank, group=precision.group_size, smoothing=precision.smoothing,
         act_absmax=act_absmax,
     )  # fmt: skip
+    return become_svdquant_(linear, built)  # in place, as quantize_linear promises
 
 
 def _svdq_bytes(rows: int, cols: int, *, weight_format: str, group: int) -> int:

@@ -11,6 +11,7 @@ Adding a format is one entry here plus its kernel (docs/quantization.md, "Adding
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -79,12 +80,21 @@ class Precision:
 
 
 REGISTRY: dict[str, Precision] = {}
+#: What a name may be: a folder name part, a group label part (`qdd.identity`).
+NAME = re.compile(r"[a-z0-9][a-z0-9._+-]*")
+#: `qdd.identity.VAE_SUFFIX`: the VAE-precision suffix a label may carry.
+VAE_LIKE = re.compile(r"-vae[a-z0-9]+$")
 
 
 def register(precision: Precision) -> Precision:
     """Add ``precision``; a name already taken is refused."""
     if precision.kind not in KINDS:
         raise ValueError(f"{precision.name}: kind {precision.kind!r} is not one of {KINDS}")
+    if not NAME.fullmatch(precision.name) or VAE_LIKE.search(precision.name):
+        raise ValueError(
+            f"precision name {precision.name!r}: use lower-case letters, digits, '.', '_', "
+            "'+' and '-' (no '@' or '/', which group labels use, nor a '-vae…' ending)"
+        )
     if precision.name in REGISTRY:
         raise ValueError(f"precision {precision.name!r} is already registered")
     if precision.library_device not in LIBRARY_DEVICES:

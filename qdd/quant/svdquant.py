@@ -268,6 +268,20 @@ class SVDQuantLinear(nn.Linear):
         return out.reshape(*shape[:-1], out.shape[-1])
 
 
+def become_svdquant_(linear: nn.Linear, built: SVDQuantLinear) -> SVDQuantLinear:
+    """Turn ``linear`` itself into ``built`` (its place in the model and its hooks kept), so
+    SVDQuant quantizes in place as every other precision does."""
+    linear.__class__ = SVDQuantLinear
+    assert isinstance(linear, SVDQuantLinear)
+    linear.weight = built.weight
+    linear.bias = built.bias
+    for name, buffer in built.named_buffers(recurse=False):
+        linear.register_buffer(name, buffer)
+    linear.weight_format, linear.group = built.weight_format, built.group
+    linear.alpha, linear.beta = built.alpha, built.beta
+    return linear
+
+
 # --- the alpha search ------------------------------------------------------------------------
 
 

@@ -340,3 +340,68 @@ def test_a_file_of_another_architecture_is_refused_before_anything_is_written(
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{file} holds a flux denoiser, not sd3's (sd3)" in line, line
     assert not out.exists()
+
+
+def write_sd3_file(model: Path, file: Path) -> None:
+    """The tiny SD3 transformer as a GGUF file (diffusers' tensor names, f32)."""
+    from diffusers import SD3Transformer2DModel
+
+    sd3 = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer")
+    writer = gguf.GGUFWriter(str(file), "sd3")
+    for name, tensor in sd3.state_dict().items():
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("how", ["plan-level generator", "--denoiser-file with --plan"])
+def test_a_plan_refuses_an_sd3_file_for_flux_before_anything_is_written(
+    how: str, tiny_models: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """An SD3 file reaching a Flux job through a plan is refused as on the command line (it
+    used to pass unchecked and end in diffusers' IndexError after recipe.json was written)."""
+    from qdd.cli import main
+
+    file = tmp_path / "sd3.gguf"
+    write_sd3_file(tiny_models["sd3"], file)
+    flux = tiny_models["flux-schnell"]
+    plan = tmp_path / "plan.yaml"
+    args = ["generate", "--plan", str(plan), "--trainer.accelerator", "cpu", "--limit", "1"]
+    if how == "plan-level generator":
+        plan.write_text(f"out: {tmp_path / 'grid'}\ngenerator: flux-schnell\nmodel_path: {flux}\n"
+                        f"denoiser_file: {file}\ngenerators:\n  - {{steps: 1}}\n")  # fmt: skip
+    else:
+        plan.write_text(f"out: {tmp_path / 'grid'}\ngenerators:\n  - generator: flux-schnell\n"
+                        f"    model_path: {flux}\n    precisions: [gguf-f32]\n")  # fmt: skip
+        args += ["--denoiser-file", str(file)]
+    with pytest.raises(SystemExit):
+        main(args)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{file} holds a sd3 denoiser, not flux-schnell's (flux)" in line, line
+    assert not (tmp_path / "grid").exists()
+
+
+def test_a_file_of_no_denoiser_is_refused_before_anything_is_written(
+    tiny_models: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """A GGUF file neither family's (an LLM's) used to pass the architecture check and end in
+    diffusers' IndexError after recipe.json was written."""
+    from qdd.cli import main
+
+    file = tmp_path / "llm.gguf"
+    writer = gguf.GGUFWriter(str(file), "llama")
+    for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+        writer.add_tensor(name, np.ones((64, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit):
+        main(["generate", "--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+              "--denoiser-file", str(file), "--out", str(out)])  # fmt: skip
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{file} holds no SD3 or Flux denoiser" in line and "sd3" in line, line
+    assert not out.exists()

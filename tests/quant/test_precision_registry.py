@@ -145,3 +145,46 @@ def test_calibration_is_joined_to_layers_by_name() -> None:
     assert torch.equal(act_absmax(x, 64), absmax) and torch.equal(act_absmax(absmax, 64), absmax)
     with pytest.raises(QddError, match=r"calibration has \(3, 7, 32\) values, not \[..., 64\]"):
         act_absmax(torch.ones(3, 7, 32), 64)
+
+
+@pytest.mark.parametrize("precision", ["svdq-int4", "svdq-nvfp4-datafree"])
+def test_quantize_linear_quantizes_svdquant_in_place_as_documented(precision: str) -> None:
+    """A researcher's ``quantize_linear(model.fc, ...)`` that ignores the return value (as every
+    other precision allows) used to leave the model in full precision, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU())
+    x = torch.randn(5, 64)
+    calibration = x if registry.get(precision).calibration else None
+    with torch.no_grad():
+        before = model(x)
+        returned = quantize_linear(model[0], precision, calibration=calibration)
+        assert returned is model[0]
+        assert not torch.equal(model(x), before)
+    with pytest.raises(QddError, match="already quantized"):
+        quantize_linear(model[0], precision, calibration=calibration)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_calibration_that_overflowed_is_refused_in_one_line(bad: float) -> None:
+    """Half-precision activations that overflowed (a NaN image among the calibration prompts)
+    used to end in a ValueError traceback from deep inside the smoothing search."""
+    calibration = torch.ones(2, 64)
+    calibration[1, 3] = bad
+    layer = nn.Linear(64, 32)
+    with pytest.raises(QddError, match="calibration holds inf or NaN.*svdq-int4-datafree"):
+        quantize_linear(layer, "svdq-int4", calibration=calibration)
+    assert getattr(layer, "qdd_precision", None) is None  # nothing changed
+
+
+@pytest.mark.parametrize("name", ["int3@test", "int3/test", "int3-vaetest", "Int3 test", ""])
+def test_a_name_the_labels_would_misread_is_refused(name: str) -> None:
+    """A sample's group label is ``<generator>/<precision>[@backend]``, folders are named
+    ``<generator>-<precision>`` and a ``-vae…`` suffix is the VAE's: a format named with
+    ``@``, ``/``, spaces or that suffix used to register and then be grouped under another
+    name (``int3-vaetest`` as ``int3``'s VAE variant) or no colour."""
+    with pytest.raises(ValueError, match="precision name"):
+        register(Precision(
+            name, "weight-only", "a throw-away test format", takes=every_linear,
+            weight_bytes=lambda rows, cols: rows * cols, weight_kernel=halve_weight,
+        ))  # fmt: skip
+    assert name not in registry.REGISTRY
