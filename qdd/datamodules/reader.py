@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from qdd.datamodules.schema import MANIFEST
+from qdd.datamodules.schema import MANIFEST, upgrade
 from qdd.datamodules.writer import FAILED, shard_files
 from qdd.errors import QddError
 
@@ -118,7 +118,7 @@ def written_by_qdd(shard: Path) -> bool:
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    meta = upgrade(json.loads(tar.extractfile(member).read()))  # type: ignore[union-attr]
                     return isinstance(meta, dict) and "qdd_version" in meta
     except (tarfile.TarError, OSError, ValueError):
         return True
@@ -178,7 +178,7 @@ def read_sample(entry: Entry) -> tuple[Image.Image, dict[str, Any]]:
     finally:
         os.close(fd)
     try:
-        meta = json.loads(raw)
+        meta = upgrade(json.loads(raw))
         image = Image.open(io.BytesIO(png))
         image.load()
     except Exception as error:  # PIL raises many types for bad data
@@ -196,7 +196,7 @@ def read_meta(entry: Entry) -> dict[str, Any]:
     finally:
         os.close(fd)
     try:
-        return json.loads(raw)
+        return upgrade(json.loads(raw))
     except json.JSONDecodeError as error:
         raise ValueError(f"bad JSON: {error}") from None
 

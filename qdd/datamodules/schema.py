@@ -60,3 +60,19 @@ def make_meta(label: int, source: str, **fields: Any) -> dict[str, Any]:
     meta.update(fields)
     meta.update(label=label, source=source, qdd_version=qdd.__version__)
     return meta
+
+
+#: Precisions whose meaning changed: before calibrated smoothing (session 6), ``svdq-int4``
+#: and ``svdq-nvfp4`` were built with data-free smoothing, now ``svdq-*-datafree``.
+RENAMED_WITHOUT = {"svdq-int4": ("smoothing", "svdq-int4-datafree"),
+                   "svdq-nvfp4": ("smoothing", "svdq-nvfp4-datafree")}  # fmt: skip
+
+
+def upgrade(meta: dict[str, Any]) -> dict[str, Any]:
+    """A sample's JSON in today's terms: a ``svdq-int4`` sample without a ``smoothing``
+    record was made by the data-free construction, so it is ``svdq-int4-datafree`` — never
+    pooled with calibrated ones under one name. Every reader of sample JSON calls this."""
+    renamed = RENAMED_WITHOUT.get(meta.get("precision"))  # type: ignore[arg-type]
+    if renamed is not None and meta.get(renamed[0]) is None:
+        meta = {**meta, "precision": renamed[1], "precision_recorded": meta["precision"]}
+    return meta

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from qdd.datamodules.reader import Entry, index_shard, read_manifest
-from qdd.datamodules.schema import REAL
+from qdd.datamodules.schema import REAL, upgrade
 from qdd.identity import group_label
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _indexed(entry: Entry, raw: bytes | None) -> Indexed:
     meta: dict[str, Any] | None = None
     if raw is not None:
         try:
-            meta = json.loads(raw)
+            meta = upgrade(json.loads(raw))
         except json.JSONDecodeError:
             meta = None
     if not isinstance(meta, dict) or meta.get("label") not in (0, 1):

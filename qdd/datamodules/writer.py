@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 import qdd
-from qdd.datamodules.schema import FORMAT, MANIFEST, check_key
+from qdd.datamodules.schema import FORMAT, MANIFEST, check_key, upgrade
 from qdd.errors import QddError
 from qdd.identity import group_label
 
@@ -215,7 +215,7 @@ def scan_shard(path: Path) -> tuple[list[str], Counter[str], Counter[tuple[str, 
                 key, _, ext = member.name.partition(".")
                 keys[key] = None
                 if ext == "json":
-                    meta = json.loads(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    meta = upgrade(json.loads(tar.extractfile(member).read()))  # type: ignore[union-attr]
                     groups[group_label(meta)] += 1
                     formats[group_label(meta), meta.get("source_format") or "unknown"] += 1
     except (tarfile.TarError, OSError, json.JSONDecodeError) as error:

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from qdd.datamodules.schema import upgrade
 from qdd.errors import QddError
 from qdd.generation.vae import LATENTS_MEMBER, VAE_PRECISIONS, check_vae_precision
 
@@ -60,7 +61,7 @@ def source_samples(src: Path) -> list[dict[str, Any]]:
                 )
             samples.append({
                 "key": key,
-                "meta": json.loads(parts["json"]),
+                "meta": upgrade(json.loads(parts["json"])),
                 "png_sha256": hashlib.sha256(parts["png"]).hexdigest(),
                 "latents": parts[LATENTS_MEMBER],
             })  # fmt: skip

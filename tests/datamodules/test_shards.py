@@ -282,3 +282,27 @@ def test_webdataset_reads_our_shards(tmp_path: Path) -> None:
     samples = list(dataset.decode("pil"))
     assert [s["__key__"] for s in samples] == keys
     assert samples[0]["json"]["precision"] == "fp4" and samples[0]["png"].size == (8, 8)
+
+
+def test_svdq_samples_from_before_calibrated_smoothing_read_as_datafree(tmp_path: Path) -> None:
+    """Before calibrated smoothing, ``svdq-int4`` meant the data-free construction (now
+    ``svdq-int4-datafree``): such samples (no ``smoothing`` record) are read under today's
+    name everywhere — manifest, readers, groups — never pooled with calibrated ones."""
+    from qdd.datamodules.reader import index_folders, read_meta
+    from qdd.datamodules.schema import make_meta
+    from qdd.datamodules.writer import ShardWriter, write_manifest
+    from qdd.identity import group_label
+
+    with ShardWriter(tmp_path / "old") as writer:
+        writer.write("p00000-s0", random_image(0), make_meta(1, "sd3", generator="sd3",
+                     precision="svdq-int4", quant_backend="emulate"))  # fmt: skip
+        writer.write("p00001-s1", random_image(1), make_meta(1, "sd3", generator="sd3",
+                     precision="svdq-int4", quant_backend="emulate",
+                     smoothing={"kind": "calibrated"}))  # fmt: skip
+    write_manifest(tmp_path / "old")
+    entries, groups = index_folders([tmp_path / "old"])
+    assert groups == {"sd3/svdq-int4-datafree": 1, "sd3/svdq-int4": 1}
+    metas = {e.key: read_meta(e) for e in entries}
+    assert metas["p00000-s0"]["precision"] == "svdq-int4-datafree"
+    assert metas["p00000-s0"]["precision_recorded"] == "svdq-int4"
+    assert group_label(metas["p00001-s1"]) == "sd3/svdq-int4"
