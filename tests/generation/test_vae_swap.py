@@ -121,7 +121,8 @@ def test_another_models_vae_is_refused_in_one_line_before_anything_is_written(
     from qdd.cli import main
 
     kept = generate("--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
-                    "--precision", "fp32", "--save-latents", "--out", str(tmp_path / "kept"))  # fmt: skip
+                    "--precision", "fp32", "--save-latents",
+                    "--out", str(tmp_path / "kept"))  # fmt: skip
     for other, message in [("flux-schnell", "latent channels"), ("sd15", "scales latents")]:
         out = tmp_path / other
         with pytest.raises(SystemExit) as exit_info:
