@@ -81,9 +81,18 @@ def load_vae(model_path: str, dtype: str) -> SimpleNamespace:
     if not index.is_file():
         raise QddError(f"{model_path} is not a local diffusers folder: pass --model-path DIR")
     vae_class = json.loads(index.read_text())["vae"][1]
-    vae = getattr(diffusers, vae_class).from_pretrained(
-        source, subfolder="vae", dtype=getattr(torch, dtype)
-    ).eval()
+    vae, info = getattr(diffusers, vae_class).from_pretrained(
+        source, subfolder="vae", dtype=getattr(torch, dtype), output_loading_info=True
+    )
+    # diffusers fills a missing or renamed key with random weights and only warns: refuse
+    problems = [f"{name.replace('_', ' ')} {', '.join(map(str, keys[:3]))}"
+                for name, keys in info.items() if name != "error_msgs" and keys]  # fmt: skip
+    if problems:
+        raise QddError(
+            f"the VAE in {source}/vae does not fit its config ({'; '.join(problems)}): "
+            "pass --model-path a complete diffusers folder"
+        )
+    vae.eval()
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return SimpleNamespace(vae=vae, image_processor=VaeImageProcessor(vae_scale_factor=scale))
 

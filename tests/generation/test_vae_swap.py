@@ -153,3 +153,29 @@ def test_latents_of_a_run_with_vae_precision_decode_again_and_decoded_folders_do
               "--out", str(tmp_path / "twice")])  # fmt: skip
     assert f"decoded from {src}" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "twice").exists()
+
+
+def test_a_vae_file_with_a_renamed_key_is_refused_in_one_line(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, capsys
+) -> None:
+    """diffusers fills a renamed key with random weights and only warns: decode would write
+    images from a partly random decoder. It must stop in one line, --out untouched."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qdd.cli import main
+
+    kept = generate("--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+                    "--precision", "fp32", "--save-latents",
+                    "--out", str(tmp_path / "kept"))  # fmt: skip
+    model = shutil.copytree(tiny_models["sd3"], tmp_path / "renamed")
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["decoder.conv_in.weights"] = state.pop("decoder.conv_in.weight")
+    save_file(state, str(weights))
+    with pytest.raises(SystemExit):
+        main(["decode", "--src", str(kept), "--vae-precision", "fp32",
+              "--out", str(tmp_path / "out"), "--model-path", str(model)])  # fmt: skip
+    assert "missing keys decoder.conv_in.weight" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
