@@ -148,7 +148,8 @@ def collate(items: list[Sample | Skipped], perturbations: Sequence[str]) -> tupl
     ``meta`` holds lists aligned with the rows (``key`` … ``model_id``, ``label`` as Python
     ints so bookkeeping never waits on the device, ``perturbation``) and ``skipped``: the
     `Skipped` records of this batch as dicts (not aligned). A batch whose samples were all skipped
-    has zero rows.
+    has zero rows. Images of different sizes (detectors that read full resolution) are a
+    list instead of one tensor; the detector module scores them one at a time.
     """
     samples = [item for item in items if isinstance(item, Sample)]
     meta: dict[str, list[Any]] = {f: [] for f in (*META_FIELDS, "label", "perturbation")}
@@ -160,7 +161,10 @@ def collate(items: list[Sample | Skipped], perturbations: Sequence[str]) -> tupl
             meta["perturbation"].append(name)
     meta["skipped"] = [asdict(item) for item in items if isinstance(item, Skipped)]
     tensors = [image for sample in samples for image in sample.images]
-    images = torch.stack(tensors) if tensors else torch.zeros(0)
+    if tensors and any(t.shape != tensors[0].shape for t in tensors):
+        images: Any = tensors  # full-resolution detectors: sizes differ, each image alone
+    else:
+        images = torch.stack(tensors) if tensors else torch.zeros(0)
     return images, torch.tensor(meta["label"], dtype=torch.long), meta
 
 

@@ -77,12 +77,20 @@ def load_autoencoder(path: Path, kind: str, dtype: torch.dtype) -> tuple[nn.Modu
     if not files:
         raise QddError(f"aeroblade: {path} has no diffusion_pytorch_model weights: download them")
     try:
-        model = getattr(diffusers, kind).from_pretrained(
-            path, torch_dtype=dtype, local_files_only=True
+        model, info = getattr(diffusers, kind).from_pretrained(
+            path, torch_dtype=dtype, local_files_only=True, output_loading_info=True
         )
     except (OSError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise QddError(f"aeroblade: cannot load the {kind} in {path} ({reason})") from None
+    # diffusers fills a missing or renamed key with random weights and only warns: refuse
+    problems = [f"{name.replace('_', ' ')} {', '.join(map(str, keys[:3]))}"
+                for name, keys in info.items() if name != "error_msgs" and keys]  # fmt: skip
+    if problems:
+        raise QddError(
+            f"aeroblade: the {kind} in {path} does not fit its config ({'; '.join(problems)}): "
+            "download the autoencoder folder again (see checkpoints/README.md)"
+        )
     model.requires_grad_(False)
     return model.eval(), files
 

@@ -82,11 +82,45 @@ def load_vae(model_path: str, dtype: str) -> SimpleNamespace:
     if not index.is_file():
         raise QddError(f"{model_path} is not a local diffusers folder: pass --model-path DIR")
     vae_class = json.loads(index.read_text())["vae"][1]
-    vae = getattr(diffusers, vae_class).from_pretrained(
-        source, subfolder="vae", dtype=getattr(torch, dtype)
-    ).eval()
+    vae, info = getattr(diffusers, vae_class).from_pretrained(
+        source, subfolder="vae", dtype=getattr(torch, dtype), output_loading_info=True
+    )
+    # diffusers fills a missing or renamed key with random weights and only warns: refuse
+    problems = [f"{name.replace('_', ' ')} {', '.join(map(str, keys[:3]))}"
+                for name, keys in info.items() if name != "error_msgs" and keys]  # fmt: skip
+    if problems:
+        raise QddError(
+            f"the VAE in {source}/vae does not fit its config ({'; '.join(problems)}): "
+            "pass --model-path a complete diffusers folder"
+        )
+    vae.eval()
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return SimpleNamespace(vae=vae, image_processor=VaeImageProcessor(vae_scale_factor=scale))
+
+
+def check_vae_fits(vae: Any, samples: list[dict[str, Any]], src: Path, model: str) -> None:
+    """Refuse, before anything is written, a VAE whose latent space is not the one the
+    latents were stored for: other channels, or other scaling factors than each sample
+    recorded (another model's VAE would decode them into noise, or crash half-way)."""
+    from qdd.generation.vae import latent_factors
+
+    own = latent_factors(SimpleNamespace(vae=vae))
+    for sample in samples:
+        stored = sample["meta"].get("latents") or {}
+        channels = (stored.get("shape") or [None])[0]
+        if channels != vae.config.latent_channels:
+            raise QddError(
+                f"the VAE of {model} takes {vae.config.latent_channels} latent channels, "
+                f"{src}'s {sample['key']} has {channels}: pass --model-path the model it was "
+                "generated with"
+            )
+        differing = [k for k, v in own.items() if stored.get(k) != v]
+        if differing:
+            raise QddError(
+                f"the VAE of {model} scales latents otherwise ({', '.join(differing)}) than "
+                f"{src}'s {sample['key']} recorded: pass --model-path the model it was "
+                "generated with"
+            )
 
 
 def run_decode(
@@ -113,14 +147,15 @@ def run_decode(
     if not recipe_path.is_file():
         raise QddError(f"{src} has no {RECIPE}: decode needs a folder written by qdd-cli generate")
     recipe = json.loads(recipe_path.read_text())
-    if recipe.get("vae_precision") is not None:
+    if recipe.get("decoded_from") is not None:  # not `vae_precision`: generate sets it too
         raise QddError(
-            f"{src} was decoded at vae {recipe['vae_precision']} already: decode the folder "
+            f"{src} was decoded from {recipe['decoded_from']} already: decode the folder "
             "its latents came from"
         )
     samples = source_samples(src)
     spec = get_generator(recipe["generator"])
     decoder = load_vae(model_path or recipe["model_id"], recipe["dtype"])
+    check_vae_fits(decoder.vae, samples, src, model_path or recipe["model_id"])
     record = set_vae_precision(
         decoder, vae_precision, getattr(torch, spec.half_dtype), "cpu"
     )  # fmt: skip

@@ -148,6 +148,11 @@ class DetectorModule(LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, meta = batch
+        if isinstance(images, list):  # images of different sizes (see `collate`)
+            return [self._normalized(image[None])[0] for image in images], labels, meta
+        return self._normalized(images), labels, meta
+
+    def _normalized(self, images: Tensor) -> Tensor:
         if images.dtype == torch.uint8 and len(images):
             trainer = self._trainer
             kind = "train" if trainer is not None and trainer.training else "eval"
@@ -155,9 +160,11 @@ class DetectorModule(LightningModule):
             if normalization is not None:
                 mean, std = (t.to(images.device) for t in normalization)
                 images = images.float().div(255).sub_(mean).div_(std)
-        return images, labels, meta
+        return images
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor | list[Tensor]) -> Tensor:
+        if isinstance(images, list):  # images of different sizes: one forward each
+            return torch.cat([self.detector(image[None]) for image in images])
         return self.detector(images)
 
     # -- fit -------------------------------------------------------------------------------

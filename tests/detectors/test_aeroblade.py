@@ -321,3 +321,24 @@ def test_aeroblade_card_and_device_normalisation(files: dict[str, Path]) -> None
     assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, 32, 40)
     on_device = (pixels[None].float().div(255) - mean) / std
     assert torch.equal(on_device[0], transform(image))
+
+
+def test_an_autoencoder_file_with_a_renamed_key_is_refused(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """diffusers fills a renamed key with random weights and only warns; aeroblade would then
+    score with a random decoder layer. It must fail in one line naming the key."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(files["kl"], tmp_path / "renamed-vae")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["decoder.conv_in.weights"] = state.pop("decoder.conv_in.weight")
+    save_file(state, str(weights))
+    with pytest.raises(QddError) as error:
+        build_detector("aeroblade", vae=[str(folder)], lpips_weights=str(files["vgg"]))
+    message = str(error.value)
+    assert "renamed-vae" in message and "missing keys decoder.conv_in.weight" in message
+    assert "unexpected keys decoder.conv_in.weights" in message and "\n" not in message

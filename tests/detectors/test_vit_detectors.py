@@ -21,7 +21,7 @@ from qdd.cli import main
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.tiny import TINY_VIT, tiny_detector_args
 from qdd.errors import QddError
-from tests.conftest import write_fake_shards
+from tests.conftest import random_image, write_fake_shards
 from tests.detectors.reference_vit import encode, patchify, randomise
 
 HEADS = TINY_VIT["num_heads"]
@@ -368,3 +368,27 @@ def test_fit_on_a_training_free_detector_is_one_line(small_shards: Path, tmp_pat
     assert stop.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("qdd-cli fit: error: rigid is training-free: there is nothing to fit")
+
+
+def test_full_resolution_batches_of_mixed_sizes_score_each_image_once(tmp_path: Path) -> None:
+    """B-Free reads full resolution: a batch holding a 40×48 photo and a 64×56 fake cannot be
+    one tensor; each image is scored alone, exactly once (workers, a batch size that does not
+    divide n), with the logit it gets on its own."""
+    write_fake_shards(tmp_path / "real", [3, 1], generator="photos", precision=None, label=0,
+                      size=(40, 48))  # fmt: skip
+    write_fake_shards(tmp_path / "fake", [2, 1], generator="tiny", precision="fp4", size=(64, 56))
+    state = timm_state("vit_base_patch14_reg4_dinov2", 5, num_classes=1, img_size=504)
+    torch.save({"model": state}, tmp_path / "bfree.pth")
+    args = json.dumps(tiny_detector_args("bfree"))
+    out = tmp_path / "run"
+    main(["test", "--detector", "bfree", "--weights", str(tmp_path / "bfree.pth"),
+          "--model.detector_args", args, "--data", str(tmp_path / "real"),
+          "--data", str(tmp_path / "fake"), "--out", str(out), "--data.batch_size=3",
+          "--data.num_workers=2", *FAST])  # fmt: skip
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert len(scores) == 7 and not scores.duplicated(["source", "key"]).any()
+    detector = load_detector("bfree", tmp_path / "bfree.pth", **tiny_detector_args("bfree"))
+    row = scores[(scores["source"] == "tiny") & (scores["key"] == "p00002-s2")].iloc[0]
+    with torch.inference_mode():
+        alone = detector.eval()(detector.eval_transform()(random_image(2, (64, 56)))[None])
+    assert abs(float(alone[0]) - row["logit"]) < 1e-4

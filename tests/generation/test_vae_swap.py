@@ -111,3 +111,71 @@ def test_bad_decode_inputs_are_one_line(
               "--precision", "fp32", "--vae-precision", "fp5",
               "--out", str(tmp_path / "g")])  # fmt: skip
     assert "unknown --vae-precision 'fp5'" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_another_models_vae_is_refused_in_one_line_before_anything_is_written(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, capsys
+) -> None:
+    """--model-path naming another model: other latent channels (flux's tiny VAE) or other
+    scaling factors (sd15's) than the latents recorded end in one line, --out untouched."""
+    from qdd.cli import main
+
+    kept = generate("--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+                    "--precision", "fp32", "--save-latents",
+                    "--out", str(tmp_path / "kept"))  # fmt: skip
+    for other, message in [("flux-schnell", "latent channels"), ("sd15", "scales latents")]:
+        out = tmp_path / other
+        with pytest.raises(SystemExit) as exit_info:
+            main(["decode", "--src", str(kept), "--vae-precision", "fp32", "--out", str(out),
+                  "--model-path", str(tiny_models[other])])  # fmt: skip
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not out.exists()
+
+
+def test_latents_of_a_run_with_vae_precision_decode_again_and_decoded_folders_do_not(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, read_samples, capsys
+) -> None:
+    """`generate --vae-precision fp16 --save-latents` is a source of latents like any other
+    (its recipe names a vae precision, it was not decoded from anything); a decoded folder
+    is refused, naming the folder its latents came from."""
+    from qdd.cli import main
+
+    src = generate("--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+                   "--precision", "fp32", "--vae-precision", "fp16", "--save-latents",
+                   "--out", str(tmp_path / "src"))  # fmt: skip
+    again = decode(capsys, "--src", str(src), "--vae-precision", "fp32",
+                   "--out", str(tmp_path / "again"))  # fmt: skip
+    metas = [m for _, m in read_samples(again).values()]
+    assert metas and all(m["precision"] == "fp32-vaefp32" for m in metas)
+    with pytest.raises(SystemExit):
+        main(["decode", "--src", str(again), "--vae-precision", "fp4",
+              "--out", str(tmp_path / "twice")])  # fmt: skip
+    assert f"decoded from {src}" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "twice").exists()
+
+
+def test_a_vae_file_with_a_renamed_key_is_refused_in_one_line(
+    tiny_models: dict[str, Path], tmp_path: Path, generate, capsys
+) -> None:
+    """diffusers fills a renamed key with random weights and only warns: decode would write
+    images from a partly random decoder. It must stop in one line, --out untouched."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qdd.cli import main
+
+    kept = generate("--generator", "sd3", "--model-path", str(tiny_models["sd3"]),
+                    "--precision", "fp32", "--save-latents",
+                    "--out", str(tmp_path / "kept"))  # fmt: skip
+    model = shutil.copytree(tiny_models["sd3"], tmp_path / "renamed")
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["decoder.conv_in.weights"] = state.pop("decoder.conv_in.weight")
+    save_file(state, str(weights))
+    with pytest.raises(SystemExit):
+        main(["decode", "--src", str(kept), "--vae-precision", "fp32",
+              "--out", str(tmp_path / "out"), "--model-path", str(model)])  # fmt: skip
+    assert "missing keys decoder.conv_in.weight" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
