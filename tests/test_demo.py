@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from qdd.cli import VERBOSE_ENV, main
-from qdd.demo import DEPLOYED, DETECTORS, GENERATORS, PRECISIONS  # DEPLOYED: some generators
+from qdd.demo import DEPLOYED, DETECTORS, GENERATORS, PRECISIONS, SWAP  # DEPLOYED: some
+from qdd.identity import base_precision
 from qdd.quiet import is_silenced
 from qdd.report.kde import plot_kde
 from qdd.report.paired import plot_paired
@@ -56,13 +57,22 @@ def test_demo_runs_the_study_and_ends_with_the_report(
     tradeoff = pd.read_csv(out / "report" / "tables" / "tradeoff.csv")
     deployed = [(g, p) for g, formats in DEPLOYED.items() for p in formats]
     made = set(zip(tradeoff["generator"], tradeoff["precision"], strict=True))
-    assert made == {(g, p) for g in GENERATORS for p in PRECISIONS} | set(deployed)
+    # the denoiser × decoder swap: SD3's fp32 and fp4 latents decoded by the other VAE
+    swapped = {(g, p) for g, p in made if "-vae" in p}
+    assert {(g, p.split("@")[0]) for g, p in swapped} == {
+        (SWAP[0], f"{SWAP[1][0]}-vae{SWAP[1][1]}"), (SWAP[0], f"{SWAP[1][1]}-vae{SWAP[1][0]}")
+    }
+    # labels carry the backend where it is not the format's library (fp4@emulate on CPU)
+    plain = {(g, base_precision(p)) for g, p in made - swapped}
+    assert plain == {(g, p) for g in GENERATORS for p in PRECISIONS} | set(deployed)
     lower = tradeoff[tradeoff["precision"] != "fp32"]
     assert lower["psnr"].notna().all() and lower["ssim"].notna().all()
     fp32_bytes = tradeoff[tradeoff["precision"] == "fp32"].set_index("generator")
     svdq = tradeoff[tradeoff["precision"] == "svdq-int4"].set_index("generator")
     assert (svdq["denoiser_bytes"] < fp32_bytes.loc[svdq.index, "denoiser_bytes"]).all()
     stems += sorted(p.stem for p in (out / "report").glob("tradeoff_*.png"))
+    stems += ["heatmap_swap", *(f"spectra_{g}" for g in GENERATORS)]
+    stems += [f"radial_{g}" for g in GENERATORS]
     assert any(s.startswith("tradeoff_") for s in stems)
     for stem in stems:
         with Image.open(out / "report" / f"{stem}.png") as image:
@@ -75,15 +85,18 @@ def test_demo_runs_the_study_and_ends_with_the_report(
         panels = [ax for ax in fig.axes if ax.get_title()]
         assert [ax.get_title() for ax in panels] == list(GENERATORS)
         labels = [line.get_label() for line in panels[0].lines if line.get_label()[0] != "_"]
-        assert labels == [*PRECISIONS, "real"]  # one ridge per precision, fp32 on top
+        # one ridge per precision, fp32 on top
+        assert [base_precision(label) for label in labels] == [*PRECISIONS, "real"]
         *scatters, _ = plot_paired(scores, detector).axes
         # every lower precision against FP32; the deployed one for the transformers only
-        assert len(scatters) == len(PRECISIONS) - 1 + len({p for _, p in deployed})
-        assert [len(ax.collections) for ax in scatters] == [len(GENERATORS)] * (
-            len(PRECISIONS) - 1
-        ) + [len(deployed)]
+        lower = len(PRECISIONS) - 1 + len({p for _, p in deployed}) + len(swapped)
+        assert len(scatters) == lower
+        assert sorted(len(ax.collections) for ax in scatters) == sorted(
+            [len(GENERATORS)] * (len(PRECISIONS) - 1) + [len(deployed)] + [1] * len(swapped)
+        )
     groups = groups[groups["perturbation"] == "none"]
-    assert len(groups) == len(names) * (len(GENERATORS) * len(PRECISIONS) + len(deployed))
+    per_detector = len(GENERATORS) * len(PRECISIONS) + len(deployed) + len(swapped)
+    assert len(groups) == len(names) * per_detector
     # trained on real vs FP32 fakes, every detector separates them on held-out prompts
     fp32 = groups[groups["precision"] == "fp32"].groupby("detector")["auroc"].mean()
     assert (fp32 > 0.6).all(), fp32
