@@ -50,6 +50,25 @@ RANDOM_BACKBONE: dict[str, dict[str, Any]] = {
 }
 
 
+def random_aeroblade_files(root: Path) -> dict[str, Any]:
+    """AEROBLADE's files with random weights at their real sizes: an SD-shaped AutoencoderKL
+    (diffusers' SD 1.x ``vae/`` config) and torchvision VGG16's layers up to relu2_2."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        sample_size=512,
+    ).save_pretrained(root / "vae")  # fmt: skip
+    state = {}
+    for index, (n_in, n_out) in {0: (3, 64), 2: (64, 64), 5: (64, 128), 7: (128, 128)}.items():
+        state[f"features.{index}.weight"] = torch.randn(n_out, n_in, 3, 3) * (2 / (9 * n_in)) ** 0.5
+        state[f"features.{index}.bias"] = torch.zeros(n_out)
+    torch.save(state, root / "vgg16.pth")
+    return {"vae": [str(root / "vae")], "lpips_weights": str(root / "vgg16.pth")}
+
+
 def make_images(root: Path, n: int, size: int) -> Path:
     """``n`` photo-like PNGs of ``size``², half real and half fake, ImageFolder layout."""
     rng = np.random.default_rng(0)
@@ -123,12 +142,13 @@ def loader_alone(shards: Path, detector, batch_size: int, workers: int, device) 
 
 
 def end_to_end(
-    detector: str, shards: Path, batch_size: int, workers: int, device, out: Path
+    detector: str, shards: Path, batch_size: int, workers: int, device, out: Path,
+    detector_args: dict[str, Any],
 ) -> float:
     """`qdd-cli test --detector D --random-weights`, in this process."""
     from qdd.cli import main
 
-    extra = json.dumps(RANDOM_BACKBONE.get(detector, {}))
+    extra = json.dumps(detector_args)
     args = [
         "test", "--detector", detector, "--random-weights", "--model.detector_args", extra,
         "--data", str(shards / "*"),
@@ -228,6 +248,8 @@ def main() -> None:
     except QddError as error:
         raise SystemExit(f"bench_eval.py: {error}") from None
     extra = RANDOM_BACKBONE.get(name, {})
+    if name == "aeroblade":
+        extra = random_aeroblade_files(Path(tempfile.mkdtemp(prefix="bench-aeroblade-")))
     nchw = load_detector(name, random_weights=True, **extra).eval().to(device)
     nhwc = load_detector(name, random_weights=True, **extra).eval()
     nhwc.load_state_dict(nchw.state_dict())
@@ -242,11 +264,13 @@ def main() -> None:
         runs = {
             "forward": lambda n: forward_only(data[n][1], nhwc, bs, device),
             "loader": lambda n: loader_alone(data[n][1], nhwc, bs, workers, device),
-            "qdd": lambda n: end_to_end(name, data[n][1], bs, workers, device, root / f"run{n}"),
+            "qdd": lambda n: end_to_end(
+                name, data[n][1], bs, workers, device, root / f"run{n}", extra
+            ),
         }
         if name == "npr":  # the official loop written here is NPR's
             runs["official"] = lambda n: official(data[n][0], nchw, bs, workers, device)
-        end_to_end(name, data[small][1], bs, workers, device, root / "warm-up")  # imports
+        end_to_end(name, data[small][1], bs, workers, device, root / "warm-up", extra)  # imports
         rates.update(marginal_rates(runs, small, big, args.repeats))
         per_image = decode_seconds(folder, nhwc)
     rates["ceiling"] = max(workers, 1) / per_image
