@@ -16,7 +16,7 @@ from qdd.errors import QddError
 from qdd.report.stats import wilson
 from tests.test_cli_detect import FAST, write_set
 
-N = 24  # images per precision
+N = 32  # images per precision
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,10 @@ def precision_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def fitted(precision_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fit") / "run"
-    main(["fit", "--task", "attribution", "--detector", "npr", "--random-weights",
+    main(["fit", "--task", "attribution", "--detector", "clipd", "--random-weights",
           "--data", str(precision_shards / "*"), "--out", str(out), "--data.batch_size=8",
-          "--data.val_fraction=0.2", "--data.test_fraction=0.3", "--trainer.max_epochs=4",
+          "--data.val_fraction=0.2", "--data.test_fraction=0.25", "--trainer.max_epochs=5",
+          "--model.detector_args={backbone: qdd-tiny-vit, backbone_weights: null}", "--model.lr=0.01",
           "--trainer.logger=false", *FAST])  # fmt: skip
     return out
 
@@ -49,15 +50,16 @@ def test_fit_decides_classes_and_test_separates_16_from_4_bit(
 
     saved = torch.load(fitted / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["hyper_parameters"]["classes"] == ["fp32", "fp4"]
-    assert saved["state_dict"]["detector.fc1.weight"].shape[0] == 2  # the widened head
+    assert saved["state_dict"]["detector.fc.weight"].shape[0] == 2  # the widened head
     out = tmp_path / "test"
-    main(["test", "--data", str(precision_shards / "*"), "--data.split=test",  # the held-out prompts
+    main(["test", "--data", str(precision_shards / "*"), "--data.split=test",  # held-out prompts
           "--ckpt_path", str(fitted / "checkpoints" / "last.ckpt"), "--out", str(out),
           "--trainer.logger=false", *FAST])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     scores = pd.read_parquet(out / "scores.parquet")
     fakes = scores[scores["class"].notna()]
-    assert metrics["n"] == len(fakes) > 0 and metrics["n_without_class"] == (scores["label"] == 0).sum()
+    assert metrics["n"] == len(fakes) > 0
+    assert metrics["n_without_class"] == (scores["label"] == 0).sum()
     assert scores["key"].groupby(scores["group"]).apply(lambda k: k.is_unique).all()  # each once
     probs = scores[["prob_fp32", "prob_fp4"]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
@@ -76,7 +78,8 @@ def test_unknown_class_at_test_is_refused(fitted: Path, tmp_path: Path, capsys) 
     write_set(tmp_path / "tiny-nf4", 6, 1, "tiny", "nf4")
     with pytest.raises(SystemExit) as exited:
         main(["test", "--data", str(tmp_path / "tiny-nf4"), "--ckpt_path",
-              str(fitted / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "t"), *FAST])
+              str(fitted / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "t"),
+              "--data.allow_train_overlap=true", *FAST])  # fmt: skip
     assert exited.value.code != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert "nf4" in err[-1] and "does not know" in err[-1]
@@ -93,10 +96,13 @@ def test_single_class_training_set_is_refused(precision_shards: Path, tmp_path: 
                                               capsys) -> None:  # fmt: skip
     with pytest.raises(SystemExit):
         main(["fit", "--task", "attribution", "--detector", "npr", "--random-weights",
-              "--data", str(precision_shards / "tiny-fp4"), "--data", str(precision_shards / "real-noise"),
-              "--out", str(tmp_path / "f"), "--trainer.max_epochs=1", *FAST])  # fmt: skip
+              "--data", str(precision_shards / "tiny-fp4"),
+              "--data", str(precision_shards / "real-noise"),
+              "--out", str(tmp_path / "f"), "--trainer.max_epochs=1", "--trainer.logger=false",
+              *FAST])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "at least two classes" in err[0] and "found fp4" in err[0]
+    assert "at least two classes" in err[-1] and "found fp4" in err[-1]
+    assert not (tmp_path / "f" / "checkpoints").exists()
 
 
 def test_classes_and_families() -> None:
