@@ -36,7 +36,8 @@ def fitted(precision_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     main(["fit", "--task", "attribution", "--detector", "clipd", "--random-weights",
           "--data", str(precision_shards / "*"), "--out", str(out), "--data.batch_size=8",
           "--data.val_fraction=0.2", "--data.test_fraction=0.25", "--trainer.max_epochs=5",
-          "--model.detector_args={backbone: qdd-tiny-vit, backbone_weights: null}", "--model.lr=0.01",
+          "--model.detector_args={backbone: qdd-tiny-vit, backbone_weights: null}",
+          "--model.lr=0.01",
           "--trainer.logger=false", *FAST])  # fmt: skip
     return out
 
