@@ -73,6 +73,12 @@ def test_fit_decides_classes_and_test_separates_16_from_4_bit(
     assert wilson(hits, metrics["n"])[0] > 0.5, metrics
     recall = metrics["per_class"]["fp4"]
     assert recall["recall_low"] <= recall["recall"] <= recall["recall_high"]
+    report = tmp_path / "report"
+    main(["report", str(out), "--out", str(report)])
+    assert (report / f"attribution_{out.name}.png").is_file()
+    table = pd.read_csv(report / "tables" / "attribution.csv")
+    assert table["n"].sum() == metrics["n"] and list(table["class"]) == ["fp32", "fp4"]
+    assert f"attribution_{out.name}" in (report / "report.md").read_text()
 
 
 def test_unknown_class_at_test_is_refused(fitted: Path, tmp_path: Path, capsys) -> None:

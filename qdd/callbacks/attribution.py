@@ -27,8 +27,7 @@ from qdd.callbacks.scores import PERTURBATION, ROW_FIELDS, gather_to_rank_zero, 
 from qdd.callbacks.summary import RunSummary, fit_progress, model_summary, write_metrics
 from qdd.datamodules.dataset import META_FIELDS, UNPERTURBED
 from qdd.metrics import batch_groups
-
-CONFUSION = "confusion.csv"
+from qdd.report.attribution import CONFUSION
 
 
 class AttributionSummary(RunSummary):
