@@ -45,7 +45,8 @@ def plot_confusion(table: pd.DataFrame, title: str) -> Any:
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     k = len(table)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * k, 1.2 + 0.8 * k), layout="constrained")
+    size = (max(4.0, 1.8 + 0.9 * k), max(3.2, 1.4 + 0.8 * k))
+    fig, ax = plt.subplots(figsize=size, layout="constrained")
     image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     for i in range(k):
         for j in range(k):
@@ -88,8 +89,8 @@ def attribution_section(
     rows = []
     for run, name in zip(runs, names, strict=True):
         table, metrics = read_confusion(Path(run))
-        title = (f"{metrics['detector']}: {metrics['attribute']} attribution, n={metrics['n']}, "
-                 f"acc {_fmt(metrics['accuracy'])}")  # fmt: skip
+        title = (f"{metrics['detector']}: {metrics['attribute']} attribution\n"
+                 f"n={metrics['n']}, accuracy {_fmt(metrics['accuracy'])}")  # fmt: skip
         save(plot_confusion(table, title), out, f"attribution_{name}")
         figures[f"attribution_{name}"] = f"{name}: which {metrics['attribute']} made each image"
         rows += recall_rows(name, metrics)
