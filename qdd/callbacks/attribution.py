@@ -24,7 +24,7 @@ from torch import Tensor
 
 from qdd.attribution import attribution_metrics, class_of
 from qdd.callbacks.scores import PERTURBATION, ROW_FIELDS, gather_to_rank_zero, report_count
-from qdd.callbacks.summary import RunSummary, fit_progress, model_summary, write_metrics
+from qdd.callbacks.summary import RunSummary, fit_progress, model_summary
 from qdd.datamodules.dataset import META_FIELDS, UNPERTURBED
 from qdd.metrics import batch_groups
 from qdd.report.attribution import CONFUSION
@@ -170,4 +170,4 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
 
-__all__ = ["CONFUSION", "AttributionSummary", "write_metrics"]
+__all__ = ["CONFUSION", "AttributionSummary"]
