@@ -143,3 +143,24 @@ def test_metrics_against_sklearn() -> None:
     assert got["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"))
     recalls = recall_score(truth, predicted, average=None)
     assert [got["per_class"][c]["recall"] for c in "abc"] == pytest.approx(list(recalls))
+
+
+def test_families_with_reals_as_a_class(precision_shards: Path, tmp_path: Path) -> None:
+    """``--attribute family`` with reals as a class: three classes, and the test's
+    confusion counts the reals too."""
+    fit, test = tmp_path / "fit", tmp_path / "test"
+    main(["fit", "--task", "attribution", "--attribute", "family", "--detector", "clipd",
+          "--random-weights", "--model.include_real=true",
+          "--model.detector_args={backbone: qdd-tiny-vit, backbone_weights: null}",
+          "--data", str(precision_shards / "*"), "--out", str(fit), "--trainer.max_epochs=1",
+          "--trainer.logger=false", *FAST])  # fmt: skip
+    classes = json.loads((fit / "metrics.json").read_text())["classes"]
+    assert classes == ["real", "32-bit", "4-bit weight-only"]
+    main(["test", "--data", str(precision_shards / "*"), "--data.split=test", "--ckpt_path",
+          str(fit / "checkpoints" / "last.ckpt"), "--out", str(test), "--trainer.logger=false",
+          *FAST])  # fmt: skip
+    metrics = json.loads((test / "metrics.json").read_text())
+    scores = pd.read_parquet(test / "scores.parquet")
+    assert metrics["n_without_class"] == 0 and metrics["n"] == len(scores)
+    assert (scores["label"] == 0).sum() == metrics["per_class"]["real"]["n"] > 0
+    assert pd.read_csv(test / "confusion.csv", index_col=0).to_numpy().sum() == len(scores)
