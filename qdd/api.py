@@ -113,6 +113,11 @@ def lightning_config(config: dict[str, Any]) -> dict[str, Any]:
         data = {"paths": folders if many else folders[0]} if folders else {}
     model, data, trainer = dict(rest.pop("model", None) or {}), dict(data), dict(trainer)
     weights, out, perturb = (rest.pop(k, None) for k in ("weights", "out", "perturb"))
+    if rest.pop("task", None) == "attribution":
+        data["task"] = "attribution"
+    attribute = rest.pop("attribute", None)
+    if attribute is not None:
+        model["attribute"] = str(attribute)
     if weights is not None:
         model["weights"] = str(weights)
     if rest.pop("random_weights", False):
@@ -175,16 +180,20 @@ def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     config = dict(config)
     passed = [str(a) for a in config.pop("lightning_args", None) or []]
+    config["task"] = task = task_of(config, passed)
     sections = lightning_config(config)
     if not {"--help", "--print_config"} & {a.partition("=")[0] for a in passed}:
         check_data(sections["data"].get("paths"), sections["data"].get("perturb"))
     args = [command, "--config", json.dumps(sections, default=str), *passed]
     from qdd.datamodules.shard import ShardDataModule
     from qdd.lightning_cli import QddCLI, finish_loggers
-    from qdd.modules.detector import DetectorModule
+    if task == "attribution":
+        from qdd.modules.attribution import AttributionModule as module_class
+    else:
+        from qdd.modules.detector import DetectorModule as module_class
 
     try:
-        cli = QddCLI(DetectorModule, ShardDataModule, args=args)
+        cli = QddCLI(module_class, ShardDataModule, args=args)
     except BaseException:
         finish_loggers(None, failed=True)  # a W&B run opened before the Trainer ran
         raise
@@ -201,6 +210,36 @@ def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
     metrics = json.loads(json.dumps(summaries[0].metrics, default=lambda v: v.item()))
     scores = run_dir / "scores.parquet" if command in ("test", "predict") else None
     return RunResult(run_dir, metrics, checkpoints, scores if scores and scores.is_file() else None)
+
+
+def task_of(config: dict[str, Any], passed: list[str]) -> str:
+    """``detection`` or ``attribution``: as given, else as the ``ckpt_path`` checkpoint
+    (in ``config`` or LightningCLI's ``passed`` arguments) was fitted (an attribution
+    checkpoint holds its classes); a mismatch is refused."""
+    given = config.get("task")
+    if given not in (None, "detection", "attribution"):
+        raise QddError(f"--task {given!r}: use detection or attribution")
+    ckpt = config.get("ckpt_path")
+    for i, arg in enumerate(passed):  # the last one wins, as in LightningCLI
+        name, equals, value = arg.partition("=")
+        if name == "--ckpt_path":
+            ckpt = value if equals else (passed[i + 1] if i + 1 < len(passed) else ckpt)
+    task = (given or "detection") if ckpt is None else checkpoint_task(ckpt, given)
+    if config.get("attribute") is not None and task != "attribution":
+        raise QddError("--attribute applies to --task attribution: add it, or drop --attribute")
+    return task
+
+
+def checkpoint_task(ckpt: str | Path, given: str | None) -> str:
+    """The task a fit checkpoint was trained for; ``given`` must agree with it."""
+    from qdd.checkpoint import read_checkpoint
+
+    classes = read_checkpoint(ckpt, "--ckpt_path").hparams.get("classes")
+    fitted = "attribution" if classes else "detection"
+    if given not in (None, fitted):
+        raise QddError(f"--ckpt_path {ckpt} was fitted for {fitted}, not {given}: "
+                       f"pass --task {fitted}")  # fmt: skip
+    return fitted
 
 
 def generate(config: Config = None, **overrides: Any) -> RunResult:

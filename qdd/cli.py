@@ -79,6 +79,7 @@ _EXAMPLES = {
         "qdd-cli fit --detector npr --data 'shards/*' --random-weights "
         "--trainer.max_steps=200 --data.batch_size=16",
         "qdd-cli fit --detector clipd --data 'shards/*' --weights checkpoints/clipd.pth",
+        "qdd-cli fit --task attribution --detector npr --data 'shards/sd3-*' --random-weights",
     ],
     "test": [
         "qdd-cli test --detector npr --data shards/sd3-fp4 --data shards/real-coco",
@@ -119,6 +120,12 @@ def short_help(command: str) -> str:
         "                        --model.* flags you give win over its saved ones",
         "  --perturb SPEC        test also after jpeg:Q, resize:S, blur:SIGMA, noise:SIGMA or",
         "                        crop:N (repeatable; the unperturbed pass always runs)",
+        "  --task detection|attribution  real vs fake (default), or which precision made",
+        "                        an image: a head over the training data's precisions",
+        "                        (test: class probabilities, confusion.csv)",
+        "  --attribute precision|family  attribution's classes (family: 16-bit, 8-bit,",
+        "                        4-bit weight-only, 4-bit W4A4, GGUF); reals as a class:",
+        "                        --model.include_real=true",
         "  --trainer cpu|gpu|ddp a packaged Trainer preset (configs/trainer/)",
         "  --verbose             show every library message (see qdd/quiet.py)",
         "",

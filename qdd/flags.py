@@ -31,10 +31,17 @@ FLAGS: dict[str, dict[str, Any]] = {
     "--perturb": {"action": "extend", "nargs": "+", "metavar": "SPEC",
                   "help": "also after jpeg:Q, resize:S, blur:SIGMA, noise:SIGMA or crop:N "
                           "(repeatable)"},
+    "--task": {"choices": ("detection", "attribution"),
+               "help": "detection (real vs fake, the default) or attribution (which precision "
+                       "made an image)"},
+    "--attribute": {"choices": ("precision", "family"),
+                    "help": "attribution's classes: each precision, or its family (16-bit, "
+                            "8-bit, 4-bit weight-only, 4-bit W4A4, GGUF)"},
     "--seed": {"type": int, "metavar": "N", "help": "the random seed"},
 }  # fmt: skip
 #: The short flags of the Trainer commands (``--trainer`` takes a preset: cpu, gpu, ddp).
-TRAINER_FLAGS = ("--detector", "--data", "--weights", "--random-weights", "--out", "--perturb")
+TRAINER_FLAGS = ("--detector", "--data", "--weights", "--random-weights", "--out", "--perturb",
+                 "--task", "--attribute")
 
 
 def add_flags(parser: argparse.ArgumentParser, *flags: str, **changes: dict[str, Any]) -> None:

@@ -30,11 +30,14 @@ def empty_split(
     )
 
 
-def check_validation(samples: Sequence[Indexed], paths: Sequence[str]) -> None:
+def check_validation(
+    samples: Sequence[Indexed], paths: Sequence[str], both_classes: bool = True
+) -> None:
     """The validation split must hold readable images of both classes: its threshold and
     AUROC need them. Images are checked now (`qdd.datamodules.reader.image_problem`), not
     when the first epoch's threshold fails; unreadable ones left over are named in a
-    warning (the loader skips them every epoch)."""
+    warning (the loader skips them every epoch). ``both_classes=False`` (attribution,
+    whose classes are precisions) asks for readable images only."""
     problems = unreadable(samples)
     readable = [s for s in samples if (s.entry.shard, s.entry.key) not in problems]
     classes = Counter(s.label for s in readable)
@@ -45,7 +48,7 @@ def check_validation(samples: Sequence[Indexed], paths: Sequence[str]) -> None:
             "re-create those shards"
         )
     for label, have, need in ((0, "real", "fake"), (1, "fake", "real")):
-        if classes[label] and not classes[1 - label]:
+        if both_classes and classes[label] and not classes[1 - label]:
             bad = f"; {describe_problems(problems)}" if problems else ""
             fix = "re-create the unreadable shards, " if problems else ""
             raise QddError(

@@ -108,6 +108,8 @@ class ShardDataModule(LightningDataModule):
             overlap is counted in `describe`) instead of refusing.
         transforms: the detector's loader-side preprocessing, ``{"train": T, "eval": T}``
             (PIL image → tensor); a missing one: a plain uint8 tensor.
+        task: ``detection`` (the validation split needs real and fake images) or
+            ``attribution`` (any readable images: the classes are precisions).
     """
 
     def __init__(
@@ -131,8 +133,12 @@ class ShardDataModule(LightningDataModule):
         checkpoint: str | None = None,
         allow_train_overlap: bool = False,
         transforms: dict[str, Any] | None = None,
+        task: Literal["detection", "attribution"] = "detection",
     ) -> None:
         super().__init__()
+        if task not in ("detection", "attribution"):
+            raise QddError(f"--task {task!r}: use detection or attribution")
+        self.task = task
         if batch_size < 1:
             raise QddError(f"--data.batch_size must be at least 1, got {batch_size}")
         if num_workers is not None and num_workers < 0:
@@ -281,7 +287,7 @@ class ShardDataModule(LightningDataModule):
             self.split["val"] = []  # validation is switched off: nothing to check
             return
         samples = self._split("val", self.val_paths, holdout=True)
-        check_validation(samples, self.val_paths)
+        check_validation(samples, self.val_paths, both_classes=self.task == "detection")
         self.split["val"] = samples
 
     def _check_holdout(self) -> None:

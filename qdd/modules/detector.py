@@ -87,6 +87,7 @@ class DetectorModule(LightningModule):
         if hp.weights and str(hp.weights).endswith(".ckpt"):
             start = read_checkpoint(hp.weights)  # read once (`qdd.checkpoint`)
             self.detector = build_detector(hp.detector, **args)
+            self.prepare_head(start.hparams)
             apply_state(self.detector, checkpoint_state(start.contents), str(hp.weights))
             self.detector.weights_source = str(hp.weights)
             self.calibration.load(start.calibration)
@@ -94,6 +95,7 @@ class DetectorModule(LightningModule):
             self.detector = load_detector(
                 hp.detector, hp.weights, random_weights=hp.random_weights, **args
             )
+            self.prepare_head(None)
         # Frozen backbones are not in our checkpoints: load the rest strictly ourselves.
         self.strict_loading = not self.detector.frozen_prefixes
         # NHWC convolutions run ~1.5x faster on CPU (oneDNN) and on tensor cores.
@@ -102,6 +104,10 @@ class DetectorModule(LightningModule):
         split = {kind: split_normalization(transforms[kind]) for kind in KINDS}
         self._loader_transforms = {kind: host for kind, (host, _) in split.items()}
         self._normalization = {kind: norm for kind, (_, norm) in split.items()}
+
+    def prepare_head(self, saved: dict[str, Any] | None) -> None:
+        """Shape the detector's head before weights are applied (``saved``: the hparams
+        of the checkpoint they come from); the binary detector keeps its own."""
 
     def configure_losses(self) -> None:
         self.criterion = torch.nn.BCEWithLogitsLoss()

@@ -29,6 +29,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     """
     import pandas as pd
 
+    from qdd.report.attribution import attribution_section, is_attribution_run
     from qdd.report.confounds import format_warnings
     from qdd.report.heatmap import has_low_fraction, plot_heatmap
     from qdd.report.index import write_index
@@ -44,8 +45,10 @@ def build_report(runs: list[Path], out: Path) -> Path:
 
     quality_runs = [Path(r) for r in runs if is_quality_run(Path(r))]
     fingerprint_runs = [Path(r) for r in runs if is_fingerprint_run(Path(r))]
-    test_runs = [Path(r) for r in runs if Path(r) not in quality_runs + fingerprint_runs]
-    results = load_runs(test_runs) if test_runs or not quality_runs + fingerprint_runs else {}
+    attribution_runs = [Path(r) for r in runs if is_attribution_run(Path(r))]
+    others = quality_runs + fingerprint_runs + attribution_runs
+    test_runs = [Path(r) for r in runs if Path(r) not in others]
+    results = load_runs(test_runs) if test_runs or not others else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
@@ -72,6 +75,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     tables: dict[str, tuple[Path, Path]] = {}
     verdicts = tradeoff(quality_runs, table, out, figures, tables, notes)
     fingerprint_section(fingerprint_runs, out, figures, tables, notes)
+    attribution_section(attribution_runs, out, figures, tables)
     if table.empty:
         if results:
             notes.append("no fake images in these runs: no heatmaps or metric tables")
