@@ -315,6 +315,6 @@ def test_predict_writes_scores_without_metrics(shards: Path, tmp_path: Path) -> 
         ]
     )
     scores = pd.read_parquet(out / "scores.parquet")
-    assert len(scores) == 16 and set(scores["group"]) == {"tiny/fp4"}
+    assert len(scores) == 16 and set(scores["group"]) == {"tiny/fp4@emulate"}
     assert not (out / "metrics.json").exists()
 
