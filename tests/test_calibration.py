@@ -140,7 +140,7 @@ def test_checkpoint_reloads_for_test_with_identical_logits(
         scores.append(pd.read_parquet(tmp_path / f"t{i}" / "scores.parquet"))
         metrics.append(json.loads((tmp_path / f"t{i}" / "metrics.json").read_text()))
     np.testing.assert_array_equal(scores[0]["logit"], scores[1]["logit"])
-    assert {"sd3/fp4", "sd15/fp4"} <= set(metrics[0]["groups"])
+    assert {"sd3/fp4@emulate", "sd15/fp4@emulate"} <= set(metrics[0]["groups"])
     threshold = calibration_in(ckpt)["threshold"]
     assert metrics[0]["calibrated_threshold"] == metrics[1]["calibrated_threshold"] == threshold
     assert metrics[0]["calibration"]["rule"] == "balanced_acc"
