@@ -33,6 +33,7 @@ from qdd.detectors.lpips_layer import LpipsLayer2, lpips_linear_file
 from qdd.detectors.registry import register
 from qdd.detectors.weights import file_sha256
 from qdd.errors import QddError
+from qdd.loading_report import loading_problems
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,10 @@ def load_autoencoder(path: Path, kind: str, dtype: torch.dtype) -> tuple[nn.Modu
     except (OSError, ValueError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise QddError(f"aeroblade: cannot load the {kind} in {path} ({reason})") from None
-    # diffusers fills a missing or renamed key with random weights and only warns: refuse
-    problems = [f"{name.replace('_', ' ')} {', '.join(map(str, keys[:3]))}"
-                for name, keys in info.items() if name != "error_msgs" and keys]  # fmt: skip
+    problems = loading_problems(info)  # diffusers fills a bad key with random weights
     if problems:
         raise QddError(
-            f"aeroblade: the {kind} in {path} does not fit its config ({'; '.join(problems)}): "
+            f"aeroblade: the {kind} in {path} does not fit its config ({problems}): "
             "download the autoencoder folder again (see checkpoints/README.md)"
         )
     model.requires_grad_(False)

@@ -21,6 +21,7 @@ from typing import Any
 from qdd.datamodules.schema import upgrade
 from qdd.errors import QddError
 from qdd.generation.vae import LATENTS_MEMBER, VAE_PRECISIONS, check_vae_precision
+from qdd.loading_report import loading_problems
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,10 @@ def load_vae(model_path: str, dtype: str) -> SimpleNamespace:
     vae, info = getattr(diffusers, vae_class).from_pretrained(
         source, subfolder="vae", dtype=getattr(torch, dtype), output_loading_info=True
     )
-    # diffusers fills a missing or renamed key with random weights and only warns: refuse
-    problems = [f"{name.replace('_', ' ')} {', '.join(map(str, keys[:3]))}"
-                for name, keys in info.items() if name != "error_msgs" and keys]  # fmt: skip
+    problems = loading_problems(info)  # diffusers fills a bad key with random weights
     if problems:
         raise QddError(
-            f"the VAE in {source}/vae does not fit its config ({'; '.join(problems)}): "
+            f"the VAE in {source}/vae does not fit its config ({problems}): "
             "pass --model-path a complete diffusers folder"
         )
     vae.eval()

@@ -15,13 +15,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from qdd.generation.vae import VAE_PRECISIONS
+from qdd.generation.vae import VAE_PRECISIONS, dtype_label
 from qdd.identity import base_precision
 from qdd.report.palette import order_precisions
 
 #: ``fp4-vaefp32``; with the group's backend (`qdd.identity.group_label`): ``fp4-vaefp32@emulate``
 VAE_LABEL = re.compile(r"^(?P<denoiser>.+)-vae(?P<decoder>[a-z0-9]+)(?P<backend>@.+)?$")
-DTYPE_LABELS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def usual_decoder(generator: str, precision: str) -> str | None:
@@ -32,7 +31,9 @@ def usual_decoder(generator: str, precision: str) -> str | None:
     spec = GENERATORS.get(generator)
     if spec is None:
         return None
-    return "fp32" if precision == "fp32" else DTYPE_LABELS[spec.half_dtype]
+    import torch
+
+    return "fp32" if precision == "fp32" else dtype_label(getattr(torch, spec.half_dtype))
 
 
 def swap_table(table: pd.DataFrame) -> pd.DataFrame:
