@@ -80,9 +80,11 @@ SILENCED: tuple[Silenced, ...] = (
     ),
     Silenced(
         "bitsandbytes.backends.cpu.ops",
-        r"No module named 'kernels'",
-        "an optional CPU kernel for bitsandbytes' 4-bit matmul, tried at import; qdd's 4-bit "
-        "levels on CPU run its exact emulation (--quant-backend auto), not that kernel",
+        r"^Failed to load CPU gemm_4bit_forward from kernels-community",
+        "an optional CPU kernel for bitsandbytes' 4-bit matmul, fetched from a model hub at "
+        "import (whatever the reason it fails: no `kernels` package, offline, untrusted); qdd's "
+        "4-bit levels on CPU never use it (the emulation, or Linear4bit with its fused "
+        "AVX512-BF16 path switched off)",
     ),
     Silenced(
         "root",

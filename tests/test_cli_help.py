@@ -120,6 +120,18 @@ def test_listed_library_messages_are_dropped_unless_verbose(monkeypatch, capsys)
     assert all(entry.why for entry in SILENCED)
 
 
+def test_bitsandbytes_hub_kernel_message_is_silenced_whatever_the_reason() -> None:
+    """bitsandbytes tries a hub kernel at import on AVX512-BF16 CPUs; offline it fails for
+    one reason or another (no `kernels` package, an untrusted publisher): never qdd's path."""
+    head = "Failed to load CPU gemm_4bit_forward from kernels-community: "
+    tail = ". Please make sure you already `pip install kernels` and the kernels >= 0.11.1"
+    for reason in ("No module named 'kernels'",
+                   "Kernel repository 'kernels-community/quantization-bitsandbytes' could not "
+                   "verify publisher trust status."):  # fmt: skip
+        assert is_silenced("bitsandbytes.backends.cpu.ops", head + reason + tail)
+    assert not is_silenced("bitsandbytes.backends.cpu.ops", "some other failure")
+
+
 def test_threads_fit_the_cores(monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert torch_threads(cores=2) == 2
