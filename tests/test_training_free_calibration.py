@@ -125,14 +125,27 @@ def test_rigid_fit_calibrates_without_training(calibrated: Path, shards: Path, d
     assert again["calibration"] == calibration
 
 
-def test_test_with_the_calibration_reports_both_accuracies(
-    calibrated: Path, shards: Path, tmp_path: Path
-) -> None:
-    checkpoint = calibrated / "checkpoints" / "last.ckpt"
+@pytest.fixture(scope="module")
+def tested(calibrated: Path, shards: Path) -> Path:
+    """A test run of the calibration's held-out split (its folder)."""
+    out = calibrated.parent / "test-rigid"
+    main(["test", "--ckpt_path", str(calibrated / "checkpoints" / "last.ckpt"), *data(shards),
+          "--data.split=test", "--out", str(out), *FAST])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def uncalibrated(shards: Path, dinov2: Path) -> Path:
+    """A test run of rigid without calibration (its folder)."""
+    out = dinov2.parent / "test-plain"
+    main(["test", "--detector", "rigid", "--model.detector_args", rigid_args(dinov2),
+          *data(shards), "--out", str(out), *FAST])  # fmt: skip
+    return out
+
+
+def test_test_with_the_calibration_reports_both_accuracies(calibrated: Path, tested: Path):
     threshold = json.loads((calibrated / "metrics.json").read_text())["calibrated_threshold"]
-    out = tmp_path / "test"
-    main(["test", "--ckpt_path", str(checkpoint), *data(shards), "--data.split=test",
-          "--out", str(out), *FAST])  # fmt: skip
+    out = tested
     metrics = json.loads((out / "metrics.json").read_text())
     scores = pd.read_parquet(out / "scores.parquet")
     assert metrics["detector"] == "rigid" and metrics["train_overlap"] == 0
@@ -215,18 +228,16 @@ def test_one_class_calibration_and_a_start_are_refused(
 
 
 def test_uncalibrated_test_leaves_out_accuracy_at_logit_zero(
-    shards: Path, dinov2: Path, tmp_path: Path
+    uncalibrated: Path, shards: Path, dinov2: Path, tmp_path: Path
 ) -> None:
-    common = ["--detector", "rigid", "--model.detector_args", rigid_args(dinov2), *data(shards),
-              *FAST]  # fmt: skip
-    main(["test", *common, "--out", str(tmp_path / "plain")])
-    metrics = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    metrics = json.loads((uncalibrated / "metrics.json").read_text())
     assert metrics["calibrated_threshold"] is None
     assert "training-free and uncalibrated" in metrics["accuracy_note"]
     for values in [metrics["overall"], *metrics["groups"].values()]:
         assert values["acc"] is values["real_acc"] is values["fake_acc"] is None
         assert values["balanced_acc"] is None and values["auroc"] is not None
-    main(["test", *common, "--model.threshold=-0.9999", "--out", str(tmp_path / "own")])
+    main(["test", "--detector", "rigid", "--model.detector_args", rigid_args(dinov2),
+          *data(shards), *FAST, "--model.threshold=-0.9999", "--out", str(tmp_path / "own")])
     own = json.loads((tmp_path / "own" / "metrics.json").read_text())
     assert own["accuracy_note"] is None and own["overall"]["acc"] is not None
 
@@ -237,3 +248,18 @@ def test_detection_metrics_without_a_threshold() -> None:
     assert metrics["acc"] is None and metrics["balanced_acc"] is None
     assert metrics["acc_calibrated"] == 1.0 and metrics["auroc"] == 1.0
     assert fit_threshold(logits, labels, "balanced_acc")["threshold"] == pytest.approx(-0.35)
+
+
+def test_report_shows_the_calibrated_accuracy_and_says_what_logit_zero_means(
+    tested: Path, uncalibrated: Path, tmp_path: Path
+) -> None:
+    from qdd.api import report
+
+    index = Path(report(runs=[str(tested), str(uncalibrated)], out=tmp_path / "report")
+                 .metrics["index"]).read_text()  # fmt: skip
+    groups = pd.read_csv(tmp_path / "report" / "tables" / "groups.csv")
+    calibrated = groups[groups["acc_calibrated"].notna()]
+    assert len(calibrated) == 1 and calibrated["detector"].str.startswith("rigid").all()
+    assert "is training-free: its accuracies at logit 0" in index
+    assert "read acc_calibrated (its calibrated threshold)" in index
+    assert "tested uncalibrated: calibrate with `qdd-cli fit --detector rigid`" in index
