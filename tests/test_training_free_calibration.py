@@ -263,3 +263,11 @@ def test_report_shows_the_calibrated_accuracy_and_says_what_logit_zero_means(
     assert "is training-free: its accuracies at logit 0" in index
     assert "read acc_calibrated (its calibrated threshold)" in index
     assert "tested uncalibrated: calibrate with `qdd-cli fit --detector rigid`" in index
+
+
+def test_detectors_table_says_fit_only_calibrates(capsys: pytest.CaptureFixture) -> None:
+    main(["detectors"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    for name in ("rigid", "aeroblade"):
+        assert "| calibrates a threshold only |" in rows[name]
+    assert "| yes |" in rows["npr"]
