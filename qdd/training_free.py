@@ -43,7 +43,8 @@ def check_start(config: Any, command: str) -> None:
     detector = config.model.get("detector")
     if command != "fit" or not detector or not is_training_free(detector):
         return
-    start = config.get("ckpt_path") or config.model.get("weights")
+    weights = config.model.get("weights")  # an official file: refused by `load_detector`
+    start = config.get("ckpt_path") or (weights if str(weights).endswith(".ckpt") else None)
     if start:
         flag = "--ckpt_path" if config.get("ckpt_path") else "--weights"
         raise QddError(

@@ -120,7 +120,14 @@ def test_rigid_fit_calibrates_without_training(calibrated: Path, shards: Path, d
     assert split["calibration_only"] and split["n_train_units"] == len({s.unit for s in outside})
     assert not [k for k in saved["state_dict"] if k.startswith("detector.")]  # no weights kept
     # a repeated call gives the identical threshold
-    again = fit_rigid(shards, dinov2, tmp_path / "again")
+    from qdd.api import fit
+
+    result = fit(detector="rigid", data=[str(shards / "real"), str(shards / "fake")],
+                 out=tmp_path / "again", model={"detector_args": json.loads(rigid_args(dinov2))},
+                 lightning_args=FAST)  # the API: the same calibration, its checkpoint returned
+    assert result.checkpoints == {"best": tmp_path / "again" / "checkpoints" / "last.ckpt",
+                                  "last": tmp_path / "again" / "checkpoints" / "last.ckpt"}
+    again = result.metrics
     assert again["calibrated_threshold"] == metrics["calibrated_threshold"]
     assert again["calibration"] == calibration
 
@@ -225,6 +232,14 @@ def test_one_class_calibration_and_a_start_are_refused(
               "--out", str(tmp_path / "resume"), *FAST])  # fmt: skip
     assert "rigid is training-free: `qdd-cli fit` only calibrates its threshold, from nothing, " \
         "and takes no --ckpt_path" in last_error(capsys)  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["fit", "--weights", checkpoint, "--detector", "rigid", *data(shards),
+              "--out", str(tmp_path / "tune"), *FAST])  # fmt: skip
+    assert "and takes no --weights" in last_error(capsys)
+    with pytest.raises(SystemExit):
+        main(["fit", "--weights", str(dinov2), "--detector", "rigid", *data(shards),
+              "--out", str(tmp_path / "official"), *FAST])  # fmt: skip
+    assert "rigid is training-free: it takes no --weights" in last_error(capsys)
 
 
 def test_uncalibrated_test_leaves_out_accuracy_at_logit_zero(
