@@ -286,3 +286,24 @@ def test_detectors_table_says_fit_only_calibrates(capsys: pytest.CaptureFixture)
     for name in ("rigid", "aeroblade"):
         assert "| calibrates a threshold only |" in rows[name]
     assert "| yes |" in rows["npr"]
+
+
+def test_calibration_set_is_everything_but_the_test_split(shards: Path) -> None:
+    from qdd.datamodules.shard import ShardDataModule
+
+    paths = [str(shards / "real"), str(shards / "fake")]
+    fit = ShardDataModule(paths, test_fraction=0.3)
+    fit.setup("fit")
+    calibration = ShardDataModule(paths, test_fraction=0.3)
+    calibration.calibrate_only()
+    calibration.setup("validate")
+    held_out = ShardDataModule(test=paths, test_fraction=0.3)
+    held_out.setup("test")
+    units = {s.unit for s in calibration.split["val"]}
+    assert units == {s.unit for s in fit.split["train"] + fit.split["val"]}
+    assert not units & {s.unit for s in held_out.split["test"]}
+    assert len(calibration.split["val"]) + held_out.expected == 2 * N
+    state = calibration.state_dict()
+    assert state["calibration_only"] and state["n_train_units"] == len(units)
+    assert calibration.describe()["calibration_only"] and not fit.describe()["calibration_only"]
+    assert "calibration_only" not in fit.state_dict()
