@@ -70,7 +70,7 @@ def calibrate(trainer: Any, model: Any, datamodule: Any) -> Path:
     folder = Path(callback.dirpath) if callback and callback.dirpath else (
         Path(trainer.default_root_dir) / "checkpoints")  # fmt: skip
     path = folder / "last.ckpt"
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # as ModelCheckpoint writes last.ckpt
     if callback is not None:  # what `qdd.api` returns as the fit's checkpoints
         callback.best_model_path = callback.last_model_path = str(path)
     summaries = [c for c in trainer.callbacks if isinstance(c, RunSummary)]
