@@ -159,3 +159,30 @@ def stored_calibration(checkpoint: dict[str, Any], prefix: str = "calibration.")
     calibration.load_state_dict({k.removeprefix(prefix): v for k, v in state.items()
                                  if k.startswith(prefix)})  # fmt: skip
     return calibration.summary()
+
+
+def accuracy_note(
+    detector: str, trainable: bool, threshold: float, calibrated: float | None
+) -> str | None:
+    """What a test run must say about its accuracies when logit 0 means nothing.
+
+    A training-free detector's logits (RIGID: −cosine, AEROBLADE: −LPIPS) are not centred on
+    0: at threshold 0 it calls (nearly) every image real. Uncalibrated, and with no
+    threshold of your own (``--model.threshold``), its accuracies are left out; calibrated,
+    ``acc_calibrated`` is the accuracy to read. None: nothing to say (a trained detector, or
+    a threshold you chose).
+    """
+    if trainable or threshold != 0.0:
+        return None
+    at_zero = "acc, real_acc, fake_acc and balanced_acc at logit 0"
+    if calibrated is None:
+        return (
+            f"{detector} is training-free and uncalibrated: its logits are not centred on 0, "
+            f"so {at_zero} are not meaningful and are left out (AUROC, AP and TPR at a fixed "
+            f"FPR are); calibrate a threshold with `qdd-cli fit --detector {detector} --data "
+            "SHARDS` and test with its --ckpt_path, or pass --model.threshold"
+        )
+    return (
+        f"{detector} is training-free: {at_zero} are not meaningful (its logits are not "
+        "centred on 0); acc_calibrated, at the threshold calibrated on held-out images, is"
+    )

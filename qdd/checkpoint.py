@@ -1,9 +1,12 @@
 """A `qdd-cli fit` checkpoint as one input: read once, and the rules for using it.
 
-A fit checkpoint carries four things a later run must respect: the detector's
-hyperparameters (its architecture: ``detector`` and ``detector_args``), the calibrated
-threshold, the data module's split settings, and the identities of the units it trained on
-(`qdd.datamodules.split`). `FitCheckpoint` holds them, read once per file.
+A fit checkpoint carries five things a later run must respect: the detector's
+hyperparameters (its architecture: ``detector`` and ``detector_args``), the sha256 of every
+weight file the detector was built from (a frozen backbone, a training-free detector's
+networks), the calibrated threshold, the data module's split settings, and the identities
+of the units it trained on (`qdd.datamodules.split`); for a training-free detector, whose
+``fit`` only calibrates (`qdd.training_free`), the units it calibrated on. `FitCheckpoint`
+holds them, read once per file.
 
 Which value wins, for a run given a checkpoint (``--ckpt_path C.ckpt``, or
 ``--weights C.ckpt`` for a fine-tune or a test of its weights):
@@ -19,6 +22,10 @@ Which value wins, for a run given a checkpoint (``--ckpt_path C.ckpt``, or
 A value equal to the preset's is read as the preset's, not as yours (the two cannot be told
 apart once the preset is merged): the checkpoint's value then wins, which keeps its
 architecture.
+
+Weight files: a detector rebuilt from the checkpoint must read the same files by content
+(sha256; a moved or renamed copy is fine): a head or a threshold fitted on one backbone
+means nothing on another, so any other file is refused in one line.
 
 Overlap rules: every split a run evaluates — a fit's validation split, ``validate``'s,
 ``test``'s — must not share a unit with the checkpoint's training data; it is refused in one
@@ -48,6 +55,8 @@ log = logging.getLogger(__name__)
 DATA_KEY = "ShardDataModule"
 #: The split settings a checkpoint stores and a resumed fit must repeat.
 SETTINGS = ("val_fraction", "test_fraction", "holdout_generators")
+#: Where a fit checkpoint records its detector's weight files (path → sha256).
+WEIGHT_FILES_KEY = "qdd_weight_files"
 #: Hyperparameters that define what the checkpoint's weights are.
 ARCHITECTURE = ("detector", "detector_args")
 PRESETS = Path(__file__).parent / "configs" / "detectors"
@@ -68,6 +77,39 @@ class FitCheckpoint:
     def calibration(self) -> dict[str, Any] | None:
         """The threshold fitted on the fit's validation split, with its rule (or None)."""
         return stored_calibration(self.contents)
+
+    @property
+    def weight_files(self) -> dict[str, str] | None:
+        """The weight files its detector was built from, path → sha256 (None: not recorded,
+        a checkpoint of an older qdd)."""
+        files = self.contents.get(WEIGHT_FILES_KEY)
+        return None if files is None else dict(files)
+
+    def check_weight_files(self, files: dict[str, str], detector: str) -> None:
+        """Every file a detector rebuilt for this checkpoint read (``files``: path → sha256)
+        must be one it was made with, by content; another is refused in one line."""
+        recorded = self.weight_files
+        if recorded is None:
+            return  # an older checkpoint: nothing recorded to compare
+        known = set(recorded.values())
+        for path, sha in sorted(files.items()):
+            if sha in known:
+                continue
+            mine = set(files.values())
+            theirs = [f"{p} (sha256 {h[:12]}…)" for p, h in sorted(recorded.items())
+                      if h not in mine] or ["none"]  # fmt: skip
+            raise QddError(
+                f"{detector} was built from {path} (sha256 {sha[:12]}…), but {self.path} was "
+                f"made with {', '.join(theirs)}: its weights and threshold belong to those "
+                "files; pass them in --model.detector_args, or fit (for a training-free "
+                "detector: calibrate) a new checkpoint with this file"
+            )
+
+    @property
+    def calibration_only(self) -> bool:
+        """Written by a training-free detector's fit: its units were calibrated on, not
+        trained on (`qdd.training_free`)."""
+        return bool((self.split or {}).get("calibration_only"))
 
     @property
     def split(self) -> dict[str, Any] | None:
@@ -137,8 +179,9 @@ class FitCheckpoint:
             if key not in ours or ours[key] == value:
                 continue
             if key.endswith("weights") and isinstance(value, str) and Path(value).is_file():
-                log.warning("detector_args.%s=%s instead of the checkpoint's %s: the same "
-                            "backbone is assumed", key, value, ours[key])  # fmt: skip
+                log.warning("detector_args.%s=%s instead of the checkpoint's %s: a moved copy "
+                            "is assumed (checked by sha256 where the checkpoint recorded it)",
+                            key, value, ours[key])  # fmt: skip
                 resolved[key] = value
                 continue
             raise QddError(
@@ -187,13 +230,15 @@ class FitCheckpoint:
         if not count:
             return 0
         what = f"{count} of the {len(checked)} {EVALUATED[stage]}"
+        learned = "calibration" if self.calibration_only else "training"
         if allow:
-            log.warning("%s were trained on by %s (allow_train_overlap)", what, self.path)
+            log.warning("%s are in the %s data of %s (allow_train_overlap)", what, learned,
+                        self.path)  # fmt: skip
             return count
         fractions = (f"--data.val_fraction={split['val_fraction']} "
                      f"--data.test_fraction={split['test_fraction']}")  # fmt: skip
         raise QddError(
-            f"{what} share a prompt (real photos: the image) with the training data of "
+            f"{what} share a prompt (real photos: the image) with the {learned} data of "
             f"{self.path}: {FIXES[stage].format(fractions=fractions)}, or pass "
             "--data.allow_train_overlap=true to evaluate on them on purpose"
         )

@@ -66,7 +66,9 @@ COMMANDS = {
 HELP_ALL = "--help-all"
 _PURPOSE = {
     "fit": "Train a detector on shards: real vs fake, split into train/val/test by prompt_id.\n"
-    "Writes checkpoints/ (last.ckpt and the best), metrics.json and config.yaml into --out.",
+    "Writes checkpoints/ (last.ckpt and the best), metrics.json and config.yaml into --out.\n"
+    "A training-free detector (rigid, aeroblade) trains nothing: fit calibrates its threshold\n"
+    "(--model.calibration) on every image outside the test split and writes last.ckpt.",
     "validate": "Run a detector's validation loop on shards (the validation side of a fit).",
     "test": "Benchmark a detector on shards: metrics per generator x precision.\n"
     "Writes metrics.json, scores.parquet (one logit per image) and config.yaml into --out.",
@@ -80,6 +82,8 @@ _EXAMPLES = {
         "--trainer.max_steps=200 --data.batch_size=16",
         "qdd-cli fit --detector clipd --data 'shards/*' --weights checkpoints/clipd.pth",
         "qdd-cli fit --task attribution --detector npr --data 'shards/sd3-*' --random-weights",
+        "qdd-cli fit --detector rigid --data 'shards/*' --out runs/rigid-calibrated   (a "
+        "threshold only)",
     ],
     "test": [
         "qdd-cli test --detector npr --data shards/sd3-fp4 --data shards/real-coco",

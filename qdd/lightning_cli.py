@@ -16,6 +16,9 @@ in `before_instantiate_classes`:
   which value wins (your flags > the checkpoint > presets > defaults; the checkpoint's
   architecture is never replaced), and whose training data the data module must not
   evaluate. (LightningCLI alone lets the checkpoint replace the user's values.)
+
+``fit`` of a training-free detector (RIGID, AEROBLADE) trains nothing: it calibrates a
+threshold in one validation pass and writes ``last.ckpt`` (`qdd.training_free`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from lightning.pytorch.cli import LightningCLI
 from qdd.checkpoint import apply_checkpoint
 from qdd.run_folder import fresh_run_dir, inherited_ddp_run_dir, shared_with_ddp_ranks
 from qdd.threads import use_threads
+from qdd.training_free import calibrate, check_start, is_training_free
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,7 @@ class QddCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        check_start(config, self.subcommand)  # a training-free fit starts from nothing
         apply_checkpoint(config, self.given, self.subcommand)  # qdd.checkpoint's rules, first:
         trainer = config.trainer  # a refusal leaves no folder; the folder names its detector
         run_dir = trainer.default_root_dir or inherited_ddp_run_dir()
@@ -107,7 +112,10 @@ class QddCLI(LightningCLI):
         failed = True
         try:
             with shared_with_ddp_ranks(self.trainer.default_root_dir):
-                super()._run_subcommand(subcommand)
+                if subcommand == "fit" and is_training_free(self.model.hparams.detector):
+                    calibrate(self.trainer, self.model, self.datamodule)
+                else:
+                    super()._run_subcommand(subcommand)
             failed = False
         finally:
             finish_loggers(self.trainer, failed)

@@ -63,22 +63,27 @@ def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, max_fpr: float) -> fl
 def detection_metrics(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    threshold: float = 0.0,
+    threshold: float | None = 0.0,
     calibrated: float | None = None,
 ) -> dict:
     """All metrics of one real-vs-fake set; ``None`` where a class is missing.
 
-    ``acc`` is taken at ``threshold``; ``acc_calibrated`` (beside the `METRICS`) at the
+    ``acc``, ``real_acc``, ``fake_acc`` and ``balanced_acc`` are taken at ``threshold``
+    (``None``: no meaningful threshold, they are ``None`` too: an uncalibrated
+    training-free detector); ``acc_calibrated`` (beside the `METRICS`) at the
     validation-calibrated threshold ``calibrated`` (``None`` when the weights carry none).
     """
     labels = labels.long()
-    predicted = (logits > threshold).long()
     real, fake = labels == 0, labels == 1
     nan = math.nan
-    real_acc = float((predicted[real] == 0).float().mean()) if real.any() else nan
-    fake_acc = float((predicted[fake] == 1).float().mean()) if fake.any() else nan
+    real_acc = fake_acc = accuracy = nan
+    if threshold is not None:
+        predicted = (logits > threshold).long()
+        real_acc = float((predicted[real] == 0).float().mean()) if real.any() else nan
+        fake_acc = float((predicted[fake] == 1).float().mean()) if fake.any() else nan
+        accuracy = float((predicted == labels).float().mean()) if len(labels) else nan
     result = {
-        "acc": float((predicted == labels).float().mean()) if len(labels) else nan,
+        "acc": accuracy,
         "acc_calibrated": nan,
         "real_acc": real_acc,
         "fake_acc": fake_acc,
@@ -105,7 +110,10 @@ class GroupedDetectionMetrics(Metric):
     full_state_update = False
 
     def __init__(
-        self, groups: Sequence[str], threshold: float = 0.0, calibrated: float | None = None
+        self,
+        groups: Sequence[str],
+        threshold: float | None = 0.0,
+        calibrated: float | None = None,
     ) -> None:
         super().__init__()
         self.groups = list(groups)
@@ -142,7 +150,7 @@ def grouped_metrics(
     labels: torch.Tensor,
     group_ids: torch.Tensor,
     groups: Sequence[str],
-    threshold: float = 0.0,
+    threshold: float | None = 0.0,
     calibrated: float | None = None,
 ) -> dict:
     """``{"n", "overall", "groups"}``: overall metrics, and each fake group (index into

@@ -5,7 +5,8 @@
 - validate: the logged metrics and the threshold this validation fitted;
 - fit, validate and test: ``train_overlap``, the evaluated images in the training data of
   the checkpoint the run starts from or evaluates (`qdd.checkpoint`);
-- test: per group and per perturbation pass (`DetectorModule.test_results`), the skipped
+- test: ``accuracy_note`` where accuracy at logit 0 means nothing (a training-free
+  detector), per group and per perturbation pass (`DetectorModule.test_results`), the skipped
   samples (`ScoreWriter.skipped`), and how each fake group was made; printed as a table,
   and handed to W&B as one when a WandbLogger is in use.
 
@@ -60,7 +61,9 @@ class RunSummary(Callback):
         metrics = summary_of_test(trainer, pl_module, self.scores)
         self.write(trainer, metrics)
         table = format_table(metrics)
-        print(f"\n{metrics['detector']} on {len(metrics['data'])} folder(s)\n{table}\n", flush=True)
+        note = f"note: {metrics['accuracy_note']}\n" if metrics.get("accuracy_note") else ""
+        print(f"\n{metrics['detector']} on {len(metrics['data'])} folder(s)\n{table}\n{note}",
+              flush=True)  # fmt: skip
         columns = ["group", "n_fake", *table_metrics(metrics)]
         rows = [
             [g, v["n_fake"], *(v[m] for m in columns[2:])] for g, v in metrics["groups"].items()
@@ -134,6 +137,9 @@ def summary_of_test(
         "threshold": pl_module.hparams.threshold,
         "calibrated_threshold": pl_module.calibration.value,
         "calibration": pl_module.calibration.summary(),
+        # a training-free detector's accuracies at logit 0 mean nothing (left out when it
+        # is uncalibrated): `qdd.calibration.accuracy_note`
+        "accuracy_note": getattr(pl_module, "accuracy_note", None),
         "n": results["n"],
         "expected": data.expected if data is not None else None,
         # images of the checkpoint's training data evaluated (on purpose: allow_train_overlap;

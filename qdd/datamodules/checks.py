@@ -20,7 +20,7 @@ def empty_split(
 ) -> QddError:
     """The error of a split with no sample, naming the setting that would fill it."""
     fraction = {"train": "", "val": "val_fraction", "test": "test_fraction"}.get(split)
-    name = {"val": "validation"}.get(split, split)
+    name = {"val": "validation", "calibration": "calibration set"}.get(split, split)
     hint = f"add samples or raise --data.{fraction}" if fraction else "add samples"
     if split == "train":
         hint = "add samples, lower the fractions or check holdout_generators"
@@ -31,20 +31,26 @@ def empty_split(
 
 
 def check_validation(
-    samples: Sequence[Indexed], paths: Sequence[str], both_classes: bool = True
+    samples: Sequence[Indexed],
+    paths: Sequence[str],
+    both_classes: bool = True,
+    calibration_only: bool = False,
 ) -> None:
     """The validation split must hold readable images of both classes: its threshold and
     AUROC need them. Images are checked now (`qdd.datamodules.reader.image_problem`), not
     when the first epoch's threshold fails; unreadable ones left over are named in a
     warning (the loader skips them every epoch). ``both_classes=False`` (attribution,
-    whose classes are precisions) asks for readable images only."""
+    whose classes are precisions) asks for readable images only. ``calibration_only``: the
+    samples are a training-free detector's calibration set (all but the test split)."""
+    name = "calibration set (all but the test split)" if calibration_only else "validation split"
+    widen = "lower --data.test_fraction" if calibration_only else "raise --data.val_fraction"
     problems = unreadable(samples)
     readable = [s for s in samples if (s.entry.shard, s.entry.key) not in problems]
     classes = Counter(s.label for s in readable)
     folders = ", ".join(map(str, paths))
     if not classes:
         raise QddError(
-            f"no validation image of {folders} can be read ({describe_problems(problems)}): "
+            f"no image of the {name} of {folders} can be read ({describe_problems(problems)}): "
             "re-create those shards"
         )
     for label, have, need in ((0, "real", "fake"), (1, "fake", "real")):
@@ -52,9 +58,9 @@ def check_validation(
             bad = f"; {describe_problems(problems)}" if problems else ""
             fix = "re-create the unreadable shards, " if problems else ""
             raise QddError(
-                f"the validation split of {folders} holds only {have} readable images "
+                f"the {name} of {folders} holds only {have} readable images "
                 f"({classes[label]}){bad}: its threshold and AUROC need both classes; "
-                f"{fix}add {need} shards to the validation folders or raise --data.val_fraction"
+                f"{fix}add {need} shards to the validation folders or {widen}"
             )
     if problems:
         log.warning("validation images skipped every epoch: %s", describe_problems(problems))

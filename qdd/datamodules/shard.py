@@ -16,6 +16,12 @@ stores the split settings and the trained units in every fit checkpoint; with
 against that checkpoint's training data by `qdd.checkpoint` (refused, or counted with
 ``allow_train_overlap``). Validation images are checked readable at setup.
 
+A training-free detector's ``fit`` calibrates only (`qdd.training_free`): after
+`calibrate_only`, the validation pass reads every image of the validation folders outside
+their test split (there is nothing to train on, so the train split joins the calibration
+set), and ``state_dict()`` stores those units in the checkpoint, as a fit stores the units
+it trained on: a later test refuses or counts them exactly the same way.
+
 Perturbations (``--perturb``, test and predict) and re-encoding (``reencode``, every split)
 apply after decoding and before the detector's own preprocessing, handed in as
 ``transforms`` (``{"train": ..., "eval": ...}``: `DetectorModule.loader_transforms`).
@@ -59,7 +65,7 @@ from qdd.datamodules.sources import (
     source_samples,
     weigh_sources,
 )
-from qdd.datamodules.split import RULE, Indexed, index_folder, split_state, take
+from qdd.datamodules.split import CALIBRATION, RULE, Indexed, index_folder, split_state, take
 from qdd.datamodules.writer import formats_by_group
 from qdd.errors import QddError
 from qdd.reencode import MATCH, Reencoder, build_reencoder, check_spec
@@ -190,6 +196,7 @@ class ShardDataModule(LightningDataModule):
         self._indexed: dict[Path, list[Indexed]] = {}
         self._stage: str | None = None
         self._checked = False
+        self.calibration_only = False  # see `calibrate_only`
         for paths_ in ([s.path for s in self.sources], self.val_paths, self.test_paths):
             for folder in resolve_folders(paths_) if paths_ else []:
                 read_manifest(folder)  # fail before the trainer starts, not after
@@ -214,6 +221,11 @@ class ShardDataModule(LightningDataModule):
     def workers_for(self, trainer: Any) -> int:
         """The DataLoader workers this module's loaders will start under ``trainer``."""
         return loader_options(trainer, self.num_workers, persistent=False)["num_workers"]
+
+    def calibrate_only(self) -> None:
+        """Make the validation pass a training-free detector's calibration set: every image
+        of the validation folders outside their test split (see the module docstring)."""
+        self.calibration_only = True
 
     # -- setup ---------------------------------------------------------------------------
     def _samples(self, paths: Sequence[str]) -> list[Indexed]:
@@ -286,8 +298,10 @@ class ShardDataModule(LightningDataModule):
         if getattr(self.trainer, "limit_val_batches", None) == 0:
             self.split["val"] = []  # validation is switched off: nothing to check
             return
-        samples = self._split("val", self.val_paths, holdout=True)
-        check_validation(samples, self.val_paths, both_classes=self.task == "detection")
+        split = CALIBRATION if self.calibration_only else "val"  # all but the test split
+        samples = self._split(split, self.val_paths, holdout=True)
+        check_validation(samples, self.val_paths, both_classes=self.task == "detection",
+                         calibration_only=self.calibration_only)  # fmt: skip
         self.split["val"] = samples
 
     def _check_holdout(self) -> None:
@@ -314,7 +328,11 @@ class ShardDataModule(LightningDataModule):
 
     # -- what a checkpoint stores and checks ---------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The split settings and the trained units (hashed), stored in every fit checkpoint."""
+        """The split settings and the trained units (hashed), stored in every fit checkpoint;
+        for a training-free detector's calibration, the units calibrated on."""
+        if self.calibration_only and "val" in self.split:
+            return {**split_state(self.split["val"], self._inherited, self.val_fraction,
+                                  self.test_fraction, self.holdout), "calibration_only": True}
         if "train" not in self.split:
             return {}
         return split_state(self.split["train"], self._inherited, self.val_fraction,
@@ -367,6 +385,7 @@ class ShardDataModule(LightningDataModule):
             "n_test": len(self.split.get("test", [])),
             "checkpoint": self.checkpoint,
             "train_overlap": self.train_overlap,
+            "calibration_only": self.calibration_only,
         }
 
     # -- loaders -------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: comparable unit by unit).
 RULE = "qdd-split/1: prompt_id (golden-ratio position), real photographs by SHA-1 of the key"
 GOLDEN = 0.6180339887498949
+#: What `take` calls a training-free detector's calibration set: the train and val splits
+#: together (every unit outside the test split; nothing is trained).
+CALIBRATION = "calibration"
 
 
 def split_position(unit: str) -> float:
@@ -170,15 +173,17 @@ def take(
     holdout: Iterable[str] = (),
 ) -> list[Indexed]:
     """The samples of ``split`` less those of the ``holdout`` generators; ``all``: every
-    sample, unreadable ones included (a benchmark of whole folders)."""
+    sample, unreadable ones included (a benchmark of whole folders); `CALIBRATION`: those
+    of the train and val splits."""
     if split == "all":
         return list(samples)
     held = set(holdout)
+    wanted = {"train", "val"} if split == CALIBRATION else {split}
     return [
         s
         for s in samples
         if s.unit is not None
-        and split_of(s.unit, val_fraction, test_fraction) == split
+        and split_of(s.unit, val_fraction, test_fraction) in wanted
         and s.generator not in held
     ]
 

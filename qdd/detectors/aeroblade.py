@@ -226,8 +226,8 @@ class Aeroblade(Detector):
 
     def configure_optimizer(self, params: Iterable[nn.Parameter]) -> Optimization:
         raise QddError(
-            "aeroblade is training-free: there is nothing to fit; run "
-            "`qdd-cli test --detector aeroblade`"
+            "aeroblade is training-free: there is nothing to fit (`qdd-cli fit --detector "
+            "aeroblade` calibrates a threshold without training)"
         )
 
 

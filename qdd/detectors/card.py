@@ -32,7 +32,8 @@ class DetectorCard:
         normalisation: ``"imagenet"``, ``"clip"``, or ``"none"`` (pixels in [0, 1]: AEROBLADE).
         files: the files it needs and the flag or place each comes from.
         licence: of the official weights.
-        trainable: ``qdd-cli fit`` can train it (training-free ones take no ``--weights``).
+        trainable: ``qdd-cli fit`` can train it; training-free ones take no ``--weights``,
+            and their ``fit`` only calibrates a threshold (`qdd.training_free`).
     """
 
     family: str

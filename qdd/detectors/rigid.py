@@ -161,5 +161,6 @@ class Rigid(Detector):
 
     def configure_optimizer(self, params: Iterable[nn.Parameter]) -> Optimization:
         raise QddError(
-            "rigid is training-free: there is nothing to fit; run `qdd-cli test --detector rigid`"
+            "rigid is training-free: there is nothing to fit (`qdd-cli fit --detector rigid` "
+            "calibrates a threshold without training)"
         )

@@ -1,7 +1,9 @@
 """``qdd-cli detectors``: every registered detector's card as one table.
 
 Family, how images are fed at test time, the files each needs and their licence, so a
-user knows what to download (checkpoints/README.md says where from) before a run.
+user knows what to download (checkpoints/README.md says where from) before a run. The
+``fit`` column says what ``qdd-cli fit`` does: train, or for a training-free detector only
+calibrate a threshold (`qdd.training_free`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 from qdd.detectors.card import FAMILIES
 
 COLUMNS = ("detector", "family", "fit", "test-time input", "files", "licence")
+#: The ``fit`` cell of a training-free detector: `qdd-cli fit` calibrates, trains nothing.
+CALIBRATION_ONLY = "calibrates a threshold only"
 
 
 def rows() -> list[tuple[str, ...]]:
@@ -21,7 +25,7 @@ def rows() -> list[tuple[str, ...]]:
     cards = [(name, detector_class(name).card) for name in available()]
     cards.sort(key=lambda item: (FAMILIES.index(item[1].family), item[0]))
     return [
-        (name, card.family, "yes" if card.trainable else "training-free", card.input_policy(),
+        (name, card.family, "yes" if card.trainable else CALIBRATION_ONLY, card.input_policy(),
          "; ".join(card.files), card.licence)
         for name, card in cards
     ]  # fmt: skip
@@ -37,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="qdd-cli detectors",
         description="Every detector: family, test-time input, files it needs, licence "
-        "(a Markdown table). Where each file comes from: checkpoints/README.md.",
+        "(a Markdown table). Where each file comes from: checkpoints/README.md. A "
+        "training-free detector's `qdd-cli fit` trains nothing: it calibrates a threshold "
+        "on all but the test split, for `qdd-cli test --ckpt_path`.",
     )
     parser.parse_args(argv)
     print(markdown(rows()))

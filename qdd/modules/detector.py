@@ -14,7 +14,9 @@ detector without weights refuses to run unless ``random_weights=True``. Frozen b
 Calibration: a `qdd.calibration.Calibration` submodule. Every validation epoch fits its
 threshold on the gathered validation logits; it travels in the state_dict, is reset when
 a fit starts (new weights, new threshold) and ``test`` reports accuracy at it beside
-accuracy at ``threshold``.
+accuracy at ``threshold``. A training-free detector's ``fit`` is its validation pass alone
+(`qdd.training_free`); tested uncalibrated, its accuracies at logit 0 are left out
+(`accuracy_note`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from torch import Tensor
 from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
-from qdd.calibration import LEGACY_KEY, Calibration, calibration_state
+from qdd.calibration import LEGACY_KEY, Calibration, accuracy_note, calibration_state
 from qdd.callbacks import RunSummary, ScoreWriter
-from qdd.checkpoint import read_checkpoint
+from qdd.checkpoint import WEIGHT_FILES_KEY, read_checkpoint
 from qdd.datamodules.dataset import UNPERTURBED
 from qdd.detectors import build_detector, load_detector
 from qdd.detectors.weights import apply_state
@@ -87,6 +89,7 @@ class DetectorModule(LightningModule):
         if hp.weights and str(hp.weights).endswith(".ckpt"):
             start = read_checkpoint(hp.weights)  # read once (`qdd.checkpoint`)
             self.detector = build_detector(hp.detector, **args)
+            start.check_weight_files(self.detector.weight_files, hp.detector)
             self.prepare_head(start.hparams)
             apply_state(self.detector, checkpoint_state(start.contents), str(hp.weights))
             self.detector.weights_source = str(hp.weights)
@@ -239,6 +242,7 @@ class DetectorModule(LightningModule):
             metric.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[WEIGHT_FILES_KEY] = dict(self.detector.weight_files)  # checked on load
         prefixes = tuple(f"detector.{p}" for p in self.detector.frozen_prefixes)
         if prefixes:
             state = checkpoint["state_dict"]
@@ -257,7 +261,9 @@ class DetectorModule(LightningModule):
         data = self.trainer.datamodule
         groups = sorted(data.groups) if data is not None else []
         passes = data.perturbation_names if data is not None else [UNPERTURBED]
-        metric = GroupedDetectionMetrics(groups, self.hparams.threshold, self.calibration.value)
+        threshold = None if self.accuracy_note and self.calibration.value is None else (
+            self.hparams.threshold)  # fmt: skip
+        metric = GroupedDetectionMetrics(groups, threshold, self.calibration.value)
         self.test_metrics = {name: metric.clone().to(self.device) for name in passes}
         self._group_index = {name: i for i, name in enumerate(groups)}
 
@@ -290,6 +296,13 @@ class DetectorModule(LightningModule):
             suffix = "" if name == UNPERTURBED else f"/{name}"
             values = {f"test_{k}{suffix}": v for k, v in result["overall"].items()}
             self.log_dict({k: v for k, v in values.items() if v is not None}, rank_zero_only=True)
+
+    @property
+    def accuracy_note(self) -> str | None:
+        """Why accuracy at ``threshold`` is not meaningful for this detector (None: it is)."""
+        kind = type(self.detector)
+        return accuracy_note(kind.name, kind.card.trainable, float(self.hparams.threshold),
+                             self.calibration.value)  # fmt: skip
 
     # -- predict: scores only (kept by `ScoreWriter`) ----------------------------------------
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -36,7 +36,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     from qdd.report.kde import plot_kde
     from qdd.report.paired import plot_paired, shift_table
     from qdd.report.robustness import plot_robustness, precision_table, spec_rank
-    from qdd.report.runs import NONE, group_table, load_runs, missing_groups
+    from qdd.report.runs import NONE, accuracy_warnings, group_table, load_runs, missing_groups
     from qdd.report.spectra import fingerprint_section, is_fingerprint_run
     from qdd.report.style import save
     from qdd.report.swap import plot_swap, swap_table
@@ -119,7 +119,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     if not table.empty:
         tables["groups"] = write_table(sorted_groups(table), out / "tables", "groups")
     missing = missing_groups(table)
-    warnings = format_warnings(results)
+    warnings = format_warnings(results) + accuracy_warnings(results)
     for line in missing:
         print(f"missing: {line}", file=sys.stderr)
     for note in notes:

@@ -293,7 +293,8 @@ def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
                "calibrated_threshold": calibrated,
                "n": len(scores[["group", "key"]].drop_duplicates()),
                "data": metrics.get("data") or [], "origin": metrics.get("origin"),
-               "reencode": metrics.get("reencode")}  # fmt: skip
+               "reencode": metrics.get("reencode"),
+               "accuracy_note": metrics.get("accuracy_note")}  # fmt: skip
         entry = results.get(name)
         if entry is None:
             entry = results[name] = DetectorResults(name, scores, threshold=threshold,
@@ -310,6 +311,23 @@ def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:
         order = _identity(entry.scores).sort_values(list(IMAGE), kind="stable").index
         entry.scores = entry.scores.loc[order].reset_index(drop=True)
     return results
+
+
+def accuracy_warnings(results: dict[str, DetectorResults]) -> list[str]:
+    """One line per detector whose runs say accuracy at logit 0 means nothing for it (a
+    training-free detector: `qdd.calibration.accuracy_note`): the report's accuracies at
+    the threshold are drawn all the same, so report.md must say so."""
+    lines = []
+    for name, entry in sorted(results.items()):
+        if not any(run.get("accuracy_note") for run in entry.runs):
+            continue
+        read = ("acc_calibrated (its calibrated threshold)" if entry.calibrated_threshold
+                is not None else "AUROC, AP and TPR at a fixed FPR (it was tested "
+                f"uncalibrated: calibrate with `qdd-cli fit --detector {entry.runs[0]['detector']}"
+                "` and test with --ckpt_path)")  # fmt: skip
+        lines.append(f"{name} is training-free: its accuracies at logit 0 (acc, real, fake and "
+                     f"balanced accuracy) are not meaningful; read {read}")  # fmt: skip
+    return lines
 
 
 def _one(values: pd.Series) -> Any:

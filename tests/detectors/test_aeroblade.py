@@ -285,24 +285,23 @@ def test_cli_test_runs_aeroblade_on_shards_twice_alike(files: dict[str, Path], t
     assert runs[0]["logit"].notna().all() and (runs[0]["logit"] <= 0).all()
     np.testing.assert_allclose(runs[0]["logit"], runs[1]["logit"], rtol=1e-3)
 
-    with pytest.raises(SystemExit) as stop:
-        main(
-            [
-                "fit",
-                "--detector",
-                "aeroblade",
-                "--model.detector_args",
-                args,
-                "--data",
-                str(tmp_path / "real"),
-                "--data",
-                str(tmp_path / "tiny-fp4"),
-                "--out",
-                str(tmp_path / "fit"),
-                *FAST,
-            ]
-        )
-    assert stop.value.code != 0
+    # issue 23: fit calibrates a threshold (no training); test reads it from the checkpoint
+    main(["fit", "--detector", "aeroblade", "--model.detector_args", args,
+          "--data", str(tmp_path / "real"), "--data", str(tmp_path / "tiny-fp4"),
+          "--out", str(tmp_path / "fit"), *FAST])  # fmt: skip
+    fitted = json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    assert fitted["steps"] == 0 and len(fitted["weight_files"]) == 3
+    main(["test", "--ckpt_path", str(tmp_path / "fit" / "checkpoints" / "last.ckpt"),
+          "--data", str(tmp_path / "real"), "--data", str(tmp_path / "tiny-fp4"),
+          "--data.allow_train_overlap=true", "--out", str(tmp_path / "calibrated"),
+          *FAST])  # fmt: skip
+    tested = json.loads((tmp_path / "calibrated" / "metrics.json").read_text())
+    threshold = fitted["calibrated_threshold"]
+    assert tested["calibrated_threshold"] == threshold and tested["train_overlap"] > 0
+    logits, labels = runs[0]["logit"].to_numpy(), runs[0]["label"].to_numpy()
+    calibrated = ((logits > threshold) == labels).mean()
+    assert tested["overall"]["acc_calibrated"] == pytest.approx(calibrated)
+    assert metrics["accuracy_note"] and metrics["overall"]["acc"] is None  # uncalibrated
 
 
 def test_aeroblade_card_and_device_normalisation(files: dict[str, Path]) -> None:

@@ -359,15 +359,16 @@ def test_real_rigid_backbone_takes_the_hub_layout(tmp_path: Path) -> None:
     assert detector.backbone.pos_embed.shape == (1, 257, 1024)
 
 
-def test_fit_on_a_training_free_detector_is_one_line(small_shards: Path, tmp_path, capsys) -> None:
+def test_fit_on_a_training_free_detector_only_calibrates(small_shards: Path, tmp_path) -> None:
+    """Issue 23: no training step; a threshold calibrated on all but the test split."""
     args = json.dumps(tiny_detector_args("rigid"))
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--detector", "rigid", "--model.detector_args", args,
-              "--data", str(small_shards / "real"), "--data", str(small_shards / "tiny-fp4"),
-              "--out", str(tmp_path / "fit"), "--trainer.max_steps=1", *FAST])  # fmt: skip
-    assert stop.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("qdd-cli fit: error: rigid is training-free: there is nothing to fit")
+    main(["fit", "--detector", "rigid", "--model.detector_args", args,
+          "--data", str(small_shards / "real"), "--data", str(small_shards / "tiny-fp4"),
+          "--out", str(tmp_path / "fit"), "--trainer.max_steps=1", *FAST])  # fmt: skip
+    metrics = json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    assert metrics["steps"] == 0 and metrics["training_free"]
+    assert metrics["calibrated_threshold"] is not None
+    assert (tmp_path / "fit" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_full_resolution_batches_of_mixed_sizes_score_each_image_once(tmp_path: Path) -> None:
