@@ -23,7 +23,7 @@ from qdd.cli import main
 from qdd.detectors import available, build_detector
 from qdd.detectors.tiny import tiny_detector_args
 from qdd.identity import group_label
-from tests.conftest import run_qdd
+from tests.conftest import run_qdd, write_fake_shards
 from tests.detectors.test_aeroblade import kl_folder, vgg_file
 from tests.detectors.test_rine import rine_head
 from tests.detectors.test_spai import random_state, save_official
@@ -227,3 +227,28 @@ def test_ddp_ranks_score_every_demo_image_once_slow(
     """The other eight (~40 s each here; a fresh process cannot see the 224-px test tower:
     the packaged tiny one)."""
     ddp_run(name, demo_shards, tmp_path, "qdd-tiny-vit")
+
+
+@pytest.mark.parametrize("name", ["bfree", "aeroblade"])
+def test_an_image_under_one_cell_stops_the_run_in_one_line_naming_it(
+    name: str, tmp_path: Path, capsys
+) -> None:
+    """B-Free needs one 14-px patch, AEROBLADE one 8-px cell: a 6×6 image stops the run with
+    one line naming the image and its shard, also when a DataLoader worker meets it."""
+    shards = tmp_path / "shards"
+    write_fake_shards(shards / "real", [3], generator="photos", precision=None, label=0)
+    keys = write_fake_shards(shards / "tiny-fp4", [2], generator="tiny", size=(6, 6))
+    files = local_files(name, tmp_path / "files")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main(["test", "--detector", name, *files, "--data", str(shards / "*"), "--out", str(out),
+              "--data.num_workers=2", "--data.batch_size=2", *FAST])  # fmt: skip
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    error = lines[-1]
+    assert error.startswith(f"qdd-cli test: error: {keys[0]} in ") or error.startswith(
+        f"qdd-cli test: error: {keys[1]} in "
+    ), lines
+    assert "tiny-fp4" in error and "6×6" in error and "drop such images" in error
+    assert not any("Traceback" in line for line in lines), lines
+    assert (out / "config.yaml").is_file()  # what was written is kept
