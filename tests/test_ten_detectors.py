@@ -224,8 +224,8 @@ def test_ddp_ranks_score_every_demo_image_once(name: str, demo_shards: Path, tmp
 def test_ddp_ranks_score_every_demo_image_once_slow(
     name: str, demo_shards: Path, tmp_path: Path
 ) -> None:
-    """The other eight (~40 s each here; a fresh process cannot see the 224-px test tower:
-    the packaged tiny one)."""
+    """The other eight (40–90 s each on a loaded 2-core host; a fresh process cannot see
+    the 224-px test tower: the packaged tiny one)."""
     ddp_run(name, demo_shards, tmp_path, "qdd-tiny-vit")
 
 
