@@ -36,7 +36,7 @@ from pathlib import Path
 
 from qdd import __version__, api
 from qdd.api import read_yaml
-from qdd.errors import QddError
+from qdd.errors import QddError, one_line
 from qdd.flags import add_flags, trainer_config
 from qdd.logs import VERBOSE_ENV, configure_logging, is_verbose
 
@@ -354,7 +354,7 @@ def main(args: Sequence[str] | None = None) -> None:
         else:
             OTHER_COMMANDS[name](rest)
     except QddError as error:
-        print(f"qdd-cli {name}: error: {error}", file=sys.stderr)
+        print(f"qdd-cli {name}: error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"qdd-cli {name}: interrupted; complete shards and files were kept", file=sys.stderr)

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from qdd.datamodules.reader import Entry, read_sample
+from qdd.errors import QddError
 from qdd.identity import twin_id
 from qdd.reencode import Reencoder
 
@@ -135,10 +136,13 @@ class ShardDataset(Dataset):
         info = {"key": entry.key}
         info.update({f: "" if meta.get(f) is None else str(meta[f]) for f in META_FIELDS[1:]})
         info["twin"] = twin_id(meta) or ""
-        if not self.perturbations:
-            images = [self.transform(image)]
-        else:
-            images = [self.transform(p.apply(image, entry.key)) for p in self.perturbations]
+        try:
+            if not self.perturbations:
+                images = [self.transform(image)]
+            else:
+                images = [self.transform(p.apply(image, entry.key)) for p in self.perturbations]
+        except QddError as error:  # the detector cannot read this image: say which it is
+            raise QddError(f"{entry.key} in {entry.shard}: {error}") from None
         return Sample(images, int(meta["label"]), info)
 
 

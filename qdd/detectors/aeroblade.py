@@ -106,7 +106,7 @@ class CropToMultiple:
         if not w or not h:
             raise QddError(
                 f"aeroblade: a {width}×{height} image is smaller than the autoencoders' "
-                f"{self.multiple}-px cell"
+                f"{self.multiple}-px cell: drop such images from the shards"
             )
         return image if (w, h) == (width, height) else image.crop((0, 0, w, h))
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torchvision import transforms
 
@@ -52,6 +53,22 @@ def five_windows(embeddings: Tensor, grid: tuple[int, int]) -> list[Tensor]:
         embeddings[..., h - gh :, w - gw :],
         embeddings[..., :gh, w - gw :],
     ]
+
+
+class AtLeastOnePatch:
+    """PIL → PIL, unchanged: an image with a side under one patch has no patch to embed, so
+    it stops the run in one line (the loader adds which image it is)."""
+
+    def __init__(self, patch: int) -> None:
+        self.patch = patch
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.width < self.patch or image.height < self.patch:
+            raise QddError(
+                f"bfree needs images of at least one patch ({self.patch}×{self.patch} px), got "
+                f"{image.width}×{image.height}: drop such images from the shards"
+            )
+        return image
 
 
 @register(
@@ -118,7 +135,10 @@ class BFree(Detector):
         return logits.view(len(windows), len(x)).mean(0)
 
     def eval_transform(self) -> Transform:
-        return transforms.Compose(to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD))
+        patch = self.patch_embed.patch_size
+        return transforms.Compose(
+            [AtLeastOnePatch(max(patch)), *to_normalized_tensor(IMAGENET_MEAN, IMAGENET_STD)]
+        )
 
     def train_transform(self) -> Transform:
         """qdd's recipe (no training code is released): blur/JPEG, a window crop, a flip."""

@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from qdd.detectors.weights import state_mismatch, why_unreadable
 from qdd.errors import QddError
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,54 @@ def _create_pretrained(open_clip: ModuleType, model: str, weights: str) -> nn.Mo
             f"CLIP backbone weights {weights} do not exist: download them (see "
             "checkpoints/README.md) and pass --model.detector_args.backbone_weights FILE"
         )
-    source = str(local) if looks_like_path else weights
+    if looks_like_path:
+        return _create_from_file(open_clip, model, local)
     try:
-        return open_clip.create_model(model, pretrained=source, require_pretrained=True)
-    except QddError:
-        raise
-    except Exception as error:  # network, missing tag, mismatched file: all need the user
+        return open_clip.create_model(model, pretrained=weights, require_pretrained=True)
+    except Exception as error:  # network, missing tag: both need the user
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise QddError(
             f"cannot load CLIP backbone {model} weights {weights!r} ({reason}): on an offline "
             "machine download the open_clip weight file and pass "
             "--model.detector_args.backbone_weights FILE"
         ) from None
+
+
+def _create_from_file(open_clip: ModuleType, model: str, path: Path) -> nn.Module:
+    """open_clip ``model`` with a local file loaded strictly, as open_clip loads it (its
+    format conversions included); a file that does not fit is named with its keys."""
+    try:
+        return open_clip.create_model(model, pretrained=str(path), require_pretrained=True)
+    except Exception as error:
+        problems = _file_problems(open_clip, model, path, error)
+        raise QddError(
+            f"CLIP backbone weights {path} do not fit open_clip {model} ({problems}): pass "
+            "that architecture's open_clip file (see checkpoints/README.md) as "
+            "--model.detector_args.backbone_weights, or the file's architecture as "
+            "--model.detector_args.backbone"
+        ) from None
+
+
+def _file_problems(open_clip: ModuleType, model: str, path: Path, error: Exception) -> str:
+    """Why ``path`` did not load into open_clip ``model``: the keys that do not match."""
+    from open_clip.factory import convert_state_dict, load_state_dict, resize_pos_embed
+
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as read_error:
+        raise QddError(
+            f"cannot read CLIP backbone weights {path}: {why_unreadable(read_error)}; pass "
+            "the open_clip weight file (see checkpoints/README.md)"
+        ) from None
+    if isinstance(state, dict) and state:
+        clip = open_clip.create_model(model, pretrained=None)  # the keys it expects
+        state = convert_state_dict(clip, state)  # as open_clip.load_checkpoint does
+        resize_pos_embed(state, clip)
+        problems = state_mismatch(clip.state_dict(), state)
+        if problems:
+            return problems
+    text = str(error).strip()
+    return f"{error.__class__.__name__}: {text.splitlines()[0][:120] if text else ''}"
 
 
 def local_file(weights: str | None) -> Path | None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qdd.detectors.weights import _why_unreadable, unwrap_state
+from qdd.detectors.weights import unwrap_state, why_unreadable
 from qdd.errors import QddError
 
 
@@ -77,7 +77,7 @@ def read_spai_checkpoint(path: str | Path) -> dict[str, Tensor]:
                          weights_only=False)  # fmt: skip
     except Exception as error:  # noqa: BLE001 - any failure is the file's, said in one line
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        why = text if text.startswith("refused global") else _why_unreadable(error)
+        why = text if text.startswith("refused global") else why_unreadable(error)
         raise QddError(
             f"cannot read SPAI weights {path}: {why[:160]}; qdd reads only tensors, numbers "
             "and yacs configs from it: pass the released spai.pth (checkpoints/README.md) or "

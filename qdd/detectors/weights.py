@@ -43,7 +43,7 @@ def unwrap_state(raw: Any) -> dict[str, Tensor]:
     return tensors
 
 
-def _why_unreadable(error: Exception) -> str:
+def why_unreadable(error: Exception) -> str:
     """What is wrong with a file ``torch.load(weights_only=True)`` refused, in a few words.
 
     PyTorch's own message advises re-running with ``weights_only=False``, which executes
@@ -108,7 +108,7 @@ def load_tensor_file(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise QddError(
-            f"cannot read weights {path}: {_why_unreadable(error)}; qdd loads only tensors "
+            f"cannot read weights {path}: {why_unreadable(error)}; qdd loads only tensors "
             "(see README, 'Weights'): pass a file saved with torch.save(model.state_dict(), "
             "FILE), an official file from checkpoints/README.md, or a `qdd-cli fit` checkpoint"
         ) from None

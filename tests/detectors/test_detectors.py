@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from qdd.detectors import available, build_detector, detector_class, load_detect
 from qdd.detectors.npr import npr_residual
 from qdd.detectors.tiny import tiny_detector_args
 from qdd.errors import QddError
-from tests.conftest import random_image
+from tests.conftest import random_image, write_fake_shards
 
 
 def tiny(name: str):
@@ -155,6 +156,10 @@ def test_backbone_errors_are_one_line() -> None:
 def test_clip_backbone_loads_a_local_open_clip_file(tmp_path: Path) -> None:
     import open_clip
 
+    from qdd.detectors.clip_backbone import TINY_CONFIG
+
+    if TINY_CONFIG.stem not in open_clip.list_models():  # also when run alone
+        open_clip.add_model_config(TINY_CONFIG)
     torch.manual_seed(3)
     clip = open_clip.create_model("qdd-tiny-vit", pretrained=None)
     torch.save(clip.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
@@ -168,6 +173,67 @@ def test_clip_backbone_loads_a_local_open_clip_file(tmp_path: Path) -> None:
 
     file = tmp_path / "open_clip_pytorch_model.bin"
     assert detector.weight_files == {str(file): hashlib.sha256(file.read_bytes()).hexdigest()}
+
+
+def _clip_file(path: Path, edit) -> Path:
+    """A tiny open_clip file (whole CLIP state dict), edited by ``edit``."""
+    import open_clip
+
+    from qdd.detectors.clip_backbone import TINY_CONFIG
+
+    if TINY_CONFIG.stem not in open_clip.list_models():
+        open_clip.add_model_config(TINY_CONFIG)
+    torch.manual_seed(3)
+    state = open_clip.create_model("qdd-tiny-vit", pretrained=None).state_dict()
+    edit(state)
+    torch.save(state, path)
+    return path
+
+
+def _rename(state: dict) -> None:
+    state["visual.ln_post.gain"] = state.pop("visual.ln_post.weight")
+
+
+def _reshape(state: dict) -> None:
+    state["visual.proj"] = torch.zeros(32, 8)
+
+
+@pytest.mark.parametrize("name", ["clipd", "univfd", "rine"])
+def test_clip_backbone_file_mismatches_name_the_keys(name: str, tmp_path: Path, capsys) -> None:
+    """A renamed or mis-shaped key of the backbone file is named, in one line, with the fix;
+    through the CLI too (exit 2, one line on stderr)."""
+    args = {"backbone": "qdd-tiny-vit"}
+    renamed = _clip_file(tmp_path / "renamed.bin", _rename)
+    with pytest.raises(QddError) as error:
+        build_detector(name, **args, backbone_weights=str(renamed))
+    message = str(error.value)
+    assert "\n" not in message and str(renamed) in message and "backbone_weights" in message
+    assert "missing keys visual.ln_post.weight" in message
+    assert "unexpected keys visual.ln_post.gain" in message
+    reshaped = _clip_file(tmp_path / "reshaped.bin", _reshape)
+    with pytest.raises(QddError, match=r"shape mismatch visual\.proj \(32, 8\)≠\(32, 16\)"):
+        build_detector(name, **args, backbone_weights=str(reshaped))
+    from qdd.cli import main
+
+    shards = tmp_path / "shards"
+    write_fake_shards(shards / "real", [2], generator="photos", precision=None, label=0)
+    detector_args = json.dumps({**tiny_detector_args(name), "backbone_weights": str(renamed)})
+    with pytest.raises(SystemExit) as stop:
+        main(["test", "--detector", name, "--random-weights", "--model.detector_args",
+              detector_args, "--data", str(shards / "real"), "--out", str(tmp_path / "run"),
+              "--trainer.accelerator=cpu", "--trainer.logger=false"])  # fmt: skip
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "missing keys visual.ln_post.weight" in lines[-1], lines
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_clip_backbone_file_that_is_no_tensor_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "junk.bin").write_text("not a checkpoint")
+    with pytest.raises(QddError, match=r"cannot read CLIP backbone weights .*junk\.bin: it is"):
+        build_detector(
+            "univfd", backbone="qdd-tiny-vit", backbone_weights=str(tmp_path / "junk.bin")
+        )
 
 
 @pytest.mark.slow
