@@ -237,9 +237,11 @@ class FitCheckpoint:
             return count
         fractions = (f"--data.val_fraction={split['val_fraction']} "
                      f"--data.test_fraction={split['test_fraction']}")  # fmt: skip
+        # a calibration used every image but the test split: no validation split is left
+        fix = FIXES["test"] if self.calibration_only else FIXES[stage]
         raise QddError(
             f"{what} share a prompt (real photos: the image) with the {learned} data of "
-            f"{self.path}: {FIXES[stage].format(fractions=fractions)}, or pass "
+            f"{self.path}: {fix.format(fractions=fractions)}, or pass "
             "--data.allow_train_overlap=true to evaluate on them on purpose"
         )
 

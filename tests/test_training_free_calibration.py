@@ -179,6 +179,12 @@ def test_calibration_images_are_refused_or_counted_at_test(
     error = last_error(capsys)
     assert "share a prompt (real photos: the image) with the calibration data of" in error
     assert "--data.split=test" in error and not (tmp_path / "all").exists()
+    with pytest.raises(SystemExit):  # no validation split is left after a calibration
+        main(["validate", "--ckpt_path", checkpoint, *data(shards), "--out",
+              str(tmp_path / "val"), *FAST])  # fmt: skip
+    error = last_error(capsys)
+    assert "calibration data of" in error and "--data.split=test" in error
+    assert "its own validation split" not in error
     out = tmp_path / "counted"
     main(["test", "--ckpt_path", checkpoint, *data(shards), "--data.allow_train_overlap=true",
           "--out", str(out), *FAST])  # fmt: skip
