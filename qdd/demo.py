@@ -15,8 +15,13 @@ Every step runs through the same code a real study uses, only smaller:
 4. each detector tested on held-out prompts at every precision — ``qdd-cli test``;
    then the recommendation in miniature: NPR fine-tuned from that checkpoint for a few more
    epochs on a weighted mix with FP4 fakes (`ShardDataModule` sources: real ½, FP32 ¼, FP4 ¼),
-   tested like the others, beside the NPR trained without them;
-5. ``qdd-cli report`` over the test runs and the quality run (with the trade-off table).
+   tested like the others, beside the NPR trained without them; and a precision
+   attribution (``qdd-cli fit --task attribution --attribute family``): NPR trained to
+   tell SD3's 16-bit images from their 4-bit twins, tested on held-out prompts at fp16 and
+   every 4-bit weight-only format (its confusion matrix in the report; on these tiny
+   models it does not tell them apart: README, "Precision attribution");
+5. ``qdd-cli report`` over the test runs, the attribution run, the quality and fingerprint
+   runs (with the trade-off table).
 
 The numbers come from tiny random-init models: they show the pipeline, not the paper.
 """
@@ -72,6 +77,17 @@ FIT = {"npr": (6, 1e-3), "clipd": (30, 1e-2), "univfd": (30, 1e-2), "corvi": (3,
 #: prompts also get an FP4 image (their FP32 twins are in the training set already).
 FINE_TUNE = (2, 1e-3)
 FP4_TRAIN_PROMPTS = 12
+#: Precision attribution on one generator: its 16-bit and 4-bit training twins (the
+#: FP4_TRAIN_PROMPTS prompts that have an FP4 image), classes by family; tested on its
+#: held-out prompts at the 16-bit level and at every 4-bit weight-only format.
+ATTRIBUTION = ("sd3", "fp16", "fp4")
+ATTRIBUTION_TESTS = ("fp16", "fp4", "nf4", "nvfp4", "mxfp4")
+#: (detector, epochs, learning rate, draws per epoch): NPR sees the full-resolution
+#: residual, where the tiny SD3's 4-bit trace lives (a change of its VAE's 8-pixel
+#: pattern); the tiny CLIP towers see a 32-pixel resize of the image, where it is gone.
+#: The draws give BatchNorm's running statistics steps to settle: with the 18 training
+#: images once per epoch (3 steps) evaluation gave every image the same probability.
+ATTRIBUTION_FIT = ("npr", 6, 1e-3, 48)
 
 
 _STARTED = time.perf_counter()
@@ -251,6 +267,7 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
         test_runs.append(test_dir)
         if detector == "npr":
             test_runs += fine_tune_with_fp4(out, ckpt)
+    test_runs.append(attribute_precisions(out))
 
     step("5/5 report")
     from qdd.report.runs import mark_demo_run
@@ -292,6 +309,55 @@ def fine_tune_with_fp4(out: Path, start: Path) -> list[Path]:
     test_dir = out / "runs" / "test-npr-fp4mix"
     score_test_shards("npr", tuned.checkpoints["last"], shards, test_dir)
     return [test_dir]
+
+
+def attribute_precisions(out: Path) -> Path:
+    """A precision-attribution fit on one generator's 16-bit vs 4-bit training twins
+    (each source half the draws), tested on its held-out prompts; returns the test run."""
+    generator, sixteen, four = ATTRIBUTION
+    detector, epochs, lr, draws = ATTRIBUTION_FIT
+    shards = out / "shards"
+    step(f"4/5 precision attribution: {detector} trained on {generator}'s 16-bit ({sixteen}) vs "
+         f"4-bit ({four}) images, tested on {', '.join(ATTRIBUTION_TESTS)}")  # fmt: skip
+    call(
+        api.generate,
+        generator=generator,
+        model_path=str(out / "models" / generator),
+        precision=sixteen,
+        prompts=str(out / "prompts" / "train.txt"),
+        steps=STEPS,
+        height=TILE,
+        width=TILE,
+        seed=0,
+        batch_size=GENERATE_BATCH,
+        out=str(shards / "train" / f"{generator}-{sixteen}"),
+        limit=FP4_TRAIN_PROMPTS,  # the twins of the FP4 training images
+    )
+    sources = [{"path": str(shards / "train" / f"{generator}-{p}"), "weight": 1.0, "name": p}
+               for p in (sixteen, four)]  # fmt: skip
+    fitted = call(
+        api.fit,
+        detector=detector,
+        task="attribution",
+        random_weights=True,
+        model={"detector_args": tiny_detector_args(detector), "lr": lr, "attribute": "family"},
+        data={"train": sources, "class_balance": False, "samples_per_epoch": draws,
+              "test_fraction": 0, "val_fraction": 0.2, "batch_size": 8},
+        out=out / "runs" / f"fit-attribution-{detector}",
+        trainer={"max_epochs": epochs, "accelerator": "cpu", "enable_model_summary": False},
+    )  # fmt: skip
+    test_dir = out / "runs" / f"attribution-{detector}"
+    call(
+        api.test,
+        detector=detector,
+        ckpt_path=fitted.checkpoints["last"],
+        model={"detector_args": tiny_detector_args(detector)},
+        data={"paths": [str(shards / "test" / f"{generator}-{p}") for p in ATTRIBUTION_TESTS],
+              "batch_size": 32},
+        out=test_dir,
+        trainer={"accelerator": "cpu"},
+    )  # fmt: skip
+    return test_dir
 
 
 def score_test_shards(

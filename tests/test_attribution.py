@@ -164,3 +164,30 @@ def test_families_with_reals_as_a_class(precision_shards: Path, tmp_path: Path) 
     assert metrics["n_without_class"] == 0 and metrics["n"] == len(scores)
     assert (scores["label"] == 0).sum() == metrics["per_class"]["real"]["n"] > 0
     assert pd.read_csv(test / "confusion.csv", index_col=0).to_numpy().sum() == len(scores)
+
+
+def test_one_class_predictor_is_at_chance_in_the_report(tmp_path: Path) -> None:
+    """Calling every image of an unbalanced test set (10 vs 40) one class scores accuracy
+    0.8; the report's figure and table also give the balanced accuracy, 0.5 = chance."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from qdd.callbacks.attribution import write_confusion
+    from qdd.report.attribution import attribution_section, balanced_accuracy
+
+    classes = ["16-bit", "4-bit weight-only"]
+    truth, predicted = np.repeat([0, 1], [10, 40]), np.ones(50, dtype=np.int64)
+    run = tmp_path / "attribution-npr"
+    run.mkdir()
+    metrics = {"task": "attribution", "detector": "npr", "attribute": "family",
+               "classes": classes, **attribution_metrics(truth, predicted, classes)}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    write_confusion(run / "confusion.csv", metrics["confusion"], classes)
+    table = pd.read_csv(run / "confusion.csv", index_col=0)
+    assert metrics["accuracy"] == 0.8
+    assert balanced_accuracy(table) == (balanced_accuracy_score(truth, predicted), 2) == (0.5, 2)
+    figures: dict[str, str] = {}
+    tables: dict[str, tuple[Path, Path]] = {}
+    attribution_section([run], tmp_path / "report", figures, tables)
+    rows = pd.read_csv(tmp_path / "report" / "tables" / "attribution.csv")
+    assert rows["balanced_accuracy"].tolist() == [0.5, 0.5]
+    assert "attribution_attribution-npr" in figures

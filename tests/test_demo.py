@@ -10,7 +10,17 @@ import pytest
 from PIL import Image
 
 from qdd.cli import VERBOSE_ENV, main
-from qdd.demo import DEPLOYED, DETECTORS, GENERATORS, PRECISIONS, SWAP  # DEPLOYED: some
+from qdd.demo import (  # DEPLOYED: some
+    ATTRIBUTION,
+    ATTRIBUTION_FIT,
+    ATTRIBUTION_TESTS,
+    DEPLOYED,
+    DETECTORS,
+    GENERATORS,
+    PRECISIONS,
+    SWAP,
+    TEST_PROMPTS,
+)
 from qdd.identity import base_precision
 from qdd.quiet import is_silenced
 from qdd.report.kde import plot_kde
@@ -101,7 +111,33 @@ def test_demo_runs_the_study_and_ends_with_the_report(
     fp32 = groups[groups["precision"] == "fp32"].groupby("detector")["auroc"].mean()
     assert (fp32 > 0.6).all(), fp32
 
+    check_attribution(out, text)
+
     with pytest.raises(SystemExit) as exit_info:  # an earlier demo is never clobbered silently
         main(["demo", "--out", str(out)])
     assert exit_info.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def check_attribution(out: Path, report: str) -> None:
+    """The demo's precision attribution: every held-out image of the tested folders scored
+    once, its confusion matrix summing to them. Its accuracy is not asserted: on the tiny
+    random models it does not separate 16-bit from 4-bit (README, "Precision attribution")."""
+    import json
+
+    generator, _, _ = ATTRIBUTION
+    run = out / "runs" / f"attribution-{ATTRIBUTION_FIT[0]}"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "attribution" and metrics["attribute"] == "family"
+    assert metrics["classes"] == ["16-bit", "4-bit weight-only"]
+    scores = pd.read_parquet(run / "scores.parquet")
+    images = TEST_PROMPTS * len(ATTRIBUTION_TESTS)
+    assert len(scores) == metrics["n"] == metrics["expected"] == images
+    assert not scores.duplicated(["group", "key"]).any()  # each image once
+    assert {g.split("/")[0] for g in scores["group"]} == {generator}
+    confusion = pd.read_csv(run / "confusion.csv", index_col=0).to_numpy()
+    assert confusion.sum() == images and confusion.tolist() == metrics["confusion"]
+    assert confusion.sum(1).tolist() == [TEST_PROMPTS, images - TEST_PROMPTS]  # true classes
+    assert f"attribution_{run.name}.png" in report
+    with Image.open(out / "report" / f"attribution_{run.name}.png") as image:
+        image.verify()

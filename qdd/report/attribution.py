@@ -61,6 +61,18 @@ def plot_confusion(table: pd.DataFrame, title: str) -> Any:
     return fig
 
 
+def balanced_accuracy(table: pd.DataFrame) -> tuple[float | None, int]:
+    """The mean recall over the true classes present, and how many there are: unlike
+    accuracy, 1/k for a classifier that calls every image one class, however the test
+    set's classes are weighted."""
+    counts = table.to_numpy()
+    support = counts.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return None, 0
+    return float(np.mean(np.diag(counts)[present] / support[present])), int(present.sum())
+
+
 def recall_rows(name: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {"run": name, "class": cls, "n": v["n"], "recall": v["recall"],
@@ -89,11 +101,14 @@ def attribution_section(
     rows = []
     for run, name in zip(runs, names, strict=True):
         table, metrics = read_confusion(Path(run))
+        balanced, present = balanced_accuracy(table)
+        chance = 1 / present if present else None
         title = (f"{metrics['detector']}: {metrics['attribute']} attribution\n"
-                 f"n={metrics['n']}, accuracy {_fmt(metrics['accuracy'])}")  # fmt: skip
+                 f"n={metrics['n']}, accuracy {_fmt(metrics['accuracy'])}\n"
+                 f"balanced accuracy {_fmt(balanced)} (chance {_fmt(chance)})")  # fmt: skip
         save(plot_confusion(table, title), out, f"attribution_{name}")
         figures[f"attribution_{name}"] = f"{name}: which {metrics['attribute']} made each image"
-        rows += recall_rows(name, metrics)
+        rows += [{**row, "balanced_accuracy": balanced} for row in recall_rows(name, metrics)]
     tables["attribution"] = write_table(pd.DataFrame(rows), out / "tables", "attribution")
 
 
