@@ -140,13 +140,24 @@ class AttributionSummary(RunSummary):
 
 
 def measure(rows: Any, classes: list[str]) -> dict[str, Any]:
-    """Attribution metrics of one pass's rows; rows of no class are counted, not measured."""
+    """Attribution metrics of one pass's rows; rows of no class are counted, not measured.
+    ``by_group``: each group's true class and how often each class was predicted (how a
+    swap group ``sd3/fp32-vaefp4`` is called, beside the plain ``sd3/fp32``)."""
     index = {name: i for i, name in enumerate(classes)}
     classed = rows[rows["class"].notna()]
     truth = classed["class"].map(index).to_numpy(dtype=np.int64)
     predicted = classed["predicted"].map(index).to_numpy(dtype=np.int64)
+    by_group = {
+        str(group): {"n": len(part), "class": _name(part["class"].iloc[0]),
+                     "predicted": {c: int((part["predicted"] == c).sum()) for c in classes}}
+        for group, part in rows.groupby("group", sort=True)
+    }  # fmt: skip
     return {**attribution_metrics(truth, predicted, classes),
-            "n_without_class": int(len(rows) - len(classed))}  # fmt: skip
+            "n_without_class": int(len(rows) - len(classed)), "by_group": by_group}  # fmt: skip
+
+
+def _name(value: Any) -> str | None:
+    return value if isinstance(value, str) else None  # None (or NaN): no class
 
 
 def write_confusion(path: Path, confusion: list[list[int]], classes: list[str]) -> None:

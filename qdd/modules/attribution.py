@@ -88,7 +88,7 @@ class AttributionModule(DetectorModule):
                 f"holds {', '.join(found)}: train on the same classes or start afresh"
             )
         val = [s.group for s in data.split.get("val", []) if s.group]
-        check_known(val, self.classes, hp.attribute, hp.include_real)
+        check_known(val, self.classes, hp.attribute, hp.include_real, stage="validation")
 
     # -- losses and metrics -------------------------------------------------------------------
     def configure_losses(self) -> None:
