@@ -222,7 +222,8 @@ def task_of(config: dict[str, Any], passed: list[str], command: str = "test") ->
     if given not in (None, "detection", "attribution"):
         raise QddError(f"--task {given!r}: use detection or attribution")
     ckpt = last_passed(passed, "--ckpt_path", config.get("ckpt_path"))
-    weights = last_passed(passed, "--model.weights", config.get("weights"))
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    weights = last_passed(passed, "--model.weights", config.get("weights") or model.get("weights"))
     if ckpt is not None:
         task = checkpoint_task(ckpt, given, "--ckpt_path")
     elif weights is not None and str(weights).endswith(".ckpt"):

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from qdd.attribution import attribution_metrics, class_of
+from qdd.attribution import attribution_metrics, class_of, family
 from qdd.cli import main
 from qdd.errors import QddError
 from tests.test_cli_detect import FAST, write_set
@@ -92,6 +92,13 @@ def test_weights_of_an_attribution_checkpoint_keep_its_task_and_classes(
     assert metrics["task"] == "attribution" and metrics["attribute"] == "family"
     assert metrics["include_real"] is True and metrics["n_without_class"] == 0
     assert metrics["classes"] == ["real", "32-bit", "4-bit weight-only"]
+    from qdd import api  # the same through the API, the weights in the model section
+
+    trainer = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
+    data = {"paths": str(shards / "*"), "split": "test", "val_fraction": 0.2, "test_fraction": 0.25}
+    tested = api.test(model={"weights": checkpoints["family"]}, data=data, trainer=trainer,
+                      out=tmp_path / "api")  # fmt: skip
+    assert tested.metrics["attribute"] == "family" and tested.metrics["n"] == metrics["n"]
     for task, ckpt, fitted in [("detection", "precision", "attribution"),
                                ("attribution", "detection", "detection")]:  # fmt: skip
         with pytest.raises(SystemExit):
@@ -207,3 +214,23 @@ def test_recall_interval_is_wilsons_by_hand() -> None:
 def test_class_of_refuses_an_unknown_precision() -> None:
     with pytest.raises(QddError, match="record no precision"):
         class_of("sd3/unknown", "precision", False)
+
+
+def test_every_registry_precision_has_its_family() -> None:
+    """Each precision of the registry, by hand: a new one must be given its family here."""
+    from qdd.quant.registry import REGISTRY
+
+    w4a4 = ("svdq-int4", "svdq-int4-datafree", "svdq-nvfp4", "svdq-nvfp4-datafree", "nvfp4-w4a4")
+    expected = {
+        "fp32": "32-bit", "fp16": "16-bit",
+        "fp8": "8-bit", "fp8-w8a8": "8-bit", "fp8-w8a8-row": "8-bit",
+        **{f"gguf-{q}": "GGUF" for q in ("q8_0", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0")},
+        **dict.fromkeys(("fp4", "nf4", "nvfp4", "mxfp4"), "4-bit weight-only"),
+        **dict.fromkeys(w4a4, "4-bit W4A4"),
+    }  # fmt: skip
+    assert {name: family(name) for name in REGISTRY} == expected
+    for name in REGISTRY:  # a backend and a VAE suffix never change the class
+        for label in (name, f"{name}@emulate", f"{name}-vaefp4", f"{name}-vaebf16@torchao"):
+            assert class_of(f"sd3/{label}", "precision", False) == name
+            assert class_of(f"sd3/{label}", "family", False) == expected[name]
+    assert family("gguf-q3_k") == "GGUF"  # a user's own GGUF file, by its quant type
