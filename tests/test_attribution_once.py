@@ -83,7 +83,9 @@ def test_ddp_two_processes_every_image_once(fitted, tmp_path: Path) -> None:
     assert written == ["config.yaml", "confusion.csv", "metrics.json", "scores.parquet"]
 
 
-def test_report_with_two_attribution_runs_beside_a_detection_run(fitted, tmp_path: Path) -> None:
+def test_report_with_two_attribution_runs_beside_a_detection_run(
+    fitted, tmp_path: Path, capsys
+) -> None:
     shards, ckpt = fitted
     runs = [tmp_path / "attr-a", tmp_path / "attr-b"]
     for out in runs:
@@ -93,7 +95,8 @@ def test_report_with_two_attribution_runs_beside_a_detection_run(fitted, tmp_pat
     main(["test", "--detector", "clipd", "--random-weights", TINY, "--data", str(shards / "*"),
           "--out", str(detection), *QUIET])  # fmt: skip
     report = tmp_path / "report"
-    main(["report", *map(str, runs), str(detection), "--out", str(report)])
+    given = [runs[0], *runs, detection]  # a run given twice is read once (main refused it)
+    main(["report", *map(str, given), "--out", str(report)])
     for run in runs:
         assert (report / f"attribution_{run.name}.png").is_file()
     assert (report / "kde_clipd.png").is_file()  # the detection run is drawn as before
@@ -102,3 +105,10 @@ def test_report_with_two_attribution_runs_beside_a_detection_run(fitted, tmp_pat
     assert table.groupby("run")["n"].sum().tolist() == [31, 31]
     index = (report / "report.md").read_text()
     assert "1 test run of 1 detector" in index  # attribution runs are not detector runs
+    import shutil
+
+    twin = shutil.copytree(runs[0], tmp_path / "elsewhere" / "attr-a")
+    with pytest.raises(SystemExit):
+        main(["report", str(runs[0]), str(twin), "--out", str(tmp_path / "r2")])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{runs[0]} and {twin} share the folder name attr-a" in line

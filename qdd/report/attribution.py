@@ -82,10 +82,12 @@ def attribution_section(
     from qdd.report.style import save
     from qdd.report.tables import write_table
 
-    names = [Path(r).resolve().name for r in runs]
-    if len(set(names)) != len(names):
-        raise QddError("two attribution runs share a folder name: their figures would "
-                       "overwrite each other; rename one run folder")  # fmt: skip
+    runs = list(dict.fromkeys(Path(r).resolve() for r in runs))  # a run given twice is one
+    names = [run.name for run in runs]
+    for name in {n for n in names if names.count(n) > 1}:
+        same = " and ".join(str(run) for run in runs if run.name == name)
+        raise QddError(f"the attribution runs {same} share the folder name {name}: their "
+                       "figures would overwrite each other; rename one run folder")  # fmt: skip
     rows = []
     for run, name in zip(runs, names, strict=True):
         table, metrics = read_confusion(Path(run))
