@@ -103,6 +103,7 @@ def test_report_with_two_attribution_runs_beside_a_detection_run(
     table = pd.read_csv(report / "tables" / "attribution.csv")
     assert sorted(set(table["run"])) == ["attr-a", "attr-b"]
     assert table.groupby("run")["n"].sum().tolist() == [31, 31]
+    assert set(table["weights"]) == {ckpt} and set(table["attribute"]) == {"family"}
     index = (report / "report.md").read_text()
     assert "1 test run of 1 detector" in index  # attribution runs are not detector runs
     import shutil

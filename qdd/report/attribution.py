@@ -62,10 +62,12 @@ def plot_confusion(table: pd.DataFrame, title: str) -> Any:
 
 
 def recall_rows(name: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per class of one run: its recall with the Wilson interval, and which model it was."""
     return [
         {"run": name, "class": cls, "n": v["n"], "recall": v["recall"],
          "recall_low": v["recall_low"], "recall_high": v["recall_high"],
-         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+         "attribute": metrics["attribute"], "weights": metrics.get("weights")}
         for cls, v in metrics["per_class"].items()
     ]  # fmt: skip
 
