@@ -234,3 +234,19 @@ def test_every_registry_precision_has_its_family() -> None:
             assert class_of(f"sd3/{label}", "precision", False) == name
             assert class_of(f"sd3/{label}", "family", False) == expected[name]
     assert family("gguf-q3_k") == "GGUF"  # a user's own GGUF file, by its quant type
+
+
+def test_weighted_sources_need_no_reals(shards: Path, tmp_path: Path) -> None:
+    """``data.train`` sources of an attribution fit are drawn by their weights: real vs fake
+    class balance is detection's (today's main refused a fit without reals, and with reals
+    spent half the draws on images of no class)."""
+    sources = [{"path": str(shards / name), "weight": weight}
+               for name, weight in (("tiny-fp32", 1.0), ("tiny-fp4", 3.0))]  # fmt: skip
+    out = tmp_path / "fit"
+    main(["fit", "--task", "attribution", "--detector", "clipd", "--random-weights", TINY,
+          "--data.train", json.dumps(sources), "--data.samples_per_epoch=16",
+          "--trainer.max_epochs=1", "--out", str(out), *QUIET])  # fmt: skip
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["classes"] == ["fp32", "fp4"] and summary["data"]["class_balance"] is False
+    shares = {s["name"]: s["share"] for s in summary["data"]["sources"]}
+    assert shares == pytest.approx({"tiny-fp32": 0.25, "tiny-fp4": 0.75})
