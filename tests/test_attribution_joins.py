@@ -250,3 +250,15 @@ def test_weighted_sources_need_no_reals(shards: Path, tmp_path: Path) -> None:
     assert summary["classes"] == ["fp32", "fp4"] and summary["data"]["class_balance"] is False
     shares = {s["name"]: s["share"] for s in summary["data"]["sources"]}
     assert shares == pytest.approx({"tiny-fp32": 0.25, "tiny-fp4": 0.75})
+
+
+def test_validate_writes_metrics_json(shards: Path, checkpoints: dict[str, str],
+                                      tmp_path: Path) -> None:  # fmt: skip
+    """Every run writes metrics.json (today's main wrote none for validate --task attribution)."""
+    out = tmp_path / "validate"
+    main(["validate", "--data", str(shards / "*"), *SPLIT, "--ckpt_path", checkpoints["family"],
+          "--out", str(out), *QUIET])  # fmt: skip
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["task"] == "attribution" and summary["attribute"] == "family"
+    assert summary["classes"] == ["real", "32-bit", "4-bit weight-only"]
+    assert 0.0 <= summary["metrics"]["val_acc"] <= 1.0 and summary["train_overlap"] == 0
