@@ -42,10 +42,10 @@ def fit(shards: Path, out: Path, *flags: str) -> str:
 def checkpoints(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A precision attribution fit, a family one with reals as a class, a detection fit."""
     root = tmp_path_factory.mktemp("fits")
-    family = ("--task", "attribution", "--attribute", "family", "--model.include_real=true")
+    by_family = ("--task", "attribution", "--attribute", "family", "--model.include_real=true")
     return {
         "precision": fit(shards, root / "precision", "--task", "attribution"),
-        "family": fit(shards, root / "family", *family),
+        "family": fit(shards, root / "family", *by_family),
         "detection": fit(shards, root / "detection"),
     }
 
