@@ -105,8 +105,8 @@ def sort_key(name: str) -> tuple[int, int, str]:
 
 def check_known(groups: Iterable[str], classes: Sequence[str], attribute: str,
                 include_real: bool, stage: str = "test") -> None:  # fmt: skip
-    """The classes of the data a stage (``test`` or ``validation``) evaluates must be the
-    model's: an unknown one is refused in one line."""
+    """The classes of the data a stage evaluates (``test``; ``validate``; ``fit``: its
+    validation split) must be the model's: an unknown one is refused in one line."""
     unknown = Counter()
     for group in groups:
         name = class_of(group, attribute, include_real)
@@ -115,14 +115,15 @@ def check_known(groups: Iterable[str], classes: Sequence[str], attribute: str,
     if not unknown:
         return
     names, known = ", ".join(sorted(unknown, key=sort_key)), ", ".join(classes)
-    if stage == "validation":
+    if stage == "fit":
         raise QddError(
             f"the validation data holds {names}, which the training split does not (its "
             f"classes: {known}): add {names} to the training data, or validate on its classes"
         )
+    what, verb = ("validation", "validate") if stage == "validate" else ("test", "test")
     raise QddError(
-        f"the test data holds {names}, which the attribution model does not know "
-        f"(its classes: {known}): test on those classes only"
+        f"the {what} data holds {names}, which the attribution model does not know "
+        f"(its classes: {known}): {verb} on those classes only"
     )
 
 

@@ -262,3 +262,18 @@ def test_validate_writes_metrics_json(shards: Path, checkpoints: dict[str, str],
     assert summary["task"] == "attribution" and summary["attribute"] == "family"
     assert summary["classes"] == ["real", "32-bit", "4-bit weight-only"]
     assert 0.0 <= summary["metrics"]["val_acc"] <= 1.0 and summary["train_overlap"] == 0
+
+
+def test_validate_refuses_a_class_the_model_does_not_know(
+    shards: Path, checkpoints: dict[str, str], tmp_path: Path, capsys
+) -> None:
+    """Today's main ended in a KeyError traceback ('nf4') in the validation step."""
+    write_set(tmp_path / "tiny-nf4", 16, 1, "tiny", "nf4", offset=500)
+    with pytest.raises(SystemExit):
+        main(["validate", "--data", str(tmp_path / "tiny-nf4"), "--data", str(shards / "tiny-fp4"),
+              *SPLIT, "--data.allow_train_overlap=true", "--ckpt_path", checkpoints["precision"],
+              "--out", str(tmp_path / "v"), *QUIET])  # fmt: skip
+    assert last_line(capsys).endswith(
+        "the validation data holds nf4, which the attribution model does not know (its "
+        "classes: fp32, fp4): validate on those classes only"
+    )
