@@ -180,7 +180,7 @@ def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
     os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
     config = dict(config)
     passed = [str(a) for a in config.pop("lightning_args", None) or []]
-    config["task"] = task = task_of(config, passed)
+    config["task"] = task = task_of(config, passed, command)
     sections = lightning_config(config)
     if not {"--help", "--print_config"} & {a.partition("=")[0] for a in passed}:
         check_data(sections["data"].get("paths"), sections["data"].get("perturb"))
@@ -212,34 +212,53 @@ def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
     return RunResult(run_dir, metrics, checkpoints, scores if scores and scores.is_file() else None)
 
 
-def task_of(config: dict[str, Any], passed: list[str]) -> str:
-    """``detection`` or ``attribution``: as given, else as the ``ckpt_path`` checkpoint
-    (in ``config`` or LightningCLI's ``passed`` arguments) was fitted (an attribution
-    checkpoint holds its classes); a mismatch is refused."""
+def task_of(config: dict[str, Any], passed: list[str], command: str = "test") -> str:
+    """``detection`` or ``attribution``: as given, else as the checkpoint the run starts from
+    was fitted (an attribution checkpoint holds its classes), ``--ckpt_path`` or ``--weights
+    X.ckpt`` (in ``config`` or LightningCLI's ``passed`` arguments). A mismatch is refused,
+    except ``fit --task attribution --weights`` of a detection checkpoint (its backbone, a
+    new head)."""
     given = config.get("task")
     if given not in (None, "detection", "attribution"):
         raise QddError(f"--task {given!r}: use detection or attribution")
-    ckpt = config.get("ckpt_path")
-    for i, arg in enumerate(passed):  # the last one wins, as in LightningCLI
-        name, equals, value = arg.partition("=")
-        if name == "--ckpt_path":
-            ckpt = value if equals else (passed[i + 1] if i + 1 < len(passed) else ckpt)
-    task = (given or "detection") if ckpt is None else checkpoint_task(ckpt, given)
+    ckpt = last_passed(passed, "--ckpt_path", config.get("ckpt_path"))
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    weights = last_passed(passed, "--model.weights", config.get("weights") or model.get("weights"))
+    if ckpt is not None:
+        task = checkpoint_task(ckpt, given, "--ckpt_path")
+    elif weights is not None and str(weights).endswith(".ckpt"):
+        task = checkpoint_task(weights, given, "--weights", new_head=command == "fit")
+    else:
+        task = given or "detection"
     if config.get("attribute") is not None and task != "attribution":
         raise QddError("--attribute applies to --task attribution: add it, or drop --attribute")
     return task
 
 
-def checkpoint_task(ckpt: str | Path, given: str | None) -> str:
-    """The task a fit checkpoint was trained for; ``given`` must agree with it."""
+def last_passed(passed: list[str], flag: str, default: Any) -> Any:
+    """The value of ``flag`` in LightningCLI's arguments (the last one wins, as there)."""
+    value = default
+    for i, arg in enumerate(passed):
+        name, equals, rest = arg.partition("=")
+        if name == flag:
+            value = rest if equals else (passed[i + 1] if i + 1 < len(passed) else value)
+    return value
+
+
+def checkpoint_task(ckpt: str | Path, given: str | None, flag: str = "--ckpt_path",
+                    new_head: bool = False) -> str:  # fmt: skip
+    """The task a fit checkpoint was trained for; ``given`` must agree with it, unless
+    ``new_head``: a detection checkpoint may start an attribution fit."""
     from qdd.checkpoint import read_checkpoint
 
-    classes = read_checkpoint(ckpt, "--ckpt_path").hparams.get("classes")
+    classes = read_checkpoint(ckpt, flag).hparams.get("classes")
     fitted = "attribution" if classes else "detection"
-    if given not in (None, fitted):
-        raise QddError(f"--ckpt_path {ckpt} was fitted for {fitted}, not {given}: "
-                       f"pass --task {fitted}")  # fmt: skip
-    return fitted
+    if given in (None, fitted) or (new_head and (fitted, given) == ("detection", "attribution")):
+        return given or fitted
+    head = (f"its head names {', '.join(classes)}, not real vs fake" if classes
+            else "its head has no attribution classes")  # fmt: skip
+    raise QddError(f"{flag} {ckpt} was fitted for {fitted}, not {given} ({head}): "
+                   f"pass --task {fitted}")  # fmt: skip
 
 
 def generate(config: Config = None, **overrides: Any) -> RunResult:

@@ -3,7 +3,15 @@
 No Lightning here. A fake image's class is its precision (``fp4`` of ``sd3/fp4@emulate``:
 the registry name, backend and VAE suffix dropped) or, with ``attribute="family"``, the
 family of that precision as deployments group them (`family`). A real image's class is
-``real`` when the fit includes reals as a class, else it has none and is left out.
+``real`` when the fit includes reals as a class, else it has none and is left out. A fake
+image that records no precision (``sd3/unknown``) has no class and is refused.
+
+An image of the denoiser/decoder swap (``qdd-cli decode``: ``sd3/fp32-vaefp4``, fp32
+latents decoded by an fp4 VAE) belongs to its *denoiser's* precision, ``fp32``: the classes
+say which denoiser made an image, as deployments quantize the denoiser and keep the VAE.
+Its group stays in scores.parquet and ``by_group`` of metrics.json, so a model trained on
+plain fp32/fp4 images and tested on swap images shows which side carries the trace (a
+``fp32-vaefp4`` image called ``fp4``: the decoder's).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from qdd.errors import QddError
 
 ATTRIBUTES = ("precision", "family")
 REAL_CLASS = "real"
+#: The precision label of a fake image that records none (`qdd.identity.group_key`).
+UNKNOWN = "unknown"
 #: Families in the order tables and figures list them.
 FAMILIES = ("32-bit", "16-bit", "8-bit", "4-bit weight-only", "4-bit W4A4", "GGUF")
 
@@ -52,6 +62,11 @@ def class_of(group: str, attribute: str, include_real: bool) -> str | None:
     if generator == "real":
         return REAL_CLASS if include_real else None
     precision = base_precision(label)
+    if precision == UNKNOWN:
+        raise QddError(
+            f"the fake images of {group} record no precision, so they have no attribution "
+            "class: leave that folder out, or shard it with its precision"
+        )
     return family(precision) if attribute == "family" else precision
 
 
@@ -89,18 +104,27 @@ def sort_key(name: str) -> tuple[int, int, str]:
 
 
 def check_known(groups: Iterable[str], classes: Sequence[str], attribute: str,
-                include_real: bool) -> None:  # fmt: skip
-    """A test set's classes must be the model's: an unknown one is refused in one line."""
+                include_real: bool, stage: str = "test") -> None:  # fmt: skip
+    """The classes of the data a stage evaluates (``test``; ``validate``; ``fit``: its
+    validation split) must be the model's: an unknown one is refused in one line."""
     unknown = Counter()
     for group in groups:
         name = class_of(group, attribute, include_real)
         if name is not None and name not in classes:
             unknown[name] += 1
-    if unknown:
+    if not unknown:
+        return
+    names, known = ", ".join(sorted(unknown, key=sort_key)), ", ".join(classes)
+    if stage == "fit":
         raise QddError(
-            f"the test data holds {', '.join(sorted(unknown))}, which the attribution model "
-            f"does not know (its classes: {', '.join(classes)}): test on those classes only"
+            f"the validation data holds {names}, which the training split does not (its "
+            f"classes: {known}): add {names} to the training data, or validate on its classes"
         )
+    what, verb = ("validation", "validate") if stage == "validate" else ("test", "test")
+    raise QddError(
+        f"the {what} data holds {names}, which the attribution model does not know "
+        f"(its classes: {known}): {verb} on those classes only"
+    )
 
 
 def attribution_metrics(truth: np.ndarray, predicted: np.ndarray,
@@ -121,7 +145,7 @@ def attribution_metrics(truth: np.ndarray, predicted: np.ndarray,
         recall = hits / support if support else None
         precision = hits / called if called else None
         f1 = (2 * hits / (support + called)) if support + called else None
-        if support:
+        if support or called:  # sklearn's labels: those of the truth or the predictions
             f1s.append(f1 or 0.0)
         low, high = wilson(hits, support)
         per_class[name] = {
@@ -131,7 +155,8 @@ def attribution_metrics(truth: np.ndarray, predicted: np.ndarray,
     return {
         "n": n,
         "accuracy": float(np.trace(confusion) / n) if n else None,
-        # over the classes present in the test data (absent ones have no recall)
+        # over the classes true or predicted (sklearn's default): a class absent from the
+        # test data but predicted counts with F1 0; one neither true nor predicted does not
         "macro_f1": float(np.mean(f1s)) if f1s else None,
         "per_class": per_class,
         "confusion": confusion.tolist(),

@@ -12,10 +12,12 @@ Which value wins, for a run given a checkpoint (``--ckpt_path C.ckpt``, or
 ``--weights C.ckpt`` for a fine-tune or a test of its weights):
 
 1. values you give (flags, your own ``--config`` YAML) — except that the architecture
-   (``detector``, ``detector_args``) and the calibration rule of ``--ckpt_path`` cannot be
+   (``detector``, ``detector_args``), an attribution checkpoint's classes and what they name
+   (``attribute``, ``include_real``), and the calibration rule of ``--ckpt_path`` cannot be
    changed: a conflicting value is refused in one line naming both;
 2. the checkpoint's saved hyperparameters (all of them for ``--ckpt_path``; the architecture
-   for ``--weights``, whose run otherwise keeps its own settings: a fine-tune's lr);
+   and the classes for ``--weights``, whose run otherwise keeps its own settings: a
+   fine-tune's lr);
 3. the packaged preset of ``--detector`` (``configs/detectors/NAME.yaml``);
 4. the defaults.
 
@@ -59,6 +61,9 @@ SETTINGS = ("val_fraction", "test_fraction", "holdout_generators")
 WEIGHT_FILES_KEY = "qdd_weight_files"
 #: Hyperparameters that define what the checkpoint's weights are.
 ARCHITECTURE = ("detector", "detector_args")
+#: An attribution checkpoint's head: its classes and what they name. Kept from the checkpoint
+#: under ``--ckpt_path`` and ``--weights`` alike; another value is refused (`_keep_classes`).
+CLASS_DEFINITION = ("classes", "attribute", "include_real")
 PRESETS = Path(__file__).parent / "configs" / "detectors"
 
 
@@ -139,6 +144,7 @@ class FitCheckpoint:
         preset = preset_model(saved["detector"])
         model.detector = saved["detector"]
         model.detector_args = self._detector_args(saved, given, preset, flag)
+        self._keep_classes(model, saved, given, flag)
         if flag != "--ckpt_path":
             return  # --weights: the run's own settings (a fine-tune's lr, its calibration)
         if given.get("weights"):
@@ -154,13 +160,32 @@ class FitCheckpoint:
                 "time (test data never tunes it): drop the flag, or re-fit with that rule"
             )
         for key, value in sorted(saved.items()):
-            if key in ARCHITECTURE or key == "weights":
+            if key in ARCHITECTURE or key in CLASS_DEFINITION or key == "weights":
                 continue
             if key in explicit and explicit[key] != value:
                 log.info("--model.%s=%r given: used instead of the checkpoint's %r",
                          key, explicit[key], value)  # fmt: skip
             model[key] = explicit.get(key, value)
         model.weights, model.random_weights = self.path, False  # loaded and checked when built
+
+    def _keep_classes(
+        self, model: Any, saved: dict[str, Any], given: dict[str, Any], flag: str
+    ) -> None:
+        """An attribution checkpoint's classes, ``attribute`` and ``include_real`` (its head
+        names those classes); a value of yours that differs is refused, naming both."""
+        if not saved.get("classes"):
+            return
+        for key in CLASS_DEFINITION:
+            if key not in saved:
+                continue
+            if key in given and given[key] != saved[key]:
+                raise QddError(
+                    f"{_spelling(key, given[key])} conflicts with {flag} {self.path}, fitted "
+                    f"with {_spelling(key, saved[key])} (its classes: "
+                    f"{', '.join(saved['classes'])}): drop the flag, or fit a new attribution "
+                    "checkpoint with it"
+                )
+            model[key] = saved[key]
 
     def _detector_args(
         self, saved: dict[str, Any], given: dict[str, Any], preset: dict[str, Any], flag: str
@@ -244,6 +269,14 @@ class FitCheckpoint:
             f"{self.path}: {fix.format(fractions=fractions)}, or pass "
             "--data.allow_train_overlap=true to evaluate on them on purpose"
         )
+
+
+def _spelling(key: str, value: Any) -> str:
+    """How a user writes ``key=value`` on the command line."""
+    if key == "attribute":
+        return f"--attribute {value}"
+    shown = str(value).lower() if isinstance(value, bool) else value
+    return f"--model.{key}={shown}"
 
 
 EVALUATED = {

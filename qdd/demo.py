@@ -341,7 +341,7 @@ def attribute_precisions(out: Path) -> Path:
         task="attribution",
         random_weights=True,
         model={"detector_args": tiny_detector_args(detector), "lr": lr, "attribute": "family"},
-        data={"train": sources, "class_balance": False, "samples_per_epoch": draws,
+        data={"train": sources, "samples_per_epoch": draws,
               "test_fraction": 0, "val_fraction": 0.2, "batch_size": 8},
         out=out / "runs" / f"fit-attribution-{detector}",
         trainer={"max_epochs": epochs, "accelerator": "cpu", "enable_model_summary": False},

@@ -6,7 +6,7 @@
 - test: ``metrics.json`` (accuracy, macro-F1, per-class recall with Wilson intervals,
   the confusion matrix; the unperturbed pass at the top level, every pass under
   ``by_perturbation``) and ``confusion.csv`` (rows: true class, columns: predicted);
-- fit: `RunSummary`'s metrics.json, with the classes.
+- fit and validate: `RunSummary`'s metrics.json, with the classes.
 
 The rows of all ranks meet on rank 0 (`gather_to_rank_zero`), as for `ScoreWriter`, so
 every image is measured once however many workers and ranks read the shards.
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from qdd.attribution import attribution_metrics, class_of
@@ -107,8 +108,7 @@ class AttributionSummary(RunSummary):
             callback = trainer.checkpoint_callback
             self.write(trainer, {
                 **model_summary(trainer, pl_module), **fit_progress(trainer),
-                "task": "attribution", "attribute": pl_module.hparams.attribute,
-                "classes": list(pl_module.hparams.classes),
+                **what_is_named(pl_module),
                 "best_checkpoint": callback.best_model_path if callback else None,
                 "last_checkpoint": callback.last_model_path if callback else None,
             })  # fmt: skip
@@ -136,17 +136,36 @@ class AttributionSummary(RunSummary):
         print(format_attribution(metrics), flush=True)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pass  # validate --task attribution: the logged values are in metrics.csv
+        if trainer.state.fn == TrainerFn.VALIDATING and trainer.is_global_zero:
+            self.write(trainer, {**model_summary(trainer, pl_module), **what_is_named(pl_module)})
+
+
+def what_is_named(pl_module: LightningModule) -> dict[str, Any]:
+    """The task and its classes, for a fit's or a validation's metrics.json."""
+    hp = pl_module.hparams
+    return {"task": "attribution", "attribute": hp.attribute, "include_real": hp.include_real,
+            "classes": list(hp.classes)}  # fmt: skip
 
 
 def measure(rows: Any, classes: list[str]) -> dict[str, Any]:
-    """Attribution metrics of one pass's rows; rows of no class are counted, not measured."""
+    """Attribution metrics of one pass's rows; rows of no class are counted, not measured.
+    ``by_group``: each group's true class and how often each class was predicted (how a
+    swap group ``sd3/fp32-vaefp4`` is called, beside the plain ``sd3/fp32``)."""
     index = {name: i for i, name in enumerate(classes)}
     classed = rows[rows["class"].notna()]
     truth = classed["class"].map(index).to_numpy(dtype=np.int64)
     predicted = classed["predicted"].map(index).to_numpy(dtype=np.int64)
+    by_group = {
+        str(group): {"n": len(part), "class": _name(part["class"].iloc[0]),
+                     "predicted": {c: int((part["predicted"] == c).sum()) for c in classes}}
+        for group, part in rows.groupby("group", sort=True)
+    }  # fmt: skip
     return {**attribution_metrics(truth, predicted, classes),
-            "n_without_class": int(len(rows) - len(classed))}  # fmt: skip
+            "n_without_class": int(len(rows) - len(classed)), "by_group": by_group}  # fmt: skip
+
+
+def _name(value: Any) -> str | None:
+    return value if isinstance(value, str) else None  # None (or NaN): no class
 
 
 def write_confusion(path: Path, confusion: list[list[int]], classes: list[str]) -> None:

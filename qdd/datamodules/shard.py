@@ -93,8 +93,8 @@ class ShardDataModule(LightningDataModule):
         test_fraction: share of prompt ids (real: keys) in the test split (never trained on).
         holdout_generators: generators never trained or validated on (tested only).
         class_balance: with ``train`` sources, draw real and fake with probability 1/2
-            each (weights split a class's half among its sources); ``False``: weights are
-            shares of all draws.
+            each (weights split a class's half among its sources); ``False``, and always
+            for ``task="attribution"``: weights are shares of all draws.
         source_weights: overrides ``weight`` of train sources by name (for sweeps).
         samples_per_epoch: draws per epoch from ``train`` sources; default: the number of
             training samples.
@@ -173,7 +173,9 @@ class ShardDataModule(LightningDataModule):
         self.split_name = split or ("test" if test else "all")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.holdout = sorted(set(holdout_generators or []))
-        self.class_balance = class_balance
+        # real vs fake halves are detection's classes; attribution's are precisions, drawn
+        # as the sources' weights say (a fit without reals must not need them)
+        self.class_balance = class_balance and task == "detection"
         self.samples_per_epoch = samples_per_epoch
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.perturb = list(perturb or [])

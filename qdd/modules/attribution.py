@@ -74,9 +74,18 @@ class AttributionModule(DetectorModule):
 
     def setup(self, stage: str) -> None:
         data = self.trainer.datamodule if self._trainer is not None else None
-        if stage != "fit" or data is None:
+        if data is None or stage not in ("fit", "validate"):
             return
         hp = self.hparams
+        if stage == "validate":  # the classes come from the checkpoint
+            if not self.classes:
+                raise QddError(
+                    "no attribution classes: validate --task attribution needs --ckpt_path "
+                    "of a `qdd-cli fit --task attribution` checkpoint"
+                )
+            val = [s.group for s in data.split.get("val", []) if s.group]
+            check_known(val, self.classes, hp.attribute, hp.include_real, stage="validate")
+            return
         train = [s.group for s in data.split.get("train", []) if s.group and s.readable]
         found = decide_classes(train, hp.attribute, hp.include_real)
         if hp.classes is None:
@@ -88,7 +97,7 @@ class AttributionModule(DetectorModule):
                 f"holds {', '.join(found)}: train on the same classes or start afresh"
             )
         val = [s.group for s in data.split.get("val", []) if s.group]
-        check_known(val, self.classes, hp.attribute, hp.include_real)
+        check_known(val, self.classes, hp.attribute, hp.include_real, stage="fit")
 
     # -- losses and metrics -------------------------------------------------------------------
     def configure_losses(self) -> None:

@@ -74,10 +74,12 @@ def balanced_accuracy(table: pd.DataFrame) -> tuple[float | None, int]:
 
 
 def recall_rows(name: str, metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per class of one run: its recall with the Wilson interval, and which model it was."""
     return [
         {"run": name, "class": cls, "n": v["n"], "recall": v["recall"],
          "recall_low": v["recall_low"], "recall_high": v["recall_high"],
-         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+         "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+         "attribute": metrics["attribute"], "weights": metrics.get("weights")}
         for cls, v in metrics["per_class"].items()
     ]  # fmt: skip
 
@@ -94,10 +96,12 @@ def attribution_section(
     from qdd.report.style import save
     from qdd.report.tables import write_table
 
-    names = [Path(r).resolve().name for r in runs]
-    if len(set(names)) != len(names):
-        raise QddError("two attribution runs share a folder name: their figures would "
-                       "overwrite each other; rename one run folder")  # fmt: skip
+    runs = list(dict.fromkeys(Path(r).resolve() for r in runs))  # a run given twice is one
+    names = [run.name for run in runs]
+    for name in {n for n in names if names.count(n) > 1}:
+        same = " and ".join(str(run) for run in runs if run.name == name)
+        raise QddError(f"the attribution runs {same} share the folder name {name}: their "
+                       "figures would overwrite each other; rename one run folder")  # fmt: skip
     rows = []
     for run, name in zip(runs, names, strict=True):
         table, metrics = read_confusion(Path(run))
