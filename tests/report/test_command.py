@@ -152,6 +152,37 @@ def test_one_image_with_two_logits_in_two_runs_is_refused_in_either_order(
     assert ranked["run"].tolist() == ["seed0", "seed1"]  # seed1's fakes shifted down
 
 
+def test_runs_of_shards_at_two_step_counts_are_refused_naming_the_images(make_run) -> None:
+    """Two test runs of one detector on shards generated at 20 and at 4 steps: the same
+    keys and recipes, different images (their twin ids differ). Refused, as before, but
+    the reason says the images differ, not that two models ran under one name."""
+    from qdd.identity import twin_id
+
+    def at_steps(steps: int):
+        def change(scores: pd.DataFrame) -> pd.DataFrame:
+            meta = [{"label": int(r.label), "generator": r.generator, "model_id": r.model_id,
+                     "prompt": r.key, "seed": 1, "steps": steps, "guidance": 7.0,
+                     "width": 64, "height": 64} for r in scores.itertuples()]  # fmt: skip
+            return scores.assign(twin=[twin_id(m) for m in meta])
+
+        return change
+
+    grid = {"sd3": ["fp32", "fp4"]}
+    a, b = make_run("steps20", "npr", grid, seed=0), make_run("steps4", "npr", grid, seed=1)
+    _rewrite(a, at_steps(20))
+    _rewrite(b, at_steps(4))
+    with pytest.raises(QddError) as info:
+        load_runs([a, b])
+    message = str(info.value)
+    assert "tested different images under one key and recipe (24 image(s)" in message
+    assert "step count" in message and "two models" not in message and "\n" not in message
+    assert str(a) in message and str(b) in message
+    # the same images (one twin id) with two logits are still two models under one name
+    _rewrite(b, at_steps(20))
+    with pytest.raises(QddError, match="two models under one name"):
+        load_runs([a, b])
+
+
 def test_the_same_images_with_the_same_logits_pool_once_in_any_order(make_run) -> None:
     grid = {"sd3": ["fp32", "fp4"]}
     a = make_run("a", "npr", grid)
