@@ -221,14 +221,18 @@ def run_report(
     metric: str | None = None,
     group: str | None = None,
 ) -> Path:
-    """The full report (returns report.md), or with ``compare`` the ranking (compare.md)."""
-    if compare:
-        from qdd.report.compare import build_comparison
+    """The full report (returns report.md), or with ``compare`` the ranking (compare.md),
+    in a folder the report owns (`qdd.report.owned`: no stale figure of an earlier one)."""
+    from qdd.report.owned import owned_folder
 
-        return build_comparison(runs, out, metric or "auroc", group or "overall")
-    if metric or group:
+    if (metric or group) and not compare:
         from qdd.errors import QddError
 
         raise QddError("--metric and --group choose what --compare ranks by: add --compare, "
                        "or drop them for the full report")  # fmt: skip
-    return build_report(runs, out)
+    with owned_folder(out) as folder:
+        if compare:
+            from qdd.report.compare import build_comparison
+
+            return build_comparison(runs, folder, metric or "auroc", group or "overall")
+        return build_report(runs, folder)
