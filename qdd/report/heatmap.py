@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from qdd.report.palette import order_generators, order_precisions
 from qdd.report.runs import NONE
-from qdd.report.style import RC, panel_grid
+from qdd.report.style import RC, bar_aspect, panel_grid
 
 LABELS = {"fake_acc": "fake accuracy", "auroc": "AUROC (fakes vs real images)",
           "balanced_acc": "balanced accuracy", "ap": "average precision",
@@ -178,7 +178,7 @@ def plot_heatmap(
                 name += f" ({lined_up[detector]})"
             ax.set_title(name + (real_note(rows) if metric != "auroc" else ""), fontsize=9)
         label = LABELS.get(metric, metric)
-        bar = fig.colorbar(image, ax=axes, shrink=0.85, aspect=25, pad=0.02,
+        bar = fig.colorbar(image, ax=axes, shrink=0.85, aspect=bar_aspect(fig, 0.85), pad=0.02,
                            extend="min" if metric in RANKING else "neither")  # fmt: skip
         if metric in RANKING:
             bar.set_ticks([0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])

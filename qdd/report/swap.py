@@ -65,7 +65,7 @@ def plot_swap(
     import matplotlib as mpl
 
     from qdd.report.heatmap import CMAP, MISSING, norm_for
-    from qdd.report.style import RC, panel_grid
+    from qdd.report.style import RC, bar_aspect, panel_grid
 
     rank = {d: i for i, d in enumerate(lined_up or ())}
     panels = sorted({(g, d) for g, d in zip(swap["generator"], swap["detector"], strict=True)},
@@ -93,6 +93,6 @@ def plot_swap(
             ax.set_ylabel("denoiser precision")
             family = f" ({lined_up[detector]})" if lined_up and detector in lined_up else ""
             ax.set_title(f"{generator} · {detector}{family}", fontsize=9)
-        fig.colorbar(image, ax=axes, shrink=0.85, label=metric)
+        fig.colorbar(image, ax=axes, shrink=0.85, aspect=bar_aspect(fig, 0.85), label=metric)
         fig.suptitle(f"{metric}: denoiser × decoder (–: not measured)")
     return fig

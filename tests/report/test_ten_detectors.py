@@ -1,0 +1,105 @@
+"""Issue 23: the report takes ten detectors (six families) without crowding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qdd.report.families import OTHER, detector_styles, families, lineup
+from qdd.report.heatmap import MAX_WIDTH, plot_heatmap
+from qdd.report.overview import plot_overview
+from qdd.report.runs import group_table, load_runs
+from tests.report.conftest import write_run
+
+TEN = ["npr", "clipd", "univfd", "corvi", "bfree", "commfor", "rigid", "rine", "spai",
+       "aeroblade"]  # fmt: skip
+PRECISIONS = ["fp32", "fp16", "fp8", "gguf-q8_0", "fp4", "nf4", "nvfp4", "mxfp4"]
+GENERATORS = ["sd15", "sdxl", "sd3", "flux-schnell"]
+
+
+def table_of(root: Path, detectors: list[str], precisions: list[str]) -> pd.DataFrame:
+    """Group metrics of synthetic test runs (4 fakes a group, a short bootstrap: fast)."""
+    grid = {g: precisions for g in GENERATORS}
+    runs = [write_run(root / d, d, grid, n=4, seed=i) for i, d in enumerate(detectors)]
+    return group_table(load_runs(runs), resamples=20)
+
+
+@pytest.fixture(scope="module")
+def ten(tmp_path_factory) -> pd.DataFrame:
+    return table_of(tmp_path_factory.mktemp("ten"), TEN, PRECISIONS)
+
+
+def test_lineup_goes_family_by_family() -> None:
+    lined_up = lineup({d: d for d in [*TEN, "mine"]} | {"npr-retrained": "npr"})
+    order = families()
+    ranks = [order.index(f) for f in lined_up.values()]
+    assert ranks == sorted(ranks)  # family by family, in the cards' order
+    assert lined_up["npr-retrained"] == lined_up["npr"] == "end-to-end"
+    assert lined_up["clipd"] == "CLIP features" and lined_up["aeroblade"] == "training-free"
+    assert list(lined_up)[-1] == "mine" and lined_up["mine"] == OTHER
+    assert list(lined_up)[:3] == ["commfor", "corvi", "npr"]  # within a family, by name
+
+
+def test_no_two_detectors_share_a_look_even_past_the_colours() -> None:
+    many = {f"d{i:02d}": "npr" for i in range(30)} | {d: d for d in TEN}
+    styles = detector_styles(lineup(many))
+    assert len(set(styles.values())) == len(styles)
+
+
+def test_overview_draws_ten_distinct_lines_and_a_ten_entry_legend_by_family(ten) -> None:
+    lined_up = lineup({d: d for d in TEN})
+    fig = plot_overview(ten, lined_up)
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == [f"{d} ({family})" for d, family in lined_up.items()]
+    assert len(labels) == 10
+    looks = [(h.get_color(), h.get_marker(), h.get_linestyle()) for h in legend.legend_handles]
+    assert len(set(looks)) == 10  # no two detectors share colour, marker and line style
+    assert len({(c, m) for c, m, _ in looks}) == 10  # colour + marker alone tell them apart
+    by_family: dict[str, set[str]] = {}
+    for (_, marker, _), family in zip(looks, lined_up.values(), strict=True):
+        by_family.setdefault(family, set()).add(marker)
+    assert all(len(markers) == 1 for markers in by_family.values())  # marker = family
+    assert len({next(iter(m)) for m in by_family.values()}) == len(by_family)
+    panels = [ax for ax in fig.axes if ax.get_lines()]
+    assert len(panels) == 2 * len(GENERATORS)  # fake accuracy and AUROC per generator
+    for ax in panels:
+        lines = [line for line in ax.get_lines() if line.get_label() in lined_up]
+        assert [line.get_label() for line in lines] == list(lined_up)
+        assert [t.get_text() for t in ax.get_xticklabels()] == PRECISIONS
+
+
+def panel_inches(fig, ax) -> tuple[float, float]:
+    """A panel's drawn size in inches, on the figure's final (constrained) layout."""
+    box = ax.get_position()
+    width, height = fig.get_size_inches()
+    return box.width * width, box.height * height
+
+
+def test_figures_grow_with_precisions_and_detectors_instead_of_crowding(ten, tmp_path) -> None:
+    lined_up = lineup({d: d for d in TEN})
+    few = table_of(tmp_path / "few", TEN[:2], PRECISIONS[:3])
+    wide = plot_overview(ten, lined_up)
+    narrow = plot_overview(few, lineup({d: d for d in TEN[:2]}))
+    assert wide.get_size_inches()[0] > narrow.get_size_inches()[0]
+    wide.draw_without_rendering()
+    for ax in [ax for ax in wide.axes if ax.get_lines()]:  # room for every precision's label
+        assert panel_inches(wide, ax)[0] / len(PRECISIONS) >= 0.3
+    heat_ten = plot_heatmap(ten, "fake_acc", lined_up=lined_up)
+    heat_two = plot_heatmap(ten[ten["detector"].isin(["npr", "clipd"])], "fake_acc",
+                            lined_up=lined_up)  # fmt: skip
+    assert heat_ten.get_size_inches()[0] <= MAX_WIDTH  # printable: no column per detector
+    assert heat_ten.get_size_inches()[1] > 2.5 * heat_two.get_size_inches()[1]  # it grows
+    titled = [ax for ax in heat_ten.axes if ax.get_title()]
+    assert [ax.get_title().splitlines()[0] for ax in titled] == [
+        f"{d} ({family})" for d, family in lined_up.items()
+    ]
+    heat_ten.draw_without_rendering()
+    heat_two.draw_without_rendering()
+    two = [ax for ax in heat_two.axes if ax.get_title()]
+    reference = panel_inches(heat_two, two[0])
+    for ax in titled:  # every panel as large as with two detectors: cells keep their room
+        width, height = panel_inches(heat_ten, ax)
+        assert width >= 0.95 * reference[0] and height >= 0.9 * reference[1]
