@@ -94,6 +94,16 @@ def with_interval(table: pd.DataFrame, metric: str) -> pd.Series:
     return table.apply(cell, axis=1)
 
 
+def values_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """A `metric_pivot` with ``text`` cells cut to their value (``0.92 [0.65, 0.99] n=12`` →
+    ``0.92``): the narrow form report.md shows when the full one is too wide to read."""
+
+    def value(cell: object) -> object:
+        return cell.split(" ", 1)[0] if isinstance(cell, str) and " [" in cell else cell
+
+    return frame.apply(lambda column: column.map(value))
+
+
 def metric_pivot(
     table: pd.DataFrame, metric: str, text: bool = False, lined_up: Mapping[str, str] | None = None
 ) -> pd.DataFrame:

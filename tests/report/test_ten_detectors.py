@@ -103,3 +103,27 @@ def test_figures_grow_with_precisions_and_detectors_instead_of_crowding(ten, tmp
     for ax in titled:  # every panel as large as with two detectors: cells keep their room
         width, height = panel_inches(heat_ten, ax)
         assert width >= 0.95 * reference[0] and height >= 0.9 * reference[1]
+
+
+def test_report_md_shows_ten_detectors_tables_only_as_wide_as_they_read(ten, tmp_path) -> None:
+    from qdd.report.index import EMBED_ROWS, EMBED_WIDTH, shown_table
+    from qdd.report.tables import metric_pivot, sorted_groups, write_table
+
+    lined_up = lineup({d: d for d in TEN})
+    csv, md = write_table(metric_pivot(ten, "fake_acc", True, lined_up), tmp_path, "fake_acc")
+    full = md.read_text().splitlines()
+    assert max(map(len, full)) > EMBED_WIDTH  # 8 precisions with intervals: too wide
+    shown = shown_table("fake_acc", csv, md)
+    assert shown[0].startswith("Values only")
+    rows = shown[-1].strip().splitlines()
+    assert max(map(len, rows)) <= EMBED_WIDTH and len(rows) == len(full)
+    frame = pd.read_csv(csv)
+    assert list(frame["family"]) == [lined_up[d] for d in frame["detector"]]
+    first = frame.iloc[0]
+    value = first["fp4"].split(" ")[0]  # "0.25 [0.05, 0.70] n=4" → "0.25"
+    assert f"| {first['detector']} | {first['family']} | {first['generator']} |" in rows[2]
+    assert f"| {value} |" in rows[2]
+    # 320 rows of every metric: linked with their size, never poured into report.md
+    csv, md = write_table(sorted_groups(ten, lined_up), tmp_path, "groups")
+    (line, _) = shown_table("paired_shift", csv, md)
+    assert line.startswith("320 rows × ") and len(ten) > EMBED_ROWS
