@@ -127,3 +127,28 @@ def test_report_md_shows_ten_detectors_tables_only_as_wide_as_they_read(ten, tmp
     csv, md = write_table(sorted_groups(ten, lined_up), tmp_path, "groups")
     (line, _) = shown_table("paired_shift", csv, md)
     assert line.startswith("320 rows × ") and len(ten) > EMBED_ROWS
+
+
+def overlapping(fig, texts) -> list[tuple[str, str]]:
+    """Pairs of drawn texts whose boxes overlap."""
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts if t.get_text()]
+    return [(a, b) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :]
+            if box.overlaps(other)]  # fmt: skip
+
+
+def test_paired_shift_bars_name_a_dozen_precisions_without_overlap(tmp_path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from qdd.report.paired import plot_paired
+
+    grid = {"sd3": [*PRECISIONS, "svdq-int4", "fp4-vaefp32", "fp32-vaefp4", "fp8-w8a8"]}
+    run = write_run(tmp_path / "npr", "npr", grid, n=4)
+    scores = load_runs([run])["npr"].main
+    fig = plot_paired(scores, "npr")
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    bars = fig.axes[-1]
+    labels = bars.get_xticklabels()
+    assert len(labels) == len(grid["sd3"]) - 1  # every precision but fp32
+    assert overlapping(fig, labels) == []
