@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -181,3 +182,18 @@ def test_tradeoff_labels_every_point_of_ten_precisions_and_four_generators() -> 
     for ax in fig.axes[:2]:
         assert not ax.get_title().startswith("no room")  # every point labelled
         assert overlapping(fig, ax.texts) == []
+
+
+def test_robustness_tells_a_precision_from_its_variants_and_keeps_a_dozen_beside_their_step(
+    tmp_path,
+) -> None:
+    from qdd.report.robustness import plot_robustness, precision_table
+
+    grid = {"sd3": [*PRECISIONS, "svdq-int4", "fp4-vaefp32", "fp32-vaefp4", "fp4@emulate"]}
+    run = write_run(tmp_path / "npr", "npr", grid, n=4, perturbations=("none", "jpeg:75"))
+    fig = plot_robustness(precision_table(load_runs([run]), resamples=20), "npr")
+    lines = {line.get_label(): line for line in fig.axes[0].lines}
+    looks = {(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in lines.values()}
+    assert len(looks) == len(lines)  # fp4 and fp4-vaefp32 share a colour, not a look
+    xs = np.array([ln.get_xdata() for name, ln in lines.items() if name != "real"])
+    assert np.all(np.abs(xs - np.arange(2)) <= 0.25 + 1e-9)  # each beside its own step
