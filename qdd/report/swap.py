@@ -65,7 +65,7 @@ def plot_swap(
     import matplotlib as mpl
 
     from qdd.report.heatmap import CMAP, MISSING, norm_for
-    from qdd.report.style import RC, bar_aspect, panel_grid
+    from qdd.report.style import RC, bar_aspect, columns_for, panel_grid
 
     rank = {d: i for i, d in enumerate(lined_up or ())}
     panels = sorted({(g, d) for g, d in zip(swap["generator"], swap["detector"], strict=True)},
@@ -89,8 +89,13 @@ def plot_swap(
                         va="center", fontsize=8, color="white" if dark else "black")  # fmt: skip
             ax.set_xticks(range(len(decoders)), decoders)
             ax.set_yticks(range(len(denoisers)), denoisers)
-            ax.set_xlabel("decoder (VAE) precision")
-            ax.set_ylabel("denoiser precision")
+            # axis names on the outer panels only: ten detectors' panels need the room
+            ncols = columns_for(len(panels), 3)
+            position = axes.index(ax)
+            if position >= len(panels) - ncols:
+                ax.set_xlabel("decoder (VAE) precision")
+            if position % ncols == 0:
+                ax.set_ylabel("denoiser precision")
             family = f" ({lined_up[detector]})" if lined_up and detector in lined_up else ""
             ax.set_title(f"{generator} · {detector}{family}", fontsize=9)
         fig.colorbar(image, ax=axes, shrink=0.85, aspect=bar_aspect(fig, 0.85), label=metric)
