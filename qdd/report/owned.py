@@ -38,6 +38,12 @@ def _earlier(folder: Path) -> list[str]:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         foreign = sorted(_files(folder))
+        if "report.md" in foreign:
+            raise QddError(
+                f"--out {folder} holds a report written before qdd listed a report's files "
+                f"({MANIFEST}), so its stale figures cannot be told from your files: remove "
+                "the folder or pass a new --out"
+            )
         if foreign:
             raise QddError(
                 f"--out {folder} already holds {len(foreign)} file(s) that no qdd-cli report "

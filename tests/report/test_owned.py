@@ -74,3 +74,13 @@ def test_a_failed_report_removes_nothing(make_run, tmp_path) -> None:
     with pytest.raises(QddError, match="does not exist"):
         run_report([tmp_path / "nope"], tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()  # a failed first report leaves no folder
+
+
+def test_a_report_of_an_older_qdd_is_named_as_such(make_run, tmp_path) -> None:
+    run = make_run("npr", "npr", GRID)
+    out = tmp_path / "report"
+    run_report([run], out)
+    (out / MANIFEST).unlink()  # as an older qdd left it
+    with pytest.raises(QddError, match="holds a report written before qdd listed") as info:
+        run_report([run], out)
+    assert "\n" not in str(info.value) and (out / "report.md").is_file()
