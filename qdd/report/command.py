@@ -168,9 +168,12 @@ def tradeoff(
     quality = load_quality(quality_runs)
     notes.extend(unverified_networks(quality_runs))
     frame = tradeoff_table(quality, table)
-    tables["tradeoff"] = write_table(frame, out / "tables", "tradeoff")
     measured = set(detectors_in(frame))
     detectors = [d for d in lined_up if d in measured] + sorted(measured - set(lined_up))
+    own = [f"{d}_{m}" for d in detectors for m in ("auroc", "fake_acc")]
+    shared = [c for c in frame.columns if c not in set(own)]
+    frame = frame[shared + [c for c in own if c in frame.columns]]  # family by family
+    tables["tradeoff"] = write_table(frame, out / "tables", "tradeoff")
     if not detectors:
         notes.append("no test runs beside the quality runs: the trade-off has no detector axis")
     for name in detectors:

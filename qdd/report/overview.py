@@ -49,6 +49,8 @@ def plot_overview(table: pd.DataFrame, lined_up: Mapping[str, str]) -> Figure | 
     styles = detector_styles({d: lined_up[d] for d in detectors})
     shift = dict(zip(detectors, offsets(len(detectors)), strict=True))
     metrics = [m for m in ROWS if m in rows.columns and rows[m].notna().any()]
+    if not metrics:
+        return None
     width = max(3.2, 0.38 * len(precisions) + 1.0)
     with mpl.rc_context(RC):
         fig = Figure(figsize=(width * len(generators) + 2.4, 2.8 * len(metrics) + 0.9),
