@@ -1,6 +1,6 @@
 """The study's question in one figure: which detectors, which families, hold as bits drop.
 
-One panel per generator (columns) and metric (rows: fake accuracy, AUROC), precision along
+One panel per generator (rows) and metric (columns: fake accuracy, AUROC), precision along
 x (palette order, the denoiser × decoder swaps left to their own view), one line per
 detector: the marker says its family, the colour the detector (`qdd.report.families`),
 and the legend lists them family by family. Lines are shifted a little sideways so that
@@ -53,14 +53,17 @@ def plot_overview(table: pd.DataFrame, lined_up: Mapping[str, str]) -> Figure | 
         return None
     width = max(3.2, 0.38 * len(precisions) + 1.0)
     with mpl.rc_context(RC):
-        fig = Figure(figsize=(width * len(generators) + 2.4, 2.8 * len(metrics) + 0.9),
+        # generators down, metrics across: the figure grows downwards with generators and
+        # stays printable across (two panels wide)
+        fig = Figure(figsize=(width * len(metrics) + 2.4, 2.5 * len(generators) + 1.6),
                      layout="constrained")  # fmt: skip
-        axes = fig.subplots(len(metrics), len(generators), squeeze=False, sharey="row")
+        axes = fig.subplots(len(generators), len(metrics), squeeze=False, sharex=True,
+                            sharey="col")  # fmt: skip
         x = np.arange(len(precisions))
-        for column, generator in enumerate(generators):
-            for row, metric in enumerate(metrics):
+        for row, generator in enumerate(generators):
+            part = rows[rows["generator"] == generator]
+            for column, metric in enumerate(metrics):
                 ax = axes[row, column]
-                part = rows[rows["generator"] == generator]
                 for detector in detectors:
                     values = part[part["detector"] == detector].set_index("precision")[metric]
                     y = values.reindex(precisions).to_numpy(dtype=float)
@@ -69,14 +72,13 @@ def plot_overview(table: pd.DataFrame, lined_up: Mapping[str, str]) -> Figure | 
                             linestyle=linestyle, markersize=4, linewidth=1.2,
                             label=detector)  # fmt: skip
                 ax.set_xticks(x, precisions, rotation=45, ha="right", rotation_mode="anchor")
+                ax.tick_params(labelbottom=row == len(generators) - 1)
                 ax.set_ylim(-0.03 if metric != "auroc" else 0.0, 1.03)
                 ax.grid(axis="y", alpha=0.3, linewidth=0.5)
                 if metric == "auroc":
                     ax.axhline(0.5, color="#999999", linewidth=0.8, linestyle=":")
-                if column == 0:
-                    ax.set_ylabel(LABELS.get(metric, metric))
-                if row == 0:
-                    ax.set_title(generator)
+                ax.set_ylabel(LABELS.get(metric, metric).split(" (")[0])
+                ax.set_title(generator)
         handles = [
             Line2D([], [], color=styles[d][0], marker=styles[d][1], linestyle=styles[d][2],
                    markersize=5, label=f"{d} ({lined_up[d]})")

@@ -69,7 +69,9 @@ def test_overview_draws_ten_distinct_lines_and_a_ten_entry_legend_by_family(ten)
     for ax in panels:
         lines = [line for line in ax.get_lines() if line.get_label() in lined_up]
         assert [line.get_label() for line in lines] == list(lined_up)
+    for ax in panels[-2:]:  # the bottom row names the precisions, shared by every row
         assert [t.get_text() for t in ax.get_xticklabels()] == PRECISIONS
+    assert fig.get_size_inches()[0] < 18  # two metrics across, generators down
 
 
 def panel_inches(fig, ax) -> tuple[float, float]:
