@@ -116,7 +116,12 @@ def recipe_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
                    f"{fraction.mean():.3f}" if len(fraction) else "–",
                    _joined(part["model_id"]))  # fmt: skip
             measured.setdefault(key, []).append(name)
-    frame = pd.DataFrame([[*k, ", ".join(v)] for k, v in measured.items()], columns=columns)
+    every = len(results)
+
+    def who(names: list[str]) -> str:  # ten names on every row would crowd the table
+        return f"all {every}" if len(names) == every > 2 else ", ".join(names)
+
+    frame = pd.DataFrame([[*k, who(v)] for k, v in measured.items()], columns=columns)
     if frame.empty:
         return frame
     g = {n: i for i, n in enumerate(order_generators(frame["generator"].unique()))}

@@ -199,3 +199,14 @@ def test_robustness_tells_a_precision_from_its_variants_and_keeps_a_dozen_beside
     assert len(looks) == len(lines)  # fp4 and fp4-vaefp32 share a colour, not a look
     xs = np.array([ln.get_xdata() for name, ln in lines.items() if name != "real"])
     assert np.all(np.abs(xs - np.arange(2)) <= 0.25 + 1e-9)  # each beside its own step
+
+
+def test_recipes_say_all_ten_instead_of_listing_them(tmp_path) -> None:
+    from qdd.report.index import recipe_table
+
+    grid = {"sd3": ["fp32", "fp4"]}
+    runs = [write_run(tmp_path / d, d, grid, n=2, seed=i) for i, d in enumerate(TEN)]
+    runs.append(write_run(tmp_path / "npr-flux", "npr", {"flux-schnell": ["fp4"]}, n=2))
+    recipes = recipe_table(load_runs(runs)).set_index(["generator", "precision"])
+    assert recipes.loc[("sd3", "fp4"), "detectors"] == "all 10"
+    assert recipes.loc[("flux-schnell", "fp4"), "detectors"] == "npr"
