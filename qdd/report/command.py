@@ -57,6 +57,12 @@ def build_report(runs: list[Path], out: Path) -> Path:
     figures: dict[str, str] = {}
     notes: list[str] = []
     shifts = []
+    table = group_table(results)
+    if not table.empty:  # the study's question first: every detector against precision
+        overview = plot_overview(table, lined_up)
+        if overview is not None:
+            save(overview, out, "overview")
+            figures["overview"] = "Every detector against precision, family by family"
     for name in lined_up:
         entry = results[name]
         main = entry.main
@@ -75,13 +81,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
             save(paired, out, f"paired_{name}")
             figures[f"paired_{name}"] = f"{name}: each lower precision vs its FP32 twin"
             shifts.append(shift_table(main, name, entry.threshold))
-    table = group_table(results)
     tables: dict[str, tuple[Path, Path]] = {}
-    if not table.empty:
-        overview = plot_overview(table, lined_up)
-        if overview is not None:
-            save(overview, out, "overview")
-            figures["overview"] = "Every detector against precision, family by family"
     verdicts = tradeoff(quality_runs, table, out, figures, tables, notes, lined_up)
     fingerprint_section(fingerprint_runs, out, figures, tables, notes)
     attribution_section(attribution_runs, out, figures, tables)

@@ -210,3 +210,16 @@ def test_recipes_say_all_ten_instead_of_listing_them(tmp_path) -> None:
     recipes = recipe_table(load_runs(runs)).set_index(["generator", "precision"])
     assert recipes.loc[("sd3", "fp4"), "detectors"] == "all 10"
     assert recipes.loc[("flux-schnell", "fp4"), "detectors"] == "npr"
+
+
+def test_report_opens_with_the_overview_and_lists_detectors_by_family(tmp_path) -> None:
+    from qdd.report.command import build_report
+
+    grid = {"sd3": ["fp32", "fp4"]}
+    names = ["spai", "npr", "clipd"]
+    runs = [write_run(tmp_path / d, d, grid, n=3, seed=i) for i, d in enumerate(names)]
+    text = build_report(runs, tmp_path / "report").read_text()
+    figures = [line for line in text.splitlines() if line.startswith("![")]
+    assert figures[0].startswith("![Every detector against precision")
+    kdes = [f.split(":")[0].removeprefix("![") for f in figures if "logit distributions" in f]
+    assert kdes == ["npr", "clipd", "spai"]  # end-to-end, CLIP features, spectral
