@@ -62,7 +62,8 @@ def test_demo_runs_the_study_and_ends_with_the_report(
     # the JPEG 95/75/50 sweep of the NPR trained without FP4: its robustness curve
     curves = sorted(p.stem for p in (out / "report").glob("robustness_*.png"))
     assert curves == [f"robustness_{n}" for n in names if n.startswith("npr-")][:1]
-    stems += [*curves, "perturbed_fake_acc"]
+    stems += [*curves, *(c.replace("robustness_", "perturbed_fake_acc_") for c in curves)]
+    stems += ["overview"]  # every detector against precision, family by family
     # the trade-off: costs and quality (the quality run) beside detectability, per detector
     tradeoff = pd.read_csv(out / "report" / "tables" / "tradeoff.csv")
     deployed = [(g, p) for g, formats in DEPLOYED.items() for p in formats]

@@ -31,9 +31,11 @@ def build_report(runs: list[Path], out: Path) -> Path:
 
     from qdd.report.attribution import attribution_section, is_attribution_run
     from qdd.report.confounds import format_warnings
+    from qdd.report.families import lineup
     from qdd.report.heatmap import has_low_fraction, plot_heatmap
     from qdd.report.index import write_index
     from qdd.report.kde import plot_kde
+    from qdd.report.overview import plot_overview
     from qdd.report.paired import plot_paired, shift_table
     from qdd.report.robustness import plot_robustness, precision_table, spec_rank
     from qdd.report.runs import NONE, accuracy_warnings, group_table, load_runs, missing_groups
@@ -49,12 +51,20 @@ def build_report(runs: list[Path], out: Path) -> Path:
     others = quality_runs + fingerprint_runs + attribution_runs
     test_runs = [Path(r) for r in runs if Path(r) not in others]
     results = load_runs(test_runs) if test_runs or not others else {}
+    lined_up = lineup({name: entry.runs[0]["detector"] for name, entry in results.items()})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, str] = {}
     notes: list[str] = []
     shifts = []
-    for name, entry in sorted(results.items()):
+    table = group_table(results)
+    if not table.empty:  # the study's question first: every detector against precision
+        overview = plot_overview(table, lined_up)
+        if overview is not None:
+            save(overview, out, "overview")
+            figures["overview"] = "Every detector against precision, family by family"
+    for name in lined_up:
+        entry = results[name]
         main = entry.main
         if main.empty:
             notes.append(f"{name} has no unperturbed (`{NONE}`) scores: no KDE or paired view")
@@ -71,9 +81,8 @@ def build_report(runs: list[Path], out: Path) -> Path:
             save(paired, out, f"paired_{name}")
             figures[f"paired_{name}"] = f"{name}: each lower precision vs its FP32 twin"
             shifts.append(shift_table(main, name, entry.threshold))
-    table = group_table(results)
     tables: dict[str, tuple[Path, Path]] = {}
-    verdicts = tradeoff(quality_runs, table, out, figures, tables, notes)
+    verdicts = tradeoff(quality_runs, table, out, figures, tables, notes, lined_up)
     fingerprint_section(fingerprint_runs, out, figures, tables, notes)
     attribution_section(attribution_runs, out, figures, tables)
     if table.empty:
@@ -85,24 +94,27 @@ def build_report(runs: list[Path], out: Path) -> Path:
             if table.loc[table["perturbation"] == NONE, metric].isna().all():
                 notes.append(f"no {metric} values in these runs: heatmap_{metric} not drawn")
                 continue
-            save(plot_heatmap(table, metric), out, f"heatmap_{metric}")
+            save(plot_heatmap(table, metric, lined_up=lined_up), out, f"heatmap_{metric}")
             figures[f"heatmap_{metric}"] = f"{metric} per generator × precision, per detector"
-            tables[metric] = write_table(metric_pivot(table, metric, text=True),
+            tables[metric] = write_table(metric_pivot(table, metric, True, lined_up),
                                          out / "tables", metric)  # fmt: skip
         swap = swap_table(table)
         if not swap.empty:
-            save(plot_swap(swap), out, "heatmap_swap")
+            save(plot_swap(swap, lined_up=lined_up), out, "heatmap_swap")
             figures["heatmap_swap"] = "fake accuracy per denoiser × decoder (VAE) precision"
         if len(perturbations) > 1:
-            # Only detectors tested under perturbations: the others would be empty panels.
+            # One figure per detector tested under perturbations (a grid of all of them
+            # would grow a column per detector); the others would be empty panels.
             swept = table[table.groupby("detector")["perturbation"].transform("nunique") > 1]
-            for metric in HEATMAP_METRICS:
-                save(plot_heatmap(swept, metric, perturbations), out, f"perturbed_{metric}")
-                figures[f"perturbed_{metric}"] = (
-                    f"{metric} per perturbation (rows) of each detector tested under them"
-                )
+            for name in [d for d in lined_up if d in set(swept["detector"])]:
+                own = swept[swept["detector"] == name]
+                specs = [p for p in perturbations if p in set(own["perturbation"])]
+                for metric in HEATMAP_METRICS:
+                    stem = f"perturbed_{metric}_{name}"
+                    save(plot_heatmap(own, metric, specs, lined_up), out, stem)
+                    figures[stem] = f"{name}: {metric} per generator × precision, per perturbation"
             robust = precision_table(results)
-            for name in sorted(results):
+            for name in lined_up:
                 figure = plot_robustness(robust, name)
                 if figure is not None:
                     save(figure, out, f"robustness_{name}")
@@ -110,14 +122,16 @@ def build_report(runs: list[Path], out: Path) -> Path:
             columns = ["detector", "perturbation", "precision", "n_fake", "n_real", "fake_acc",
                        "fake_acc_lo", "fake_acc_hi", "real_acc", "auroc", "auroc_lo",
                        "auroc_hi"]  # fmt: skip
-            robust = robust.assign(_r=robust["perturbation"].map(spec_rank))
-            robust = robust.sort_values(["detector", "_r", "precision"], kind="stable")
+            rank = {name: i for i, name in enumerate(lined_up)}
+            robust = robust.assign(_r=robust["perturbation"].map(spec_rank),
+                                   _d=robust["detector"].map(rank))  # fmt: skip
+            robust = robust.sort_values(["_d", "_r", "precision"], kind="stable")
             tables["robustness"] = write_table(robust[columns], out / "tables", "robustness")
     if shifts:
         frame = pd.concat(shifts, ignore_index=True)
         tables["paired_shift"] = write_table(frame, out / "tables", "paired_shift")
     if not table.empty:
-        tables["groups"] = write_table(sorted_groups(table), out / "tables", "groups")
+        tables["groups"] = write_table(sorted_groups(table, lined_up), out / "tables", "groups")
     missing = missing_groups(table)
     warnings = format_warnings(results) + accuracy_warnings(results)
     for line in missing:
@@ -138,6 +152,7 @@ def tradeoff(
     figures: dict[str, str],
     tables: dict[str, tuple[Path, Path]],
     notes: list[str],
+    lined_up: dict[str, str],
 ) -> list[str] | None:
     """tables/tradeoff.csv|md and a tradeoff_<detector> figure from the quality runs and
     the detection metrics ``table``; returns report.md's verdict lines (None: no quality
@@ -153,8 +168,12 @@ def tradeoff(
     quality = load_quality(quality_runs)
     notes.extend(unverified_networks(quality_runs))
     frame = tradeoff_table(quality, table)
+    measured = set(detectors_in(frame))
+    detectors = [d for d in lined_up if d in measured] + sorted(measured - set(lined_up))
+    own = [f"{d}_{m}" for d in detectors for m in ("auroc", "fake_acc")]
+    shared = [c for c in frame.columns if c not in set(own)]
+    frame = frame[shared + [c for c in own if c in frame.columns]]  # family by family
     tables["tradeoff"] = write_table(frame, out / "tables", "tradeoff")
-    detectors = detectors_in(frame)
     if not detectors:
         notes.append("no test runs beside the quality runs: the trade-off has no detector axis")
     for name in detectors:
@@ -221,14 +240,18 @@ def run_report(
     metric: str | None = None,
     group: str | None = None,
 ) -> Path:
-    """The full report (returns report.md), or with ``compare`` the ranking (compare.md)."""
-    if compare:
-        from qdd.report.compare import build_comparison
+    """The full report (returns report.md), or with ``compare`` the ranking (compare.md),
+    in a folder the report owns (`qdd.report.owned`: no stale figure of an earlier one)."""
+    from qdd.report.owned import owned_folder
 
-        return build_comparison(runs, out, metric or "auroc", group or "overall")
-    if metric or group:
+    if (metric or group) and not compare:
         from qdd.errors import QddError
 
         raise QddError("--metric and --group choose what --compare ranks by: add --compare, "
                        "or drop them for the full report")  # fmt: skip
-    return build_report(runs, out)
+    with owned_folder(out) as folder:
+        if compare:
+            from qdd.report.compare import build_comparison
+
+            return build_comparison(runs, folder, metric or "auroc", group or "overall")
+        return build_report(runs, folder)

@@ -10,6 +10,8 @@ components' parameters quantized are marked: a "4-bit" SD1.5 is mostly half prec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ from matplotlib.figure import Figure
 
 from qdd.report.palette import order_generators, order_precisions
 from qdd.report.runs import NONE
-from qdd.report.style import RC, panel_grid
+from qdd.report.style import RC, bar_aspect, panel_grid
 
 LABELS = {"fake_acc": "fake accuracy", "auroc": "AUROC (fakes vs real images)",
           "balanced_acc": "balanced accuracy", "ap": "average precision",
@@ -34,6 +36,8 @@ UNQUANTIZED = ("fp32", "fp16")
 LOW_FRACTION = 0.5
 LOW_MARK = "▼"
 CMAP = "viridis"
+#: Widest figure (inches) that still reads when scaled to a page or screen width.
+MAX_WIDTH = 18.0
 MISSING = "#e4e4e4"
 
 
@@ -114,21 +118,30 @@ def real_note(rows: pd.DataFrame) -> str:
 
 
 def plot_heatmap(
-    table: pd.DataFrame, metric: str, perturbations: list[str] | None = None
+    table: pd.DataFrame,
+    metric: str,
+    perturbations: list[str] | None = None,
+    lined_up: Mapping[str, str] | None = None,
 ) -> Figure:
     """One annotated panel per detector (rows: generators, columns: precisions).
 
-    With several ``perturbations`` the panels form a grid: one row per perturbation, one
-    column per detector. Cells a detector was not run on are light grey with a dash.
+    ``lined_up`` (report name → family, `qdd.report.families.lineup`) orders the panels
+    family by family and names each panel's family; without it, detectors go by name.
+    With several ``perturbations`` (one detector's, as the report draws them) the panels
+    go perturbation by perturbation. Cells a detector was not run on are light grey with
+    a dash. Panels are as wide as their precisions need; the figure keeps to two columns,
+    and to one where two would be wider than `MAX_WIDTH`.
     """
     perturbations = perturbations or [NONE]
     table = table[table["perturbation"].isin(perturbations)]
-    detectors = sorted(table["detector"].unique())
+    present = set(table["detector"].unique())
+    detectors = [d for d in lined_up if d in present] if lined_up else sorted(present)
+    detectors += sorted(present - set(detectors))
     generators = order_generators(table["generator"].unique())
     precisions = order_precisions(table["precision"].unique())
     panels = [(p, d) for p in perturbations for d in detectors]
     size = (0.95 * len(precisions) + 1.6, 0.62 * len(generators) + 1.5)
-    max_cols = len(detectors) if len(perturbations) > 1 and len(detectors) > 1 else 2
+    max_cols = max(1, min(2, int(MAX_WIDTH // size[0])))
     fig, axes = panel_grid(len(panels), panel=size, max_cols=max_cols)
     cmap, norm = mpl.colormaps[CMAP], norm_for(metric)
     missing = marked = False
@@ -161,9 +174,11 @@ def plot_heatmap(
             name = detector if perturbation == NONE else f"{detector} · {perturbation}"
             if len(perturbations) > 1 and perturbation == NONE:
                 name += " · none"
+            if lined_up and detector in lined_up:
+                name += f" ({lined_up[detector]})"
             ax.set_title(name + (real_note(rows) if metric != "auroc" else ""), fontsize=9)
         label = LABELS.get(metric, metric)
-        bar = fig.colorbar(image, ax=axes, shrink=0.85, aspect=25, pad=0.02,
+        bar = fig.colorbar(image, ax=axes, shrink=0.85, aspect=bar_aspect(fig, 0.85), pad=0.02,
                            extend="min" if metric in RANKING else "neither")  # fmt: skip
         if metric in RANKING:
             bar.set_ticks([0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0])

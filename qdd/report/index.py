@@ -11,10 +11,20 @@ from qdd.report.heatmap import LOW_FRACTION
 from qdd.report.palette import order_generators, order_precisions
 from qdd.report.runs import DEMO_ORIGIN, NONE, DetectorResults
 from qdd.report.stats import BOOTSTRAP, SEED
-from qdd.report.tables import markdown
+from qdd.report.tables import markdown, values_only
 
 #: Tables shown in full in report.md; the others are only linked (they are long).
 EMBEDDED = ("fake_acc", "balanced_acc", "auroc", "paired_shift", "tradeoff", "spectral_distance")
+#: Tables whose cells carry an interval and n (`qdd.report.tables.with_interval`): too wide,
+#: report.md shows their values only.
+INTERVAL_TABLES = ("fake_acc", "balanced_acc", "auroc")
+#: The most characters a shown table's row may take, and the most rows: ten detectors'
+#: tables past these are linked with their size, not poured into report.md.
+EMBED_WIDTH = 200
+EMBED_ROWS = 60
+#: The trade-off's columns report.md keeps when the whole table is too wide (and each
+#: detector's ``<detector>_fake_acc``).
+TRADEOFF_SHOWN = ("generator", "precision", "memory_saved", "ssim")
 CAPTIONS = {
     "spectral_distance": "Spectral distance of each group to its reference (fp32) twin "
     "group: RMS over frequencies of the log ratio of their mean residual spectra (dB), with a "
@@ -106,13 +116,48 @@ def recipe_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
                    f"{fraction.mean():.3f}" if len(fraction) else "–",
                    _joined(part["model_id"]))  # fmt: skip
             measured.setdefault(key, []).append(name)
-    frame = pd.DataFrame([[*k, ", ".join(v)] for k, v in measured.items()], columns=columns)
+    every = len(results)
+
+    def who(names: list[str]) -> str:  # ten names on every row would crowd the table
+        return f"all {every}" if len(names) == every > 2 else ", ".join(names)
+
+    frame = pd.DataFrame([[*k, who(v)] for k, v in measured.items()], columns=columns)
     if frame.empty:
         return frame
     g = {n: i for i, n in enumerate(order_generators(frame["generator"].unique()))}
     p = {n: i for i, n in enumerate(order_precisions(frame["precision"].unique()))}
     order = frame.assign(_g=frame["generator"].map(g), _p=frame["precision"].map(p))
     return order.sort_values(["_g", "_p"], kind="stable")[columns].reset_index(drop=True)
+
+
+def fits(text: str) -> bool:
+    """A Markdown table narrow and short enough to read inside report.md."""
+    rows = text.strip().splitlines()
+    return len(rows) - 2 <= EMBED_ROWS and max(map(len, rows), default=0) <= EMBED_WIDTH
+
+
+def shown_table(name: str, csv: Path, md: Path) -> list[str]:
+    """What report.md shows of an embedded table: all of it where it fits; the values
+    without intervals where only they fit; else a line with its size (the links follow)."""
+    text = md.read_text()
+    if fits(text):
+        return [text]
+    if name in INTERVAL_TABLES:
+        frame = pd.read_csv(csv, keep_default_na=False)
+        narrow = markdown(values_only(frame.replace("", "–")))
+        if fits(narrow):
+            return ["Values only (the 95 % intervals and n are in the linked tables):", "",
+                    narrow]  # fmt: skip
+    frame = pd.read_csv(csv)
+    if name == "tradeoff":
+        keep = [c for c in frame.columns if c in TRADEOFF_SHOWN or c.endswith("_fake_acc")]
+        short = {c: c.removesuffix("_fake_acc") for c in keep if c.endswith("_fake_acc")}
+        narrow = markdown(frame[keep].rename(columns=short))
+        if fits(narrow):
+            return ["Memory saved, SSIM and, under each detector's name, its fake accuracy "
+                    "(every column in the linked tables):", "", narrow]  # fmt: skip
+    return [f"{plural(len(frame), 'row')} × {len(frame.columns)} columns, too large to show "
+            "here: open the linked table.", ""]  # fmt: skip
 
 
 def _joined(values: pd.Series) -> str:
@@ -181,7 +226,7 @@ def write_index(
     for name, (csv, md) in tables.items():
         lines += [f"### {CAPTIONS.get(name, name)}", ""]
         if name in EMBEDDED:
-            lines += [md.read_text()]
+            lines += shown_table(name, csv, md)
         lines += [f"[CSV]({csv.relative_to(out).as_posix()}) · "
                   f"[Markdown]({md.relative_to(out).as_posix()})", ""]  # fmt: skip
     recipes = recipe_table(results)

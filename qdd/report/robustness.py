@@ -28,9 +28,32 @@ ROWS = (("fake_acc", "fake accuracy"), ("auroc", "AUROC"))
 DODGE = 0.05
 
 
+#: The widest spread of one step's markers: a dozen precisions stay beside their step.
+SPREAD = 0.5
+
+
 def dodge(n: int) -> np.ndarray:
-    """Offsets of ``n`` lines, centred on 0 and `DODGE` apart."""
-    return (np.arange(n) - (n - 1) / 2) * DODGE
+    """Offsets of ``n`` lines, centred on 0, `DODGE` apart, or closer where ``n`` lines
+    would spread wider than `SPREAD`."""
+    return (np.arange(n) - (n - 1) / 2) * min(DODGE, SPREAD / max(n - 1, 1))
+
+
+#: (line style, marker) of a precision, then of each label beside it in palette order.
+LOOKS = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (1, 3)), "v"))
+
+
+def line_styles(precisions: list[str]) -> dict[str, tuple[object, str]]:
+    """(line style, marker) per precision label: labels beside one precision
+    (``fp4``, ``fp4-vaefp32``, ``fp4@emulate``) share its colour, so each gets its own
+    dashes and markers, the plain precision solid with circles."""
+    from qdd.identity import base_precision
+
+    seen: dict[str, int] = {}
+    looks = {}
+    for label in sorted(precisions, key=lambda p: base_precision(p) != p):
+        k = seen[base_precision(label)] = seen.get(base_precision(label), -1) + 1
+        looks[label] = LOOKS[k % len(LOOKS)]
+    return looks
 
 
 def strength(spec: str) -> float:
@@ -93,6 +116,7 @@ def plot_robustness(table: pd.DataFrame, detector: str) -> Figure | None:
     if not groups:
         return None
     precisions = order_precisions(rows["precision"].unique())
+    looks = line_styles(precisions)
     with mpl.rc_context(RC):
         fig = Figure(figsize=(3.4 * len(groups) + 1.4, 2.6 * len(ROWS) + 0.6),
                      layout="constrained")  # fmt: skip
@@ -105,8 +129,10 @@ def plot_robustness(table: pd.DataFrame, detector: str) -> Figure | None:
                 for precision, shift in zip(precisions, dodge(len(precisions)), strict=True):
                     part = rows[rows["precision"] == precision].set_index("perturbation")
                     y = part[metric].reindex(steps).to_numpy(dtype=float)
-                    ax.plot(x + shift, y, marker="o", markersize=3.5, linewidth=1.5,
-                            color=color(precision), label=precision)  # fmt: skip
+                    linestyle, marker = looks[precision]
+                    ax.plot(x + shift, y, marker=marker, markersize=3.5, linewidth=1.5,
+                            linestyle=linestyle, color=color(precision),
+                            label=precision)  # fmt: skip
                 if metric == "fake_acc":
                     real = rows.drop_duplicates("perturbation").set_index("perturbation")
                     y = real["real_acc"].reindex(steps).to_numpy(dtype=float)

@@ -257,23 +257,52 @@ def _once_per_image(scores: pd.DataFrame, folder: Path) -> pd.DataFrame:
     return scores[once.to_numpy()].reset_index(drop=True)
 
 
+def _twins(scores: pd.DataFrame) -> np.ndarray:
+    """Each row's twin id (`qdd.identity.twin_id`) as a string, "" where not recorded."""
+    if "twin" not in scores.columns:
+        return np.full(len(scores), "", dtype=object)
+    twins = scores["twin"].astype(object)
+    return twins.where(twins.notna(), "").astype(str).to_numpy()
+
+
 def _check_agreement(name: str, earlier: list[tuple[Path, pd.DataFrame]], folder: Path,
                      scores: pd.DataFrame) -> None:  # fmt: skip
-    """Refuse a run that scores an image of an earlier run of ``name`` with another logit."""
-    mine = _identity(scores).assign(_logit=scores["logit"].to_numpy(dtype=float))
+    """Refuse a run that scores an image of an earlier run of ``name`` with another logit.
+
+    The reason names what differs: where the two rows carry different twin ids, the runs
+    scored two different images under one key and recipe (shards generated with another
+    step count, prompt, seed, guidance or size); otherwise one image got two logits, so
+    two models ran under one name.
+    """
+    mine = _identity(scores).assign(_logit=scores["logit"].to_numpy(dtype=float),
+                                    _twin=_twins(scores))  # fmt: skip
     for other_folder, other in earlier:
-        theirs = _identity(other).assign(_other=other["logit"].to_numpy(dtype=float))
+        theirs = _identity(other).assign(_other=other["logit"].to_numpy(dtype=float),
+                                         _other_twin=_twins(other))  # fmt: skip
         both = mine.merge(theirs, on=list(IMAGE))
         differ = ~_same(both["_logit"].to_numpy(), both["_other"].to_numpy())
-        if differ.any():
-            row = both[differ].iloc[0]
+        if not differ.any():
+            continue
+        twins = both[differ]
+        images = (twins["_twin"] != "") & (twins["_other_twin"] != "") & (
+            twins["_twin"] != twins["_other_twin"])  # fmt: skip
+        if images.any():
+            row = twins[images].iloc[0]
             raise QddError(
-                f"runs {other_folder} and {folder} of {name} score the same {int(differ.sum())} "
-                f"image(s) with different logits (e.g. {_example(row)}: {row['_other']:.4g} vs "
-                f"{row['_logit']:.4g}), so they are two models under one name (another seed or "
-                "weight file): report them in separate qdd-cli report calls, or rank them "
-                "side by side with qdd-cli report --compare"
+                f"runs {other_folder} and {folder} of {name} tested different images under "
+                f"one key and recipe ({int(images.sum())} image(s), e.g. {_example(row)}: twin "
+                f"ids {row['_other_twin']} vs {row['_twin']}), so their shards were generated "
+                "with another step count, prompt, seed, guidance or size: report them in "
+                "separate qdd-cli report calls, or rank them with qdd-cli report --compare"
             )
+        row = twins.iloc[0]
+        raise QddError(
+            f"runs {other_folder} and {folder} of {name} score the same {int(differ.sum())} "
+            f"image(s) with different logits (e.g. {_example(row)}: {row['_other']:.4g} vs "
+            f"{row['_logit']:.4g}), so they are two models under one name (another seed or "
+            "weight file): report them in separate qdd-cli report calls, or rank them "
+            "side by side with qdd-cli report --compare"
+        )
 
 
 def load_runs(folders: list[Path]) -> dict[str, DetectorResults]:

@@ -53,6 +53,13 @@ def panel_grid(
     return fig, axes[: max(n, 1)]
 
 
+def bar_aspect(fig: Figure, shrink: float, width: float = 0.2) -> float:
+    """The colour-bar aspect (length / width) that keeps a bar spanning ``shrink`` of the
+    figure's height ``width`` inches wide: a bar beside ten rows of panels must not grow
+    wide and take their room."""
+    return max(10.0, shrink * fig.get_size_inches()[1] / width)
+
+
 def save(fig: Figure, out: Path, stem: str) -> list[Path]:
     """``stem``.png (200 dpi) and ``stem``.svg, without dates or version stamps."""
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ precision, columns the decoder's, cells the metric (fake accuracy by default).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -56,14 +57,19 @@ def swap_table(table: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["denoiser"].isin(swapped_denoisers)].dropna(subset=["decoder"])
 
 
-def plot_swap(swap: pd.DataFrame, metric: str = "fake_acc") -> Figure:
-    """One annotated denoiser × decoder grid per generator and detector."""
+def plot_swap(
+    swap: pd.DataFrame, metric: str = "fake_acc", lined_up: Mapping[str, str] | None = None
+) -> Figure:
+    """One annotated denoiser × decoder grid per generator and detector (detectors family
+    by family where ``lined_up``, `qdd.report.families.lineup`, gives their order)."""
     import matplotlib as mpl
 
     from qdd.report.heatmap import CMAP, MISSING, norm_for
-    from qdd.report.style import RC, panel_grid
+    from qdd.report.style import RC, bar_aspect, columns_for, panel_grid
 
-    panels = sorted({(g, d) for g, d in zip(swap["generator"], swap["detector"], strict=True)})
+    rank = {d: i for i, d in enumerate(lined_up or ())}
+    panels = sorted({(g, d) for g, d in zip(swap["generator"], swap["detector"], strict=True)},
+                    key=lambda gd: (gd[0], rank.get(gd[1], len(rank)), gd[1]))  # fmt: skip
     fig, axes = panel_grid(len(panels), panel=(3.6, 2.8), max_cols=3)
     cmap, norm = mpl.colormaps[CMAP], norm_for(metric)
     with mpl.rc_context(RC):
@@ -83,9 +89,15 @@ def plot_swap(swap: pd.DataFrame, metric: str = "fake_acc") -> Figure:
                         va="center", fontsize=8, color="white" if dark else "black")  # fmt: skip
             ax.set_xticks(range(len(decoders)), decoders)
             ax.set_yticks(range(len(denoisers)), denoisers)
-            ax.set_xlabel("decoder (VAE) precision")
-            ax.set_ylabel("denoiser precision")
-            ax.set_title(f"{generator} · {detector}", fontsize=9)
-        fig.colorbar(image, ax=axes, shrink=0.85, label=metric)
+            # axis names on the outer panels only: ten detectors' panels need the room
+            ncols = columns_for(len(panels), 3)
+            position = axes.index(ax)
+            if position >= len(panels) - ncols:
+                ax.set_xlabel("decoder (VAE) precision")
+            if position % ncols == 0:
+                ax.set_ylabel("denoiser precision")
+            family = f" ({lined_up[detector]})" if lined_up and detector in lined_up else ""
+            ax.set_title(f"{generator} · {detector}{family}", fontsize=9)
+        fig.colorbar(image, ax=axes, shrink=0.85, aspect=bar_aspect(fig, 0.85), label=metric)
         fig.suptitle(f"{metric}: denoiser × decoder (–: not measured)")
     return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +43,34 @@ def write_table(frame: pd.DataFrame, folder: Path, stem: str) -> tuple[Path, Pat
     return csv, md
 
 
-def sorted_groups(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows in palette/generator order, metric columns in the canonical order."""
+def with_family(table: pd.DataFrame, lined_up: Mapping[str, str] | None) -> pd.DataFrame:
+    """``table`` with a ``family`` column after ``detector`` and ``_d``, the detector's place
+    in ``lined_up`` (`qdd.report.families.lineup`; by name without one)."""
+    lined_up = lined_up or {}
+    names = list(lined_up) + sorted(set(table["detector"]) - set(lined_up))
+    rank = {d: i for i, d in enumerate(names)}
+    table = table.assign(_d=table["detector"].map(rank))
+    if lined_up:
+        at = list(table.columns).index("detector") + 1
+        table.insert(at, "family", table["detector"].map(lambda d: lined_up.get(d, "other")))
+    return table
+
+
+def sorted_groups(table: pd.DataFrame, lined_up: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Rows family by family (``lined_up``), then in palette/generator order; metric
+    columns in the canonical order."""
     generators = {g: i for i, g in enumerate(order_generators(table["generator"].unique()))}
     precisions = {p: i for i, p in enumerate(order_precisions(table["precision"].unique()))}
-    table = table.assign(
-        _g=table["generator"].map(generators),
-        _p=table["precision"].map(precisions),
-        _p_order=table["perturbation"].map(spec_rank),
-    ).sort_values(["detector", "_p_order", "_g", "_p"], kind="stable")
-    columns = ["detector", "perturbation", "generator", "precision", "quant_scope",
+    table = (
+        with_family(table, lined_up)
+        .assign(
+            _g=table["generator"].map(generators),
+            _p=table["precision"].map(precisions),
+            _p_order=table["perturbation"].map(spec_rank),
+        )
+        .sort_values(["_d", "_p_order", "_g", "_p"], kind="stable")
+    )
+    columns = ["detector", "family", "perturbation", "generator", "precision", "quant_scope",
                "quant_fraction", "source_format", "n_fake", "n_real"]  # fmt: skip
     for m in (*METRICS, "acc_calibrated"):
         columns += [m, f"{m}_lo", f"{m}_hi"]
@@ -75,19 +94,35 @@ def with_interval(table: pd.DataFrame, metric: str) -> pd.Series:
     return table.apply(cell, axis=1)
 
 
-def metric_pivot(table: pd.DataFrame, metric: str, text: bool = False) -> pd.DataFrame:
-    """detector × generator rows, one column per precision (unperturbed pass).
+def values_only(frame: pd.DataFrame) -> pd.DataFrame:
+    """A `metric_pivot` with ``text`` cells cut to their value (``0.92 [0.65, 0.99] n=12`` →
+    ``0.92``): the narrow form report.md shows when the full one is too wide to read."""
+
+    def value(cell: object) -> object:
+        return cell.split(" ", 1)[0] if isinstance(cell, str) and " [" in cell else cell
+
+    return frame.apply(lambda column: column.map(value))
+
+
+def metric_pivot(
+    table: pd.DataFrame, metric: str, text: bool = False, lined_up: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """detector × generator rows (family by family where ``lined_up`` is given, with a
+    ``family`` column), one column per precision (unperturbed pass).
 
     ``text`` puts the 95 % interval and n beside each value (for Markdown).
     """
     table = table[table["perturbation"] == NONE]
     if text:
         table = table.assign(_cell=with_interval(table, metric))
-    pivot = table.pivot_table(index=["detector", "generator"], columns="precision",
+    index = ["detector", "family"] if lined_up else ["detector"]
+    table = with_family(table, lined_up)
+    pivot = table.pivot_table(index=[*index, "_d", "generator"], columns="precision",
                               values="_cell" if text else metric, aggfunc="first")  # fmt: skip
     pivot = pivot.reindex(columns=order_precisions(pivot.columns))
     order = {g: i for i, g in enumerate(order_generators(table["generator"].unique()))}
     pivot = pivot.reset_index()
-    pivot = pivot.iloc[np.lexsort((pivot["generator"].map(order), pivot["detector"]))]
+    pivot = pivot.iloc[np.lexsort((pivot["generator"].map(order), pivot["_d"]))]
+    pivot = pivot.drop(columns="_d")
     pivot.columns.name = None
     return pivot.reset_index(drop=True)

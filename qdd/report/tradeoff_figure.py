@@ -9,6 +9,8 @@ search, not a force simulation: the same data gives the same figure on any host.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -19,6 +21,8 @@ from qdd.report.palette import generator_style
 from qdd.report.tradeoff import CMAP, KEEP_MEASURE, KEEP_SSIM, memory_saved
 
 LABEL_SIZE = 7
+#: A panel title listing the labels that found no room wraps at this many characters.
+TITLE_CHARS = 70
 #: Where a label may sit, tried in order: rings around its point (points), and on each
 #: ring eight directions, nearest to the upper right first.
 RINGS = (3, 8, 14, 22, 32, 44, 58, 74, 92, 112, 134)
@@ -100,6 +104,13 @@ def place_labels(fig: Figure, ax: Axes, points: list[tuple[float, float, str]]) 
     return unplaced
 
 
+def panel_size(frame: pd.DataFrame) -> tuple[float, float]:
+    """Room for the labels: 4-bit formats all save 87.5 % of the bits, so their points
+    stack at one x; each panel grows with the largest stack and the number of points."""
+    crowd = int(frame.groupby(frame["_saved"].round(1)).size().max()) if len(frame) else 0
+    return (max(3.6, 2.4 + 0.06 * len(frame)), max(3.2, 1.4 + 0.2 * crowd))
+
+
 def plot_tradeoff(table: pd.DataFrame, detector: str, reference: str = "fp32") -> Figure:
     """Memory saved (x) against the detector's fake accuracy and AUROC (two panels), one
     marker shape per generator, marker colour = SSIM against the reference twin (grey: not
@@ -135,7 +146,7 @@ def plot_tradeoff(table: pd.DataFrame, detector: str, reference: str = "fp32") -
         xlabel = f"memory saved vs {reference} (%)"  # the title and legend say which is which
     placements = []
     with mpl.rc_context(RC):
-        fig, axes = panel_grid(2, panel=(3.6, 3.2), max_cols=2)
+        fig, axes = panel_grid(2, panel=panel_size(frame), max_cols=2)
         for ax, (metric, label) in zip(axes, metrics, strict=True):
             points = []
             for generator, part in frame.groupby("generator", sort=False):
@@ -184,5 +195,6 @@ def plot_tradeoff(table: pd.DataFrame, detector: str, reference: str = "fp32") -
         for ax, points in placements:
             unplaced = place_labels(fig, ax, points)
             if unplaced:
-                ax.set_title(f"no room to label: {'; '.join(unplaced)}", fontsize=LABEL_SIZE)
+                note = f"no room to label {len(unplaced)} point(s): {'; '.join(unplaced)}"
+                ax.set_title(textwrap.fill(note, TITLE_CHARS), fontsize=LABEL_SIZE)
     return fig

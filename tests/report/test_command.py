@@ -62,7 +62,9 @@ def test_report_command_writes_every_file_and_names_gaps(make_run, tmp_path, cap
         "fp32", "fp16", "fp8", "fp4"
     ]  # fmt: skip
     fake_acc = pd.read_csv(out / "tables" / "fake_acc.csv")
-    assert list(fake_acc.columns) == ["detector", "generator", "fp32", "fp16", "fp8", "fp4"]
+    assert list(fake_acc.columns) == ["detector", "family", "generator", "fp32", "fp16", "fp8",
+                                      "fp4"]  # fmt: skip
+    assert fake_acc["family"].tolist()[0] == "end-to-end"  # npr's family before clipd's
     cell = fake_acc.set_index(["detector", "generator"]).loc[("npr", "sd3"), "fp4"]
     row = groups.set_index(["detector", "generator", "precision"]).loc[("npr", "sd3", "fp4")]
     assert cell == (f"{row['fake_acc']:.2f} [{row['fake_acc_lo']:.2f}, "
@@ -91,7 +93,7 @@ def test_the_same_runs_give_byte_identical_files(make_run, tmp_path) -> None:
     runs = [make_run("npr", "npr", {"sd3": ["fp32", "fp4"]})]
     first, second = build_report(runs, tmp_path / "a"), build_report(runs, tmp_path / "b")
     files = sorted(p.relative_to(first.parent) for p in first.parent.rglob("*") if p.is_file())
-    assert len(files) == 1 + 2 * 5 + 2 * 5  # index, 5 figures (png, svg), 5 tables (csv, md)
+    assert len(files) == 1 + 2 * 6 + 2 * 5  # index, 6 figures (png, svg), 5 tables (csv, md)
     for name in files:
         assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes(), name
     with Image.open(first.parent / "kde_npr.png") as image:
@@ -150,6 +152,37 @@ def test_one_image_with_two_logits_in_two_runs_is_refused_in_either_order(
           str(tmp_path / "cmp")])  # fmt: skip
     ranked = pd.read_csv(tmp_path / "cmp" / "compare.csv")
     assert ranked["run"].tolist() == ["seed0", "seed1"]  # seed1's fakes shifted down
+
+
+def test_runs_of_shards_at_two_step_counts_are_refused_naming_the_images(make_run) -> None:
+    """Two test runs of one detector on shards generated at 20 and at 4 steps: the same
+    keys and recipes, different images (their twin ids differ). Refused, as before, but
+    the reason says the images differ, not that two models ran under one name."""
+    from qdd.identity import twin_id
+
+    def at_steps(steps: int):
+        def change(scores: pd.DataFrame) -> pd.DataFrame:
+            meta = [{"label": int(r.label), "generator": r.generator, "model_id": r.model_id,
+                     "prompt": r.key, "seed": 1, "steps": steps, "guidance": 7.0,
+                     "width": 64, "height": 64} for r in scores.itertuples()]  # fmt: skip
+            return scores.assign(twin=[twin_id(m) for m in meta])
+
+        return change
+
+    grid = {"sd3": ["fp32", "fp4"]}
+    a, b = make_run("steps20", "npr", grid, seed=0), make_run("steps4", "npr", grid, seed=1)
+    _rewrite(a, at_steps(20))
+    _rewrite(b, at_steps(4))
+    with pytest.raises(QddError) as info:
+        load_runs([a, b])
+    message = str(info.value)
+    assert "tested different images under one key and recipe (24 image(s)" in message
+    assert "step count" in message and "two models" not in message and "\n" not in message
+    assert str(a) in message and str(b) in message
+    # the same images (one twin id) with two logits are still two models under one name
+    _rewrite(b, at_steps(20))
+    with pytest.raises(QddError, match="two models under one name"):
+        load_runs([a, b])
 
 
 def test_the_same_images_with_the_same_logits_pool_once_in_any_order(make_run) -> None:
@@ -272,7 +305,7 @@ def test_perturbations_reach_heatmaps_curves_and_tables(make_run, tmp_path) -> N
     run = make_run("p", "npr", {"sd3": ["fp32", "fp4"]}, perturbations=specs)
     index = build_report([run], tmp_path / "r").read_text()
     out = tmp_path / "r"
-    for stem in ("perturbed_fake_acc", "perturbed_auroc", "robustness_npr"):
+    for stem in ("perturbed_fake_acc_npr", "perturbed_auroc_npr", "robustness_npr"):
         assert (out / f"{stem}.png").is_file() and f"]({stem}.png)" in index
     groups = pd.read_csv(out / "tables" / "groups.csv")
     # none first, then weakest first: JPEG quality 90 before 50
@@ -297,13 +330,18 @@ def test_perturbed_heatmaps_hold_only_detectors_tested_under_perturbations(
     swept = make_run("p", "npr", {"sd3": ["fp32", "fp4"]}, perturbations=specs)
     plain = make_run("c", "clipd", {"sd3": ["fp32", "fp4"]}, seed=1)
     build_report([swept, plain], tmp_path / "r")
+    assert not any(stem.endswith("_clipd") for stem in drawn if stem.startswith("perturbed"))
     for metric in ("fake_acc", "auroc"):
-        panels = [ax.get_title() for ax in drawn[f"perturbed_{metric}"].axes if ax.get_title()]
+        figure = drawn[f"perturbed_{metric}_npr"]
+        panels = [ax.get_title() for ax in figure.axes if ax.get_title()]
         assert [t.splitlines()[0] for t in panels] == [
-            "npr · none", "npr · jpeg:90", "npr · jpeg:50"
+            "npr · none (end-to-end)", "npr · jpeg:90 (end-to-end)", "npr · jpeg:50 (end-to-end)"
         ]  # fmt: skip
         main_panels = [ax for ax in drawn[f"heatmap_{metric}"].axes if ax.get_title()]
-        assert [ax.get_title().splitlines()[0] for ax in main_panels] == ["clipd", "npr"]
+        # family by family: npr (end-to-end) before clipd (CLIP features)
+        assert [ax.get_title().splitlines()[0] for ax in main_panels] == [
+            "npr (end-to-end)", "clipd (CLIP features)"
+        ]  # fmt: skip
 
 
 def test_quantized_fraction_and_scope_are_listed_per_group(make_run, tmp_path) -> None:

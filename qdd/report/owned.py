@@ -1,0 +1,111 @@
+"""The report owns its ``--out`` folder: a second report there leaves no stale figure behind.
+
+Each report lists the files it wrote in `MANIFEST`. The next report into the same folder
+removes those of the earlier ones it did not write again (a detector dropped, a metric no
+longer drawn), so every figure beside report.md is current. It never removes anything else:
+a folder that holds files but no manifest was not written by a report (a run folder, the
+user's notes, a report of a qdd version before the manifest) and is refused in one line.
+When a report fails half-way, nothing is removed and the manifest lists the old files and
+the new ones, so the folder stays the report's and the next report cleans it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qdd.errors import QddError
+
+#: The list of files the last report wrote, relative to the folder.
+MANIFEST = ".qdd-report.json"
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (relative POSIX path → mtime, size), the manifest left out."""
+    found = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and path.name != MANIFEST:
+            stat = path.stat()
+            found[path.relative_to(folder).as_posix()] = (stat.st_mtime_ns, stat.st_size)
+    return found
+
+
+def _earlier(folder: Path) -> list[str]:
+    """The files the earlier report listed; refuses a non-empty folder it did not write."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        foreign = sorted(_files(folder))
+        if "report.md" in foreign:
+            raise QddError(
+                f"--out {folder} holds a report written before qdd listed a report's files "
+                f"({MANIFEST}), so its stale figures cannot be told from your files: remove "
+                "the folder or pass a new --out"
+            )
+        if foreign:
+            raise QddError(
+                f"--out {folder} already holds {len(foreign)} file(s) that no qdd-cli report "
+                f"wrote (e.g. {foreign[0]}): pass a new or empty folder, or the folder of an "
+                "earlier report to replace it"
+            )
+        return []
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise QddError(f"{manifest} is not a report's file list: delete it, or pass a new "
+                       "--out folder") from None  # fmt: skip
+    return [str(name) for name in listed]
+
+
+def _inside(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when it stays inside ``folder`` (a listed ``../x`` is never touched)."""
+    path = (folder / name).resolve()
+    return path if path.is_relative_to(folder.resolve()) else None
+
+
+@contextmanager
+def owned_folder(out: Path) -> Iterator[Path]:
+    """Create or reuse ``out`` for a report; on success, remove the earlier report's files
+    that this one did not write, and list this one's."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QddError(f"--out {out} is a file: pass a folder for the report")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier(out)
+    for name in earlier:  # a rewrite, even of identical bytes, then shows as a new time
+        path = _inside(out, name)
+        if path is not None and path.is_file():
+            os.utime(path, ns=(0, 0))
+    before = _files(out)
+
+    def written() -> list[str]:
+        return sorted(n for n, stamp in _files(out).items() if before.get(n) != stamp)
+
+    try:
+        yield out
+    except BaseException:
+        files = sorted(set(earlier) | set(written()))
+        if files:
+            (out / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+        elif created and not any(out.iterdir()):
+            out.rmdir()  # a failed first report leaves no empty folder behind
+        raise
+    files = written()
+    for name in sorted(set(earlier) - set(files)):
+        path = _inside(out, name)
+        if path is not None and path.is_file():
+            path.unlink()
+            _prune(out, path.parent)
+    (out / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def _prune(root: Path, folder: Path) -> None:
+    """Remove ``folder`` and its parents up to ``root`` while they are empty (tables/)."""
+    root = root.resolve()
+    folder = folder.resolve()
+    while folder != root and folder.is_relative_to(root) and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
