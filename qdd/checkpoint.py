@@ -94,8 +94,12 @@ class FitCheckpoint:
         """Every file a detector rebuilt for this checkpoint read (``files``: path → sha256)
         must be one it was made with, by content; another is refused in one line."""
         recorded = self.weight_files
-        if recorded is None:
-            return  # an older checkpoint: nothing recorded to compare
+        if recorded is None:  # an older checkpoint: nothing recorded to compare
+            if files:
+                log.warning("%s records no weight files (written before qdd recorded them): "
+                            "whether %s's %s are the files it was made with cannot be checked",
+                            self.path, detector, ", ".join(sorted(files)))  # fmt: skip
+            return
         known = set(recorded.values())
         for path, sha in sorted(files.items()):
             if sha in known:

@@ -1,0 +1,88 @@
+"""Issue 23's calibration joins, tried as a user would (review `breakcalib`): training-only
+flags given to a training-free fit, a checkpoint that records no weight files, other split
+fractions at test time, a trained detector's resume, and the calibrated accuracy note."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qdd.calibration import accuracy_note
+from qdd.checkpoint import WEIGHT_FILES_KEY
+from qdd.cli import main
+from tests import test_training_free_calibration as base
+from tests.test_training_free_calibration import FAST, data, fit_rigid, last_error
+
+# The tiny DINOv2 file, the shards and the calibration run of issue 23's own tests.
+shards, dinov2, calibrated = base.shards, base.dinov2, base.calibrated
+
+
+def test_training_only_flags_of_a_calibration_are_named(
+    calibrated: Path, shards: Path, dinov2: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``fit --detector rigid --trainer.max_epochs=5 --model.lr=0.1`` ran one validation
+    pass and said nothing of the two flags it ignored."""
+    capsys.readouterr()
+    metrics = fit_rigid(shards, dinov2, tmp_path / "flags", "--trainer.max_epochs=5",
+                        "--model.lr=0.1")  # fmt: skip
+    warned = [line for line in capsys.readouterr().err.splitlines() if "ignored" in line]
+    assert len(warned) == 1 and "rigid is training-free" in warned[0]
+    assert "--model.lr, --trainer.max_epochs change nothing" in warned[0]
+    expected = json.loads((calibrated / "metrics.json").read_text())["calibrated_threshold"]
+    assert metrics["calibrated_threshold"] == expected and metrics["steps"] == 0
+    fit_rigid(shards, dinov2, tmp_path / "plain")
+    assert "ignored" not in capsys.readouterr().err
+
+
+def test_calibrated_accuracy_note_is_a_whole_sentence() -> None:
+    note = accuracy_note("rigid", False, 0.0, -0.99)
+    assert note.endswith("acc_calibrated, at the threshold calibrated on held-out images, is "
+                         "the accuracy to read")  # fmt: skip
+
+
+def test_a_checkpoint_without_recorded_weight_files_is_warned(
+    calibrated: Path, shards: Path, dinov2: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A checkpoint of an older qdd (no `qdd_weight_files`) was used without a word."""
+    contents = torch.load(calibrated / "checkpoints" / "last.ckpt", weights_only=False)
+    del contents[WEIGHT_FILES_KEY]
+    old = tmp_path / "old.ckpt"
+    torch.save(contents, old)
+    capsys.readouterr()
+    main(["test", "--ckpt_path", str(old), *data(shards), "--data.split=test", *FAST,
+          "--out", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"{old} records no weight files" in err and str(dinov2) in err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["calibrated_threshold"]
+
+
+def test_other_fractions_at_test_are_checked_unit_by_unit(
+    calibrated: Path, shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The held-out split of a smaller test_fraction lies inside the calibration's: accepted,
+    overlap 0; a larger one reaches calibrated images: refused, naming the fractions."""
+    checkpoint = str(calibrated / "checkpoints" / "last.ckpt")
+    main(["test", "--ckpt_path", checkpoint, *data(shards), "--data.split=test", *FAST,
+          "--data.test_fraction=0.2", "--out", str(tmp_path / "smaller")])  # fmt: skip
+    assert json.loads((tmp_path / "smaller" / "metrics.json").read_text())["train_overlap"] == 0
+    with pytest.raises(SystemExit):
+        main(["test", "--ckpt_path", checkpoint, *data(shards), "--data.split=test", *FAST,
+              "--data.test_fraction=0.5", "--out", str(tmp_path / "larger")])  # fmt: skip
+    error = last_error(capsys)
+    assert "with the calibration data of" in error and "--data.test_fraction=0.3" in error
+    assert not (tmp_path / "larger").exists()
+
+
+def test_a_trained_detector_still_resumes(shards: Path, tmp_path: Path) -> None:
+    """The training-free branch of `QddCLI._run_subcommand` must not catch a trained fit."""
+    npr = ["fit", "--detector", "npr", "--random-weights", "--model.detector_args",
+           '{"resize": 64, "crop": 56}', *data(shards), *FAST]  # fmt: skip
+    main([*npr, "--trainer.max_steps=2", "--out", str(tmp_path / "first")])
+    main([*npr, "--trainer.max_steps=4", "--out", str(tmp_path / "resumed"),
+          "--ckpt_path", str(tmp_path / "first" / "checkpoints" / "last.ckpt")])  # fmt: skip
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and not metrics.get("training_free")
+    assert metrics["calibrated_threshold"] is not None
