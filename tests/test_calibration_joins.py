@@ -86,3 +86,14 @@ def test_a_trained_detector_still_resumes(shards: Path, tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and not metrics.get("training_free")
     assert metrics["calibrated_threshold"] is not None
+
+
+def test_report_shows_rigids_threshold_in_full() -> None:
+    """RIGID's logits are −cosine: a calibrated −0.99989 read −1.000 in report.md."""
+    import pandas as pd
+
+    from qdd.report.tables import markdown
+
+    table = markdown(pd.DataFrame({"threshold": [0.0], "calibrated threshold": [-0.99989042],
+                                   "acc": [0.51234]}))  # fmt: skip
+    assert "| 0 | -0.99989 | 0.512 |" in table
