@@ -5,6 +5,7 @@ fractions at test time, a trained detector's resume, and the calibrated accuracy
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,37 @@ def test_report_shows_rigids_threshold_in_full() -> None:
     table = markdown(pd.DataFrame({"threshold": [0.0], "calibrated threshold": [-0.99989042],
                                    "acc": [0.51234]}))  # fmt: skip
     assert "| 0 | -0.99989 | 0.512 |" in table
+
+
+def test_aeroblade_calibration_follows_its_files_by_content(
+    shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A moved copy of AEROBLADE's autoencoder folder was refused as a conflicting
+    ``vae`` ("trained with"); an autoencoder left out of the list was accepted silently,
+    though the logit is the minimum over all of them."""
+    from tests.detectors.test_aeroblade import kl_folder, vgg_file
+
+    vaes = [str(kl_folder(tmp_path / name, seed)) for name, seed in (("sd1", 9), ("sd2", 10))]
+    args = {"vae": vaes, "lpips_weights": str(vgg_file(tmp_path / "vgg16.pth"))}
+    main(["fit", "--detector", "aeroblade", "--model.detector_args", json.dumps(args),
+          *data(shards), *FAST, "--out", str(tmp_path / "cal")])  # fmt: skip
+    checkpoint = str(tmp_path / "cal" / "checkpoints" / "last.ckpt")
+    test = ["test", "--ckpt_path", checkpoint, *data(shards), "--data.split=test", *FAST]
+    moved = [str(shutil.copytree(v, tmp_path / f"moved-{Path(v).name}")) for v in vaes]
+    main([*test, "--model.detector_args.vae", json.dumps(moved), "--out", str(tmp_path / "a")])
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    calibrated = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    assert metrics["calibrated_threshold"] == calibrated["calibrated_threshold"]
+    with pytest.raises(SystemExit):
+        main([*test, "--model.detector_args.vae", json.dumps(moved[:1]),
+              "--out", str(tmp_path / "b")])  # fmt: skip
+    error = last_error(capsys)
+    assert error.startswith("qdd-cli test: error: aeroblade was built without ")
+    assert f"{vaes[1]}/diffusion_pytorch_model.safetensors" in error
+    with pytest.raises(SystemExit):  # not a copy: refused, in the words of a calibration
+        main([*test, "--model.detector_args.autoencoder_dtype=float32",
+              "--out", str(tmp_path / "c")])  # fmt: skip
+    error = last_error(capsys)
+    assert "was calibrated with autoencoder_dtype='float16'" in error
+    assert "calibrate a new checkpoint" in error
+
