@@ -112,8 +112,11 @@ class FitCheckpoint:
                 "files; pass them in --model.detector_args, or fit (for a training-free "
                 "detector: calibrate) a new checkpoint with this file"
             )
+        # A training-free detector reads every file it was calibrated with again (one of
+        # AEROBLADE's autoencoders left out: another minimum); a trained one may not (its
+        # official starting file: the fit's weights replace it).
         missing = [f"{p} (sha256 {h[:12]}…)" for p, h in sorted(recorded.items()) if h not in mine]
-        if missing:  # e.g. one of AEROBLADE's autoencoders left out: another minimum
+        if missing and self.calibration_only:
             raise QddError(
                 f"{detector} was built without {', '.join(missing)}, which {self.path} was made "
                 "with: its weights and threshold belong to all of its files; pass them in "
