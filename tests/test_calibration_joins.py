@@ -132,3 +132,28 @@ def test_aeroblade_calibration_follows_its_files_by_content(
     assert "was calibrated with autoencoder_dtype='float16'" in error
     assert "calibrate a new checkpoint" in error
 
+
+@pytest.mark.slow
+def test_calibration_under_two_ddp_processes_equals_one(
+    calibrated: Path, shards: Path, dinov2: Path, tmp_path: Path
+) -> None:
+    """2 CPU processes, a batch size that divides neither the 17 calibration images nor a
+    rank's share, a worker each: every rank fits on the gathered logits, the threshold is
+    the single process's, and one checkpoint is written."""
+    from tests.conftest import run_qdd
+    from tests.test_training_free_calibration import rigid_args
+
+    out = tmp_path / "ddp"
+    run_qdd(["fit", "--detector", "rigid", "--model.detector_args", rigid_args(dinov2),
+             *data(shards), *FAST, "--data.batch_size=3", "--data.num_workers=1",
+             "--trainer.strategy=ddp", "--trainer.devices=2", "--out", str(out)],
+            cwd=tmp_path)  # fmt: skip
+    single = json.loads((calibrated / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibration"] == single["calibration"]
+    assert metrics["data"]["n_val"] == single["data"]["n_val"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "checkpoints/last.ckpt", "config.yaml", "metrics.json"]  # fmt: skip
+    mine = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    theirs = torch.load(calibrated / "checkpoints" / "last.ckpt", weights_only=True)
+    assert mine["ShardDataModule"]["train_digest"] == theirs["ShardDataModule"]["train_digest"]
