@@ -184,5 +184,6 @@ def accuracy_note(
         )
     return (
         f"{detector} is training-free: {at_zero} are not meaningful (its logits are not "
-        "centred on 0); acc_calibrated, at the threshold calibrated on held-out images, is"
+        "centred on 0); acc_calibrated, at the threshold calibrated on held-out images, is "
+        "the accuracy to read"
     )

@@ -94,13 +94,16 @@ class FitCheckpoint:
         """Every file a detector rebuilt for this checkpoint read (``files``: path → sha256)
         must be one it was made with, by content; another is refused in one line."""
         recorded = self.weight_files
-        if recorded is None:
-            return  # an older checkpoint: nothing recorded to compare
-        known = set(recorded.values())
+        if recorded is None:  # an older checkpoint: nothing recorded to compare
+            if files:
+                log.warning("%s records no weight files (written before qdd recorded them): "
+                            "whether %s's %s are the files it was made with cannot be checked",
+                            self.path, detector, ", ".join(sorted(files)))  # fmt: skip
+            return
+        known, mine = set(recorded.values()), set(files.values())
         for path, sha in sorted(files.items()):
             if sha in known:
                 continue
-            mine = set(files.values())
             theirs = [f"{p} (sha256 {h[:12]}…)" for p, h in sorted(recorded.items())
                       if h not in mine] or ["none"]  # fmt: skip
             raise QddError(
@@ -108,6 +111,16 @@ class FitCheckpoint:
                 f"made with {', '.join(theirs)}: its weights and threshold belong to those "
                 "files; pass them in --model.detector_args, or fit (for a training-free "
                 "detector: calibrate) a new checkpoint with this file"
+            )
+        # A training-free detector reads every file it was calibrated with again (one of
+        # AEROBLADE's autoencoders left out: another minimum); a trained one may not (its
+        # official starting file: the fit's weights replace it).
+        missing = [f"{p} (sha256 {h[:12]}…)" for p, h in sorted(recorded.items()) if h not in mine]
+        if missing and self.calibration_only:
+            raise QddError(
+                f"{detector} was built without {', '.join(missing)}, which {self.path} was made "
+                "with: its weights and threshold belong to all of its files; pass them in "
+                "--model.detector_args (a moved copy is fine)"
             )
 
     @property
@@ -191,7 +204,8 @@ class FitCheckpoint:
         self, saved: dict[str, Any], given: dict[str, Any], preset: dict[str, Any], flag: str
     ) -> dict[str, Any]:
         """The checkpoint's ``detector_args``; yours only where it has none or where you name
-        another file for the same backbone weights (a moved file); a conflict is refused."""
+        other paths for its files (moved copies: backbone weights, AEROBLADE's autoencoder
+        folders; checked by sha256 in `check_weight_files`); a conflict is refused."""
         ours = dict(saved.get("detector_args") or {})
         from_preset = dict(preset.get("detector_args") or {})
         resolved = {**dict(given.get("detector_args") or {}), **ours}
@@ -201,18 +215,26 @@ class FitCheckpoint:
                     log.info("detector_args.%s: the checkpoint's %r, not the preset's %r",
                              key, ours[key], value)  # fmt: skip
                 continue
-            if key not in ours or ours[key] == value:
+            if key not in ours:  # the checkpoint ran with the detector's default
+                default = _default_arg(saved["detector"], key)
+                if default is _UNKNOWN or default == value:
+                    continue
+                ours[key] = default  # e.g. AEROBLADE's float16: its logits were other ones
+            elif ours[key] == value:
                 continue
-            if key.endswith("weights") and isinstance(value, str) and Path(value).is_file():
+            moved = key.endswith("weights") and isinstance(value, str) and Path(value).is_file()
+            if moved or (self.weight_files and _names_paths(value)):  # sha256-checked
                 log.warning("detector_args.%s=%s instead of the checkpoint's %s: a moved copy "
                             "is assumed (checked by sha256 where the checkpoint recorded it)",
                             key, value, ours[key])  # fmt: skip
                 resolved[key] = value
                 continue
+            made, make = ("calibrated", "calibrate") if self.calibration_only else (
+                "trained", "train")  # fmt: skip
             raise QddError(
                 f"--model.detector_args.{key}={value!r} conflicts with {flag} {self.path}, "
-                f"whose {saved['detector']} was trained with {key}={ours[key]!r}: drop the flag "
-                "(the checkpoint's value is used), or train a new checkpoint with it"
+                f"whose {saved['detector']} was {made} with {key}={ours[key]!r}: drop the flag "
+                f"(the checkpoint's value is used), or {make} a new checkpoint with it"
             )
         return resolved
 
@@ -269,6 +291,28 @@ class FitCheckpoint:
             f"{self.path}: {fix.format(fractions=fractions)}, or pass "
             "--data.allow_train_overlap=true to evaluate on them on purpose"
         )
+
+
+_UNKNOWN = object()
+
+
+def _default_arg(detector: str, key: str) -> Any:
+    """The default of ``detector``'s constructor argument ``key`` (`_UNKNOWN`: none)."""
+    import inspect
+
+    from qdd.detectors import detector_class
+
+    parameter = inspect.signature(detector_class(detector)).parameters.get(key)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return _UNKNOWN
+    return parameter.default
+
+
+def _names_paths(value: Any) -> bool:
+    """Whether a ``detector_args`` value names existing files or folders (a path, or a list
+    of them: AEROBLADE's autoencoder folders)."""
+    paths = value if isinstance(value, list) else [value]
+    return bool(paths) and all(isinstance(p, str) and Path(p).exists() for p in paths)
 
 
 def _spelling(key: str, value: Any) -> str:

@@ -35,7 +35,7 @@ from lightning.pytorch.cli import LightningCLI
 from qdd.checkpoint import apply_checkpoint
 from qdd.run_folder import fresh_run_dir, inherited_ddp_run_dir, shared_with_ddp_ranks
 from qdd.threads import use_threads
-from qdd.training_free import calibrate, check_start, is_training_free
+from qdd.training_free import calibrate, check_start, is_training_free, warn_ignored
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,18 @@ class QddCLI(LightningCLI):
         super().parse_arguments(parser, args)
         self.args = args  # what the user gave, for `apply_checkpoint`
 
-    def given(self) -> dict[str, Any]:
-        """The ``model`` values the user set: the arguments parsed again without defaults."""
+    def given(self, section: str = "model") -> dict[str, Any]:
+        """The ``section`` values the user set: the arguments parsed again without defaults."""
         parse = self.parser.parse_object if isinstance(self.args, dict) else self.parser.parse_args
-        given = parse(self.args, defaults=False)[self.subcommand].get("model") or Namespace()
+        given = parse(self.args, defaults=False)[self.subcommand].get(section) or Namespace()
         return given.as_dict()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         check_start(config, self.subcommand)  # a training-free fit starts from nothing
+        detector = config.model.get("detector")
+        if self.subcommand == "fit" and detector and is_training_free(detector):
+            warn_ignored(detector, self.given(), self.given("trainer"))
         apply_checkpoint(config, self.given, self.subcommand)  # qdd.checkpoint's rules, first:
         trainer = config.trainer  # a refusal leaves no folder; the folder names its detector
         run_dir = trainer.default_root_dir or inherited_ddp_run_dir()

@@ -14,17 +14,33 @@ calibrated on (`qdd.checkpoint`). ``qdd-cli test --ckpt_path last.ckpt`` then re
 fit's training images; the held-out split (``--data.split=test``, same fractions) is
 disjoint from them.
 
-A calibration starts from nothing: ``--ckpt_path`` and ``--weights`` are refused.
+A calibration starts from nothing: ``--ckpt_path`` and ``--weights`` are refused. Flags
+that only steer training (``--trainer.max_epochs``, ``--model.lr``, …) change nothing here:
+they are named in one warning line (`warn_ignored`), not silently dropped.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from qdd.callbacks import RunSummary
 from qdd.callbacks.summary import model_summary
 from qdd.errors import QddError
+
+log = logging.getLogger(__name__)
+
+#: Trainer settings that only steer training steps: a calibration (one validation pass) has
+#: none, so giving one changes nothing.
+TRAINING_ONLY_TRAINER = (
+    "max_epochs", "min_epochs", "max_steps", "min_steps", "max_time",
+    "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
+    "limit_train_batches", "check_val_every_n_epoch", "val_check_interval",
+    "reload_dataloaders_every_n_epochs",
+)  # fmt: skip
+#: Model settings that only steer training (the optimizer's learning rate).
+TRAINING_ONLY_MODEL = ("lr",)
 
 #: Logged by the validation pass but meaningless for a training-free detector: accuracy at
 #: sigmoid 0.5 (logit 0) and the BCE loss of uncalibrated logits.
@@ -52,6 +68,18 @@ def check_start(config: Any, command: str) -> None:
             f"nothing, and takes no {flag} ({start}); drop it (to evaluate that calibration: "
             f"qdd-cli test --ckpt_path {start})"
         )
+
+
+def warn_ignored(detector: str, model: dict[str, Any], trainer: dict[str, Any]) -> list[str]:
+    """Name, in one warning line, the training-only flags given to a training-free ``fit``
+    (``model``, ``trainer``: the values you set, without defaults); returns them."""
+    flags = [f"--model.{k}" for k in TRAINING_ONLY_MODEL if model.get(k) is not None]
+    flags += [f"--trainer.{k}" for k in TRAINING_ONLY_TRAINER if trainer.get(k) is not None]
+    if flags:
+        log.warning("%s is training-free: `qdd-cli fit` only calibrates its threshold in one "
+                    "validation pass, so %s change nothing and are ignored", detector,
+                    ", ".join(flags))  # fmt: skip
+    return flags
 
 
 def calibrate(trainer: Any, model: Any, datamodule: Any) -> Path:

@@ -16,13 +16,16 @@ from qdd.report.stats import METRICS
 
 def markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     """A GitHub Markdown table; floats rounded (p-values, ``p_*``, to 2 significant digits,
-    so that 3e-05 does not read 0.000), missing values as '–'."""
+    so that 3e-05 does not read 0.000; thresholds, logits that a training-free detector packs
+    near −1, to 6, so that RIGID's −0.99989 does not read −1.000), missing values as '–'."""
 
     def cell(value: object, column: str) -> str:
         if value is None or (isinstance(value, float) and np.isnan(value)):
             return "–"
         if isinstance(value, float | np.floating):
-            return f"{value:.2g}" if column.startswith("p_") else f"{value:.{digits}f}"
+            if column.startswith("p_"):
+                return f"{value:.2g}"
+            return f"{value:.6g}" if "threshold" in column else f"{value:.{digits}f}"
         return str(value)
 
     columns = [str(c) for c in frame.columns]
