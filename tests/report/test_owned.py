@@ -84,3 +84,69 @@ def test_a_report_of_an_older_qdd_is_named_as_such(make_run, tmp_path) -> None:
     with pytest.raises(QddError, match="holds a report written before qdd listed") as info:
         run_report([run], out)
     assert "\n" not in str(info.value) and (out / "report.md").is_file()
+
+
+def test_a_listed_link_removes_the_link_never_the_file_it_points_to(make_run, tmp_path) -> None:
+    """A hand-edited list, or a figure the user replaced by a link: only the report's own
+    regular files inside the folder are ever removed."""
+    run = make_run("npr", "npr", GRID)
+    out = tmp_path / "report"
+    run_report([run], out)
+    (out / "mine.png").write_text("mine")
+    (out / "kde_old.png").symlink_to("mine.png")  # inside, pointing at the user's file
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "v.txt").write_text("keep")
+    (tmp_path / "v.txt").write_text("keep")
+    (out / "linked").symlink_to(outside, target_is_directory=True)
+    manifest = out / MANIFEST
+    listed = json.loads(manifest.read_text())["files"]
+    extra = ["kde_old.png", "../v.txt", str(tmp_path / "v.txt"), "linked/v.txt",
+             "tables/../../v.txt", "mine.png/.."]  # fmt: skip
+    manifest.write_text(json.dumps({"files": listed + extra}))
+    run_report([run], out)
+    assert (out / "mine.png").read_text() == "mine"
+    assert (outside / "v.txt").read_text() == "keep" and (tmp_path / "v.txt").read_text() == "keep"
+    assert (out / "kde_old.png").is_symlink()
+    assert set(json.loads(manifest.read_text())["files"]) == set(listed)
+
+
+@pytest.mark.parametrize("files", [None, 5, "report.md", [None], [{"a": 1}]])
+def test_a_list_that_is_not_a_list_of_names_is_refused_in_one_line(
+    make_run, tmp_path, capsys, files
+) -> None:
+    run = make_run("npr", "npr", GRID)
+    out = tmp_path / "report"
+    run_report([run], out)
+    before = sorted(p.name for p in out.rglob("*"))
+    (out / MANIFEST).write_text(json.dumps({"files": files}))
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(run), "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a report's file list" in err[0]
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_a_failed_report_keeps_the_earlier_files_times(make_run, tmp_path) -> None:
+    run = make_run("npr", "npr", GRID)
+    out = tmp_path / "report"
+    run_report([run], out)
+    times = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+    with pytest.raises(QddError, match="does not exist"):
+        run_report([tmp_path / "nope"], out)
+    assert {p: p.stat().st_mtime_ns for p in times} == times
+
+
+def test_a_folder_of_links_only_is_not_taken_for_an_empty_one(tmp_path, capsys) -> None:
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "big.bin").write_text("x")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data").symlink_to(target, target_is_directory=True)
+    with pytest.raises(SystemExit):
+        main(["report", str(tmp_path / "nope"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no qdd-cli report wrote (e.g. data)" in err[0]
+    assert (target / "big.bin").is_file() and not (out / MANIFEST).exists()
