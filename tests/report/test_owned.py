@@ -150,3 +150,19 @@ def test_a_folder_of_links_only_is_not_taken_for_an_empty_one(tmp_path, capsys) 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no qdd-cli report wrote (e.g. data)" in err[0]
     assert (target / "big.bin").is_file() and not (out / MANIFEST).exists()
+
+
+def test_a_ranking_with_the_default_out_leaves_the_full_report_alone(
+    make_run, tmp_path, monkeypatch, capsys
+) -> None:
+    """Both without --out: the ranking goes to compare/, never replacing report/'s figures."""
+    npr = make_run("npr", "npr", GRID)
+    tuned = make_run("npr-tuned", "npr", GRID, seed=1, weights="checkpoints/tuned.ckpt")
+    monkeypatch.chdir(tmp_path)
+    main(["report", str(npr), str(tuned)])
+    figures = sorted(p.name for p in (tmp_path / "report").rglob("*"))
+    main(["report", "--compare", str(npr), str(tuned)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-2:] == ["report/report.md", "compare/compare.md"]
+    assert sorted(p.name for p in (tmp_path / "report").rglob("*")) == figures
+    assert (tmp_path / "compare" / "compare.csv").is_file()
