@@ -108,7 +108,11 @@ def owned_folder(out: Path) -> Iterator[Path]:
     before = _files(out)
 
     def written() -> list[str]:
-        return sorted(n for n, stamp in _files(out).items() if before.get(n) != stamp)
+        """Files new or rewritten since the start: new ones, and the earlier report's (a
+        file of the user's that changed meanwhile, notes saved during a long report, is
+        never taken for the report's)."""
+        changed = (n for n, stamp in _files(out).items() if before.get(n) != stamp)
+        return sorted(n for n in changed if n not in before or n in stamps)
 
     try:
         yield out

@@ -166,3 +166,28 @@ def test_a_ranking_with_the_default_out_leaves_the_full_report_alone(
     assert printed[-2:] == ["report/report.md", "compare/compare.md"]
     assert sorted(p.name for p in (tmp_path / "report").rglob("*")) == figures
     assert (tmp_path / "compare" / "compare.csv").is_file()
+
+
+def test_a_users_file_saved_during_a_report_is_never_taken_for_the_reports(
+    make_run, tmp_path, monkeypatch
+) -> None:
+    import qdd.report.command as command
+
+    run = make_run("npr", "npr", GRID)
+    out = tmp_path / "report"
+    run_report([run], out)
+    notes = out / "notes.md"
+    notes.write_text("mine")
+    draw = command.build_report
+
+    def draw_while_the_user_saves(runs, folder):
+        notes.write_text("mine, edited while the report ran")
+        return draw(runs, folder)
+
+    monkeypatch.setattr(command, "build_report", draw_while_the_user_saves)
+    run_report([run], out)
+    assert "notes.md" not in json.loads((out / MANIFEST).read_text())["files"]
+    monkeypatch.setattr(command, "build_report", draw)
+    run_report([make_run("clipd", "clipd", GRID)], out)  # removes npr's figures
+    assert notes.read_text() == "mine, edited while the report ran"
+    assert not (out / "kde_npr.png").exists()
