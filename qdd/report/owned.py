@@ -5,8 +5,11 @@ removes those of the earlier ones it did not write again (a detector dropped, a 
 longer drawn), so every figure beside report.md is current. It never removes anything else:
 a folder that holds files but no manifest was not written by a report (a run folder, the
 user's notes, a report of a qdd version before the manifest) and is refused in one line.
-When a report fails half-way, nothing is removed and the manifest lists the old files and
-the new ones, so the folder stays the report's and the next report cleans it.
+When a report fails half-way, nothing is removed (the old files keep their times) and the
+manifest lists the old files and the new ones, so the folder stays the report's and the
+next report cleans it. Only regular files reached inside the folder without a link are
+ever removed, whatever a hand-edited manifest lists; a file that was the user's before the
+report started is never listed, even when it changed meanwhile.
 """
 
 from __future__ import annotations
