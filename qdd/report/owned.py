@@ -24,6 +24,8 @@ from qdd.errors import QddError
 
 #: The list of files the last report wrote, relative to the folder.
 MANIFEST = ".qdd-report.json"
+#: How report.md begins (`qdd.report.index`): tells an older qdd's report from a user's file.
+INDEX_TITLE = b"# qdd report\n"
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
@@ -48,11 +50,19 @@ def _first_foreign(folder: Path) -> str | None:
     return None
 
 
+def _older_report(index: Path) -> bool:
+    """``index`` is the report.md of a qdd report (not a user's own report.md in ``.``)."""
+    if index.is_symlink() or not index.is_file():
+        return False
+    with index.open("rb") as file:
+        return file.read(len(INDEX_TITLE)) == INDEX_TITLE
+
+
 def _earlier(folder: Path) -> list[str]:
     """The files the earlier report listed; refuses a non-empty folder it did not write."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        if (folder / "report.md").is_file():
+        if _older_report(folder / "report.md"):
             raise QddError(
                 f"--out {folder} holds a report written before qdd listed a report's files "
                 f"({MANIFEST}), so its stale figures cannot be told from your files: remove "

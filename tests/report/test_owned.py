@@ -191,3 +191,18 @@ def test_a_users_file_saved_during_a_report_is_never_taken_for_the_reports(
     run_report([make_run("clipd", "clipd", GRID)], out)  # removes npr's figures
     assert notes.read_text() == "mine, edited while the report ran"
     assert not (out / "kde_npr.png").exists()
+
+
+def test_a_users_own_report_md_is_not_taken_for_an_older_qdd_report(
+    make_run, tmp_path, capsys
+) -> None:
+    """``--out .`` in a project whose report.md is the user's: never "remove the folder"."""
+    run = make_run("npr", "npr", GRID)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "report.md").write_text("# My project report\n")
+    with pytest.raises(SystemExit):
+        main(["report", str(run), "--out", str(project)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no qdd-cli report wrote" in err[0] and "remove" not in err[0]
+    assert (project / "report.md").read_text() == "# My project report\n"
