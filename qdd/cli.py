@@ -235,9 +235,9 @@ def quality_command(argv: Sequence[str]) -> None:
 
 def report_command(argv: Sequence[str]) -> None:
     """``qdd-cli report``: prints report.md (with --compare: compare.md) last."""
-    from qdd.report.command import build_parser
+    from qdd.report.command import parse_args
 
-    print(api.report(vars(build_parser().parse_args(argv))).metrics["index"])
+    print(api.report(parse_args(list(argv))).metrics["index"])
 
 
 def quantize_command(argv: Sequence[str]) -> None:

@@ -6,20 +6,25 @@ The message names the problem *and* the fix, e.g.
 Anything else that escapes is a bug and keeps its traceback.
 """
 
-#: How PyTorch's DataLoader re-raises an error of a worker process in the main process: the
-#: same type, its message replaced by this line and the worker's traceback.
-_FROM_WORKER = "Caught QddError in DataLoader worker process"
-
 
 class QddError(Exception):
     """A user-caused error: bad path, missing weights, corrupt shard, unknown name."""
 
 
 def one_line(error: QddError) -> str:
-    """The error's message, also when a DataLoader worker raised it (a detector's input
-    transform): the worker's own last line, not the traceback PyTorch wraps around it."""
+    """The error's message on one line, also when a DataLoader worker raised it (a detector's
+    input transform): PyTorch re-raises it in the main process as the same type whose
+    message is ``Caught <Type> in DataLoader worker process N.`` plus the worker's
+    traceback; the message is all that follows the traceback's last ``<module>.<Type>: ``,
+    for a subclass of `QddError` too. A message of several lines is joined into one."""
     text = str(error)
-    if not text.startswith(_FROM_WORKER):
-        return text
-    last = text.rstrip().splitlines()[-1]
-    return last.removeprefix(f"{QddError.__module__}.{QddError.__qualname__}: ")
+    kind = type(error)
+    if text.startswith(f"Caught {kind.__name__} in DataLoader worker process"):
+        for prefix in (f"\n{kind.__module__}.{kind.__qualname__}: ", f"\n{kind.__qualname__}: "):
+            _, found, message = text.rpartition(prefix)
+            if found:
+                text = message
+                break
+        else:
+            text = text.rstrip().splitlines()[-1]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("runs", nargs="+", type=Path,
                         help="run folders of qdd-cli test and of qdd-cli quality")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("report"), help="report folder")
+    parser.add_argument("--out", type=Path,
+                        help="report folder (default: report; with --compare: compare, so a "
+                        "ranking never replaces the full report)")  # fmt: skip
     parser.add_argument("--compare", action="store_true",
                         help="rank the runs (one row each, best first) instead of merging them; "
                         "the first run is the reference of the difference heatmap")  # fmt: skip
@@ -231,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
         "generator/precision such as sd3/fp4, a generator or a precision",
     )
     return parser
+
+
+def parse_args(argv: list[str]) -> dict[str, object]:
+    """``qdd-cli report``'s flags as `qdd.api.report`'s keys; the default ``--out`` is
+    ``report``, or ``compare`` with ``--compare``: the folder is the report's own
+    (`qdd.report.owned`), so a shared default would let a ranking remove the full report."""
+    settings = vars(build_parser().parse_args(argv))
+    if settings["out"] is None:
+        settings["out"] = Path("compare" if settings["compare"] else "report")
+    return settings
 
 
 def run_report(

@@ -5,8 +5,11 @@ removes those of the earlier ones it did not write again (a detector dropped, a 
 longer drawn), so every figure beside report.md is current. It never removes anything else:
 a folder that holds files but no manifest was not written by a report (a run folder, the
 user's notes, a report of a qdd version before the manifest) and is refused in one line.
-When a report fails half-way, nothing is removed and the manifest lists the old files and
-the new ones, so the folder stays the report's and the next report cleans it.
+When a report fails half-way, nothing is removed (the old files keep their times) and the
+manifest lists the old files and the new ones, so the folder stays the report's and the
+next report cleans it. Only regular files reached inside the folder without a link are
+ever removed, whatever a hand-edited manifest lists; a file that was the user's before the
+report started is never listed, even when it changed meanwhile.
 """
 
 from __future__ import annotations
@@ -15,54 +18,87 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from qdd.errors import QddError
 
 #: The list of files the last report wrote, relative to the folder.
 MANIFEST = ".qdd-report.json"
+#: How report.md begins (`qdd.report.index`): tells an older qdd's report from a user's file.
+INDEX_TITLE = b"# qdd report\n"
 
 
 def _files(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``folder`` (relative POSIX path → mtime, size), the manifest left out."""
+    """Every regular file under ``folder`` (relative POSIX path → mtime, size), the manifest
+    and links left out: a report writes no link, so a link is never the report's."""
     found = {}
     for path in folder.rglob("*"):
-        if path.is_file() and path.name != MANIFEST:
+        if path.name != MANIFEST and not path.is_symlink() and path.is_file():
             stat = path.stat()
             found[path.relative_to(folder).as_posix()] = (stat.st_mtime_ns, stat.st_size)
     return found
+
+
+def _first_foreign(folder: Path) -> str | None:
+    """Some file or link under ``folder``, or None; stops at the first (``--out ~`` is
+    refused at once, not after walking the whole home folder)."""
+    for root, folders, names in os.walk(folder):
+        links = [f for f in folders if os.path.islink(os.path.join(root, f))]
+        if names or links:
+            first = min(names + links)
+            return Path(root, first).relative_to(folder).as_posix()
+    return None
+
+
+def _older_report(index: Path) -> bool:
+    """``index`` is the report.md of a qdd report (not a user's own report.md in ``.``)."""
+    if index.is_symlink() or not index.is_file():
+        return False
+    with index.open("rb") as file:
+        return file.read(len(INDEX_TITLE)) == INDEX_TITLE
 
 
 def _earlier(folder: Path) -> list[str]:
     """The files the earlier report listed; refuses a non-empty folder it did not write."""
     manifest = folder / MANIFEST
     if not manifest.is_file():
-        foreign = sorted(_files(folder))
-        if "report.md" in foreign:
+        if _older_report(folder / "report.md"):
             raise QddError(
                 f"--out {folder} holds a report written before qdd listed a report's files "
                 f"({MANIFEST}), so its stale figures cannot be told from your files: remove "
                 "the folder or pass a new --out"
             )
-        if foreign:
+        foreign = _first_foreign(folder)
+        if foreign is not None:
             raise QddError(
-                f"--out {folder} already holds {len(foreign)} file(s) that no qdd-cli report "
-                f"wrote (e.g. {foreign[0]}): pass a new or empty folder, or the folder of an "
-                "earlier report to replace it"
+                f"--out {folder} already holds files that no qdd-cli report wrote (e.g. "
+                f"{foreign}): pass a new or empty folder, or the folder of an earlier report "
+                "to replace it"
             )
         return []
     try:
         listed = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, TypeError):
+        listed = None
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
         raise QddError(f"{manifest} is not a report's file list: delete it, or pass a new "
-                       "--out folder") from None  # fmt: skip
-    return [str(name) for name in listed]
+                       "--out folder")  # fmt: skip
+    return listed
 
 
-def _inside(folder: Path, name: str) -> Path | None:
-    """``folder/name`` when it stays inside ``folder`` (a listed ``../x`` is never touched)."""
-    path = (folder / name).resolve()
-    return path if path.is_relative_to(folder.resolve()) else None
+def _listed_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when it is a regular file reached without leaving ``folder``: a
+    hand-edited list naming ``../x``, ``/abs``, a link or a path through a linked folder
+    never makes a report touch anything but its own files."""
+    parts = PurePosixPath(name).parts
+    if not parts or parts[0] == "/" or ".." in parts:
+        return None
+    path = folder.joinpath(*parts)
+    if path.parent.resolve() != folder.resolve().joinpath(*parts[:-1]):
+        return None  # a linked folder on the way
+    if path.is_symlink() or not path.is_file():
+        return None
+    return path
 
 
 @contextmanager
@@ -75,19 +111,31 @@ def owned_folder(out: Path) -> Iterator[Path]:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier(out)
+    stamps = {}  # the earlier files' times, put back when this report fails
     for name in earlier:  # a rewrite, even of identical bytes, then shows as a new time
-        path = _inside(out, name)
-        if path is not None and path.is_file():
+        path = _listed_file(out, name)
+        if path is not None:
+            stat = path.stat()
+            stamps[name] = (stat.st_atime_ns, stat.st_mtime_ns)
             os.utime(path, ns=(0, 0))
     before = _files(out)
 
     def written() -> list[str]:
-        return sorted(n for n, stamp in _files(out).items() if before.get(n) != stamp)
+        """Files new or rewritten since the start: new ones, and the earlier report's (a
+        file of the user's that changed meanwhile, notes saved during a long report, is
+        never taken for the report's)."""
+        changed = (n for n, stamp in _files(out).items() if before.get(n) != stamp)
+        return sorted(n for n in changed if n not in before or n in stamps)
 
     try:
         yield out
     except BaseException:
-        files = sorted(set(earlier) | set(written()))
+        rewritten = written()
+        files = sorted(set(earlier) | set(rewritten))
+        for name in sorted(set(stamps) - set(rewritten)):
+            path = _listed_file(out, name)
+            if path is not None:
+                os.utime(path, ns=stamps[name])
         if files:
             (out / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
         elif created and not any(out.iterdir()):
@@ -95,8 +143,8 @@ def owned_folder(out: Path) -> Iterator[Path]:
         raise
     files = written()
     for name in sorted(set(earlier) - set(files)):
-        path = _inside(out, name)
-        if path is not None and path.is_file():
+        path = _listed_file(out, name)
+        if path is not None:
             path.unlink()
             _prune(out, path.parent)
     (out / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")

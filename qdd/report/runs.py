@@ -187,6 +187,15 @@ def _names(runs: list[tuple[Path, pd.DataFrame, dict[str, Any]]]) -> list[str]:
         if len(set(labels)) < len(labels):
             labels = [str(i + 1) for i in range(len(options))]
         names.append(f"{detector}-{labels[options.index(str(metrics.get('weights')))]}")
+    owner: dict[str, tuple[str, Path]] = {}
+    for name, detector, (folder, _, _) in zip(names, detectors, runs, strict=True):
+        first = owner.setdefault(name, (detector, folder))
+        if first[0] != detector:  # npr with weights tuned.ckpt vs a detector npr-tuned
+            raise QddError(
+                f"runs {first[1]} (detector {first[0]}) and {folder} (detector {detector}) "
+                f"would both be named {name} in the report and pooled: report them in "
+                "separate qdd-cli report calls, or rank them with qdd-cli report --compare"
+            )
     return names
 
 

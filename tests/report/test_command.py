@@ -409,3 +409,20 @@ def test_compare_figure_shows_the_reference_and_differences(make_run) -> None:
     cells = np.array([t.get_text() for t in panels[1].texts]).reshape(2, 2)
     assert cells[1, 1] == f"{diff:+.2f}".replace("-", "\N{MINUS SIGN}")
     assert cells[0, 1] == "–"  # sdxl/fp4 measured by neither
+
+
+def test_a_detector_named_like_another_ones_weights_variant_is_never_pooled_with_it(
+    make_run, capsys
+) -> None:
+    """npr with weights tuned.ckpt is reported as npr-tuned; a detector registered as
+    npr-tuned (a user's, on other images) must not be pooled with it under that name."""
+    tuned = make_run("tuned", "npr", weights="checkpoints/tuned.ckpt", seed=1)
+    official = make_run("official", "npr", weights="checkpoints/official.pth", seed=2)
+    other = make_run("other", "npr-tuned", {"sd15": ["fp32", "fp4"]}, seed=3)
+    scores = pd.read_parquet(other / "scores.parquet")
+    scores.assign(key="own-" + scores["key"]).to_parquet(other / "scores.parquet", index=False)
+    with pytest.raises(SystemExit):
+        main(["report", str(tuned), str(official), str(other), "--out", str(other.parent / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would both be named npr-tuned" in err[0], err
+    assert "separate qdd-cli report calls" in err[0]
