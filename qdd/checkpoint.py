@@ -209,7 +209,11 @@ class FitCheckpoint:
         ours = dict(saved.get("detector_args") or {})
         from_preset = dict(preset.get("detector_args") or {})
         resolved = {**dict(given.get("detector_args") or {}), **ours}
+        runtime = _runtime_args(saved["detector"])
         for key, value in dict(given.get("detector_args") or {}).items():
+            if key in runtime:  # speed or memory only: the checkpoint's logits either way
+                resolved[key] = value
+                continue
             if key in from_preset and from_preset[key] == value:
                 if key in ours and ours[key] != value:
                     log.info("detector_args.%s: the checkpoint's %r, not the preset's %r",
@@ -306,6 +310,13 @@ def _default_arg(detector: str, key: str) -> Any:
     if parameter is None or parameter.default is inspect.Parameter.empty:
         return _UNKNOWN
     return parameter.default
+
+
+def _runtime_args(detector: str) -> tuple[str, ...]:
+    """``detector``'s arguments that never change its logits (its card's ``runtime_args``)."""
+    from qdd.detectors import detector_class
+
+    return detector_class(detector).card.runtime_args
 
 
 def _names_paths(value: Any) -> bool:

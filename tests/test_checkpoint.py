@@ -174,3 +174,20 @@ def test_fine_tune_reports_train_overlap_in_metrics_json(tmp_path: Path, capsys)
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "validation images of this fit" in error and start in error
     assert not (tmp_path / "c" / "metrics.json").exists()
+
+
+def test_a_runtime_argument_is_taken_whatever_the_checkpoint_stored() -> None:
+    """SPAI's tile_batch batches its ViT passes (memory only): a checkpoint that did not
+    store it takes any value; an argument that changes the logits is still refused."""
+    from types import SimpleNamespace
+
+    from qdd.checkpoint import FitCheckpoint
+
+    stored = SimpleNamespace(weight_files={}, calibration_only=False, path="spai-fit.ckpt")
+    saved = {"detector": "spai", "detector_args": {}}
+    args = FitCheckpoint._detector_args(stored, saved, {"detector_args": {"tile_batch": 8}},
+                                        {}, "--ckpt_path")  # fmt: skip
+    assert args["tile_batch"] == 8
+    with pytest.raises(QddError, match="minimum_tiles=4"):
+        FitCheckpoint._detector_args(stored, saved, {"detector_args": {"minimum_tiles": 2}},
+                                     {}, "--ckpt_path")  # fmt: skip

@@ -34,6 +34,8 @@ class DetectorCard:
         licence: of the official weights.
         trainable: ``qdd-cli fit`` can train it; training-free ones take no ``--weights``,
             and their ``fit`` only calibrates a threshold (`qdd.training_free`).
+        runtime_args: ``detector_args`` that change speed or memory, never the logits (a
+            checkpoint takes any value of them: `qdd.checkpoint`).
     """
 
     family: str
@@ -45,6 +47,7 @@ class DetectorCard:
     files: tuple[str, ...]
     licence: str
     trainable: bool = True
+    runtime_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -38,6 +38,7 @@ SPAI_CARD = DetectorCard(
     normalisation="imagenet",
     files=("spai.pth (--weights; the released training checkpoint)",),
     licence="Apache-2.0",
+    runtime_args=("tile_batch",),
 )
 
 
