@@ -20,12 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from qdd.attribution import attribution_metrics, class_of
 from qdd.callbacks.scores import PERTURBATION, ROW_FIELDS, gather_to_rank_zero, report_count
-from qdd.callbacks.summary import RunSummary, fit_progress, model_summary
+from qdd.callbacks.summary import RunSummary, model_summary
 from qdd.datamodules.dataset import META_FIELDS, UNPERTURBED
 from qdd.metrics import batch_groups
 from qdd.report.attribution import CONFUSION
@@ -103,15 +102,8 @@ class AttributionSummary(RunSummary):
         scored = int((frame[PERTURBATION] == UNPERTURBED).sum())
         report_count(scored, data.expected if data is not None else None, self.skipped)
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
-            callback = trainer.checkpoint_callback
-            self.write(trainer, {
-                **model_summary(trainer, pl_module), **fit_progress(trainer),
-                **what_is_named(pl_module),
-                "best_checkpoint": callback.best_model_path if callback else None,
-                "last_checkpoint": callback.last_model_path if callback else None,
-            })  # fmt: skip
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        return {**model_summary(trainer, pl_module), **what_is_named(pl_module)}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero or self.frame is None:
@@ -134,10 +126,6 @@ class AttributionSummary(RunSummary):
         self.write(trainer, metrics)
         write_confusion(Path(trainer.default_root_dir) / CONFUSION, top["confusion"], classes)
         print(format_attribution(metrics), flush=True)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING and trainer.is_global_zero:
-            self.write(trainer, {**model_summary(trainer, pl_module), **what_is_named(pl_module)})
 
 
 def what_is_named(pl_module: LightningModule) -> dict[str, Any]:

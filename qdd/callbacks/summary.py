@@ -41,11 +41,16 @@ class RunSummary(Callback):
         self.metrics = metrics
         write_metrics(trainer, metrics)
 
+    def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """What a fit's and a validation's metrics.json say of the model (a hook: a task
+        adds what it names)."""
+        return model_summary(trainer, pl_module)
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
             callback = trainer.checkpoint_callback
             self.write(trainer, {
-                **model_summary(trainer, pl_module),
+                **self.summary(trainer, pl_module),
                 **fit_progress(trainer),
                 "best_checkpoint": callback.best_model_path if callback else None,
                 "last_checkpoint": callback.last_model_path if callback else None,
@@ -53,7 +58,7 @@ class RunSummary(Callback):
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING and trainer.is_global_zero:
-            self.write(trainer, model_summary(trainer, pl_module))
+            self.write(trainer, self.summary(trainer, pl_module))
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
