@@ -101,19 +101,11 @@ def find_pairs(folders: list[Path], reference: str) -> Pairing:
     images). Real photos are counted, not compared; a sample whose group and key repeat
     is counted once (the first copy), as is a reference image whose identity repeats.
     """
-    from qdd.datamodules.reader import index_folders, read_meta
-
-    entries, _ = index_folders(folders)
+    read, unreadable = read_samples(folders)
     images: dict[tuple[str, str], tuple[Entry, dict[str, Any]]] = {}
-    unreadable: list[dict[str, str]] = []
     metas: list[dict[str, Any]] = []
     n_real = n_repeated = 0
-    for entry in entries:
-        try:
-            meta = read_meta(entry)
-        except ValueError as error:
-            unreadable.append({"key": entry.key, "shard": entry.shard, "error": str(error)})
-            continue
+    for entry, meta in read:
         if meta.get("label") != 1:
             n_real += 1
             continue
@@ -193,18 +185,28 @@ def refuse_unpaired(pairing: Pairing, reference: str) -> None:
     )
 
 
-def real_images(folders: list[Path]) -> tuple[list[Pair], list[dict[str, str]]]:
-    """The real photos of ``--real`` folders (FID against real images), and the unreadable."""
+def read_samples(
+    folders: list[Path],
+) -> tuple[list[tuple[Entry, dict[str, Any]]], list[dict[str, str]]]:
+    """Every sample of ``folders`` with its metadata, and the unreadable ones (key, shard,
+    error) named instead."""
     from qdd.datamodules.reader import index_folders, read_meta
 
     entries, _ = index_folders(folders)
-    photos, unreadable = [], []
+    read, unreadable = [], []
     for entry in entries:
         try:
-            meta = read_meta(entry)
+            read.append((entry, read_meta(entry)))
         except ValueError as error:
             unreadable.append({"key": entry.key, "shard": entry.shard, "error": str(error)})
-            continue
+    return read, unreadable
+
+
+def real_images(folders: list[Path]) -> tuple[list[Pair], list[dict[str, str]]]:
+    """The real photos of ``--real`` folders (FID against real images), and the unreadable."""
+    read, unreadable = read_samples(folders)
+    photos = []
+    for entry, meta in read:
         if meta.get("label") == 0:
             photos.append(_pair(meta, entry, None, None))
     if not photos:
