@@ -58,7 +58,7 @@ def test_a_resumed_run_reuses_the_calibration(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     calls = calibrate_calls(monkeypatch)
-    common = ["--generator", "sd3", "--model-path", str(tiny_models["sd3"]), "--precision",
+    common = ["--generator", "flux-schnell", "--model-path", str(tiny_models["flux-schnell"]), "--precision",
               "svdq-int4", "--calibration-count", "2", "--out", str(tmp_path / "o")]  # fmt: skip
     out = generate(*common, limit=1)
     stamp = (out / CACHE).stat().st_mtime_ns
@@ -81,7 +81,7 @@ def test_a_stale_cache_is_not_reused(
     assert load_cache(out, "another-recipe") is not None and load_cache(out, "this") is None
     calls = calibrate_calls(monkeypatch)
     generate(
-        "--generator", "sd3", "--model-path", str(tiny_models["sd3"]), "--precision",
+        "--generator", "flux-schnell", "--model-path", str(tiny_models["flux-schnell"]), "--precision",
         "svdq-int4", "--calibration-count", "1", "--out", str(out), limit=1,
     )  # fmt: skip
     digest = json.loads((out / "recipe.json").read_text())["calibration_digest"]
