@@ -324,6 +324,22 @@ def test_report_refuses_one_group_from_two_runs(single: Path, tmp_path: Path) ->
         build_report([single, tmp_path / "again"], tmp_path / "report")
 
 
+def test_report_refuses_a_run_of_plugin_distances(single: Path, tmp_path: Path) -> None:
+    """A run written before the jackknife (metrics.json without ``interval``) holds plug-in
+    distances under ``distance``: mixing them with corrected ones would mislead."""
+    import shutil
+
+    from qdd.report.command import build_report
+
+    old = tmp_path / "old"
+    shutil.copytree(single, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["interval"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(QddError, match="old holds plug-in spectral distances .* re-run qdd-cli"):
+        build_report([old], tmp_path / "report")
+
+
 def test_cli_and_api_write_the_same_run(
     shards: Path, single: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
