@@ -36,7 +36,7 @@ they show as peaks in the power spectrum of the images' noise residuals.
   it holds the estimate by construction). Twins (one key at two precisions) share their
   fold, so the jackknife is paired, and a key's fold does not depend on the rank, worker
   or batch that read it. Simulated (a factor planted in the 1/8-period bins of noise
-  residuals, 16–64 images, ``K`` = 20, 200 seeds) it covered the truth in 93–98 % of runs
+  residuals, 16–64 images, ``K`` = 20, 200 seeds) it covered the truth in 94–99 % of runs
   (88 % for an effect below the noise with 10 images), and for two groups drawn from one
   distribution reached 0 in 99–100 %. A Poisson bootstrap, used before, cannot do this:
   each resample's noise floor varies with its effective size, so its intervals of ``m``
