@@ -156,7 +156,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
     for key, row in want.items():
         assert got[key]["n"] == row["n"]
         for column in ("distance", "low", "high", "distance_plugin"):
-            assert float(got[key][column]) == pytest.approx(float(row[column]), abs=1e-5)
+            assert float(got[key][column]) == pytest.approx(float(row[column]), rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.slow  # two real processes: ~110 s on the shared 2-core host
