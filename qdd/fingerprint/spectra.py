@@ -31,17 +31,18 @@ they show as peaks in the power spectrum of the images' noise residuals.
   images (−8 % of the floor at 10 images, −5 % at 16, under 2 % from 32). It is 0 for
   identical spectra, near 0 for two groups drawn from one distribution, 3 dB if every bin
   doubled; the plug-in ``√m`` stays beside it (``distance_plugin``).
-- **Interval.** Tukey's jackknife t-interval ``m_J ± t(K−1)·se``, ``se`` from the
-  pseudo-values, mapped through ``√max(0, ·)`` (monotone, so its coverage carries over;
-  it holds the estimate by construction). Twins (one key at two precisions) share their
-  fold, so the jackknife is paired, and a key's fold does not depend on the rank, worker
-  or batch that read it. Simulated (a factor planted in the 1/8-period bins of noise
-  residuals, 16–64 images, ``K`` = 20, 200 seeds) it covered the truth in 94–99 % of runs
-  (88 % for an effect below the noise with 10 images), and for two groups drawn from one
-  distribution reached 0 in 99–100 %. A Poisson bootstrap, used before, cannot do this:
-  each resample's noise floor varies with its effective size, so its intervals of ``m``
-  were several times too wide (low end 0 for a true 1.5 dB), and its percentile interval of
-  the RMS added the noise a second time and lay above its own estimate.
+- **Interval.** Tukey's jackknife t-interval ``m_J ± t(K−1)·se`` (``K`` the folds that
+  hold images), ``se`` from the pseudo-values, mapped through ``√max(0, ·)`` (monotone,
+  so its coverage carries over; it holds the estimate by construction). Twins (one key at
+  two precisions) share their fold, so the jackknife is paired, and a key's fold does not
+  depend on the rank, worker or batch that read it. Simulated (a factor planted in the
+  1/8-period bins of noise residuals, 16–64 images, 20 folds, 200 seeds) it covered the
+  truth in 94–99 % of runs (88 % for an effect below the noise with 10 images), and for
+  two groups drawn from one distribution reached 0 in 99–100 %. The Poisson bootstrap used
+  before cannot do this: each resample's noise floor varies with its effective size, so a
+  basic bootstrap interval of ``m`` (tried) was several times too wide (low end 0 for a
+  true 1.5 dB), and the percentile interval of the RMS it gave added the noise a second
+  time and lay above its own estimate.
 """
 
 from __future__ import annotations
