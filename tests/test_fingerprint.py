@@ -116,7 +116,8 @@ def test_planted_grid_peaks_at_multiples_of_one_eighth(single: Path) -> None:
     planted_row = rows["sd3", "fp4", "none"]
     low, distance = float(planted_row["low"]), float(planted_row["distance"])
     assert distance > 0.3 and 1000 * float(rows["sd3", "fp16", "none"]["high"]) < low
-    assert low < float(planted_row["high"])
+    assert low < distance < float(planted_row["high"])  # the interval holds its estimate
+    assert distance < float(planted_row["distance_plugin"])  # the noise floor is removed
     assert int(planted_row["n"]) == N
 
 
@@ -154,8 +155,8 @@ def assert_same_run(out: Path, reference: Path) -> None:
     assert got.keys() == want.keys()
     for key, row in want.items():
         assert got[key]["n"] == row["n"]
-        for column in ("distance", "low", "high"):
-            assert float(got[key][column]) == pytest.approx(float(row[column]), abs=1e-5)
+        for column in ("distance", "low", "high", "distance_plugin"):
+            assert float(got[key][column]) == pytest.approx(float(row[column]), rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.slow  # two real processes: ~110 s on the shared 2-core host
@@ -167,6 +168,26 @@ def test_ddp_two_processes_every_image_once(shards: Path, single: Path, tmp_path
     assert_same_run(out, single)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == metrics["expected"]
+
+
+def test_same_distribution_reads_zero_and_a_lone_image_no_number(tmp_path: Path) -> None:
+    """Different images of one distribution: the plug-in reads ~2 dB of pure noise, the
+    distance ~0 with an interval from 0. A group of one image has no jackknife: its
+    distance is empty (not 0), named in a warning, with the plug-in beside it."""
+    write_group(tmp_path / "a-fp32", "a", "fp32", [smooth_image(i) for i in range(N)])
+    write_group(tmp_path / "a-fp8", "a", "fp8", [smooth_image(300 + i) for i in range(N)])
+    write_group(tmp_path / "a-fp4", "a", "fp4", [grid(smooth_image(0))])
+    result = run_fingerprint([str(tmp_path / "a-*")], tmp_path / "run", trainer=CPU)
+    rows = distances(tmp_path / "run")
+    same = rows["a", "fp8", "none"]
+    assert float(same["distance_plugin"]) > 1 and float(same["distance"]) < 0.2
+    assert float(same["low"]) == 0 < float(same["high"])
+    lone = rows["a", "fp4", "none"]
+    assert lone["distance"] == lone["low"] == lone["high"] == ""
+    assert float(lone["distance_plugin"]) > 0
+    assert result.metrics["too_few_images"] == ["a/fp4"]
+    assert result.metrics["groups"]["a/fp4"]["distance"] is None
+    assert any("a/fp4; add images" in note for note in result.metrics["notes"])
 
 
 def test_crop_is_centred_and_never_resized(shards: Path, tmp_path: Path) -> None:
@@ -225,6 +246,8 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         run_fingerprint([str(tmp_path / "empty")], tmp_path / "run", trainer=CPU)
     with pytest.raises(QddError, match="--crop 4 is below 16"):
         run_fingerprint([str(tmp_path / "empty")], tmp_path / "run", crop=4, trainer=CPU)
+    with pytest.raises(QddError, match="--folds 1 is below 2: pass --folds 2 or more"):
+        run_fingerprint([str(tmp_path / "empty")], tmp_path / "run", folds=1, trainer=CPU)
     write_group(tmp_path / "tiny-fp32", "tiny", "fp32", [smooth_image(0, (12, 12))])
     with pytest.raises(QddError, match="12 pixels on its short side, below"):
         run_fingerprint([str(tmp_path / "tiny-fp32")], tmp_path / "run", trainer=CPU)
@@ -284,7 +307,8 @@ def test_report_draws_spectra_radial_and_a_table(single: Path, tmp_path: Path) -
         assert (out / f"{stem}.png").is_file(), stem
     assert not (out / "spectra_flux.png").exists()  # flux has no fp32 group to differ from
     table = (out / "tables" / "spectral_distance.csv").read_text().splitlines()
-    assert table[0].startswith("generator,precision,perturbation,n,distance,low,high")
+    assert table[0].startswith("generator,precision,perturbation,n,distance,low,high,"
+                               "distance_plugin")  # fmt: skip
     assert [line.split(",")[1] for line in table[1:]] == ["fp16", "fp4"]
     text = index.read_text()
     assert "spectra_sd3.png" in text and "no spectra_flux" in text
@@ -298,6 +322,22 @@ def test_report_refuses_one_group_from_two_runs(single: Path, tmp_path: Path) ->
     shutil.copytree(single, tmp_path / "again")
     with pytest.raises(QddError, match="is in both .* pass one fingerprint run per group"):
         build_report([single, tmp_path / "again"], tmp_path / "report")
+
+
+def test_report_refuses_a_run_of_plugin_distances(single: Path, tmp_path: Path) -> None:
+    """A run written before the jackknife (metrics.json without ``interval``) holds plug-in
+    distances under ``distance``: mixing them with corrected ones would mislead."""
+    import shutil
+
+    from qdd.report.command import build_report
+
+    old = tmp_path / "old"
+    shutil.copytree(single, old)
+    metrics = json.loads((old / "metrics.json").read_text())
+    del metrics["interval"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(QddError, match="old holds plug-in spectral distances .* re-run qdd-cli"):
+        build_report([old], tmp_path / "report")
 
 
 def test_cli_and_api_write_the_same_run(

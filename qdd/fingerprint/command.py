@@ -12,10 +12,13 @@ Outputs in ``--out``:
   spectrum (2-D, ``np.fft.fftshift`` layout), ``<group>@radial`` its radial profile,
   ``<group>@fingerprint`` the power spectrum of its mean residual (Corvi et al.'s
   fingerprint), and ``frequency`` the radial profiles' frequencies (cycles per pixel);
-- ``spectral_distance.csv``: generator, precision, perturbation, n, distance (dB),
-  low, high (95 % Poisson-bootstrap interval over images) for each group with a twin group;
-- ``metrics.json`` (kind ``fingerprint``): the crop, filter, bootstrap, every group's n,
-  the groups without a reference twin, and every sample that could not be read.
+- ``spectral_distance.csv``: generator, precision, perturbation, n, distance (dB: the
+  jackknife estimate, noise floor removed), low, high (its 95 % jackknife interval over
+  images), distance_plugin (the plug-in RMS, biased upward by noise) for each group with
+  a twin group;
+- ``metrics.json`` (kind ``fingerprint``): the crop, filter, the distance's and the
+  interval's methods, every group's n, the groups without a reference twin or with too
+  few images for an interval, and every sample that could not be read.
 """
 
 from __future__ import annotations
@@ -39,9 +42,8 @@ from qdd.errors import QddError
 from qdd.fingerprint import DISTANCE_COLUMNS, DISTANCES, KIND, SPECTRA
 from qdd.fingerprint.spectra import (
     FILTER,
-    distance_db,
+    distance,
     group_name,
-    interval,
     radial_profile,
     twin_key,
 )
@@ -50,6 +52,18 @@ log = logging.getLogger(__name__)
 
 #: The smallest crop that still resolves a period-8 trace with some bins around it.
 MIN_CROP = 16
+#: A jackknife interval's t quantile needs one degree of freedom at least.
+MIN_FOLDS = 2
+#: How the distance columns are computed, as metrics.json records it.
+DISTANCE_METHOD = (
+    "sqrt(max(0, m_J)), m_J the delete-a-group jackknife bias-corrected estimate of m, the "
+    "mean over non-DC bins of (10*log10(spectrum / reference spectrum))^2; dB"
+)
+PLUGIN_METHOD = "sqrt(m): the plug-in RMS, biased upward by the spectra's sampling noise; dB"
+INTERVAL_METHOD = (
+    "jackknife-t: m_J +- t(folds-1) * jackknife se, through sqrt(max(0, .)); folds by "
+    "(seed, key), twins in one fold (paired)"
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -146,11 +160,11 @@ def summarise(totals: dict[str, Any], reference: str) -> dict[str, Any]:
     """Mean spectra, radial profiles, fingerprints and distances from the summed totals."""
     groups = totals["groups"]
     arrays: dict[str, np.ndarray] = {}
-    rows, info, without = [], {}, []
+    rows, info, without, too_few = [], {}, [], []
     for key, sums in groups.items():
-        n = int(sums["n"])
+        n = int(sums["fold_n"].sum())
         name = group_name(key)
-        mean = sums["power"] / n
+        mean = sums["fold_power"].sum(0) / n
         arrays[name] = mean
         frequency, profile = radial_profile(mean)
         arrays[f"{name}@radial"] = profile
@@ -167,17 +181,21 @@ def summarise(totals: dict[str, Any], reference: str) -> dict[str, Any]:
                 without.append(name)
             else:
                 ref = groups[twin]
-                distance = float(distance_db(mean, ref["power"] / int(ref["n"])))
-                low, high = interval(sums["boot_power"], sums["boot_n"],
-                                     ref["boot_power"], ref["boot_n"])  # fmt: skip
-                entry.update(reference=group_name(twin), distance=distance, low=low, high=high)
-                rows.append({**{c: entry[c] for c in DISTANCE_COLUMNS[:4]},
-                             "distance": distance, "low": low, "high": high})  # fmt: skip
+                found = distance(sums["fold_power"], sums["fold_n"],
+                                 ref["fold_power"], ref["fold_n"])  # fmt: skip
+                if math.isnan(found.distance):
+                    too_few.append(name)
+                entry.update(reference=group_name(twin), distance=found.distance,
+                             low=found.low, high=found.high,
+                             distance_plugin=found.plugin)  # fmt: skip
+                rows.append({c: entry[c] for c in DISTANCE_COLUMNS})
         info[name] = entry
-    return {"arrays": arrays, "rows": rows, "groups": info, "without_reference": without}
+    return {"arrays": arrays, "rows": rows, "groups": info, "without_reference": without,
+            "too_few": too_few}  # fmt: skip
 
 
 def _finite(value: Any) -> Any:
+    """NaN and infinities as None: JSON null, an empty CSV cell."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
@@ -190,7 +208,7 @@ def run_fingerprint(
     perturb: list[str] | None = None,
     batch_size: int = 16,
     num_workers: int = 0,
-    resamples: int = 200,
+    folds: int = 20,
     seed: int = 0,
     trainer: dict[str, Any] | None = None,
 ) -> FingerprintResult:
@@ -208,8 +226,8 @@ def run_fingerprint(
 
     if crop < MIN_CROP:
         raise QddError(f"--crop {crop} is below {MIN_CROP} pixels: pass --crop {MIN_CROP} or more")
-    if resamples < 1:
-        raise QddError(f"--resamples must be at least 1, got {resamples}")
+    if folds < MIN_FOLDS:
+        raise QddError(f"--folds {folds} is below {MIN_FOLDS}: pass --folds {MIN_FOLDS} or more")
     folders = resolve_folders(data if isinstance(data, list) else [data])
     run_dir = Path(out) if out else Path("runs") / f"fingerprint-{time.strftime('%Y%m%d-%H%M%S')}"
     entries, _ = index_folders(folders)
@@ -224,7 +242,7 @@ def run_fingerprint(
         perturb=perturb,
         transforms={"train": transform, "eval": transform},
     )
-    module = FingerprintModule(resamples=resamples, seed=seed)
+    module = FingerprintModule(folds=folds, seed=seed)
     lightning = make_trainer({"default_root_dir": str(run_dir), **(trainer or {})})
     lightning.test(module, datamodule=datamodule, verbose=False)
     if module.totals is None:  # not rank 0
@@ -242,6 +260,10 @@ def run_fingerprint(
         warnings.append(f"{len(summary['without_reference'])} group(s) have no {reference} twin "
                      f"group, so no distance: {', '.join(summary['without_reference'])}; add "
                      f"their {reference} shard folder to --data")  # fmt: skip
+    if summary["too_few"]:
+        warnings.append(f"{len(summary['too_few'])} group(s) or their twins have their images "
+                        f"in one fold (a single image?), so no distance but the plug-in: "
+                        f"{', '.join(summary['too_few'])}; add images")  # fmt: skip
     metrics = {
         "kind": KIND,
         "reference": reference,
@@ -250,8 +272,9 @@ def run_fingerprint(
         "crop_requested": crop,
         "crop_limited_by": limited_by,
         "filter": FILTER,
-        "distance": "RMS over non-DC bins of 10*log10(spectrum / reference spectrum), dB",
-        "bootstrap": {"kind": "poisson", "resamples": resamples, "seed": seed, "level": 0.95},
+        "distance": DISTANCE_METHOD,
+        "distance_plugin": PLUGIN_METHOD,
+        "interval": {"kind": INTERVAL_METHOD, "folds": folds, "seed": seed, "level": 0.95},
         "perturbations": datamodule.perturbation_names,
         "n": scored,
         "expected": datamodule.expected,
@@ -259,6 +282,7 @@ def run_fingerprint(
         "skipped": skipped,
         "groups": {k: {f: _finite(v) for f, v in g.items()} for k, g in groups.items()},
         "without_reference": summary["without_reference"],
+        "too_few_images": summary["too_few"],
         "notes": notes + warnings,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -266,7 +290,7 @@ def run_fingerprint(
     with open(run_dir / DISTANCES, "w", newline="") as handle:
         writer = csv.DictWriter(handle, DISTANCE_COLUMNS)
         writer.writeheader()
-        writer.writerows(summary["rows"])
+        writer.writerows({k: _finite(v) for k, v in row.items()} for row in summary["rows"])
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     report_count(scored, datamodule.expected, skipped)
     for note in notes:
@@ -281,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qdd-cli fingerprint",
         description="Residual power spectra per generator x precision (x perturbation) and "
-        "each group's distance to its fp32 twin group, with a bootstrap interval. Writes "
+        "each group's distance to its fp32 twin group (noise floor removed), with a "
+        "jackknife interval. Writes "
         "spectra.npz, spectral_distance.csv and metrics.json into --out. Lightning Trainer "
         "flags: --trainer.devices N, --trainer.strategy ddp, --trainer.accelerator cpu|gpu.",
     )
@@ -296,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="run folder (default runs/fingerprint-TIMESTAMP)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--resamples", type=int, default=200, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--folds", type=int, default=20,
+                        help="jackknife folds of the distance's estimate and interval "
+                        "(default 20; each group holds folds x crop² float64 sums)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of each image's fold")
     return parser

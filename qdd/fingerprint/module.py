@@ -3,8 +3,8 @@
 Images come through `qdd.datamodules.ShardDataModule` as a test run reads them (map-style
 dataset, ``UnrepeatedDistributedSampler`` under DDP: each sample once, for any worker count
 and batch size), centre-cropped by `CentreCrop` in the loader. Per group the module keeps
-sums only — images, summed power spectra, summed residuals, and the bootstrap's weighted
-sums — so ranks combine by addition (``all_reduce``) and the result does not depend on how
+sums only — per jackknife fold its images and summed power spectra, and the summed
+residuals — so ranks combine by addition (``all_reduce``) and the result does not depend on how
 samples were split. Rank 0 ends with the totals in `totals`.
 """
 
@@ -18,10 +18,10 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.functional import pil_to_tensor
 
-from qdd.fingerprint.spectra import bootstrap_weights, group_key, power_spectrum, residuals
+from qdd.fingerprint.spectra import folds_of, group_key, power_spectrum, residuals
 
-#: What is summed per group (besides the count ``n``).
-SUMS = ("power", "residual", "boot_power", "boot_n")
+#: What is summed per group: per fold the spectra and the images, and the residuals.
+SUMS = ("fold_power", "fold_n", "residual")
 
 
 class CentreCrop:
@@ -39,17 +39,17 @@ class CentreCrop:
 
 
 class FingerprintModule(LightningModule):
-    """Sums per group of each image's residual, its power spectrum, and ``resamples``
-    Poisson-bootstrap weighted sums of the spectra (float32: an interval needs no more).
+    """Sums per group of the images' residuals, and per jackknife fold (`folds_of`) of
+    their power spectra and their count (float64: a ``folds×size×size`` array per group).
 
     Args:
-        resamples: bootstrap resamples (weights per image, see `bootstrap_weights`).
-        seed: the bootstrap's seed.
+        folds: jackknife folds.
+        seed: the seed of the fold of each key.
     """
 
-    def __init__(self, resamples: int = 200, seed: int = 0) -> None:
+    def __init__(self, folds: int = 20, seed: int = 0) -> None:
         super().__init__()
-        self.resamples, self.seed = resamples, seed
+        self.folds, self.seed = folds, seed
         self.totals: dict[str, Any] | None = None
 
     def on_test_epoch_start(self) -> None:
@@ -60,13 +60,9 @@ class FingerprintModule(LightningModule):
         if key not in self._sums:
             f64 = {"dtype": torch.float64, "device": self.device}
             self._sums[key] = {
-                "n": torch.zeros((), **f64),
-                "power": torch.zeros(size, size, **f64),
+                "fold_power": torch.zeros(self.folds, size, size, **f64),
+                "fold_n": torch.zeros(self.folds, **f64),
                 "residual": torch.zeros(size, size, **f64),
-                "boot_power": torch.zeros(
-                    self.resamples, size, size, dtype=torch.float32, device=self.device
-                ),
-                "boot_n": torch.zeros(self.resamples, **f64),
             }
         return self._sums[key]
 
@@ -77,19 +73,15 @@ class FingerprintModule(LightningModule):
             return
         residual = residuals(images)
         power = power_spectrum(residual)
-        weights = torch.from_numpy(bootstrap_weights(meta["key"], self.resamples, self.seed))
-        weights = weights.to(self.device)
+        folds = torch.from_numpy(folds_of(meta["key"], self.folds, self.seed)).to(self.device)
         fields = ("label", "source", "generator", "precision", "quant_backend", "perturbation")
         keys = [group_key(*row) for row in zip(*(meta[f] for f in fields), strict=True)]
         for key in sorted(set(keys)):
             rows = torch.tensor([i for i, k in enumerate(keys) if k == key], device=self.device)
             sums = self._group(key, images.shape[-1])
-            sums["n"] += len(rows)
-            sums["power"] += power[rows].sum(0)
+            sums["fold_power"].index_add_(0, folds[rows], power[rows])
+            sums["fold_n"] += torch.bincount(folds[rows], minlength=self.folds)
             sums["residual"] += residual[rows].sum(0)
-            boot = sums["boot_power"].view(self.resamples, -1)  # += weightsᵀ · spectra
-            boot.addmm_(weights[rows].T.float(), power[rows].flatten(1).float())
-            sums["boot_n"] += weights[rows].sum(0)
 
     def on_test_epoch_end(self) -> None:
         import torch.distributed as dist
@@ -100,12 +92,12 @@ class FingerprintModule(LightningModule):
         keys = sorted(self._sums)
         if world > 1 and dist.is_available() and dist.is_initialized():
             every: list[Any] = [None] * world
-            dist.all_gather_object(every, [(k, self._sums[k]["power"].shape[-1]) for k in keys])
+            dist.all_gather_object(every, [(k, self._sums[k]["residual"].shape[-1]) for k in keys])
             sizes = dict(pair for part in every for pair in part)
             keys = sorted(sizes)
             for key in keys:  # the same order on every rank
                 sums = self._group(key, sizes[key])
-                for name in ("n", *SUMS):
+                for name in SUMS:
                     dist.all_reduce(sums[name])
         parts = gather_to_rank_zero(self._skipped, world)
         if parts is None:

@@ -19,23 +19,38 @@ they show as peaks in the power spectrum of the images' noise residuals.
   as Corvi et al. draw it: the power spectrum of the group's mean residual.
 - **Radial profile.** The mean of the spectrum over rings of integer radius ``k`` bins
   (``k / size`` cycles per pixel), ``k = 0 … size//2``.
-- **Distance.** The RMS, over every bin but the zero frequency, of ``10·log10`` of the
-  ratio of two mean spectra: 0 dB for identical spectra, 3 dB if every bin doubled.
-- **Interval.** A Poisson bootstrap over images (Hanley & MacGibbon 2006): every image
-  gets ``B`` weights drawn from Poisson(1), seeded by the run's seed and the image's key
-  alone, so an image's weights do not depend on the rank, worker or batch that read it,
-  and twins (one key at two precisions) are resampled together (a paired bootstrap). The
-  interval is the percentile interval of the resampled distances. A distance is an RMS, so
-  resampling noise adds to it: with few images the resampled distances sit above the
-  estimate (seen: 11 images, estimate 2.06 dB, interval 2.13–2.79 dB). Read the interval
-  as the spread of the distance, and compare groups by it, not by whether it brackets
-  the estimate.
+- **Distance.** ``m``, the mean over every bin but the zero frequency of the squared
+  ``10·log10`` ratio of two mean spectra, is the mean square of the true log ratio *plus*
+  each bin's sampling variance: a plug-in ``√m`` reads ~1.3 dB between two groups of 16
+  noise residuals drawn from one distribution, and more the less twins resemble each other.
+  The distance is ``√max(0, m_J)``, ``m_J`` the delete-a-group jackknife estimate of ``m``
+  (Quenouille 1956; Busing, Meijer & van der Leeden 1999 for unequal groups): images fall
+  into ``K`` folds by (seed, key), and ``m`` recomputed without each fold estimates the
+  bias ``m`` carries — the noise floor and the log's curvature alike, to first order in
+  1/n — which ``m_J`` takes off. The second-order rest over-corrects a little with few
+  images (−8 % of the floor at 10 images, −5 % at 16, under 2 % from 32). It is 0 for
+  identical spectra, near 0 for two groups drawn from one distribution, 3 dB if every bin
+  doubled; the plug-in ``√m`` stays beside it (``distance_plugin``).
+- **Interval.** Tukey's jackknife t-interval ``m_J ± t(K−1)·se`` (``K`` the folds that
+  hold images), ``se`` from the pseudo-values, mapped through ``√max(0, ·)`` (monotone,
+  so its coverage carries over; it holds the estimate by construction). Twins (one key at
+  two precisions) share their fold, so the jackknife is paired, and a key's fold does not
+  depend on the rank, worker or batch that read it. Simulated (a factor planted in the
+  1/8-period bins of noise residuals, 16–64 images, 20 folds, 200 seeds) it covered the
+  truth in 94–99 % of runs (88 % for an effect below the noise with 10 images), and for
+  two groups drawn from one distribution reached 0 in 99–100 %. The Poisson bootstrap used
+  before cannot do this: each resample's noise floor varies with its effective size, so a
+  basic bootstrap interval of ``m`` (tried) was several times too wide (low end 0 for a
+  true 1.5 dB), and the percentile interval of the RMS it gave added the noise a second
+  time and lay above its own estimate.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,41 +153,70 @@ def log_ratio_db(spectrum: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return 10 * np.log10((spectrum + floor) / (reference + floor))
 
 
-def distance_db(spectrum: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """RMS over all bins but zero frequency of `log_ratio_db`; leading axes are kept (a
-    bootstrap's resamples)."""
+def mean_square_db(spectrum: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Mean over all bins but zero frequency of `log_ratio_db` squared (dB²); leading
+    axes are kept (a jackknife's left-out folds)."""
     h, w = reference.shape[-2:]
     ratio = log_ratio_db(np.asarray(spectrum, np.float64), np.asarray(reference, np.float64))
     ratio = ratio.reshape(*ratio.shape[:-2], h * w)
     keep = np.ones(h * w, bool)
     keep[(h // 2) * w + w // 2] = False
-    return np.sqrt(np.mean(np.square(ratio[..., keep]), axis=-1))
+    return np.mean(np.square(ratio[..., keep]), axis=-1)
 
 
-def bootstrap_weights(keys: Sequence[str], resamples: int, seed: int) -> np.ndarray:
-    """``len(keys) × resamples`` Poisson(1) weights, each row fixed by (seed, key) alone."""
-    rows = [
-        np.random.default_rng([seed, zlib.crc32(key.encode())]).poisson(1.0, resamples)
-        for key in keys
-    ]
-    return np.asarray(rows, dtype=np.float64).reshape(len(keys), resamples)
+def distance_db(spectrum: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The plug-in distance, ``√`` `mean_square_db` (biased upward by sampling noise)."""
+    return np.sqrt(mean_square_db(spectrum, reference))
 
 
-def interval(
-    boot_sums: np.ndarray,
-    boot_counts: np.ndarray,
+def folds_of(keys: Sequence[str], folds: int, seed: int) -> np.ndarray:
+    """Each key's jackknife fold in ``0 … folds-1``, fixed by (seed, key) alone."""
+    return np.asarray([zlib.crc32(f"{seed}:{key}".encode()) % folds for key in keys], np.int64)
+
+
+@dataclass(frozen=True)
+class Distance:
+    """A group's distance to its twin (dB): the jackknife estimate, its interval, and the
+    plug-in RMS; NaN where the jackknife cannot tell."""
+
+    distance: float
+    low: float
+    high: float
+    plugin: float
+
+
+def distance(
+    fold_sums: np.ndarray,
+    fold_counts: np.ndarray,
     ref_sums: np.ndarray,
     ref_counts: np.ndarray,
     level: float = 0.95,
-) -> tuple[float, float]:
-    """Percentile interval of the distance over the bootstrap's resamples (resamples in
-    which either group drew no image are left out)."""
-    ok = (boot_counts > 0) & (ref_counts > 0)
-    if not ok.any():
-        return float("nan"), float("nan")
-    spectra = boot_sums[ok] / boot_counts[ok, None, None]
-    references = ref_sums[ok] / ref_counts[ok, None, None]
-    distances = distance_db(spectra, references)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(distances, [tail, 100 - tail])
-    return float(low), float(high)
+) -> Distance:
+    """The distance of a group's mean spectrum to its twin's with its interval (see the
+    module doc), from both groups' per-fold sums of spectra and image counts (``K×H×W``
+    and ``K``). Unequal folds get Busing et al.'s weights (a fold's share of the images,
+    averaged over the two groups). Without two folds that each leave images in both
+    groups when left out (a group of one image, say) the estimate and interval are NaN."""
+    from scipy.stats import t as student_t
+
+    n, n_ref = fold_counts.sum(), ref_counts.sum()
+    total, ref_total = fold_sums.sum(0), ref_sums.sum(0)
+    plugin = float(mean_square_db(total / n, ref_total / n_ref))
+    used = (fold_counts > 0) | (ref_counts > 0)
+    nan = float("nan")
+    if used.sum() < 2 or np.any((fold_counts[used] == n) | (ref_counts[used] == n_ref)):
+        return Distance(nan, nan, nan, math.sqrt(plugin))
+    count, ref_count = fold_counts[used], ref_counts[used]
+    left_out = mean_square_db(
+        (total - fold_sums[used]) / (n - count)[:, None, None],
+        (ref_total - ref_sums[used]) / (n_ref - ref_count)[:, None, None],
+    )
+    share = (count / n + ref_count / n_ref) / 2
+    k = len(share)
+    estimate = k * plugin - float(np.sum((1 - share) * left_out))
+    h = 1 / share
+    pseudo = h * plugin - (h - 1) * left_out
+    se = math.sqrt(float(np.mean((pseudo - estimate) ** 2 / (h - 1))))
+    half = float(student_t.ppf(0.5 + level / 2, k - 1)) * se
+    low, high = (math.sqrt(max(0.0, v)) for v in (estimate - half, estimate + half))
+    return Distance(math.sqrt(max(0.0, estimate)), low, high, math.sqrt(plugin))

@@ -27,8 +27,10 @@ EMBED_ROWS = 60
 TRADEOFF_SHOWN = ("generator", "precision", "memory_saved", "ssim")
 CAPTIONS = {
     "spectral_distance": "Spectral distance of each group to its reference (fp32) twin "
-    "group: RMS over frequencies of the log ratio of their mean residual spectra (dB), with a "
-    "95 % Poisson-bootstrap interval over images (qdd-cli fingerprint)",
+    "group: RMS over frequencies of the log ratio of their mean residual spectra (dB), its "
+    "sampling-noise floor removed by a jackknife over images, with a 95 % jackknife "
+    "interval; distance_plugin: the uncorrected RMS, which noise inflates (qdd-cli "
+    "fingerprint)",
     "fake_acc": "Fake accuracy (logit > threshold) per generator × precision",
     "balanced_acc": "Balanced accuracy (mean of real and fake accuracy)",
     "auroc": "AUROC of each fake group against the pooled real images",

@@ -6,7 +6,8 @@ spectrum in dB (left column, its own colour bar), then each precision's differen
 that panels compare; one row per perturbation. ``radial_<generator>``: the radial profiles
 (dB) per precision (real photographs dashed, for scale), with dotted lines at multiples of
 1/8 cycle per pixel (the 8× up-sampling of the VAE decoder puts its traces there).
-``tables/spectral_distance``: every group's distance to its twin with the bootstrap interval.
+``tables/spectral_distance``: every group's distance to its twin (noise floor removed) with
+its jackknife interval, and the plug-in distance beside it.
 """
 
 from __future__ import annotations
@@ -44,11 +45,16 @@ def is_fingerprint_run(folder: Path) -> bool:
 
 def load_fingerprints(folders: list[Path]) -> tuple[dict[str, Any], pd.DataFrame]:
     """Every run's groups (name → spectrum, radial profile, metadata) and distances; a group
-    that two runs both measured is refused (one figure cannot show two measurements)."""
+    that two runs both measured is refused (one figure cannot show two measurements), and
+    so is a run whose ``distance`` was the plug-in RMS (written before the jackknife: its
+    numbers would sit in one column with the corrected ones)."""
     groups: dict[str, Any] = {}
     tables = []
     for folder in folders:
         metrics = json.loads((folder / "metrics.json").read_text())
+        if "interval" not in metrics:
+            raise QddError(f"{folder} holds plug-in spectral distances (an older qdd-cli "
+                           "fingerprint): re-run qdd-cli fingerprint on its shards")  # fmt: skip
         try:
             with np.load(folder / SPECTRA) as arrays:
                 stored = {name: arrays[name] for name in arrays.files}
