@@ -40,8 +40,8 @@ def register(name: str, card: DetectorCard) -> Callable[[type[Detector]], type[D
 
     def decorate(cls: type[Detector]) -> type[Detector]:
         key = _canonical(name)
-        if key in _REGISTRY:
-            raise ValueError(f"detector {name!r} registered twice")
+        if key in _REGISTRY or (key in CARDS and cls.__module__ != f"qdd.detectors.{key}"):
+            raise ValueError(f"detector {name!r} registered twice")  # qdd's name, even unloaded
         cls.name = name
         cls.card = card
         _REGISTRY[key] = cls

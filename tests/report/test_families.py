@@ -40,3 +40,12 @@ def test_the_registry_and_the_cards_agree() -> None:
     assert available() == sorted(CARDS)
     for name in available():
         assert detector_class(name).card is CARDS[name] is card_of(name.upper())
+
+
+def test_a_name_of_qdds_is_taken_before_its_module_is_imported() -> None:
+    import pytest
+
+    from qdd.detectors.registry import register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register("NPR", card=CARDS["npr"])(type("Mine", (), {}))
