@@ -100,6 +100,7 @@ def test_a_failed_demo_lists_what_it_wrote_and_the_next_overwrite_replaces_it(
         raise RuntimeError("failed on purpose")
 
     monkeypatch.setattr(demo, "photo_tiles", failing_tiles)
+    monkeypatch.setenv("WANDB_SILENT", "true")  # what a quiet demo sets, restored after
     with pytest.raises(RuntimeError, match="on purpose"):
         run_demo(out)
     assert json.loads((out / MANIFEST).read_text())["files"] == ["photos/train/0.png"]
