@@ -74,12 +74,15 @@ def clear_earlier_demo(out: Path, parts: tuple[str, ...]) -> None:
     listed = _listed(out)
     foreign = [name for name in _entries(out, parts) if name not in listed]
     if foreign:
-        which = (f"{out / foreign[0]} is" if len(foreign) == 1
-                 else f"{out / foreign[0]} and {len(foreign) - 1} more files are")  # fmt: skip
+        which, them = (
+            (f"{out / foreign[0]} is", "it")
+            if len(foreign) == 1
+            else (f"{out / foreign[0]} and {len(foreign) - 1} more files are", "them")
+        )
         raise QddError(
             f"--overwrite replaces only what an earlier demo wrote, and {which} not listed in "
             f"{out / MANIFEST} (yours, or left by an older qdd's demo or one killed outright): "
-            f"move them out of {out}, or pass another --out"
+            f"move {them} out of {out}, or pass another --out"
         )
     for name in sorted(listed):
         path = _removable(out, name, parts)
