@@ -1,9 +1,9 @@
 """Every qdd detector's card, declared here and registered with its class.
 
-One table, read without importing a model: the report groups detectors by family and
-`qdd-cli detectors` lists them with a plain lookup (`qdd.detectors.registry.card_of`),
-while a detector's module (torch, timm, open_clip, diffusers) is imported only when the
-detector is built. The files and sizes a card names are the constants its module uses.
+One table, read without importing a model: the report groups detectors by family with a
+plain lookup (`qdd.detectors.registry.card_of`), while the detector modules (torchvision,
+timm, open_clip, diffusers) load at the first class lookup. The files and sizes a card
+names are the constants its module uses.
 """
 
 from __future__ import annotations
