@@ -29,9 +29,7 @@ The numbers come from tiny random-init models: they show the pipeline, not the p
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -43,8 +41,9 @@ from PIL import Image
 
 from qdd import api
 from qdd.api import RunResult
+from qdd.demo_folder import clear_earlier_demo, record_demo_files
 from qdd.errors import QddError
-from qdd.logs import configure_logging, is_verbose
+from qdd.logs import configure_logging, is_verbose, warnings_only
 
 GENERATORS = ("sd15", "sdxl", "sd3", "flux-schnell")
 DETECTORS = ("npr", "clipd", "univfd", "corvi")
@@ -61,7 +60,7 @@ SWAP = ("sd3", ("fp32", "fp4"))
 PRECISIONS = ("fp32", "fp16", "fp8", "fp4", "nf4", "nvfp4", "mxfp4")
 #: At most this many tiles of one photograph (half for training, half for test).
 TILES_PER_PHOTO = 16
-#: The sub-folders a demo writes (and --overwrite replaces).
+#: The sub-folders a demo writes (--overwrite replaces the files it listed there).
 PARTS = ("photos", "prompts", "models", "shards", "runs", "report")
 TRAIN_PROMPTS = 24
 TEST_PROMPTS = 10
@@ -152,17 +151,27 @@ def main(argv: list[str]) -> None:
 
 def run_demo(out: Path, overwrite: bool = False) -> RunResult:
     """Every step of the study through `qdd.api`; ``run_dir`` is ``out``, metrics: the
-    report's index and the test runs."""
+    report's index and the test runs. With ``overwrite``, an earlier demo's files go first
+    (`qdd.demo_folder`: only those); quiet but for warnings and its step lines."""
+    if out.exists() and not out.is_dir():
+        raise QddError(f"--out {out} is a file: pass a folder for the demo")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise QddError(f"{out} is not empty: pass --overwrite or choose another --out")
-        for name in PARTS:  # only what a demo writes: never a folder the user pointed at
-            shutil.rmtree(out / name, ignore_errors=True)
+        clear_earlier_demo(out, PARTS)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings_only(quiet=not is_verbose()):
+            return run_steps(out)
+    finally:  # failed too: the next --overwrite then knows what this demo wrote
+        record_demo_files(out, PARTS)
 
+
+def run_steps(out: Path) -> RunResult:
+    """The demo's steps, into ``out`` whose parts are empty (`run_demo`)."""
     from qdd.threads import usable_cores, use_threads
 
     if not is_verbose():
-        logging.getLogger().setLevel(logging.WARNING)
         os.environ.setdefault("WANDB_SILENT", "true")  # offline runs still logged, quietly
     threads = use_threads()
     from qdd.datamodules.folder import shard_folder
@@ -283,9 +292,12 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
 
 def call(function: Callable[..., RunResult], **config: Any) -> RunResult:
     """One `qdd.api` step, with the logging set-up a ``qdd-cli`` command starts with (the
-    libraries the last step imported may have added warning filters of their own)."""
-    configure_logging(is_verbose())
-    return function(config)
+    libraries the last step imported may have added warning filters of their own), showing
+    only warnings and errors unless verbose: the demo's step lines say where it is."""
+    verbose = is_verbose()
+    configure_logging(verbose)
+    with warnings_only(quiet=not verbose):
+        return function(config)
 
 
 def fine_tune_with_fp4(out: Path, start: Path) -> list[Path]:

@@ -139,6 +139,21 @@ def finish_loggers(trainer: Trainer | None, failed: bool) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if failed else 0)
+        wait_for_wandb_files(wandb)
+
+
+def wait_for_wandb_files(wandb: Any) -> None:
+    """Return once W&B's service process has written and closed the finished run's files.
+
+    ``wandb.finish`` returns when the service has taken the run's last record, and only then
+    tells it to close the run, without waiting: the service writes the run's transaction log
+    (``run-*.wandb``) as it closes it, so on a loaded machine a command returned while its
+    run folder was still being written. Tearing the service down waits for every run it
+    holds to close (the next run starts a new service, ~0.2 s). Skipped while the process
+    holds another W&B run of its own, which a teardown would end.
+    """
+    if getattr(wandb.setup(), "most_recent_active_run", None) is None:  # (absent: older wandb)
+        wandb.teardown()
 
 
 class ValidateAtMaxSteps(Callback):

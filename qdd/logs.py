@@ -3,14 +3,17 @@
 qdd's own INFO lines (DEBUG with ``--verbose``) go to stderr; other libraries keep their
 own handlers, less the messages `qdd.quiet` lists as not applying (all shown with
 ``--verbose``). `VERBOSE_ENV` carries ``--verbose`` into commands run in-process (the demo)
-and into DDP's child processes.
+and into DDP's child processes. The demo's steps run `warnings_only`: its own step lines say
+where it is, so no library's progress lines (qdd's, Lightning's) come between them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 #: Set by ``--verbose`` so that the commands a demo runs in-process stay verbose too.
 VERBOSE_ENV = "QDD_VERBOSE"
@@ -83,3 +86,20 @@ def configure_logging(verbose: bool) -> None:
     from qdd.quiet import silence
 
     silence(quiet=not verbose)
+
+
+@contextlib.contextmanager
+def warnings_only(quiet: bool = True) -> Iterator[None]:
+    """While the block runs (when ``quiet``), every logger's INFO and DEBUG records are
+    dropped, warnings and errors shown; the process's setting is restored after it.
+
+    A level on the root logger would not do: qdd's logger and Lightning's have levels and
+    handlers of their own, and a library imported during the block sets up new ones.
+    """
+    before = logging.root.manager.disable
+    if quiet:
+        logging.disable(max(before, logging.INFO))
+    try:
+        yield
+    finally:
+        logging.disable(before)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -110,6 +111,52 @@ def test_a_call_without_out_never_writes_into_the_previous_calls_folder(
     for run in (second, third):
         assert (run.run_dir / "metrics.json").is_file() and run.scores.is_file()
         assert (run.run_dir / "config.yaml").is_file()
+
+
+def _wandb_service_slowed_at_close(monkeypatch: pytest.MonkeyPatch, seconds: float) -> list:
+    """Each W&B run's close, once asked for, held up ``seconds`` (its service process stopped,
+    as a loaded machine leaves it unscheduled); returns the resume timers to wait on."""
+    import signal
+    import threading
+
+    import psutil
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
+    timers: list[threading.Timer] = []
+    inform_finish = ServiceConnection.inform_finish
+
+    def slow_finish(self, run_id: str) -> None:  # noqa: ANN001
+        for child in psutil.Process().children(recursive=True):
+            if "wandb" in child.name():
+                child.send_signal(signal.SIGSTOP)  # the request waits in the socket meanwhile
+                timer = threading.Timer(seconds, child.send_signal, (signal.SIGCONT,))
+                timer.start()
+                timers.append(timer)
+        inform_finish(self, run_id)
+
+    monkeypatch.setattr(ServiceConnection, "inform_finish", slow_finish)
+    return timers
+
+
+def test_a_call_returns_after_its_wandb_run_files_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flaky under load: W&B's service wrote the run file (run-*.wandb) after the call had
+    returned, as it closes the run only once `wandb.finish` has returned."""
+    pytest.importorskip("wandb")
+    timers = _wandb_service_slowed_at_close(monkeypatch, seconds=1.5)
+    data = _tiny_shards(tmp_path / "shards")
+    try:
+        run = api.validate(_npr({"paths": data, "val_fraction": 0.5}), out=tmp_path / "A")
+        returned = _files(run.run_dir)
+    finally:
+        for timer in timers:
+            timer.join()  # the service resumed: whatever it still had to write, it writes now
+    assert timers, "the test did not hold the W&B service up"
+    time.sleep(0.5)
+    [run_file] = (run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert run_file.stat().st_size > 100  # the run's records, not the bare header
+    assert _files(run.run_dir) == returned
 
 
 class FailAfterLoggersStarted(Callback):

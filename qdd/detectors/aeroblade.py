@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchvision import transforms
 
 from qdd.detectors.base import Detector, Optimization, Transform, checkpoints_dir
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS, VGG_FILE
 from qdd.detectors.lpips_layer import LpipsLayer2, lpips_linear_file
 from qdd.detectors.registry import register
 from qdd.detectors.weights import file_sha256
@@ -38,7 +38,6 @@ from qdd.loading_report import loading_problems
 log = logging.getLogger(__name__)
 
 SEED = 1  # the official reconstruction seed
-VGG_FILE = "vgg16-397923af.pth"
 #: diffusers autoencoder classes AEROBLADE uses, and the pipeline folder holding each.
 KINDS = {"AutoencoderKL": "vae", "VQModel": "movq"}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -111,23 +110,7 @@ class CropToMultiple:
         return image if (w, h) == (width, height) else image.crop((0, 0, w, h))
 
 
-@register(
-    "aeroblade",
-    card=DetectorCard(
-        family="training-free",
-        input_size=None,
-        resize="none",
-        interpolation="-",
-        crop="bottom/right to multiples of 8",
-        normalisation="none",
-        files=(
-            "the generators' autoencoder folders (detector_args.vae)",
-            f"{VGG_FILE} (detector_args.lpips_weights)",
-        ),
-        licence="autoencoders' own (CreativeML OpenRAIL-M, Apache-2.0, ...); VGG16 BSD-3",
-        trainable=False,
-    ),
-)
+@register("aeroblade", card=CARDS["aeroblade"])
 class Aeroblade(Detector):
     """AEROBLADE over one or more autoencoders.
 

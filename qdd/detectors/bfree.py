@@ -27,7 +27,7 @@ from qdd.detectors.base import (
     Transform,
     to_normalized_tensor,
 )
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.registry import register
 from qdd.detectors.vit import create_vit, patch_grid
 from qdd.errors import QddError
@@ -71,19 +71,7 @@ class AtLeastOnePatch:
         return image
 
 
-@register(
-    "bfree",
-    card=DetectorCard(
-        family="DINOv2",
-        input_size=504,
-        resize="none",
-        interpolation="-",
-        crop="five 504² windows in patch space",
-        normalisation="imagenet",
-        files=("bfree_model_epoch_best.pth (--weights; BFREE_dino2reg4.zip)",),
-        licence="GRIP-UNINA non-profit research only",
-    ),
-)
+@register("bfree", card=CARDS["bfree"])
 class BFree(Detector):
     """B-Free: timm ``vit_base_patch14_reg4_dinov2``, one class, 504-px windows.
 

@@ -1,21 +1,25 @@
 """What a detector is and how it is fed, declared once beside its class (timm's pretrained_cfg).
 
 `qdd-cli detectors` prints these cards; checkpoints/README.md gives the same files' sources.
-Adding a detector is one module with ``@register(name, card=DetectorCard(...))``.
+qdd's own are in `qdd.detectors.cards`; another detector registers with its own card:
+``@register(name, card=DetectorCard(...))``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: The families the study compares, in the order `qdd-cli detectors` lists them.
+#: The families the study compares, in the order `qdd-cli detectors` lists them: by the cue a
+#: detector reads (whether it trains is the card's ``trainable``). The last two are the
+#: training-free ones: reconstruction error by the generators' autoencoders (AEROBLADE), and
+#: how a foundation model's representation of an image moves under noise (RIGID).
 FAMILIES = (
     "end-to-end",
     "CLIP features",
     "DINOv2",
     "spectral",
     "reconstruction",
-    "training-free",
+    "representation",
 )
 
 

@@ -16,28 +16,13 @@ from torchvision import transforms
 
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.clip_backbone import image_size, load_image_tower, local_file
 from qdd.detectors.registry import register
 from qdd.detectors.weights import file_sha256
 
 
-@register(
-    "clipd",
-    card=DetectorCard(
-        family="CLIP features",
-        input_size=224,
-        resize="224 (short side)",
-        interpolation="bicubic",
-        crop="centre 224",
-        normalisation="clip",
-        files=(
-            "clipd_latent10k_plus.pth (--weights)",
-            "CLIP ViT-L/14 CommonPool-XL (detector_args.backbone_weights)",
-        ),
-        licence="no licence file in grip-unina/ClipBased-SyntheticImageDetection",
-    ),
-)
+@register("clipd", card=CARDS["clipd"])
 class ClipD(Detector):
     """CLIP-D with the paper's CommonPool-XL ViT-L/14 by default.
 

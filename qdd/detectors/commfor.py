@@ -27,7 +27,7 @@ from qdd.detectors.base import (
     Transform,
     to_normalized_tensor,
 )
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.registry import register
 from qdd.detectors.vit import create_vit, patch_grid
 from qdd.errors import QddError
@@ -39,19 +39,7 @@ RESIZE = {384: 440, 224: 256}
 COMPILED = "_orig_mod."
 
 
-@register(
-    "commfor",
-    card=DetectorCard(
-        family="end-to-end",
-        input_size=384,
-        resize="440 (short side; 224: 256)",
-        interpolation="bilinear",
-        crop="centre 384 (224)",
-        normalisation="imagenet",
-        files=("commfor_model.safetensors (--weights; or model_v11_ViT_384_base_ckpt.pt)",),
-        licence="MIT",
-    ),
-)
+@register("commfor", card=CARDS["commfor"])
 class CommFor(Detector):
     """Community Forensics ViT-S/16.
 

@@ -22,23 +22,11 @@ from qdd.detectors.base import (
     Transform,
     to_normalized_tensor,
 )
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.registry import register
 
 
-@register(
-    "corvi",
-    card=DetectorCard(
-        family="end-to-end",
-        input_size=None,
-        resize="none",
-        interpolation="-",
-        crop="none",
-        normalisation="imagenet",
-        files=("corvi2023.pth (--weights)",),
-        licence="no licence file in grip-unina/ClipBased-SyntheticImageDetection",
-    ),
-)
+@register("corvi", card=CARDS["corvi"])
 class Corvi(Detector):
     """ResNet-50 (conv1 and max-pool at stride 1), dropout 0.5, fc 2048 → 1.
 

@@ -23,7 +23,7 @@ from qdd.detectors.base import (
     Transform,
     to_normalized_tensor,
 )
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.registry import register
 
 
@@ -46,19 +46,7 @@ def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-@register(
-    "npr",
-    card=DetectorCard(
-        family="end-to-end",
-        input_size=256,
-        resize="256²",
-        interpolation="bilinear",
-        crop="none",
-        normalisation="imagenet",
-        files=("NPR.pth (--weights)",),
-        licence="no licence stated in the repository",
-    ),
-)
+@register("npr", card=CARDS["npr"])
 class NPR(Detector):
     """NPR detector; ``resize`` is the square test-time resize (256 in the paper).
 

@@ -1,19 +1,32 @@
 """Detector names → classes (DeepfakeBench's decorator, anomalib's forgiving lookup).
 
-Import errors are never turned into "not found": the detector modules are imported
-eagerly by `qdd.detectors`, so a broken import fails as itself.
+qdd's detector modules are imported on the first lookup of a class (`available`,
+`detector_class`), all of them, and import errors are never turned into "not found": a
+broken import fails as itself. A card alone (`card_of`) imports none of them.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qdd.detectors.base import Detector
 from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.errors import QddError
 
+if TYPE_CHECKING:
+    from qdd.detectors.base import Detector
+
 _REGISTRY: dict[str, type[Detector]] = {}
+#: qdd's detector modules (``qdd.detectors.<name>``): one per card of `CARDS`.
+MODULES = tuple(CARDS)
+
+
+def _import_detectors() -> None:
+    """Import (so register) every qdd detector module; cheap once they are imported."""
+    for name in MODULES:
+        importlib.import_module(f"qdd.detectors.{name}")
 
 
 def _canonical(name: str) -> str:
@@ -27,8 +40,8 @@ def register(name: str, card: DetectorCard) -> Callable[[type[Detector]], type[D
 
     def decorate(cls: type[Detector]) -> type[Detector]:
         key = _canonical(name)
-        if key in _REGISTRY:
-            raise ValueError(f"detector {name!r} registered twice")
+        if key in _REGISTRY or (key in CARDS and cls.__module__ != f"qdd.detectors.{key}"):
+            raise ValueError(f"detector {name!r} registered twice")  # qdd's name, even unloaded
         cls.name = name
         cls.card = card
         _REGISTRY[key] = cls
@@ -38,11 +51,21 @@ def register(name: str, card: DetectorCard) -> Callable[[type[Detector]], type[D
 
 
 def available() -> list[str]:
+    _import_detectors()
     return sorted(cls.name for cls in _REGISTRY.values())
+
+
+def card_of(name: str) -> DetectorCard | None:
+    """The card of the detector called ``name`` (any spelling `detector_class` takes), or
+    None, without importing a detector module: a registered class's, else qdd's own."""
+    key = _canonical(name)
+    cls = _REGISTRY.get(key)
+    return cls.card if cls is not None else CARDS.get(key)
 
 
 def detector_class(name: str) -> type[Detector]:
     """The class registered as ``name`` (snake_case, PascalCase or short form)."""
+    _import_detectors()
     try:
         return _REGISTRY[_canonical(name)]
     except KeyError:

@@ -31,7 +31,7 @@ from qdd.detectors.base import (
     checkpoints_dir,
     to_normalized_tensor,
 )
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS, DINOV2_FILE, RIGID_SIZE
 from qdd.detectors.registry import register
 from qdd.detectors.vit import create_vit, hub_position_embedding, patch_grid
 from qdd.detectors.weights import file_sha256, load_tensor_file, state_mismatch, unwrap_state
@@ -39,9 +39,8 @@ from qdd.errors import QddError
 
 log = logging.getLogger(__name__)
 
-DINOV2_FILE = "dinov2_vitl14_pretrain.pth"
 NOISE_LEVEL = 0.05
-SIZE = 224
+SIZE = RIGID_SIZE
 #: In the hub file, not used by the forward pass (masked pre-training only).
 HUB_ONLY = ("mask_token",)
 
@@ -84,20 +83,7 @@ def resolve_backbone(weights: str) -> Path:
     return path
 
 
-@register(
-    "rigid",
-    card=DetectorCard(
-        family="training-free",
-        input_size=SIZE,
-        resize="224 (short side)",
-        interpolation="bicubic",
-        crop="centre 224",
-        normalisation="imagenet",
-        files=(f"{DINOV2_FILE} (detector_args.backbone_weights)",),
-        licence="Apache-2.0 (DINOv2 weights)",
-        trainable=False,
-    ),
-)
+@register("rigid", card=CARDS["rigid"])
 class Rigid(Detector):
     """RIGID on a frozen DINOv2 ViT-L/14.
 

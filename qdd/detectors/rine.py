@@ -21,7 +21,7 @@ from torchvision import transforms
 from qdd.detectors.augment import Degrade
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.clip_backbone import image_size, load_image_tower, local_file
 from qdd.detectors.registry import register
 from qdd.detectors.weights import file_sha256
@@ -47,22 +47,7 @@ def classifier(width: int) -> nn.Sequential:
     )  # fmt: skip
 
 
-@register(
-    "rine",
-    card=DetectorCard(
-        family="CLIP features",
-        input_size=224,
-        resize="none",
-        interpolation="-",
-        crop="centre 224 (zero-padded)",
-        normalisation="clip",
-        files=(
-            "rine_model_1class_trainable.pth (--weights; any ckpt/model_*_trainable.pth)",
-            "OpenAI CLIP ViT-L/14 (detector_args.backbone_weights)",
-        ),
-        licence="Apache-2.0",
-    ),
-)
+@register("rine", card=CARDS["rine"])
 class Rine(Detector):
     """RINE on OpenAI's quick-GELU ViT-L/14 by default.
 

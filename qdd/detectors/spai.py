@@ -23,24 +23,10 @@ from torchvision.transforms.functional import five_crop
 
 from qdd.detectors.augment import Degrade
 from qdd.detectors.base import Detector, Optimization, Transform
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.registry import register
 from qdd.detectors.spai_checkpoint import read_spai_checkpoint
 from qdd.detectors.spai_net import MFMViT, MFViT
-
-#: What `qdd-cli detectors` says about SPAI.
-SPAI_CARD = DetectorCard(
-    family="spectral",
-    input_size=None,
-    resize="none",
-    interpolation="-",
-    crop="224² tiles at stride 224 (five-crop under 4 tiles; under 224 padded reflect-101)",
-    normalisation="imagenet",
-    files=("spai.pth (--weights; the released training checkpoint)",),
-    licence="Apache-2.0",
-    runtime_args=("tile_batch",),
-)
-
 
 #: The released model (``configs/spai.yaml``): MFM ViT-B/16 on 224-px tiles, all 12 layers,
 #: 1024-d projections, FFT radius 16, 12-head attention of width 1536, head MLP ratio 3.
@@ -83,7 +69,7 @@ class PadToTile:
         return f"PadToTile({self.tile}, reflect-101, centred)"
 
 
-@register("spai", card=SPAI_CARD)
+@register("spai", card=CARDS["spai"])
 class SPAI(Detector):
     """SPAI: MFM ViT-B/16 spectral features per 224-px tile, attention over the tiles.
 

@@ -15,28 +15,13 @@ from torchvision import transforms
 from qdd.detectors.augment import Degrade
 from qdd.detectors.base import CLIP_MEAN, CLIP_STD, Detector, Optimization, Transform
 from qdd.detectors.base import to_normalized_tensor as normalized
-from qdd.detectors.card import DetectorCard
+from qdd.detectors.cards import CARDS
 from qdd.detectors.clip_backbone import image_size, load_image_tower, local_file
 from qdd.detectors.registry import register
 from qdd.detectors.weights import file_sha256
 
 
-@register(
-    "univfd",
-    card=DetectorCard(
-        family="CLIP features",
-        input_size=224,
-        resize="none",
-        interpolation="-",
-        crop="centre 224",
-        normalisation="clip",
-        files=(
-            "univfd_fc_weights.pth (--weights)",
-            "OpenAI CLIP ViT-L/14 (detector_args.backbone_weights)",
-        ),
-        licence="MIT",
-    ),
-)
+@register("univfd", card=CARDS["univfd"])
 class UnivFD(Detector):
     """UnivFD with OpenAI's quick-GELU ViT-L/14 by default.
 

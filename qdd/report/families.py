@@ -31,14 +31,12 @@ LINESTYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 
 
 def family_of(detector: str) -> str:
-    """The family on ``detector``'s card (`qdd.detectors.card`), or `OTHER`."""
-    from qdd.detectors.registry import detector_class
-    from qdd.errors import QddError
+    """The family on ``detector``'s card, or `OTHER`; read from the cards alone, without
+    importing a detector's model code (`qdd.detectors.registry.card_of`)."""
+    from qdd.detectors.registry import card_of
 
-    try:
-        return detector_class(detector).card.family
-    except QddError:
-        return OTHER
+    card = card_of(detector)
+    return card.family if card is not None else OTHER
 
 
 def families() -> tuple[str, ...]:

@@ -310,7 +310,7 @@ def test_aeroblade_card_and_device_normalisation(files: dict[str, Path]) -> None
     from qdd.modules.detector import split_normalization
 
     card = detector_class("aeroblade").card
-    assert not card.trainable and card.family == "training-free"
+    assert not card.trainable and card.family == "reconstruction"
     assert card.input_policy() == "no resize, bottom/right to multiples of 8, pixels in [0, 1]"
     detector = build_detector("aeroblade", vae=[str(files["kl"])], lpips_weights=str(files["vgg"]))
     transform = detector.eval_transform()

@@ -291,7 +291,8 @@ def test_detectors_command_lists_every_card(capsys) -> None:
     assert lines[0].startswith("| detector | family |") and len(lines) == 2 + len(available())
     rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
     assert set(rows) == set(available())
-    assert "training-free" in rows["rigid"] and "dinov2_vitl14_pretrain.pth" in rows["rigid"]
+    assert "| representation | calibrates a threshold only |" in rows["rigid"]
+    assert "dinov2_vitl14_pretrain.pth" in rows["rigid"]
     assert "GRIP-UNINA non-profit" in rows["bfree"] and "five 504² windows" in rows["bfree"]
     assert detector_class("commfor").card.trainable and not detector_class("rigid").card.trainable
 

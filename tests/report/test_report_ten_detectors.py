@@ -38,7 +38,8 @@ def test_lineup_goes_family_by_family() -> None:
     ranks = [order.index(f) for f in lined_up.values()]
     assert ranks == sorted(ranks)  # family by family, in the cards' order
     assert lined_up["npr-retrained"] == lined_up["npr"] == "end-to-end"
-    assert lined_up["clipd"] == "CLIP features" and lined_up["aeroblade"] == "training-free"
+    assert lined_up["clipd"] == "CLIP features" and lined_up["aeroblade"] == "reconstruction"
+    assert lined_up["rigid"] == "representation"
     assert list(lined_up)[-1] == "mine" and lined_up["mine"] == OTHER
     assert list(lined_up)[:3] == ["commfor", "corvi", "npr"]  # within a family, by name
 

@@ -1,0 +1,51 @@
+"""The report reads a detector's family from the cards, without importing model code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from qdd.detectors.card import FAMILIES
+from qdd.detectors.cards import CARDS
+
+
+def test_every_family_is_some_detectors_and_the_training_free_ones_say_their_cue() -> None:
+    assert sorted({card.family for card in CARDS.values()}) == sorted(FAMILIES)
+    assert CARDS["aeroblade"].family == "reconstruction" and not CARDS["aeroblade"].trainable
+    assert CARDS["rigid"].family == "representation" and not CARDS["rigid"].trainable
+
+
+def test_reading_families_imports_no_detector_module() -> None:
+    """It took ~2 s: every detector module (torchvision, timm, open_clip, diffusers)."""
+    code = (
+        "import sys\n"
+        "from qdd.report.families import lineup\n"
+        "lined_up = lineup({'npr-retrained': 'npr', 'aeroblade': 'aeroblade', 'x': 'mine'})\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('qdd.detectors.', 'torchvision',"
+        " 'timm', 'open_clip', 'diffusers')))\n"
+        "print(lined_up, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lined_up, heavy = out.stdout.rsplit("} ", 1)
+    assert lined_up + "}" == str({"npr-retrained": "end-to-end", "aeroblade": "reconstruction",
+                                  "x": "other"})  # fmt: skip
+    assert heavy.strip() == str(["qdd.detectors.card", "qdd.detectors.cards",
+                                 "qdd.detectors.registry"])  # fmt: skip
+
+
+def test_the_registry_and_the_cards_agree() -> None:
+    from qdd.detectors import available, detector_class
+    from qdd.detectors.registry import card_of
+
+    assert available() == sorted(CARDS)
+    for name in available():
+        assert detector_class(name).card is CARDS[name] is card_of(name.upper())
+
+
+def test_a_name_of_qdds_is_taken_before_its_module_is_imported() -> None:
+    import pytest
+
+    from qdd.detectors.registry import register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register("NPR", card=CARDS["npr"])(type("Mine", (), {}))
