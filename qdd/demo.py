@@ -82,8 +82,8 @@ FP4_TRAIN_PROMPTS = 12
 ATTRIBUTION = ("sd3", "fp16", "fp4")
 ATTRIBUTION_TESTS = ("fp16", "fp4", "nf4", "nvfp4", "mxfp4")
 #: (detector, epochs, learning rate, draws per epoch): NPR sees the full-resolution
-#: residual, where the tiny SD3's 4-bit trace lives (a change of its VAE's 8-pixel
-#: pattern); the tiny CLIP towers see a 32-pixel resize of the image, where it is gone.
+#: residual, where the tiny SD3's 4-bit trace lives (a change of a pattern periodic at its 8-pixel
+#: patch grid); the tiny CLIP towers see a 32-pixel resize of the image, where it is gone.
 #: The draws give BatchNorm's running statistics steps to settle: with the 18 training
 #: images once per epoch (3 steps) evaluation gave every image the same probability.
 ATTRIBUTION_FIT = ("npr", 6, 1e-3, 48)

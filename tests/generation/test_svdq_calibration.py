@@ -58,8 +58,9 @@ def test_a_resumed_run_reuses_the_calibration(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     calls = calibrate_calls(monkeypatch)
-    common = ["--generator", "flux-schnell", "--model-path", str(tiny_models["flux-schnell"]), "--precision",
-              "svdq-int4", "--calibration-count", "2", "--out", str(tmp_path / "o")]  # fmt: skip
+    common = ["--generator", "flux-schnell", "--model-path", str(tiny_models["flux-schnell"]),
+              "--precision", "svdq-int4", "--calibration-count", "2",
+              "--out", str(tmp_path / "o")]  # fmt: skip
     out = generate(*common, limit=1)
     stamp = (out / CACHE).stat().st_mtime_ns
     generate(*common, limit=2)  # the second image: same calibration, not gathered again
@@ -81,8 +82,8 @@ def test_a_stale_cache_is_not_reused(
     assert load_cache(out, "another-recipe") is not None and load_cache(out, "this") is None
     calls = calibrate_calls(monkeypatch)
     generate(
-        "--generator", "flux-schnell", "--model-path", str(tiny_models["flux-schnell"]), "--precision",
-        "svdq-int4", "--calibration-count", "1", "--out", str(out), limit=1,
+        "--generator", "flux-schnell", "--model-path", str(tiny_models["flux-schnell"]),
+        "--precision", "svdq-int4", "--calibration-count", "1", "--out", str(out), limit=1,
     )  # fmt: skip
     digest = json.loads((out / "recipe.json").read_text())["calibration_digest"]
     cached = load_cache(out, digest)
