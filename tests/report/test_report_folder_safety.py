@@ -236,3 +236,44 @@ def test_the_index_moves_in_after_every_figure_and_the_list_first_and_last(
     run_report([make_run("clipd", "clipd", GRID, seed=1)], out)
     assert moved[0] == moved[-1] == MANIFEST and moved[-2] == "report.md"
     assert "kde_clipd.png" in moved and MANIFEST not in moved[1:-1]
+
+
+def test_a_lock_file_replaced_while_it_was_being_locked_is_locked_anew(
+    make_run, tmp_path, monkeypatch
+) -> None:
+    """The holder before us removed the lock file between our open and our flock: holding
+    the removed file would guard nothing, so the new file at the path is locked."""
+    import qdd.report.lock as lock
+
+    out = tmp_path / "report"
+    out.mkdir()
+    flock, held = fcntl.flock, []
+
+    def race(fd: int, operation: int) -> None:
+        if not held:  # the earlier holder finishes right now: its file goes
+            (out / LOCK).unlink()
+            (out / LOCK).write_text("")  # and a third report creates the next one
+        flock(fd, operation)
+        held.append(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(lock.fcntl, "flock", race)
+    run_report([make_run("npr", "npr", GRID)], out)
+    assert len(held) == 2 and held[0] != held[1]  # tried again, on the new file
+    assert (out / "report.md").is_file() and not (out / LOCK).exists()
+
+
+def test_a_file_system_without_locks_runs_the_report_with_a_warning(
+    make_run, tmp_path, monkeypatch, caplog
+) -> None:
+    import errno
+
+    import qdd.report.lock as lock
+
+    def unsupported(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock.fcntl, "flock", unsupported)
+    out = tmp_path / "report"
+    run_report([make_run("npr", "npr", GRID)], out)
+    assert (out / "report.md").is_file() and not (out / LOCK).exists()
+    assert f"cannot lock --out {out} (No locks available)" in caplog.text
