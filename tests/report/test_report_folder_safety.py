@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,49 @@ def test_a_file_system_without_locks_runs_the_report_with_a_warning(
     run_report([make_run("npr", "npr", GRID)], out)
     assert (out / "report.md").is_file() and not (out / LOCK).exists()
     assert f"cannot lock --out {out} (No locks available)" in caplog.text
+
+
+def test_two_reports_at_once_one_is_refused_the_other_completes(
+    earlier, make_run, tmp_path, capsys
+) -> None:
+    """A second process draws into the folder (held at its heatmaps until the test lets
+    go); a report started meanwhile is refused and changes nothing."""
+    npr, out, before = earlier
+    plain = make_run("npr-plain", "npr", GRID, seed=7)
+    drawing, go = tmp_path / "drawing", tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        import qdd.report.heatmap
+        from qdd.report.command import run_report
+
+        draw = qdd.report.heatmap.plot_heatmap
+
+        def held(*args, **kwargs):
+            Path({str(drawing)!r}).touch()
+            while not Path({str(go)!r}).exists():
+                time.sleep(0.05)
+            return draw(*args, **kwargs)
+
+        qdd.report.heatmap.plot_heatmap = held
+        run_report([{str(plain)!r}], {str(out)!r})
+    """)  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        waited = 0.0
+        while not drawing.exists() and first.poll() is None and waited < 240:
+            time.sleep(0.05)
+            waited += 0.05
+        assert drawing.exists(), first.stderr.read().decode()[-2000:] if first.stderr else ""
+        with pytest.raises(SystemExit) as info:
+            main(["report", str(npr), "--out", str(out)])
+        assert info.value.code == 2
+        assert f"another qdd-cli report is writing into --out {out}" in one_error_line(capsys)
+        published = {n: v for n, v in snapshot(out).items() if not n.startswith((STAGING, LOCK))}
+        assert published == before  # the first has not published yet; the second wrote nothing
+    finally:
+        go.touch()
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err.decode()[-2000:]
+    assert not (out / "kde_clipd.png").exists() and not (out / LOCK).exists()
+    assert "npr-plain" in (out / "report.md").read_text()
