@@ -80,8 +80,7 @@ def _publish(out: Path, staging: Path, earlier: list[str], index: str) -> Path:
     for name in drawn:  # before anything moves: refuse to write over what is not ours
         blocked = _blocked(out, name, set(earlier))
         if blocked is not None:
-            raise QddError(f"--out {out} holds {blocked}, where this report writes {name}: "
-                           "move it away, or pass a new --out")  # fmt: skip
+            raise QddError(f"--out {out} holds {blocked}: move it away, or pass a new --out")
     _write_manifest(out, staging, sorted(set(earlier) | set(drawn)))
     for name in sorted(drawn, key=lambda n: n == index):  # the index last
         target = out.joinpath(*PurePosixPath(name).parts)
@@ -131,21 +130,22 @@ def _drawn(staging: Path) -> list[str]:
 
 def _blocked(out: Path, name: str, earlier: set[str]) -> str | None:
     """What stands where the drawn file ``name`` goes and is not the earlier report's (a
-    file of the user's, a link, a file where a folder goes); None: its place is free or
-    holds the earlier report's file."""
+    file of the user's, a link, a file where a folder goes), said for the error; None: its
+    place is free or holds the earlier report's file."""
     parts = PurePosixPath(name).parts
     here = out
     for part in parts[:-1]:
         here = here / part
         if here.is_symlink() or (here.exists() and not here.is_dir()):
             kind = "a link" if here.is_symlink() else "a file"
-            return f"{here.relative_to(out).as_posix()} ({kind}, not the report's folder)"
+            return f"{here.relative_to(out).as_posix()} ({kind}) where this report writes {name}"
     target = out.joinpath(*parts)
     if not os.path.lexists(target):
         return None
     if name in earlier and _listed_file(out, name) is not None:
         return None
-    return f"{name}, which no earlier report wrote (it is not in {MANIFEST})"
+    return (f"{name}, which no earlier report wrote (it is not in {MANIFEST}) and this report "
+            "would write over")  # fmt: skip
 
 
 def _write_manifest(out: Path, staging: Path, files: list[str]) -> None:

@@ -214,8 +214,18 @@ def test_a_users_file_where_the_report_writes_is_refused_before_anything_moves(
               str(out)])  # fmt: skip
     assert info.value.code == 2
     line = one_error_line(capsys)
-    assert f"--out {out} holds kde_clipd.png, which no earlier report wrote" in line
-    assert "move it away, or pass a new --out" in line
+    assert line.endswith(f"--out {out} holds kde_clipd.png, which no earlier report wrote (it "
+                         f"is not in {MANIFEST}) and this report would write over: move it "
+                         "away, or pass a new --out")  # fmt: skip
+    assert snapshot(out) == before
+    (out / "kde_clipd.png").unlink()
+    (out / "tables").rename(out / "my-tables")
+    (out / "tables").symlink_to("my-tables", target_is_directory=True)  # a link in the way
+    before = snapshot(out)
+    with pytest.raises(SystemExit):
+        main(["report", str(npr), "--out", str(out)])
+    assert f"--out {out} holds tables (a link) where this report writes tables/" in (
+        one_error_line(capsys))  # fmt: skip
     assert snapshot(out) == before
 
 
