@@ -70,6 +70,16 @@ def class_of(group: str, attribute: str, include_real: bool) -> str | None:
     return family(precision) if attribute == "family" else precision
 
 
+def recorded_class(group: str, attribute: str, include_real: bool) -> str | None:
+    """The class of a sample in ``group`` as a prediction records it: None also where
+    `class_of` refuses one (a fake image that records no precision, a precision whose
+    family is unknown). Prediction needs no labels, so such an image is still scored."""
+    try:
+        return class_of(group, attribute, include_real)
+    except QddError:  # class_of's only errors: the image has no class of this attribute
+        return None
+
+
 def check_attribute(attribute: str) -> None:
     if attribute not in ATTRIBUTES:
         raise QddError(f"--attribute {attribute!r}: use precision or family")

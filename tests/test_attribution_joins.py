@@ -277,3 +277,44 @@ def test_validate_refuses_a_class_the_model_does_not_know(
         "the validation data holds nf4, which the attribution model does not know (its "
         "classes: fp32, fp4): validate on those classes only"
     )
+
+
+def test_predict_scores_images_of_any_class_over_the_models_classes(
+    checkpoints: dict[str, str], tmp_path: Path
+) -> None:
+    """Prediction needs no labels: real photos of a model without a real class, a precision
+    the fit never saw, a fake image that records no precision and a precision outside the
+    registry (no family) each get the model's probabilities; their own class is kept as
+    recorded (None where it has none), never taken for one of the model's. Today's main
+    ended the whole prediction in "record no precision" after scoring every image."""
+    other = tmp_path / "other"
+    write_set(other / "real-noise", 3, 0, None, None, offset=2000)
+    write_set(other / "tiny-nf4", 3, 1, "tiny", "nf4", offset=500)
+    write_set(other / "tiny", 3, 1, "tiny", None, offset=700)
+    write_set(other / "tiny-myq", 3, 1, "tiny", "myq", offset=800)
+    expected = {
+        "precision": {"real/noise": None, "tiny/nf4": "nf4", "tiny/unknown": None,
+                      "tiny/myq": "myq"},
+        "family": {"real/noise": "real", "tiny/nf4": "4-bit weight-only",
+                   "tiny/unknown": None, "tiny/myq": None},
+    }  # fmt: skip
+    for name, classes in expected.items():
+        out = tmp_path / f"predict-{name}"
+        main(["predict", "--data", str(other / "*"), "--ckpt_path", checkpoints[name],
+              "--out", str(out), *QUIET])  # fmt: skip
+        scores = pd.read_parquet(out / "scores.parquet")
+        assert len(scores) == 12 and not scores.duplicated(["group", "key"]).any()
+        model = torch_classes(checkpoints[name])
+        assert [c for c in scores.columns if c.startswith("prob_")] == [f"prob_{c}" for c in model]
+        probs = scores[[f"prob_{c}" for c in model]].to_numpy()
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+        assert list(scores["predicted"]) == [model[i] for i in probs.argmax(1)]
+        got = {g: {c if isinstance(c, str) else None for c in part}  # parquet's None: NaN
+               for g, part in scores.groupby("group")["class"]}  # fmt: skip
+        assert got == {group: {c} for group, c in classes.items()}, name
+
+
+def torch_classes(ckpt: str) -> list[str]:
+    import torch
+
+    return list(torch.load(ckpt, weights_only=False)["hyper_parameters"]["classes"])

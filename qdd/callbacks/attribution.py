@@ -1,8 +1,11 @@
 """`AttributionSummary`: an attribution run's files, each written once by global rank 0.
 
 - test and predict: ``scores.parquet``, one row per image and pass, with its metadata,
-  its true class (None for an image of no class: a real one when reals are not a class),
-  the predicted class and one ``prob_<class>`` column per class;
+  its true class (None for an image of no class: a real one when reals are not a class;
+  in a prediction also a fake one that records no precision), the predicted class (one of
+  the model's) and one ``prob_<class>`` column per class of the model. A prediction takes
+  images of any class: one the model lacks (``nf4`` for an fp32/fp4 model) keeps its own
+  name in ``class``, so it is never counted as one of the model's;
 - test: ``metrics.json`` (accuracy, macro-F1, per-class recall with Wilson intervals,
   the confusion matrix; the unperturbed pass at the top level, every pass under
   ``by_perturbation``) and ``confusion.csv`` (rows: true class, columns: predicted);
@@ -22,7 +25,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from qdd.attribution import attribution_metrics, class_of
+from qdd.attribution import attribution_metrics, class_of, recorded_class
 from qdd.callbacks.scores import PERTURBATION, ROW_FIELDS, gather_to_rank_zero, report_count
 from qdd.callbacks.summary import RunSummary, model_summary
 from qdd.datamodules.dataset import META_FIELDS, UNPERTURBED
@@ -87,7 +90,10 @@ class AttributionSummary(RunSummary):
         for field in META_FIELDS:
             frame[field] = frame[field].where(frame[field] != "", None)
         hp = pl_module.hparams
-        frame["class"] = [class_of(g, hp.attribute, hp.include_real) for g in frame["group"]]
+        # a test refused images of no class or of a class the model lacks when it started
+        # (`check_known`); a prediction needs no labels and scores every image
+        label = recorded_class if trainer.predicting else class_of
+        frame["class"] = [label(g, hp.attribute, hp.include_real) for g in frame["group"]]
         frame["predicted"] = [classes[i] for i in probs.argmax(1)] if len(probs) else []
         for i, name in enumerate(classes):
             frame[f"prob_{name}"] = probs[:, i]

@@ -253,17 +253,18 @@ def run_report(
     group: str | None = None,
 ) -> Path:
     """The full report (returns report.md), or with ``compare`` the ranking (compare.md),
-    in a folder the report owns (`qdd.report.owned`: no stale figure of an earlier one)."""
-    from qdd.report.owned import owned_folder
+    in a folder the report owns (`qdd.report.owned`: published whole, one report at a time,
+    no stale figure of an earlier one)."""
+    from qdd.report.owned import write_report_folder
 
     if (metric or group) and not compare:
         from qdd.errors import QddError
 
         raise QddError("--metric and --group choose what --compare ranks by: add --compare, "
                        "or drop them for the full report")  # fmt: skip
-    with owned_folder(out) as folder:
-        if compare:
-            from qdd.report.compare import build_comparison
+    if compare:
+        from qdd.report.compare import build_comparison
 
-            return build_comparison(runs, folder, metric or "auroc", group or "overall")
-        return build_report(runs, folder)
+        return write_report_folder(out, lambda folder: build_comparison(
+            runs, folder, metric or "auroc", group or "overall"))  # fmt: skip
+    return write_report_folder(out, lambda folder: build_report(runs, folder))

@@ -1,48 +1,190 @@
-"""The report owns its ``--out`` folder: a second report there leaves no stale figure behind.
+"""The report owns its ``--out`` folder: a report appears there whole or not at all, and
+leaves no stale figure of an earlier one behind.
 
-Each report lists the files it wrote in `MANIFEST`. The next report into the same folder
-removes those of the earlier ones it did not write again (a detector dropped, a metric no
-longer drawn), so every figure beside report.md is current. It never removes anything else:
-a folder that holds files but no manifest was not written by a report (a run folder, the
-user's notes, a report of a qdd version before the manifest) and is refused in one line.
-When a report fails half-way, nothing is removed (the old files keep their times) and the
-manifest lists the old files and the new ones, so the folder stays the report's and the
-next report cleans it. Only regular files reached inside the folder without a link are
-ever removed, whatever a hand-edited manifest lists; a file that was the user's before the
-report started is never listed, even when it changed meanwhile.
+A report is drawn into a staging folder inside ``--out`` (`STAGING`, hidden), then
+published: the list of files (`MANIFEST`) first names the earlier report's files and the
+new ones; the new files are moved into place (renames within one file system, the index
+last, so report.md never links a figure that is not there yet); the earlier report's files
+this one did not write again (a detector dropped, a metric no longer drawn) are removed;
+and the list is rewritten to name this report's files only, atomically. A report that
+fails while drawing leaves the folder as it was (the earlier report whole, its files'
+times unchanged) and removes its staging folder. One killed outright leaves a staging
+folder that the next report removes first; one killed while publishing leaves every file
+of both reports listed, so the next report cleans up. One report at a time writes a folder
+(`qdd.report.lock`).
+
+It never removes or overwrites anything but its own files: a folder that holds files but
+no manifest was not written by a report (a run folder, the user's notes, a report of a qdd
+version before the manifest) and is refused in one line; a file in the way that the
+earlier report did not list is refused before anything moves; and only regular files
+reached inside the folder without a link are ever removed, whatever a hand-edited manifest
+lists.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import shutil
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from qdd.errors import QddError
+from qdd.report.lock import LOCK, report_lock
 
 #: The list of files the last report wrote, relative to the folder.
 MANIFEST = ".qdd-report.json"
+#: Where a report is drawn before it is published.
+STAGING = ".qdd-report-staging"
 #: How report.md begins (`qdd.report.index`): tells an older qdd's report from a user's file.
 INDEX_TITLE = b"# qdd report\n"
+#: The report's own bookkeeping at the top of the folder: never a user's file.
+_RESERVED = frozenset({MANIFEST, STAGING, LOCK})
 
 
-def _files(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every regular file under ``folder`` (relative POSIX path → mtime, size), the manifest
-    and links left out: a report writes no link, so a link is never the report's."""
-    found = {}
-    for path in folder.rglob("*"):
-        if path.name != MANIFEST and not path.is_symlink() and path.is_file():
-            stat = path.stat()
-            found[path.relative_to(folder).as_posix()] = (stat.st_mtime_ns, stat.st_size)
-    return found
+def write_report_folder(out: Path, draw: Callable[[Path], Path]) -> Path:
+    """Create or reuse ``out`` for the report ``draw(folder)`` draws (returning its index,
+    e.g. report.md); returns the index's path in ``out`` once the report is published."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QddError(f"--out {out} is a file: pass a folder for the report")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise QddError(f"cannot create --out {out} ({error.strerror}): pass a folder you can "
+                       "write to") from None  # fmt: skip
+    try:
+        with report_lock(out):
+            earlier = _earlier(out)
+            staging = _fresh_staging(out)
+            try:
+                index = draw(staging)
+                return _publish(out, staging, earlier, index.relative_to(staging).as_posix())
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)  # else the next report removes it
+    except BaseException:
+        if created:
+            try:
+                out.rmdir()  # a failed first report leaves no empty folder behind
+            except OSError:
+                pass  # not empty: a file moved in before the failure, listed in MANIFEST
+        raise
+
+
+def _publish(out: Path, staging: Path, earlier: list[str], index: str) -> Path:
+    """Move the drawn files from ``staging`` into ``out``, then remove the earlier
+    report's files this one did not write; ``MANIFEST`` lists every file of ``out`` that
+    is a report's at each step."""
+    drawn = _drawn(staging)
+    for name in drawn:  # before anything moves: refuse to write over what is not ours
+        blocked = _blocked(out, name, set(earlier))
+        if blocked is not None:
+            raise QddError(f"--out {out} holds {blocked}: move it away, or pass a new --out")
+    _write_manifest(out, staging, sorted(set(earlier) | set(drawn)))
+    for name in sorted(drawn, key=lambda n: n == index):  # the index last
+        target = out.joinpath(*PurePosixPath(name).parts)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, target)
+        except OSError as error:
+            raise QddError(
+                f"cannot write {target} ({error.strerror}): allow writing to {target.parent}, "
+                f"then run the report again ({MANIFEST} lists both reports' files, so the "
+                "next one cleans up)"
+            ) from None
+    kept: list[tuple[str, OSError]] = []
+    for name in sorted(set(earlier) - set(drawn)):
+        path = _listed_file(out, name)
+        if path is None:
+            continue
+        try:
+            path.unlink()
+        except OSError as error:
+            kept.append((name, error))
+            continue
+        _prune(out, path.parent)
+    _write_manifest(out, staging, sorted(set(drawn) | {name for name, _ in kept}))
+    if kept:
+        name, error = kept[0]
+        path = out / name
+        more = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
+        raise QddError(
+            f"cannot remove {path}{more}, left by the earlier report ({error.strerror}): "
+            f"allow writing to {path.parent} (chmod u+w) or delete it yourself; this report "
+            f"is complete, and lists it in {MANIFEST} for the next one to remove"
+        )
+    return out / index
+
+
+def _drawn(staging: Path) -> list[str]:
+    """The regular files a report drew, relative POSIX paths."""
+    found = []
+    for root, _, names in os.walk(staging):
+        for name in names:
+            path = Path(root, name)
+            if not path.is_symlink() and path.is_file():
+                found.append(path.relative_to(staging).as_posix())
+    return sorted(found)
+
+
+def _blocked(out: Path, name: str, earlier: set[str]) -> str | None:
+    """What stands where the drawn file ``name`` goes and is not the earlier report's (a
+    file of the user's, a link, a file where a folder goes), said for the error; None: its
+    place is free or holds the earlier report's file."""
+    parts = PurePosixPath(name).parts
+    here = out
+    for part in parts[:-1]:
+        here = here / part
+        if here.is_symlink() or (here.exists() and not here.is_dir()):
+            kind = "a link" if here.is_symlink() else "a file"
+            return f"{here.relative_to(out).as_posix()} ({kind}) where this report writes {name}"
+    target = out.joinpath(*parts)
+    if not os.path.lexists(target):
+        return None
+    if name in earlier and _listed_file(out, name) is not None:
+        return None
+    return (f"{name}, which no earlier report wrote (it is not in {MANIFEST}) and this report "
+            "would write over")  # fmt: skip
+
+
+def _write_manifest(out: Path, staging: Path, files: list[str]) -> None:
+    """Replace ``out``'s file list at once (written in ``staging``, then renamed)."""
+    draft = staging / MANIFEST
+    try:
+        draft.write_text(json.dumps({"files": files}, indent=1) + "\n")
+        os.replace(draft, out / MANIFEST)
+    except OSError as error:
+        raise QddError(f"cannot write {out / MANIFEST} ({error.strerror}): allow writing to "
+                       f"{out}, then run the report again") from None  # fmt: skip
+
+
+def _fresh_staging(out: Path) -> Path:
+    """An empty staging folder; one an interrupted report left is removed first."""
+    staging = out / STAGING
+    try:
+        if staging.is_symlink() or staging.is_file():
+            staging.unlink()
+        elif staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as error:
+        raise QddError(f"cannot prepare {staging}, the report's staging folder "
+                       f"({error.strerror}): delete it yourself, or pass an --out folder you "
+                       "can write to") from None  # fmt: skip
+    return staging
 
 
 def _first_foreign(folder: Path) -> str | None:
-    """Some file or link under ``folder``, or None; stops at the first (``--out ~`` is
-    refused at once, not after walking the whole home folder)."""
+    """Some file or link under ``folder`` (the report's bookkeeping left out), or None;
+    stops at the first (``--out ~`` is refused at once, not after walking the whole home
+    folder)."""
+    top = True
     for root, folders, names in os.walk(folder):
+        if top:  # a lock or staging folder of a first report that was interrupted
+            folders[:] = [f for f in folders if f not in _RESERVED]
+            names = [n for n in names if n not in _RESERVED]
+            top = False
         links = [f for f in folders if os.path.islink(os.path.join(root, f))]
         if names or links:
             first = min(names + links)
@@ -88,10 +230,10 @@ def _earlier(folder: Path) -> list[str]:
 
 def _listed_file(folder: Path, name: str) -> Path | None:
     """``folder/name`` when it is a regular file reached without leaving ``folder``: a
-    hand-edited list naming ``../x``, ``/abs``, a link or a path through a linked folder
-    never makes a report touch anything but its own files."""
+    hand-edited list naming ``../x``, ``/abs``, a link, a path through a linked folder or
+    the report's bookkeeping never makes a report touch anything but its own files."""
     parts = PurePosixPath(name).parts
-    if not parts or parts[0] == "/" or ".." in parts:
+    if not parts or parts[0] == "/" or ".." in parts or parts[0] in _RESERVED:
         return None
     path = folder.joinpath(*parts)
     if path.parent.resolve() != folder.resolve().joinpath(*parts[:-1]):
@@ -101,59 +243,13 @@ def _listed_file(folder: Path, name: str) -> Path | None:
     return path
 
 
-@contextmanager
-def owned_folder(out: Path) -> Iterator[Path]:
-    """Create or reuse ``out`` for a report; on success, remove the earlier report's files
-    that this one did not write, and list this one's."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise QddError(f"--out {out} is a file: pass a folder for the report")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier(out)
-    stamps = {}  # the earlier files' times, put back when this report fails
-    for name in earlier:  # a rewrite, even of identical bytes, then shows as a new time
-        path = _listed_file(out, name)
-        if path is not None:
-            stat = path.stat()
-            stamps[name] = (stat.st_atime_ns, stat.st_mtime_ns)
-            os.utime(path, ns=(0, 0))
-    before = _files(out)
-
-    def written() -> list[str]:
-        """Files new or rewritten since the start: new ones, and the earlier report's (a
-        file of the user's that changed meanwhile, notes saved during a long report, is
-        never taken for the report's)."""
-        changed = (n for n, stamp in _files(out).items() if before.get(n) != stamp)
-        return sorted(n for n in changed if n not in before or n in stamps)
-
-    try:
-        yield out
-    except BaseException:
-        rewritten = written()
-        files = sorted(set(earlier) | set(rewritten))
-        for name in sorted(set(stamps) - set(rewritten)):
-            path = _listed_file(out, name)
-            if path is not None:
-                os.utime(path, ns=stamps[name])
-        if files:
-            (out / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
-        elif created and not any(out.iterdir()):
-            out.rmdir()  # a failed first report leaves no empty folder behind
-        raise
-    files = written()
-    for name in sorted(set(earlier) - set(files)):
-        path = _listed_file(out, name)
-        if path is not None:
-            path.unlink()
-            _prune(out, path.parent)
-    (out / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
-
-
 def _prune(root: Path, folder: Path) -> None:
     """Remove ``folder`` and its parents up to ``root`` while they are empty (tables/)."""
     root = root.resolve()
     folder = folder.resolve()
-    while folder != root and folder.is_relative_to(root) and not any(folder.iterdir()):
-        folder.rmdir()
-        folder = folder.parent
+    try:
+        while folder != root and folder.is_relative_to(root) and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
+    except OSError:
+        pass  # an empty folder left behind harms no one
