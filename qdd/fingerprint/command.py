@@ -42,6 +42,7 @@ from qdd.errors import QddError
 from qdd.fingerprint import DISTANCE_COLUMNS, DISTANCES, KIND, SPECTRA
 from qdd.fingerprint.spectra import (
     FILTER,
+    MIN_IMAGES,
     distance,
     group_name,
     radial_profile,
@@ -261,9 +262,9 @@ def run_fingerprint(
                      f"group, so no distance: {', '.join(summary['without_reference'])}; add "
                      f"their {reference} shard folder to --data")  # fmt: skip
     if summary["too_few"]:
-        warnings.append(f"{len(summary['too_few'])} group(s) or their twins have their images "
-                        f"in one fold (a single image?), so no distance but the plug-in: "
-                        f"{', '.join(summary['too_few'])}; add images")  # fmt: skip
+        warnings.append(f"{len(summary['too_few'])} group(s) or their twins have fewer than "
+                        f"{MIN_IMAGES} images or all in one fold, so no distance but the "
+                        f"plug-in: {', '.join(summary['too_few'])}; add images")  # fmt: skip
     metrics = {
         "kind": KIND,
         "reference": reference,
