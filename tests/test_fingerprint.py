@@ -310,6 +310,7 @@ def test_report_draws_spectra_radial_and_a_table(single: Path, tmp_path: Path) -
     assert table[0].startswith("generator,precision,perturbation,n,distance,low,high,"
                                "distance_plugin")  # fmt: skip
     assert [line.split(",")[1] for line in table[1:]] == ["fp16", "fp4"]
+    assert table[0].endswith(",crop,folds")  # runs with other --folds stay told apart
     text = index.read_text()
     assert "spectra_sd3.png" in text and "no spectra_flux" in text
 
@@ -338,6 +339,7 @@ def test_report_refuses_a_run_of_plugin_distances(single: Path, tmp_path: Path) 
     (old / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(QddError, match="old holds plug-in spectral distances .* re-run qdd-cli"):
         build_report([old], tmp_path / "report")
+    assert not (tmp_path / "report").exists()  # refused before anything was drawn
 
 
 def test_cli_and_api_write_the_same_run(

@@ -39,7 +39,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     from qdd.report.paired import plot_paired, shift_table
     from qdd.report.robustness import plot_robustness, precision_table, spec_rank
     from qdd.report.runs import NONE, accuracy_warnings, group_table, load_runs, missing_groups
-    from qdd.report.spectra import fingerprint_section, is_fingerprint_run
+    from qdd.report.spectra import fingerprint_section, is_fingerprint_run, load_fingerprints
     from qdd.report.style import save
     from qdd.report.swap import plot_swap, swap_table
     from qdd.report.tables import metric_pivot, sorted_groups, write_table
@@ -51,6 +51,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
     others = quality_runs + fingerprint_runs + attribution_runs
     test_runs = [Path(r) for r in runs if Path(r) not in others]
     results = load_runs(test_runs) if test_runs or not others else {}
+    fingerprints = load_fingerprints(fingerprint_runs)  # refusals before anything is drawn
     lined_up = lineup({name: entry.runs[0]["detector"] for name, entry in results.items()})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +84,7 @@ def build_report(runs: list[Path], out: Path) -> Path:
             shifts.append(shift_table(main, name, entry.threshold))
     tables: dict[str, tuple[Path, Path]] = {}
     verdicts = tradeoff(quality_runs, table, out, figures, tables, notes, lined_up)
-    fingerprint_section(fingerprint_runs, out, figures, tables, notes)
+    fingerprint_section(*fingerprints, out, figures, tables, notes)
     attribution_section(attribution_runs, out, figures, tables)
     if table.empty:
         if results:

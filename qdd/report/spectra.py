@@ -70,7 +70,7 @@ def load_fingerprints(folders: list[Path]) -> tuple[dict[str, Any], pd.DataFrame
                             "frequency": stored["frequency"],
                             "reference_precision": metrics["reference"]}  # fmt: skip
         table = pd.read_csv(folder / DISTANCES, keep_default_na=False, na_values=[""])
-        tables.append(table.assign(crop=metrics["crop"]))
+        tables.append(table.assign(crop=metrics["crop"], folds=metrics["interval"]["folds"]))
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if not table.empty:
         generators = order_generators(table["generator"].unique())
@@ -190,19 +190,20 @@ def plot_radial(groups: dict[str, Any], generator: str) -> Figure:
 
 
 def fingerprint_section(
-    runs: list[Path],
+    groups: dict[str, Any],
+    table: pd.DataFrame,
     out: Path,
     figures: dict[str, str],
     tables: dict[str, tuple[Path, Path]],
     notes: list[str],
 ) -> None:
-    """Draw the spectra and radial figures and the distance table into ``out``."""
-    if not runs:
+    """Draw the spectra and radial figures and the distance table (`load_fingerprints`'s
+    groups and table) into ``out``."""
+    if not groups:
         return
     from qdd.report.style import save
     from qdd.report.tables import write_table
 
-    groups, table = load_fingerprints(runs)
     generators = order_generators({g["generator"] for g in groups.values()} - {"real"})
     for generator in generators:
         figure = plot_spectra(groups, generator)
