@@ -155,6 +155,9 @@ def run_demo(out: Path, overwrite: bool = False) -> RunResult:
     (`qdd.demo_folder`: only those); quiet but for warnings and its step lines."""
     if out.exists() and not out.is_dir():
         raise QddError(f"--out {out} is a file: pass a folder for the demo")
+    if out.is_symlink() and not out.exists():
+        raise QddError(f"--out {out} is a link to {os.readlink(out)}, which does not exist: "
+                       "create that folder, or pass another --out")  # fmt: skip
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise QddError(f"{out} is not empty: pass --overwrite or choose another --out")

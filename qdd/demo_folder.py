@@ -68,9 +68,25 @@ def _removable(out: Path, name: str, parts: tuple[str, ...]) -> Path | None:
     return path if path.is_symlink() or path.is_file() else None
 
 
+def _check_parts(out: Path, parts: Iterable[str]) -> None:
+    """Refuse a part that is a link or not a folder: the demo makes its parts itself, and
+    through a link it would clear (empty folders) and then write into a folder elsewhere."""
+    for part in parts:
+        path = out / part
+        if path.is_symlink():
+            raise QddError(f"{path} is a link to {os.readlink(path)}: the demo writes "
+                           f"its {part} folder itself; remove the link, or pass another "
+                           "--out")  # fmt: skip
+        if path.exists() and not path.is_dir():
+            raise QddError(f"{path} is not a folder: the demo writes its {part} folder there; "
+                           "move it out, or pass another --out")  # fmt: skip
+
+
 def clear_earlier_demo(out: Path, parts: tuple[str, ...]) -> None:
     """Remove the files an earlier demo listed, and then its empty folders; first refuse,
-    before removing anything, when a part holds a file or link the list does not name."""
+    before removing anything, when a part is a link or a file, or holds a file or link the
+    list does not name."""
+    _check_parts(out, parts)
     listed = _listed(out)
     foreign = [name for name in _entries(out, parts) if name not in listed]
     if foreign:

@@ -12,7 +12,7 @@ from qdd import demo
 from qdd.demo import PARTS, run_demo
 from qdd.demo_folder import MANIFEST, clear_earlier_demo, record_demo_files
 from qdd.errors import QddError
-from qdd.report.owned import owned_folder
+from qdd.report.owned import write_report_folder
 
 
 def _earlier_demo(out: Path, outside: Path) -> None:
@@ -29,10 +29,14 @@ def _earlier_demo(out: Path, outside: Path) -> None:
     (run / "tmp" / "code").mkdir(parents=True)  # W&B leaves empty folders too
     os.symlink("offline-run-1", run.parent / "latest-run")
     os.symlink(outside, run / "logs" / "debug-core.log")
-    with owned_folder(out / "report") as report:
+
+    def draw(report: Path) -> Path:
         (report / "report.md").write_text("# qdd report\n")
         (report / "tables").mkdir()
         (report / "tables" / "groups.csv").write_text("a\n")
+        return report / "report.md"
+
+    write_report_folder(out / "report", draw)
     record_demo_files(out, PARTS)
 
 
@@ -107,3 +111,59 @@ def test_a_failed_demo_lists_what_it_wrote_and_the_next_overwrite_replaces_it(
     with pytest.raises(RuntimeError, match="on purpose"):
         run_demo(out, overwrite=True)
     assert runs == [0, 1]
+
+
+def test_a_part_that_is_a_link_or_a_file_is_refused_before_anything_is_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through a linked part the demo would clear the user's empty folders and then write
+    its shards into their folder (it did both before this check)."""
+    monkeypatch.setattr(demo, "photo_tiles", _no_demo_steps)
+    out, outside = tmp_path / "demo", tmp_path / "core-debug.log"
+    outside.write_text("log")
+    _earlier_demo(out, outside)
+    mine = tmp_path / "my-shards"
+    (mine / "empty-for-now").mkdir(parents=True)
+    (mine / "test").mkdir()
+    for name in os.listdir(out / "shards"):
+        os.rename(out / "shards" / name, mine / name)
+    (out / "shards").rmdir()
+    os.symlink(mine, out / "shards")
+    before = _tree(out)
+    with pytest.raises(QddError, match=r"shards is a link to .*my-shards: the demo writes") as e:
+        run_demo(out, overwrite=True)
+    assert "\n" not in str(e.value)
+    assert (mine / "empty-for-now").is_dir() and _tree(out) == before
+    os.unlink(out / "shards")
+    (out / "shards").write_text("not a folder")
+    with pytest.raises(QddError, match=r"shards is not a folder"):
+        run_demo(out, overwrite=True)
+
+
+def test_an_out_that_is_a_dangling_link_is_refused_in_one_line(tmp_path: Path) -> None:
+    os.symlink(tmp_path / "gone", tmp_path / "demo")
+    with pytest.raises(QddError, match=r"gone, which does not exist"):
+        run_demo(tmp_path / "demo")
+
+
+def test_a_removal_interrupted_midway_is_finished_by_the_next_overwrite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, outside = tmp_path / "demo", tmp_path / "core-debug.log"
+    outside.write_text("log")
+    _earlier_demo(out, outside)
+    real_unlink, calls = Path.unlink, []
+
+    def unlink_then_crash(self: Path, missing_ok: bool = False) -> None:
+        calls.append(self)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        clear_earlier_demo(out, PARTS)
+    monkeypatch.undo()
+    assert (out / MANIFEST).is_file()  # the list stays until everything listed is gone
+    clear_earlier_demo(out, PARTS)
+    assert list(out.iterdir()) == [] and outside.read_text() == "log"
