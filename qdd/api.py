@@ -186,16 +186,18 @@ def run_lightning(command: str, config: dict[str, Any]) -> RunResult:
         check_data(sections["data"].get("paths"), sections["data"].get("perturb"))
     args = [command, "--config", json.dumps(sections, default=str), *passed]
     from qdd.datamodules.shard import ShardDataModule
-    from qdd.lightning_cli import QddCLI, finish_loggers
+    from qdd.lightning_cli import QddCLI, finish_loggers, open_wandb_run
+
     if task == "attribution":
         from qdd.modules.attribution import AttributionModule as module_class
     else:
         from qdd.modules.detector import DetectorModule as module_class
 
+    users_run = open_wandb_run()  # the caller's own W&B run: never ended here
     try:
         cli = QddCLI(module_class, ShardDataModule, args=args)
     except BaseException:
-        finish_loggers(None, failed=True)  # a W&B run opened before the Trainer ran
+        finish_loggers(None, failed=True, keep=users_run)  # a W&B run opened before the Trainer ran
         raise
     trainer = cli.trainer
     run_dir = Path(trainer.default_root_dir)

@@ -11,7 +11,9 @@ in `before_instantiate_classes`:
   the Trainer pieces as an argument: loggers without a ``save_dir`` write there, config.yaml
   and metrics.json go there, checkpoints to ``<run>/checkpoints/`` (``last.ckpt`` always).
   Every logger is finished when the command ends, failed or not (`finish_loggers`), so
-  the next run in the process starts its own W&B run in its own folder.
+  the next run in the process starts its own W&B run in its own folder. A W&B run the
+  caller opened (``wandb.init()`` in a notebook) is never ended; a command whose
+  WandbLogger would log into it (Lightning reuses an open run) is refused in one line.
 - `qdd.checkpoint.apply_checkpoint`, the rule of ``--ckpt_path`` and ``--weights X.ckpt``:
   which value wins (your flags > the checkpoint > presets > defaults; the checkpoint's
   architecture is never replaced), and whose training data the data module must not
@@ -33,6 +35,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from qdd.checkpoint import apply_checkpoint
+from qdd.errors import QddError
 from qdd.run_folder import fresh_run_dir, inherited_ddp_run_dir, shared_with_ddp_ranks
 from qdd.threads import use_threads
 from qdd.training_free import calibrate, check_start, is_training_free, warn_ignored
@@ -48,6 +51,7 @@ class QddCLI(LightningCLI):
 
     def __init__(self, model_class: type, datamodule_class: type, args: Any = None) -> None:
         defaults = {"default_config_files": [str(CONFIGS / "trainer" / "defaults.yaml")]}
+        self.users_wandb_run = open_wandb_run()  # the caller's own: never logged into or ended
         super().__init__(
             model_class,
             datamodule_class,
@@ -81,13 +85,22 @@ class QddCLI(LightningCLI):
         if self.subcommand == "fit" and detector and is_training_free(detector):
             warn_ignored(detector, self.given(), self.given("trainer"))
         apply_checkpoint(config, self.given, self.subcommand)  # qdd.checkpoint's rules, first:
+        loggers = config.trainer.logger
+        loggers = [lg for lg in (loggers if isinstance(loggers, list) else [loggers])
+                   if isinstance(lg, Namespace)]  # not true/false  # fmt: skip
+        wandb_logger = any("WandbLogger" in lg.class_path for lg in loggers)
+        if self.users_wandb_run is not None and wandb_logger:
+            raise QddError(
+                f"a W&B run of yours ({self.users_wandb_run.name}) is open in this process, and "
+                "Lightning's WandbLogger would log this command into it: call wandb.finish() "
+                "first, or pass trainer logger=False (--trainer.logger=false)"
+            )
         trainer = config.trainer  # a refusal leaves no folder; the folder names its detector
         run_dir = trainer.default_root_dir or inherited_ddp_run_dir()
         if not run_dir:
             run_dir = self.fresh_run_dir = fresh_run_dir(self.subcommand, config.model.detector)
         trainer.default_root_dir = run_dir = str(run_dir)
-        loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-        for logger in [lg for lg in loggers if isinstance(lg, Namespace)]:  # not true/false
+        for logger in loggers:
             if logger.init_args.get("save_dir") == ".":  # absolute: W&B's service process
                 logger.init_args.save_dir = str(Path(run_dir).resolve())  # has its own cwd
             if "WandbLogger" in logger.class_path and logger.init_args.get("name") is None:
@@ -121,11 +134,18 @@ class QddCLI(LightningCLI):
                     super()._run_subcommand(subcommand)
             failed = False
         finally:
-            finish_loggers(self.trainer, failed)
+            finish_loggers(self.trainer, failed, keep=self.users_wandb_run)
 
 
-def finish_loggers(trainer: Trainer | None, failed: bool) -> None:
-    """Finalize every logger of ``trainer`` and end the process's W&B run, if one is open.
+def open_wandb_run() -> Any:
+    """The process's open W&B run (None without one, or without wandb imported)."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def finish_loggers(trainer: Trainer | None, failed: bool, keep: Any = None) -> None:
+    """Finalize every logger of ``trainer`` and end the process's W&B run, if one is open
+    and is not ``keep`` (a run the caller had open before the command: theirs to end).
 
     Lightning finalizes loggers on success only, and never ends a W&B run: left open, the
     next WandbLogger in the process would reuse it, writing into this run's folder.
@@ -136,8 +156,9 @@ def finish_loggers(trainer: Trainer | None, failed: bool) -> None:
             logger.finalize(status)
         except Exception:  # noqa: BLE001 (one logger's failure must not keep the others open)
             log.warning("logger %s could not be finalized", type(logger).__name__, exc_info=True)
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
+    run = open_wandb_run()
+    if run is not None and run is not keep:
+        wandb = sys.modules["wandb"]
         wandb.finish(exit_code=1 if failed else 0)
         wait_for_wandb_files(wandb)
 
