@@ -190,6 +190,19 @@ def test_same_distribution_reads_zero_and_a_lone_image_no_number(tmp_path: Path)
     assert any("a/fp4; add images" in note for note in result.metrics["notes"])
 
 
+def test_images_without_a_twin_are_counted_and_named(tmp_path: Path) -> None:
+    """fp4 made for keys 2–9, fp32 for 0–7: both means keep every image, but the jackknife
+    pairs by key, so the six pairs and the 2 + 2 lone images are counted, and named."""
+    write_group(tmp_path / "a-fp32", "a", "fp32", [smooth_image(i) for i in range(8)])
+    write_group(tmp_path / "a-fp4", "a", "fp4", [smooth_image(i) for i in range(2, 10)], start=2)
+    result = run_fingerprint([str(tmp_path / "a-*")], tmp_path / "run", trainer=CPU)
+    group = result.metrics["groups"]["a/fp4"]
+    assert (group["n"], group["unpaired"], group["twin_unpaired"]) == (8, 2, 2)
+    assert any("a/fp4 (2 of 8 without a twin, 2 of the twin group's" in note
+               for note in result.metrics["notes"])  # fmt: skip
+    assert "unpaired" not in result.metrics["groups"]["a/fp32"]  # the reference itself
+
+
 def test_crop_is_centred_and_never_resized(shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "crop"
     run_fingerprint([str(shards / "sd3-fp32"), str(shards / "sd3-fp4")], out, crop=32,

@@ -17,8 +17,9 @@ Outputs in ``--out``:
   images), distance_plugin (the plug-in RMS, biased upward by noise) for each group with
   a twin group;
 - ``metrics.json`` (kind ``fingerprint``): the crop, filter, the distance's and the
-  interval's methods, every group's n, the groups without a reference twin or with too
-  few images for an interval, and every sample that could not be read.
+  interval's methods, every group's n (and ``unpaired``/``twin_unpaired``: its images
+  whose key its twin group lacks, and the reverse), the groups without a reference twin
+  or with too few images for an interval, and every sample that could not be read.
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def summarise(totals: dict[str, Any], reference: str) -> dict[str, Any]:
     """Mean spectra, radial profiles, fingerprints and distances from the summed totals."""
     groups = totals["groups"]
     arrays: dict[str, np.ndarray] = {}
-    rows, info, without, too_few = [], {}, [], []
+    rows, info, without, too_few, unpaired = [], {}, [], [], []
     for key, sums in groups.items():
         n = int(sums["fold_n"].sum())
         name = group_name(key)
@@ -186,13 +187,20 @@ def summarise(totals: dict[str, Any], reference: str) -> dict[str, Any]:
                                  ref["fold_power"], ref["fold_n"])  # fmt: skip
                 if math.isnan(found.distance):
                     too_few.append(name)
+                keys, twin_keys = totals["keys"][key], totals["keys"][twin]
+                entry["unpaired"] = len(keys - twin_keys)
+                entry["twin_unpaired"] = len(twin_keys - keys)
+                if entry["unpaired"] or entry["twin_unpaired"]:
+                    unpaired.append(f"{name} ({entry['unpaired']} of {n} without a twin, "
+                                    f"{entry['twin_unpaired']} of the twin group's without "
+                                    "one)")  # fmt: skip
                 entry.update(reference=group_name(twin), distance=found.distance,
                              low=found.low, high=found.high,
                              distance_plugin=found.plugin)  # fmt: skip
                 rows.append({c: entry[c] for c in DISTANCE_COLUMNS})
         info[name] = entry
     return {"arrays": arrays, "rows": rows, "groups": info, "without_reference": without,
-            "too_few": too_few}  # fmt: skip
+            "too_few": too_few, "unpaired": unpaired}  # fmt: skip
 
 
 def _finite(value: Any) -> Any:
@@ -265,6 +273,12 @@ def run_fingerprint(
         warnings.append(f"{len(summary['too_few'])} group(s) or their twins have fewer than "
                         f"{MIN_IMAGES} images or all in one fold, so no distance but the "
                         f"plug-in: {', '.join(summary['too_few'])}; add images")  # fmt: skip
+    if summary["unpaired"]:
+        warnings.append(f"{len(summary['unpaired'])} group(s) hold images whose key is not in "
+                        f"their {reference} twin group (kept in both means, but not paired "
+                        f"in the jackknife): {'; '.join(summary['unpaired'])}; add the "
+                        "missing twins' shards, or generate both precisions from one prompt "
+                        "set")  # fmt: skip
     metrics = {
         "kind": KIND,
         "reference": reference,

@@ -5,7 +5,8 @@ dataset, ``UnrepeatedDistributedSampler`` under DDP: each sample once, for any w
 and batch size), centre-cropped by `CentreCrop` in the loader. Per group the module keeps
 sums only — per jackknife fold its images and summed power spectra, and the summed
 residuals — so ranks combine by addition (``all_reduce``) and the result does not depend on how
-samples were split. Rank 0 ends with the totals in `totals`.
+samples were split; and its samples' keys (gathered to rank 0), to count the images whose twin
+is missing. Rank 0 ends with the totals in `totals`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class FingerprintModule(LightningModule):
     def on_test_epoch_start(self) -> None:
         self._sums: dict[tuple[str, str, str], dict[str, Tensor]] = {}
         self._skipped: list[dict[str, str]] = []
+        self._keys: dict[tuple[str, str, str], list[str]] = {}  # a twin group's keys: pairing
 
     def _group(self, key: tuple[str, str, str], size: int) -> dict[str, Tensor]:
         if key not in self._sums:
@@ -77,7 +79,9 @@ class FingerprintModule(LightningModule):
         fields = ("label", "source", "generator", "precision", "quant_backend", "perturbation")
         keys = [group_key(*row) for row in zip(*(meta[f] for f in fields), strict=True)]
         for key in sorted(set(keys)):
-            rows = torch.tensor([i for i, k in enumerate(keys) if k == key], device=self.device)
+            mine = [i for i, k in enumerate(keys) if k == key]
+            self._keys.setdefault(key, []).extend(meta["key"][i] for i in mine)
+            rows = torch.tensor(mine, device=self.device)
             sums = self._group(key, images.shape[-1])
             sums["fold_power"].index_add_(0, folds[rows], power[rows])
             sums["fold_n"] += torch.bincount(folds[rows], minlength=self.folds)
@@ -99,13 +103,18 @@ class FingerprintModule(LightningModule):
                 sums = self._group(key, sizes[key])
                 for name in SUMS:
                     dist.all_reduce(sums[name])
-        parts = gather_to_rank_zero(self._skipped, world)
+        parts = gather_to_rank_zero((self._skipped, self._keys), world)
         if parts is None:
             return
+        sample_keys: dict[tuple[str, str, str], set[str]] = {key: set() for key in keys}
+        for _, part in parts:
+            for key, names in part.items():
+                sample_keys[key].update(names)
         self.totals = {
             "groups": {
                 key: {name: value.double().cpu().numpy() for name, value in self._sums[key].items()}
                 for key in keys
             },
-            "skipped": sorted((s for part in parts for s in part), key=lambda s: s["key"]),
+            "keys": sample_keys,
+            "skipped": sorted((s for part, _ in parts for s in part), key=lambda s: s["key"]),
         }
