@@ -90,8 +90,9 @@ class QddCLI(LightningCLI):
                    if isinstance(lg, Namespace)]  # not true/false  # fmt: skip
         wandb_logger = any("WandbLogger" in lg.class_path for lg in loggers)
         if self.users_wandb_run is not None and wandb_logger:
+            run = self.users_wandb_run
             raise QddError(
-                f"a W&B run of yours ({self.users_wandb_run.name}) is open in this process, and "
+                f"a W&B run of yours ({run.name or run.id}) is open in this process, and "
                 "Lightning's WandbLogger would log this command into it: call wandb.finish() "
                 "first, or pass trainer logger=False (--trainer.logger=false)"
             )
