@@ -56,13 +56,13 @@ def grid(image: np.ndarray) -> np.ndarray:
 
 
 def write_group(folder: Path, generator: str, precision: str, images: list[np.ndarray],
-                label: int = 1, start: int = 0) -> None:  # fmt: skip
+                label: int = 1, start: int = 0, seed_offset: int = 0) -> None:  # fmt: skip
     with ShardWriter(folder, mode="new", max_count=4) as writer:
         for i, array in enumerate(images, start):
             pixels = np.clip(np.round(array), 0, 255).astype(np.uint8)
             if label:
                 meta = make_meta(1, generator, generator=generator, precision=precision,
-                                 prompt_id=i, seed=i)  # fmt: skip
+                                 prompt_id=i, seed=i + seed_offset)  # fmt: skip
             else:
                 meta = make_meta(0, generator)
             writer.write(f"p{i:05d}-s{i}", Image.fromarray(pixels), meta)
@@ -192,7 +192,7 @@ def test_same_distribution_reads_zero_and_a_lone_image_no_number(tmp_path: Path)
 
 def test_images_without_a_twin_are_counted_and_named(tmp_path: Path) -> None:
     """fp4 made for keys 2–9, fp32 for 0–7: both means keep every image, but the jackknife
-    pairs by key, so the six pairs and the 2 + 2 lone images are counted, and named."""
+    pairs twins, so the six pairs and the 2 + 2 lone images are counted, and named."""
     write_group(tmp_path / "a-fp32", "a", "fp32", [smooth_image(i) for i in range(8)])
     write_group(tmp_path / "a-fp4", "a", "fp4", [smooth_image(i) for i in range(2, 10)], start=2)
     result = run_fingerprint([str(tmp_path / "a-*")], tmp_path / "run", trainer=CPU)
@@ -201,6 +201,17 @@ def test_images_without_a_twin_are_counted_and_named(tmp_path: Path) -> None:
     assert any("a/fp4 (2 of 8 without a twin, 2 of the twin group's" in note
                for note in result.metrics["notes"])  # fmt: skip
     assert "unpaired" not in result.metrics["groups"]["a/fp32"]  # the reference itself
+
+
+def test_images_of_one_key_but_another_seed_are_not_twins(tmp_path: Path) -> None:
+    """Pairing is `qdd.identity.twin_id`, not the shard key: an fp4 folder whose samples
+    share the fp32 folder's keys but were drawn with other seeds has no twin there."""
+    write_group(tmp_path / "a-fp32", "a", "fp32", [smooth_image(i) for i in range(8)])
+    write_group(tmp_path / "a-fp4", "a", "fp4", [smooth_image(i) for i in range(8)],
+                seed_offset=100)  # fmt: skip
+    result = run_fingerprint([str(tmp_path / "a-*")], tmp_path / "run", trainer=CPU)
+    group = result.metrics["groups"]["a/fp4"]
+    assert (group["n"], group["unpaired"], group["twin_unpaired"]) == (8, 8, 8)
 
 
 def test_crop_is_centred_and_never_resized(shards: Path, tmp_path: Path) -> None:

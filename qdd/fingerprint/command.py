@@ -274,9 +274,10 @@ def run_fingerprint(
                         f"{MIN_IMAGES} images or all in one fold, so no distance but the "
                         f"plug-in: {', '.join(summary['too_few'])}; add images")  # fmt: skip
     if summary["unpaired"]:
-        warnings.append(f"{len(summary['unpaired'])} group(s) hold images whose key is not in "
-                        f"their {reference} twin group (kept in both means, but not paired "
-                        f"in the jackknife): {'; '.join(summary['unpaired'])}; add the "
+        warnings.append(f"{len(summary['unpaired'])} group(s) hold images without a twin (same "
+                        f"model, prompt, seed, steps, guidance, size) in their {reference} "
+                        f"group (kept in both means, but not paired in the jackknife): "
+                        f"{'; '.join(summary['unpaired'])}; add the "
                         "missing twins' shards, or generate both precisions from one prompt "
                         "set")  # fmt: skip
     metrics = {

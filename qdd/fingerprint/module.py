@@ -75,12 +75,15 @@ class FingerprintModule(LightningModule):
             return
         residual = residuals(images)
         power = power_spectrum(residual)
-        folds = torch.from_numpy(folds_of(meta["key"], self.folds, self.seed)).to(self.device)
+        # a generated image is paired with its twins by `qdd.identity.twin_id` (the batch's
+        # "twin"), never by its shard key alone; a real photo has no twin: its key
+        pairs = [twin or f"key:{key}" for twin, key in zip(meta["twin"], meta["key"], strict=True)]
+        folds = torch.from_numpy(folds_of(pairs, self.folds, self.seed)).to(self.device)
         fields = ("label", "source", "generator", "precision", "quant_backend", "perturbation")
         keys = [group_key(*row) for row in zip(*(meta[f] for f in fields), strict=True)]
         for key in sorted(set(keys)):
             mine = [i for i, k in enumerate(keys) if k == key]
-            self._keys.setdefault(key, []).extend(meta["key"][i] for i in mine)
+            self._keys.setdefault(key, []).extend(pairs[i] for i in mine)
             rows = torch.tensor(mine, device=self.device)
             sums = self._group(key, images.shape[-1])
             sums["fold_power"].index_add_(0, folds[rows], power[rows])

@@ -177,7 +177,8 @@ def distance_db(spectrum: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 
 def folds_of(keys: Sequence[str], folds: int, seed: int) -> np.ndarray:
-    """Each key's jackknife fold in ``0 … folds-1``, fixed by (seed, key) alone."""
+    """Each pairing key's jackknife fold in ``0 … folds-1``, fixed by (seed, key) alone:
+    twins (one `qdd.identity.twin_id` at two precisions) share their fold."""
     return np.asarray([zlib.crc32(f"{seed}:{key}".encode()) % folds for key in keys], np.int64)
 
 
