@@ -272,6 +272,8 @@ def test_bad_inputs_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         run_fingerprint([str(tmp_path / "empty")], tmp_path / "run", crop=4, trainer=CPU)
     with pytest.raises(QddError, match="--folds 1 is below 2: pass --folds 2 or more"):
         run_fingerprint([str(tmp_path / "empty")], tmp_path / "run", folds=1, trainer=CPU)
+    with pytest.raises(QddError, match="--folds 5000 is above 200.*pass --folds 200 or fewer"):
+        run_fingerprint([str(tmp_path / "empty")], tmp_path / "run", folds=5000, trainer=CPU)
     write_group(tmp_path / "tiny-fp32", "tiny", "fp32", [smooth_image(0, (12, 12))])
     with pytest.raises(QddError, match="12 pixels on its short side, below"):
         run_fingerprint([str(tmp_path / "tiny-fp32")], tmp_path / "run", trainer=CPU)

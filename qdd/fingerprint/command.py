@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 MIN_CROP = 16
 #: A jackknife interval's t quantile needs one degree of freedom at least.
 MIN_FOLDS = 2
+#: More folds only cost memory (folds × crop² float64 per group): 200 at 256² is 105 MB.
+MAX_FOLDS = 200
 #: How the distance columns are computed, as metrics.json records it.
 DISTANCE_METHOD = (
     "sqrt(max(0, m_J)), m_J the delete-a-group jackknife bias-corrected estimate of m, the "
@@ -237,6 +239,10 @@ def run_fingerprint(
         raise QddError(f"--crop {crop} is below {MIN_CROP} pixels: pass --crop {MIN_CROP} or more")
     if folds < MIN_FOLDS:
         raise QddError(f"--folds {folds} is below {MIN_FOLDS}: pass --folds {MIN_FOLDS} or more")
+    if folds > MAX_FOLDS:  # each group holds folds × crop² float64 sums
+        raise QddError(f"--folds {folds} is above {MAX_FOLDS} (each group would hold {folds} "
+                       f"spectra): pass --folds {MAX_FOLDS} or fewer; the jackknife needs "
+                       "no more")  # fmt: skip
     folders = resolve_folders(data if isinstance(data, list) else [data])
     run_dir = Path(out) if out else Path("runs") / f"fingerprint-{time.strftime('%Y%m%d-%H%M%S')}"
     entries, _ = index_folders(folders)
