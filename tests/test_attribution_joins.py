@@ -318,3 +318,31 @@ def torch_classes(ckpt: str) -> list[str]:
     import torch
 
     return list(torch.load(ckpt, weights_only=False)["hyper_parameters"]["classes"])
+
+
+def test_a_prediction_given_to_report_names_the_run_to_make(
+    checkpoints: dict[str, str], tmp_path: Path, capsys
+) -> None:
+    """Today's main told an attribution prediction to "make it with qdd-cli test --detector
+    D", a detection command; the line now names the attribution test, and a detection
+    prediction is named as a prediction."""
+    other = tmp_path / "other" / "tiny-fp4"
+    write_set(other, 3, 1, "tiny", "fp4", offset=500)  # prompts the fits never saw
+    for name, expected in (("precision", "holds an attribution prediction"),
+                           ("detection", "a qdd-cli predict run")):  # fmt: skip
+        run = tmp_path / f"predict-{name}"
+        main(["predict", "--data", str(other), "--ckpt_path", checkpoints[name],
+              "--out", str(run), *QUIET])  # fmt: skip
+        assert (run / "scores.parquet").is_file() and not (run / "metrics.json").exists()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["report", str(run), "--out", str(tmp_path / f"report-{name}")])
+        assert exited.value.code == 2
+        line = last_line(capsys)
+        assert expected in line, line
+        if name == "precision":
+            assert "`qdd-cli test --task attribution --ckpt_path CKPT" in line
+            assert "--detector D" not in line
+        else:
+            assert "`qdd-cli test --detector D --data SHARDS" in line
+        assert not (tmp_path / f"report-{name}").exists()
