@@ -23,6 +23,7 @@ lists.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -59,7 +60,10 @@ def write_report_folder(out: Path, draw: Callable[[Path], Path]) -> Path:
             earlier = _earlier(out)
             staging = _fresh_staging(out)
             try:
-                index = draw(staging)
+                try:
+                    index = draw(staging)
+                except OSError as error:
+                    raise _unwritable(out, staging, error) from None
                 return _publish(out, staging, earlier, index.relative_to(staging).as_posix())
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # else the next report removes it
@@ -115,6 +119,28 @@ def _publish(out: Path, staging: Path, earlier: list[str], index: str) -> Path:
             f"is complete, and lists it in {MANIFEST} for the next one to remove"
         )
     return out / index
+
+
+def _unwritable(out: Path, staging: Path, error: OSError) -> OSError | QddError:
+    """One line for a file the report could not draw into ``staging`` (a name longer than
+    the file system allows, a full disk); other errors, e.g. reading a run, stay as they
+    are. The earlier report is untouched: nothing was published yet."""
+    name = Path(str(error.filename or ""))
+    written = error.filename is not None and name.is_relative_to(staging)
+    if not written and error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    shown = name.relative_to(staging).as_posix() if written else "a file"
+    if len(shown) > 80:
+        shown = f"{shown[:60]}…{shown[-12:]}"
+    if error.errno == errno.ENAMETOOLONG:
+        fix = ("its name is longer than the file system allows: shorten the detector or "
+               "weights file names of the runs (they name the figures)")  # fmt: skip
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space on the file system of {out}"
+    else:
+        fix = f"allow writing to {out}, or pass another --out"
+    return QddError(f"cannot draw {shown} of the report ({error.strerror}): {fix}, then run "
+                    f"the report again (--out {out} is as it was)")  # fmt: skip
 
 
 def _drawn(staging: Path) -> list[str]:

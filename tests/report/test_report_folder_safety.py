@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qdd.cli import main
+from qdd.errors import QddError
 from qdd.report.command import run_report
 from qdd.report.lock import LOCK
 from qdd.report.owned import MANIFEST, STAGING
@@ -334,3 +335,35 @@ def test_two_reports_at_once_one_is_refused_the_other_completes(
     assert first.returncode == 0, err.decode()[-2000:]
     assert not (out / "kde_clipd.png").exists() and not (out / LOCK).exists()
     assert "npr-plain" in (out / "report.md").read_text()
+
+
+def test_a_figure_that_cannot_be_written_ends_in_one_line_and_changes_nothing(
+    make_run, tmp_path, capsys
+) -> None:
+    """A detector name that makes a file name longer than the file system allows (255
+    bytes), and a full disk: today's main ended both in an OSError traceback."""
+    import errno
+
+    from qdd.report.owned import write_report_folder
+
+    npr = make_run("npr", "npr", GRID)
+    out = tmp_path / "report"
+    run_report([npr], out)
+    before = snapshot(out)
+    long = make_run("long", "n" * 250, GRID, seed=3)
+    for folder in (out, tmp_path / "first"):
+        with pytest.raises(SystemExit) as info:
+            main(["report", str(long), "--out", str(folder)])
+        assert info.value.code == 2
+        line = one_error_line(capsys)
+        assert "cannot draw kde_nnnn" in line and "(File name too long)" in line, line
+        assert "shorten the detector or weights file names" in line and len(line) < 400
+    assert snapshot(out) == before and not (tmp_path / "first").exists()
+
+    def full(folder: Path) -> Path:
+        (folder / "report.md").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(QddError, match=f"free space on the file system of {out}"):
+        write_report_folder(out, full)
+    assert snapshot(out) == before
