@@ -346,3 +346,28 @@ def test_a_prediction_given_to_report_names_the_run_to_make(
         else:
             assert "`qdd-cli test --detector D --data SHARDS" in line
         assert not (tmp_path / f"report-{name}").exists()
+
+
+def test_predict_with_workers_scores_each_image_once_as_in_process(
+    checkpoints: dict[str, str], tmp_path: Path
+) -> None:
+    """Two DataLoader workers over three shard folders of odd sizes, batches of two, with
+    images of no class and of a class the model lacks: the same rows, once each, as one
+    process reading them in order."""
+    other = tmp_path / "other"
+    write_set(other / "real-noise", 3, 0, None, None, offset=2000)
+    write_set(other / "tiny-nf4", 5, 1, "tiny", "nf4", offset=500)
+    write_set(other / "tiny", 1, 1, "tiny", None, offset=700)
+    frames = []
+    for workers in (0, 2):
+        out = tmp_path / f"predict-{workers}"
+        main(["predict", "--data", str(other / "*"), "--ckpt_path", checkpoints["precision"],
+              "--out", str(out), f"--data.num_workers={workers}", "--data.batch_size=2",
+              *QUIET])  # fmt: skip
+        frames.append(pd.read_parquet(out / "scores.parquet"))
+    single, pooled = frames
+    assert len(pooled) == 9 and not pooled.duplicated(["group", "key"]).any()
+    probs = [c for c in single.columns if c.startswith("prob_")]
+    pd.testing.assert_frame_equal(pooled[["group", "key", "class", "predicted"]],
+                                  single[["group", "key", "class", "predicted"]])  # fmt: skip
+    np.testing.assert_allclose(pooled[probs].to_numpy(), single[probs].to_numpy(), atol=1e-6)
