@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from qdd.errors import QddError
 from qdd.report.command import run_report
 from qdd.report.lock import LOCK
 from qdd.report.owned import MANIFEST, STAGING
+from tests.report.conftest import write_run
 
 GRID = {"sd3": ["fp32", "fp4"]}
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,13 +46,24 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return err[0]
 
 
+@pytest.fixture(scope="module")
+def drawn_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """npr's and clipd's runs and their report, drawn once for the module (each report
+    draws a dozen figures: seconds on a loaded host); returns (npr's run, the report)."""
+    root = tmp_path_factory.mktemp("earlier")
+    npr = write_run(root / "runs" / "npr", "npr", GRID)
+    clipd = write_run(root / "runs" / "clipd", "clipd", GRID, seed=1)
+    run_report([npr, clipd], root / "report")
+    return npr, root / "report"
+
+
 @pytest.fixture
-def earlier(make_run, tmp_path) -> tuple[Path, Path, dict[str, tuple[bytes, int]]]:
-    """A report of npr and clipd in tmp_path/report; returns (npr's run, folder, snapshot)."""
-    npr = make_run("npr", "npr", GRID)
-    clipd = make_run("clipd", "clipd", GRID, seed=1)
+def earlier(drawn_once, tmp_path) -> tuple[Path, Path, dict[str, tuple[bytes, int]]]:
+    """A copy of that report in tmp_path/report (bytes and times as drawn); returns (npr's
+    run, folder, snapshot)."""
+    npr, drawn = drawn_once
     out = tmp_path / "report"
-    run_report([npr, clipd], out)
+    shutil.copytree(drawn, out)
     return npr, out, snapshot(out)
 
 
