@@ -371,3 +371,30 @@ def test_predict_with_workers_scores_each_image_once_as_in_process(
     pd.testing.assert_frame_equal(pooled[["group", "key", "class", "predicted"]],
                                   single[["group", "key", "class", "predicted"]])  # fmt: skip
     np.testing.assert_allclose(pooled[probs].to_numpy(), single[probs].to_numpy(), atol=1e-6)
+
+
+def test_report_compare_names_a_run_it_cannot_rank(
+    shards: Path, checkpoints: dict[str, str], tmp_path: Path, capsys
+) -> None:
+    """An attribution test run and a quality run given to --compare: today's main said
+    "lacks column(s) logit: re-run qdd-cli test" and "make it with qdd-cli test --out
+    <the quality run>"; the line now names the kind of run and the full report."""
+    from tests.report.test_tradeoff import write_quality_run
+
+    tested = tmp_path / "attribution-test"
+    main(["test", "--data", str(shards / "*"), "--data.split=test", *SPLIT, "--ckpt_path",
+          checkpoints["precision"], "--out", str(tested), *QUIET])  # fmt: skip
+    quality = write_quality_run(tmp_path / "quality")
+    for run, kind in ((tested, "an attribution test"), (quality, "a quality")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["report", str(run), "--compare", "--out", str(tmp_path / "compare")])
+        assert exited.value.code == 2
+        assert last_line(capsys).endswith(
+            f"{run} is {kind} run, which --compare does not rank (it ranks detection runs of "
+            "qdd-cli test): leave it out of --compare, or draw it in the full report, "
+            "without --compare"
+        )
+        assert not (tmp_path / "compare").exists()
+    main(["report", str(tested), str(quality), "--out", str(tmp_path / "full")])
+    assert (tmp_path / "full" / "report.md").is_file()
