@@ -49,7 +49,7 @@ def write_report_folder(out: Path, draw: Callable[[Path], Path]) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QddError(f"--out {out} is a file: pass a folder for the report")
-    created = not out.exists()
+    created = [f for f in (out, *out.parents) if not os.path.lexists(f)]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -68,11 +68,11 @@ def write_report_folder(out: Path, draw: Callable[[Path], Path]) -> Path:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # else the next report removes it
     except BaseException:
-        if created:
+        for folder in created:  # a failed first report leaves no empty folder behind
             try:
-                out.rmdir()  # a failed first report leaves no empty folder behind
+                folder.rmdir()
             except OSError:
-                pass  # not empty: a file moved in before the failure, listed in MANIFEST
+                break  # not empty: a file moved in before the failure, listed in MANIFEST
         raise
 
 
