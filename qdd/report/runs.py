@@ -91,9 +91,9 @@ def _scores_without_metrics(folder: Path, scores_path: Path) -> str:
                 "without measuring them, so it writes no metrics.json): the report draws "
                 "attribution test runs; make one with `qdd-cli test --task attribution "
                 f"--ckpt_path CKPT --data SHARDS --out {folder}-test`")  # fmt: skip
-    return (f"{folder} has scores.parquet but no metrics.json: a qdd-cli predict run (it "
-            "measures nothing) or a test that did not finish; "
-            f"{_fix(folder)}")  # fmt: skip
+    return (f"{folder} has no metrics.json, only scores: a qdd-cli predict run (it "
+            "measures nothing) or a test that did not finish; make a test run with `qdd-cli "
+            f"test --detector D --data SHARDS --out {folder}-test`")  # fmt: skip
 
 
 def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
