@@ -12,7 +12,7 @@ from qdd import demo
 from qdd.demo import PARTS, run_demo
 from qdd.demo_folder import MANIFEST, clear_earlier_demo, record_demo_files
 from qdd.errors import QddError
-from qdd.report.owned import owned_folder
+from qdd.report.owned import write_report_folder
 
 
 def _earlier_demo(out: Path, outside: Path) -> None:
@@ -29,11 +29,15 @@ def _earlier_demo(out: Path, outside: Path) -> None:
     (run / "tmp" / "code").mkdir(parents=True)  # W&B leaves empty folders too
     os.symlink("offline-run-1", run.parent / "latest-run")
     os.symlink(outside, run / "logs" / "debug-core.log")
-    with owned_folder(out / "report") as report:
-        (report / "report.md").write_text("# qdd report\n")
-        (report / "tables").mkdir()
-        (report / "tables" / "groups.csv").write_text("a\n")
+    write_report_folder(out / "report", _draw_report)
     record_demo_files(out, PARTS)
+
+
+def _draw_report(folder: Path) -> Path:
+    (folder / "report.md").write_text("# qdd report\n")
+    (folder / "tables").mkdir()
+    (folder / "tables" / "groups.csv").write_text("a\n")
+    return folder / "report.md"
 
 
 def _tree(folder: Path) -> dict[str, bytes | str]:
