@@ -125,11 +125,11 @@ def _unwritable(out: Path, staging: Path, error: OSError) -> OSError | QddError:
     """One line for a file the report could not draw into ``staging`` (a name longer than
     the file system allows, a full disk); other errors, e.g. reading a run, stay as they
     are. The earlier report is untouched: nothing was published yet."""
-    name = Path(str(error.filename or ""))
-    written = error.filename is not None and name.is_relative_to(staging)
+    name, inside = Path(os.path.abspath(error.filename or "/")), Path(os.path.abspath(staging))
+    written = error.filename is not None and name.is_relative_to(inside)
     if not written and error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return error
-    shown = name.relative_to(staging).as_posix() if written else "a file"
+    shown = name.relative_to(inside).as_posix() if written else "a file"
     if len(shown) > 80:
         shown = f"{shown[:60]}…{shown[-12:]}"
     if error.errno == errno.ENAMETOOLONG:
