@@ -358,6 +358,7 @@ def test_two_reports_at_once_one_is_refused_the_other_completes(
     assert "npr-plain" in (out / "report.md").read_text()
 
 
+@pytest.mark.filterwarnings("ignore:constrained_layout not applied")  # a 250-letter title
 def test_a_figure_that_cannot_be_written_ends_in_one_line_and_changes_nothing(
     make_run, tmp_path, capsys
 ) -> None:
