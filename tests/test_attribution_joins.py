@@ -318,3 +318,83 @@ def torch_classes(ckpt: str) -> list[str]:
     import torch
 
     return list(torch.load(ckpt, weights_only=False)["hyper_parameters"]["classes"])
+
+
+def test_a_prediction_given_to_report_names_the_run_to_make(
+    checkpoints: dict[str, str], tmp_path: Path, capsys
+) -> None:
+    """Today's main told an attribution prediction to "make it with qdd-cli test --detector
+    D", a detection command; the line now names the attribution test, and a detection
+    prediction is named as a prediction."""
+    other = tmp_path / "other" / "tiny-fp4"
+    write_set(other, 3, 1, "tiny", "fp4", offset=500)  # prompts the fits never saw
+    for name, expected in (("precision", "holds an attribution prediction"),
+                           ("detection", "a qdd-cli predict run")):  # fmt: skip
+        run = tmp_path / f"predict-{name}"
+        main(["predict", "--data", str(other), "--ckpt_path", checkpoints[name],
+              "--out", str(run), *QUIET])  # fmt: skip
+        assert (run / "scores.parquet").is_file() and not (run / "metrics.json").exists()
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["report", str(run), "--out", str(tmp_path / f"report-{name}")])
+        assert exited.value.code == 2
+        line = last_line(capsys)
+        assert expected in line, line
+        if name == "precision":
+            assert "`qdd-cli test --task attribution --ckpt_path CKPT" in line
+            assert "--detector D" not in line
+        else:
+            assert "`qdd-cli test --detector D --data SHARDS" in line
+        assert not (tmp_path / f"report-{name}").exists()
+
+
+def test_predict_with_workers_scores_each_image_once_as_in_process(
+    checkpoints: dict[str, str], tmp_path: Path
+) -> None:
+    """Two DataLoader workers over three shard folders of odd sizes, batches of two, with
+    images of no class and of a class the model lacks: the same rows, once each, as one
+    process reading them in order."""
+    other = tmp_path / "other"
+    write_set(other / "real-noise", 3, 0, None, None, offset=2000)
+    write_set(other / "tiny-nf4", 5, 1, "tiny", "nf4", offset=500)
+    write_set(other / "tiny", 1, 1, "tiny", None, offset=700)
+    frames = []
+    for workers in (0, 2):
+        out = tmp_path / f"predict-{workers}"
+        main(["predict", "--data", str(other / "*"), "--ckpt_path", checkpoints["precision"],
+              "--out", str(out), f"--data.num_workers={workers}", "--data.batch_size=2",
+              *QUIET])  # fmt: skip
+        frames.append(pd.read_parquet(out / "scores.parquet"))
+    single, pooled = frames
+    assert len(pooled) == 9 and not pooled.duplicated(["group", "key"]).any()
+    probs = [c for c in single.columns if c.startswith("prob_")]
+    pd.testing.assert_frame_equal(pooled[["group", "key", "class", "predicted"]],
+                                  single[["group", "key", "class", "predicted"]])  # fmt: skip
+    np.testing.assert_allclose(pooled[probs].to_numpy(), single[probs].to_numpy(), atol=1e-6)
+
+
+def test_report_compare_names_a_run_it_cannot_rank(
+    shards: Path, checkpoints: dict[str, str], tmp_path: Path, capsys
+) -> None:
+    """An attribution test run and a quality run given to --compare: today's main said
+    "lacks column(s) logit: re-run qdd-cli test" and "make it with qdd-cli test --out
+    <the quality run>"; the line now names the kind of run and the full report."""
+    from tests.report.test_tradeoff import write_quality_run
+
+    tested = tmp_path / "attribution-test"
+    main(["test", "--data", str(shards / "*"), "--data.split=test", *SPLIT, "--ckpt_path",
+          checkpoints["precision"], "--out", str(tested), *QUIET])  # fmt: skip
+    quality = write_quality_run(tmp_path / "quality")
+    for run, kind in ((tested, "an attribution test"), (quality, "a quality")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main(["report", str(run), "--compare", "--out", str(tmp_path / "compare")])
+        assert exited.value.code == 2
+        assert last_line(capsys).endswith(
+            f"{run} is {kind} run, which --compare does not rank (it ranks detection runs of "
+            "qdd-cli test): leave it out of --compare, or draw it in the full report, "
+            "without --compare"
+        )
+        assert not (tmp_path / "compare").exists()
+    main(["report", str(tested), str(quality), "--out", str(tmp_path / "full")])
+    assert (tmp_path / "full" / "report.md").is_file()

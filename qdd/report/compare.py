@@ -30,6 +30,12 @@ def load_each(folders: list[Path]) -> dict[str, DetectorResults]:
         names = [str(f) for f in folders]
     if len(set(names)) < len(names):
         raise QddError("the same run folder is given twice: pass each run once to --compare")
+    for folder in folders:
+        kind = other_kind(Path(folder))
+        if kind is not None:
+            raise QddError(f"{folder} is {kind} run, which --compare does not rank (it ranks "
+                           "detection runs of qdd-cli test): leave it out of --compare, or "
+                           "draw it in the full report, without --compare")  # fmt: skip
     results = {}
     for name, folder in zip(names, folders, strict=True):
         (entry,) = load_runs([Path(folder)]).values()
@@ -37,6 +43,18 @@ def load_each(folders: list[Path]) -> dict[str, DetectorResults]:
         entry.scores = entry.scores.assign(detector=name)
         results[name] = entry
     return results
+
+
+def other_kind(folder: Path) -> str | None:
+    """What a run folder the full report draws but a ranking cannot take is (an attribution
+    test, a quality or a fingerprint run), or None."""
+    from qdd.report.attribution import is_attribution_run
+    from qdd.report.spectra import is_fingerprint_run
+    from qdd.report.tradeoff import is_quality_run
+
+    kinds = (("an attribution test", is_attribution_run), ("a quality", is_quality_run),
+             ("a fingerprint", is_fingerprint_run))  # fmt: skip
+    return next((kind for kind, test in kinds if test(folder)), None)
 
 
 def select(scores: pd.DataFrame, group: str) -> pd.Series:

@@ -23,6 +23,7 @@ lists.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -48,7 +49,7 @@ def write_report_folder(out: Path, draw: Callable[[Path], Path]) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise QddError(f"--out {out} is a file: pass a folder for the report")
-    created = not out.exists()
+    created = [f for f in (out, *out.parents) if not os.path.lexists(f)]  # deepest first
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -59,16 +60,19 @@ def write_report_folder(out: Path, draw: Callable[[Path], Path]) -> Path:
             earlier = _earlier(out)
             staging = _fresh_staging(out)
             try:
-                index = draw(staging)
+                try:
+                    index = draw(staging)
+                except OSError as error:
+                    raise _unwritable(out, staging, error) from None
                 return _publish(out, staging, earlier, index.relative_to(staging).as_posix())
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # else the next report removes it
     except BaseException:
-        if created:
+        for folder in created:  # a failed first report leaves no empty folder behind
             try:
-                out.rmdir()  # a failed first report leaves no empty folder behind
+                folder.rmdir()
             except OSError:
-                pass  # not empty: a file moved in before the failure, listed in MANIFEST
+                break  # not empty: a file moved in before the failure, listed in MANIFEST
         raise
 
 
@@ -115,6 +119,28 @@ def _publish(out: Path, staging: Path, earlier: list[str], index: str) -> Path:
             f"is complete, and lists it in {MANIFEST} for the next one to remove"
         )
     return out / index
+
+
+def _unwritable(out: Path, staging: Path, error: OSError) -> OSError | QddError:
+    """One line for a file the report could not draw into ``staging`` (a name longer than
+    the file system allows, a full disk); other errors, e.g. reading a run, stay as they
+    are. The earlier report is untouched: nothing was published yet."""
+    name, inside = Path(os.path.abspath(error.filename or "/")), Path(os.path.abspath(staging))
+    written = error.filename is not None and name.is_relative_to(inside)
+    if not written and error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    shown = name.relative_to(inside).as_posix() if written else "a file"
+    if len(shown) > 80:
+        shown = f"{shown[:60]}…{shown[-12:]}"
+    if error.errno == errno.ENAMETOOLONG:
+        fix = ("its name is longer than the file system allows: shorten the detector or "
+               "weights file names of the runs (they name the figures)")  # fmt: skip
+    elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free space on the file system of {out}"
+    else:
+        fix = f"allow writing to {out}, or pass another --out"
+    return QddError(f"cannot draw {shown} of the report ({error.strerror}): {fix}, then run "
+                    f"the report again (--out {out} is as it was)")  # fmt: skip
 
 
 def _drawn(staging: Path) -> list[str]:

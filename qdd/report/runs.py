@@ -76,6 +76,26 @@ def _fix(folder: Path) -> str:
     return f"make it with `qdd-cli test --detector D --data SHARDS --out {folder}`"
 
 
+def _scores_without_metrics(folder: Path, scores_path: Path) -> str:
+    """Why a folder with scores but no metrics.json is no test run, and which run to make:
+    ``qdd-cli predict`` writes scores only (a prediction has no labels to measure); an
+    attribution prediction (class probabilities, no logit) needs an attribution test."""
+    import pyarrow.parquet as pq
+
+    try:
+        columns = set(pq.read_schema(scores_path).names)
+    except Exception:  # unreadable: said as the plain missing metrics.json below
+        columns = set()
+    if "predicted" in columns and "logit" not in columns:
+        return (f"{folder} holds an attribution prediction (qdd-cli predict scores images "
+                "without measuring them, so it writes no metrics.json): the report draws "
+                "attribution test runs; make one with `qdd-cli test --task attribution "
+                f"--ckpt_path CKPT --data SHARDS --out {folder}-test`")  # fmt: skip
+    return (f"{folder} has no metrics.json, only scores: a qdd-cli predict run (it "
+            "measures nothing) or a test that did not finish; make a test run with `qdd-cli "
+            f"test --detector D --data SHARDS --out {folder}-test`")  # fmt: skip
+
+
 def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One ``qdd-cli test`` run folder, or a one-line error saying how to make one."""
     if not folder.exists():
@@ -85,6 +105,8 @@ def read_run(folder: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if not any(folder.iterdir()):
         raise QddError(f"run folder {folder} is empty: {_fix(folder)}")
     scores_path, metrics_path = folder / "scores.parquet", folder / "metrics.json"
+    if scores_path.is_file() and not metrics_path.is_file():
+        raise QddError(_scores_without_metrics(folder, scores_path))
     for path in (scores_path, metrics_path):
         if not path.is_file():
             raise QddError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from qdd.cli import main
+from qdd.errors import QddError
 from qdd.report.command import run_report
 from qdd.report.lock import LOCK
 from qdd.report.owned import MANIFEST, STAGING
+from tests.report.conftest import write_run
 
 GRID = {"sd3": ["fp32", "fp4"]}
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,13 +46,24 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
     return err[0]
 
 
+@pytest.fixture(scope="module")
+def drawn_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """npr's and clipd's runs and their report, drawn once for the module (each report
+    draws a dozen figures: seconds on a loaded host); returns (npr's run, the report)."""
+    root = tmp_path_factory.mktemp("earlier")
+    npr = write_run(root / "runs" / "npr", "npr", GRID)
+    clipd = write_run(root / "runs" / "clipd", "clipd", GRID, seed=1)
+    run_report([npr, clipd], root / "report")
+    return npr, root / "report"
+
+
 @pytest.fixture
-def earlier(make_run, tmp_path) -> tuple[Path, Path, dict[str, tuple[bytes, int]]]:
-    """A report of npr and clipd in tmp_path/report; returns (npr's run, folder, snapshot)."""
-    npr = make_run("npr", "npr", GRID)
-    clipd = make_run("clipd", "clipd", GRID, seed=1)
+def earlier(drawn_once, tmp_path) -> tuple[Path, Path, dict[str, tuple[bytes, int]]]:
+    """A copy of that report in tmp_path/report (bytes and times as drawn); returns (npr's
+    run, folder, snapshot)."""
+    npr, drawn = drawn_once
     out = tmp_path / "report"
-    run_report([npr, clipd], out)
+    shutil.copytree(drawn, out)
     return npr, out, snapshot(out)
 
 
@@ -63,14 +77,16 @@ def test_a_report_that_fails_while_drawing_leaves_the_earlier_one_whole(
     _, out, before = earlier
     plain = make_run("npr-plain", "npr", GRID, seed=7)  # other scores: other KDE bytes
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("a figure function failed")
+    for failure in (RuntimeError("a figure function failed"), KeyboardInterrupt()):
 
-    monkeypatch.setattr(qdd.report.heatmap, "plot_heatmap", broken)
-    with pytest.raises(RuntimeError, match="a figure function failed"):
-        run_report([plain], out)
-    assert snapshot(out) == before  # bytes and times, the file list included
-    assert not (out / STAGING).exists() and not (out / LOCK).exists()
+        def broken(*args, failure=failure, **kwargs):
+            raise failure  # a bug, or Ctrl-C while drawing
+
+        monkeypatch.setattr(qdd.report.heatmap, "plot_heatmap", broken)
+        with pytest.raises(type(failure)):
+            run_report([plain], out)
+        assert snapshot(out) == before  # bytes and times, the file list included
+        assert not (out / STAGING).exists() and not (out / LOCK).exists()
     monkeypatch.undo()
     run_report([plain], out)  # the next report replaces it as usual
     assert not (out / "kde_clipd.png").exists() and (out / "kde_npr.png").is_file()
@@ -121,18 +137,24 @@ def test_a_first_report_killed_before_it_published_leaves_a_folder_the_next_one_
     assert "half-drawn" not in (out / "tables" / "groups.csv").read_text()
 
 
-def test_a_second_report_into_a_folder_being_written_is_refused(earlier, capsys) -> None:
-    """Another report holds the folder's lock (flock on its lock file)."""
+def test_a_second_report_into_a_folder_being_written_is_refused(
+    earlier, capsys, monkeypatch
+) -> None:
+    """Another report holds the folder's lock (flock on its lock file), however the second
+    spells the folder: absolute, relative, through a link."""
     npr, out, before = earlier
+    (out.parent / "linked").symlink_to(out, target_is_directory=True)
+    monkeypatch.chdir(out.parent)
     fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(SystemExit) as info:
-            main(["report", str(npr), "--out", str(out)])
-        assert info.value.code == 2
-        line = one_error_line(capsys)
-        assert f"another qdd-cli report is writing into --out {out} right now" in line
-        assert "pass another --out" in line
+        for spelled in (str(out), "report", "linked", "./linked/"):  # one folder, one lock
+            with pytest.raises(SystemExit) as info:
+                main(["report", str(npr), "--out", spelled])
+            assert info.value.code == 2
+            line = one_error_line(capsys)
+            assert "another qdd-cli report is writing into --out" in line, spelled
+            assert "pass another --out" in line
         assert {n: v for n, v in snapshot(out).items() if n != LOCK} == before
     finally:
         os.close(fd)  # the holder ends: the lock goes with it
@@ -334,3 +356,37 @@ def test_two_reports_at_once_one_is_refused_the_other_completes(
     assert first.returncode == 0, err.decode()[-2000:]
     assert not (out / "kde_clipd.png").exists() and not (out / LOCK).exists()
     assert "npr-plain" in (out / "report.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore:constrained_layout not applied")  # a 250-letter title
+def test_a_figure_that_cannot_be_written_ends_in_one_line_and_changes_nothing(
+    make_run, tmp_path, capsys
+) -> None:
+    """A detector name that makes a file name longer than the file system allows (255
+    bytes), and a full disk: today's main ended both in an OSError traceback (and left
+    the parent folders a failed first report had created)."""
+    import errno
+
+    from qdd.report.owned import write_report_folder
+
+    npr = make_run("npr", "npr", GRID)
+    out = tmp_path / "report"
+    run_report([npr], out)
+    before = snapshot(out)
+    long = make_run("long", "n" * 250, GRID, seed=3)
+    for folder in (out, tmp_path / "first" / "report"):  # a first one leaves no folder
+        with pytest.raises(SystemExit) as info:
+            main(["report", str(long), "--out", str(folder)])
+        assert info.value.code == 2
+        line = one_error_line(capsys)
+        assert "cannot draw kde_nnnn" in line and "(File name too long)" in line, line
+        assert "shorten the detector or weights file names" in line and len(line) < 400
+    assert snapshot(out) == before and not (tmp_path / "first").exists()
+
+    def full(folder: Path) -> Path:
+        (folder / "report.md").write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(QddError, match=f"free space on the file system of {out}"):
+        write_report_folder(out, full)
+    assert snapshot(out) == before
