@@ -7,6 +7,7 @@ broken import fails as itself. A card alone (`card_of`) imports none of them.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,15 @@ def available() -> list[str]:
     return sorted(cls.name for cls in _REGISTRY.values())
 
 
+def registered_name(name: str) -> str | None:
+    """The name ``name`` is registered under (``NPRDetector``, ``clip-d`` → ``npr``,
+    ``clipd``), or None; the one identity of a detector name, read without importing a
+    detector module: a registered class's, else qdd's own card's."""
+    key = _canonical(name)
+    cls = _REGISTRY.get(key)
+    return cls.name if cls is not None else (key if key in CARDS else None)
+
+
 def card_of(name: str) -> DetectorCard | None:
     """The card of the detector called ``name`` (any spelling `detector_class` takes), or
     None, without importing a detector module: a registered class's, else qdd's own."""
@@ -69,7 +79,12 @@ def detector_class(name: str) -> type[Detector]:
     try:
         return _REGISTRY[_canonical(name)]
     except KeyError:
-        raise QddError(f"unknown detector {name!r}: choose from {', '.join(available())}") from None
+        names = available()
+        close = difflib.get_close_matches(_canonical(name), names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        if "." in name:  # a class path: the registry knows names (a user's: once imported)
+            hint = "a detector is named by its registered name, not a class path; " + hint
+        raise QddError(f"unknown detector {name!r}: {hint}choose from {', '.join(names)}") from None
 
 
 def build_detector(name: str, **kwargs: Any) -> Detector:
