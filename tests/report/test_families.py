@@ -49,3 +49,19 @@ def test_a_name_of_qdds_is_taken_before_its_module_is_imported() -> None:
 
     with pytest.raises(ValueError, match="registered twice"):
         register("NPR", card=CARDS["npr"])(type("Mine", (), {}))
+
+
+def test_report_md_lists_runs_and_recipes_family_by_family(tmp_path) -> None:
+    """The Runs table and the Recipes' detectors were in alphabetical order (aeroblade,
+    clipd, npr, rigid), unlike every figure and table beside them."""
+    from qdd.report.index import recipe_table, runs_table
+    from qdd.report.runs import load_runs
+    from tests.report.conftest import write_run
+
+    grids = {"rigid": {"sd3": ["fp4"]}, "aeroblade": {"sd3": ["fp4"]}, "clipd": {"sd15": ["fp4"]},
+             "npr": {"sd3": ["fp4"]}}  # fmt: skip
+    results = load_runs([write_run(tmp_path / d, d, grid, n=2, seed=i)
+                         for i, (d, grid) in enumerate(grids.items())])  # fmt: skip
+    assert list(runs_table(results)["detector"]) == ["npr", "clipd", "aeroblade", "rigid"]
+    recipes = recipe_table(results).set_index("generator")["detectors"]
+    assert recipes.to_dict() == {"sd15": "clipd", "sd3": "npr, aeroblade, rigid"}
