@@ -3,6 +3,7 @@ preset, a checkpoint's detector, the refusal of an unknown name (before Lightnin
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,39 @@ def test_a_checkpoint_takes_its_detector_in_any_spelling(tmp_path: Path) -> None
     with pytest.raises(QddError, match="holds a NPRDetector detector, not clipd"):
         read_checkpoint(path).resolve_model(model, {"detector": "clipd"}, "--ckpt_path", "test")
     assert registered_name(model.detector) == "npr"
+
+
+def test_detectors_command_reads_the_cards_without_importing_a_model() -> None:
+    """``qdd-cli detectors`` imported every detector module (torch, timm, open_clip: ~3 s)."""
+    code = (
+        "import sys\nfrom qdd.cli import main\nmain(['detectors'])\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'detectors.' in m)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    names = [line.split("|")[1].strip() for line in done.stdout.splitlines()[2:]]
+    assert names == ["commfor", "corvi", "npr", "clipd", "rine", "univfd", "bfree", "spai",
+                     "aeroblade", "rigid"]  # fmt: skip
+
+
+def test_a_users_registered_detector_is_listed_and_looked_up(monkeypatch) -> None:
+    """A detector registered by a user's module, before or after qdd's are imported."""
+    from qdd.detectors import registry
+    from qdd.detectors.base import Detector
+    from qdd.detectors.cards import CARDS
+    from qdd.detectors.table import rows
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    card = dataclasses.replace(CARDS["spai"], files=("mine.pth",), licence="MIT")
+    mine = registry.register("MyDet", card=card)(type("MyDet", (Detector,), {}))
+    assert registry.registered_name("my_det") == "MyDet" and registry.card_of("mydet") is card
+    assert detector_class("my-det") is mine and "MyDet" in registry.available()
+    assert [row[0] for row in rows() if row[1] == "spectral"] == ["MyDet", "spai"]
+    assert api.lightning_config({"detector": "mydet"})["model"]["detector"] == "MyDet"
+
+
+def test_short_help_points_at_every_detector() -> None:
+    from qdd.cli import short_help
+
+    assert "`qdd-cli detectors` lists" in short_help("test")
+    assert "univfd or corvi" not in short_help("fit")

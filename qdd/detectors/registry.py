@@ -65,6 +65,12 @@ def registered_name(name: str) -> str | None:
     return cls.name if cls is not None else (key if key in CARDS else None)
 
 
+def cards() -> dict[str, DetectorCard]:
+    """Registered name → card of every detector known here: qdd's own and any registered
+    in this process (a user's), without importing a detector module."""
+    return {**CARDS, **{cls.name: cls.card for cls in _REGISTRY.values()}}
+
+
 def card_of(name: str) -> DetectorCard | None:
     """The card of the detector called ``name`` (any spelling `detector_class` takes), or
     None, without importing a detector module: a registered class's, else qdd's own."""
