@@ -119,3 +119,17 @@ def test_short_help_points_at_every_detector() -> None:
 
     assert "`qdd-cli detectors` lists" in short_help("test")
     assert "univfd or corvi" not in short_help("fit")
+
+
+@pytest.mark.parametrize("module", ["DetectorModule", "AttributionModule"])
+def test_a_module_records_the_registered_name(module: str) -> None:
+    """``--model.detector=NPRDetector`` wrote ``NPRDetector`` into metrics.json and the
+    checkpoint: the report then showed it apart from the same detector's ``npr`` runs."""
+    import importlib
+
+    from qdd.detectors.tiny import tiny_detector_args
+
+    home = {"DetectorModule": "detector", "AttributionModule": "attribution"}[module]
+    cls = getattr(importlib.import_module(f"qdd.modules.{home}"), module)
+    made = cls(detector="NPRDetector", random_weights=True, detector_args=tiny_detector_args("npr"))
+    assert made.hparams.detector == "npr"
