@@ -65,3 +65,16 @@ def test_report_md_lists_runs_and_recipes_family_by_family(tmp_path) -> None:
     assert list(runs_table(results)["detector"]) == ["npr", "clipd", "aeroblade", "rigid"]
     recipes = recipe_table(results).set_index("generator")["detectors"]
     assert recipes.to_dict() == {"sd15": "clipd", "sd3": "npr, aeroblade, rigid"}
+
+
+def test_the_readmes_detector_table_goes_by_the_cards_families() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text().splitlines()
+    start = readme.index(next(line for line in readme if line.startswith("| name | family |")))
+    rows = [line.split(" | ")[:2] for line in readme[start + 2 : start + 12]]
+    names = [name.strip("|` ") for name, _ in rows]
+    assert [family for _, family in rows] == [CARDS[name].family for name in names]
+    assert [FAMILIES.index(CARDS[n].family) for n in names] == sorted(
+        FAMILIES.index(c.family) for c in CARDS.values()
+    )
