@@ -78,3 +78,34 @@ def test_the_readmes_detector_table_goes_by_the_cards_families() -> None:
     assert [FAMILIES.index(CARDS[n].family) for n in names] == sorted(
         FAMILIES.index(c.family) for c in CARDS.values()
     )
+
+
+def test_attribution_runs_go_family_by_family_whatever_order_they_come_in(tmp_path) -> None:
+    """The attribution figures and table followed the order the run folders were given."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from qdd.attribution import attribution_metrics
+    from qdd.callbacks.attribution import write_confusion
+    from qdd.report.attribution import attribution_section
+
+    classes = ["16-bit", "4-bit weight-only"]
+    truth, predicted = np.repeat([0, 1], [3, 3]), np.ones(6, dtype=np.int64)
+    runs = []
+    for name, detector in [("a-clipd", "clipd"), ("b-npr", "npr")]:
+        run = tmp_path / name
+        run.mkdir()
+        metrics = attribution_metrics(truth, predicted, classes)
+        metrics |= {"task": "attribution", "detector": detector, "attribute": "family",
+                    "classes": classes}  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps(metrics))
+        write_confusion(run / "confusion.csv", metrics["confusion"], classes)
+        runs.append(run)
+    for given in (runs, runs[::-1]):
+        figures: dict[str, str] = {}
+        attribution_section(given, tmp_path / "report", figures, {})
+        assert list(figures) == ["attribution_b-npr", "attribution_a-clipd"]
+        table = pd.read_csv(tmp_path / "report" / "tables" / "attribution.csv")
+        assert list(dict.fromkeys(table["run"])) == ["b-npr", "a-clipd"]
