@@ -2,7 +2,8 @@
 
 qdd's detector modules are imported on the first lookup of a class (`available`,
 `detector_class`), all of them, and import errors are never turned into "not found": a
-broken import fails as itself. A card alone (`card_of`) imports none of them.
+broken import fails as itself. A name or a card alone (`registered_name`, `card_of`,
+`cards`: what the CLI's checks, `qdd-cli detectors` and the report read) imports none.
 """
 
 from __future__ import annotations
