@@ -85,8 +85,20 @@ def preset(kind: str, value: str) -> Path | None:
             raise QddError(f"config {value} does not exist: check the path")
         return Path(value)
     name = value if kind == "trainer" else value.lower().replace("-", "_")
+    if kind == "detectors":  # an alias (``NPRDetector``, ``clip-d``) finds its preset too
+        from qdd.detectors.registry import registered_name
+
+        name = registered_name(value) or name
     candidate = CONFIGS / kind / f"{name}.yaml"
     return candidate if name.isidentifier() and candidate.is_file() else None
+
+
+def _registered(detector: str) -> str:
+    """``detector``'s registered name; an unknown one is refused now (with the closest
+    name), before Lightning is imported or a run folder made."""
+    from qdd.detectors.registry import detector_class, registered_name
+
+    return registered_name(detector) or detector_class(detector).name
 
 
 def lightning_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -101,9 +113,9 @@ def lightning_config(config: dict[str, Any]) -> dict[str, Any]:
         layers.append(read_yaml(path))
         trainer = {}
     if "detector" in rest:
-        path = preset("detectors", str(rest["detector"]))
-        layers.append(read_yaml(path) if path else {"model": {"detector": rest["detector"]}})
-        rest.pop("detector")
+        detector = str(rest.pop("detector"))
+        path = preset("detectors", detector)
+        layers.append(read_yaml(path) if path else {"model": {"detector": _registered(detector)}})
     if isinstance(data, (str, Path, list, tuple)):  # folders, globs and presets, in order
         items = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
         presets = [path for path in map(lambda d: preset("data", d), items) if path]

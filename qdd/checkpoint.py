@@ -149,7 +149,7 @@ class FitCheckpoint:
                 "pass one written by `qdd-cli fit`, or an official weights file (not named "
                 "*.ckpt) with --weights"
             )
-        if given.get("detector") not in (None, saved["detector"]):
+        if given.get("detector") is not None and not _same_detector(given["detector"], saved):
             raise QddError(
                 f"{flag} {self.path} holds a {saved['detector']} detector, not "
                 f"{given['detector']}: pass --detector {saved['detector']}"
@@ -368,11 +368,21 @@ def _read(path: str, resolved: str, mtime_ns: int, size: int) -> FitCheckpoint:
     return FitCheckpoint(path, contents)
 
 
+def _same_detector(given: str, saved: dict[str, Any]) -> bool:
+    """Whether ``given`` names the checkpoint's detector, in any spelling of its name."""
+    from qdd.detectors.registry import registered_name
+
+    ours = registered_name(str(saved["detector"])) or saved["detector"]
+    return (registered_name(str(given)) or given) == ours
+
+
 def preset_model(detector: str) -> dict[str, Any]:
     """The ``model`` section of the packaged preset of ``detector`` (empty: none)."""
     import yaml
 
-    path = PRESETS / f"{detector}.yaml"
+    from qdd.detectors.registry import registered_name
+
+    path = PRESETS / f"{registered_name(detector) or detector}.yaml"
     if not path.is_file():
         return {}
     return dict((yaml.safe_load(path.read_text()) or {}).get("model") or {})

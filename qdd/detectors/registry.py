@@ -2,11 +2,13 @@
 
 qdd's detector modules are imported on the first lookup of a class (`available`,
 `detector_class`), all of them, and import errors are never turned into "not found": a
-broken import fails as itself. A card alone (`card_of`) imports none of them.
+broken import fails as itself. A name or a card alone (`registered_name`, `card_of`,
+`cards`: what the CLI's checks, `qdd-cli detectors` and the report read) imports none.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,21 @@ def available() -> list[str]:
     return sorted(cls.name for cls in _REGISTRY.values())
 
 
+def registered_name(name: str) -> str | None:
+    """The name ``name`` is registered under (``NPRDetector``, ``clip-d`` → ``npr``,
+    ``clipd``), or None; the one identity of a detector name, read without importing a
+    detector module: a registered class's, else qdd's own card's."""
+    key = _canonical(name)
+    cls = _REGISTRY.get(key)
+    return cls.name if cls is not None else (key if key in CARDS else None)
+
+
+def cards() -> dict[str, DetectorCard]:
+    """Registered name → card of every detector known here: qdd's own and any registered
+    in this process (a user's), without importing a detector module."""
+    return {**CARDS, **{cls.name: cls.card for cls in _REGISTRY.values()}}
+
+
 def card_of(name: str) -> DetectorCard | None:
     """The card of the detector called ``name`` (any spelling `detector_class` takes), or
     None, without importing a detector module: a registered class's, else qdd's own."""
@@ -69,7 +86,12 @@ def detector_class(name: str) -> type[Detector]:
     try:
         return _REGISTRY[_canonical(name)]
     except KeyError:
-        raise QddError(f"unknown detector {name!r}: choose from {', '.join(available())}") from None
+        names = available()
+        close = difflib.get_close_matches(_canonical(name), names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        if "." in name:  # a class path: the registry knows names (a user's: once imported)
+            hint = "a detector is named by its registered name, not a class path; " + hint
+        raise QddError(f"unknown detector {name!r}: {hint}choose from {', '.join(names)}") from None
 
 
 def build_detector(name: str, **kwargs: Any) -> Detector:

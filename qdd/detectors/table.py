@@ -1,7 +1,8 @@
 """``qdd-cli detectors``: every registered detector's card as one table.
 
 Family, how images are fed at test time, the files each needs and their licence, so a
-user knows what to download (checkpoints/README.md says where from) before a run. The
+user knows what to download (checkpoints/README.md says where from) before a run; read
+from the cards alone (`qdd.detectors.cards`), so no model library is imported. The
 ``fit`` column says what ``qdd-cli fit`` does: train, or for a training-free detector only
 calibrate a threshold (`qdd.training_free`).
 """
@@ -20,10 +21,10 @@ CALIBRATION_ONLY = "calibrates a threshold only"
 
 def rows() -> list[tuple[str, ...]]:
     """One row per detector, by family (as `FAMILIES` orders them), then name."""
-    from qdd.detectors.registry import available, detector_class
+    from qdd.detectors.registry import cards as registered_cards
 
-    cards = [(name, detector_class(name).card) for name in available()]
-    cards.sort(key=lambda item: (FAMILIES.index(item[1].family), item[0]))
+    cards = sorted(registered_cards().items(),
+                   key=lambda item: (FAMILIES.index(item[1].family), item[0]))  # fmt: skip
     return [
         (name, card.family, "yes" if card.trainable else CALIBRATION_ONLY, card.input_policy(),
          "; ".join(card.files), card.licence)

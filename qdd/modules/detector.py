@@ -34,6 +34,7 @@ from qdd.callbacks import RunSummary, ScoreWriter
 from qdd.checkpoint import WEIGHT_FILES_KEY, read_checkpoint
 from qdd.datamodules.dataset import UNPERTURBED
 from qdd.detectors import build_detector, load_detector
+from qdd.detectors.registry import registered_name
 from qdd.detectors.weights import apply_state
 from qdd.errors import QddError
 from qdd.metrics import GroupedDetectionMetrics, batch_groups
@@ -75,6 +76,8 @@ class DetectorModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        # One name per detector (``NPRDetector`` → ``npr``): metrics.json, checkpoints, report.
+        self.hparams.detector = registered_name(detector) or detector
         self.calibration = Calibration(calibration)
         self.configure_models()
         self.configure_losses()

@@ -93,6 +93,7 @@ def attribution_section(
     """Draw ``attribution_<run>`` per run and ``tables/attribution``."""
     if not runs:
         return
+    from qdd.report.families import families, family_of
     from qdd.report.style import save
     from qdd.report.tables import write_table
 
@@ -102,9 +103,13 @@ def attribution_section(
         same = " and ".join(str(run) for run in runs if run.name == name)
         raise QddError(f"the attribution runs {same} share the folder name {name}: their "
                        "figures would overwrite each other; rename one run folder")  # fmt: skip
+    read = {name: read_confusion(run) for run, name in zip(runs, names, strict=True)}
+    # family by family, then by run name: never by the order the runs were given
+    order = families()
+    ranked = sorted(read, key=lambda n: (order.index(family_of(read[n][1]["detector"])), n))
     rows = []
-    for run, name in zip(runs, names, strict=True):
-        table, metrics = read_confusion(Path(run))
+    for name in ranked:
+        table, metrics = read[name]
         balanced, present = balanced_accuracy(table)
         chance = 1 / present if present else None
         title = (f"{metrics['detector']}: {metrics['attribute']} attribution\n"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qdd.report.families import lineup
 from qdd.report.heatmap import LOW_FRACTION
 from qdd.report.palette import order_generators, order_precisions
 from qdd.report.runs import DEMO_ORIGIN, NONE, DetectorResults
@@ -90,10 +91,16 @@ def is_demo(results: dict[str, DetectorResults]) -> bool:
     return bool(runs) and all(run.get("origin") == DEMO_ORIGIN for run in runs)
 
 
+def by_family(results: dict[str, DetectorResults]) -> list[tuple[str, DetectorResults]]:
+    """``results`` family by family, then by name, as every figure lists them (`lineup`)."""
+    lined_up = lineup({name: entry.runs[0]["detector"] for name, entry in results.items()})
+    return [(name, results[name]) for name in lined_up]
+
+
 def runs_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
     """One row per run folder: which weights ran, at which threshold, on which data."""
     rows = []
-    for name, entry in sorted(results.items()):
+    for name, entry in by_family(results):
         for run in entry.runs:
             row = {"detector": name, "weights": run["weights"], "threshold": run["threshold"]}
             if any(r["calibrated_threshold"] is not None for r in entry.runs):
@@ -109,7 +116,7 @@ def recipe_table(results: dict[str, DetectorResults]) -> pd.DataFrame:
     columns = ["generator", "precision", "quant backend", "quant scope", "quantized fraction",
                "model", "detectors"]  # fmt: skip
     measured: dict[tuple, list[str]] = {}
-    for name, entry in sorted(results.items()):
+    for name, entry in by_family(results):
         fakes = entry.main[entry.main["label"] == 1]
         for (generator, precision), part in fakes.groupby(["generator", "precision"]):
             fraction = part["quant_fraction"].dropna()
