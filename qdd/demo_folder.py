@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from qdd.errors import QddError
+from qdd.file_list import read_file_list
 
 #: The files and links the last demo left in its parts, relative to ``--out``.
 MANIFEST = ".qdd-demo.json"
@@ -45,14 +46,8 @@ def _listed(out: Path) -> set[str]:
     manifest = out / MANIFEST
     if not manifest.is_file():
         return set()
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        files = None
-    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
-        raise QddError(f"{manifest} is not a demo's file list: delete it and the demo's "
-                       "folders by hand, or pass another --out")  # fmt: skip
-    return set(files)
+    return set(read_file_list(manifest, "a demo", "delete it and the demo's folders by hand, "
+                              "or pass another --out"))  # fmt: skip
 
 
 def _removable(out: Path, name: str, parts: tuple[str, ...]) -> Path | None:

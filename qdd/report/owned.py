@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from qdd.errors import QddError
+from qdd.file_list import read_file_list
 from qdd.report.lock import LOCK, report_lock
 
 #: The list of files the last report wrote, relative to the folder.
@@ -244,14 +245,7 @@ def _earlier(folder: Path) -> list[str]:
                 "to replace it"
             )
         return []
-    try:
-        listed = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError):
-        listed = None
-    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
-        raise QddError(f"{manifest} is not a report's file list: delete it, or pass a new "
-                       "--out folder")  # fmt: skip
-    return listed
+    return read_file_list(manifest, "a report", "delete it, or pass a new --out folder")
 
 
 def _listed_file(folder: Path, name: str) -> Path | None:

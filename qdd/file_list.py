@@ -1,0 +1,22 @@
+"""The list of files a qdd command left in a folder it owns (the report's `.qdd-report.json`,
+the demo's `.qdd-demo.json`): ``{"files": [relative POSIX paths]}``. One reader, so a
+malformed or hand-edited list is refused alike everywhere, never read letter by letter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qdd.errors import QddError
+
+
+def read_file_list(manifest: Path, owner: str, fix: str) -> list[str]:
+    """The paths ``manifest`` lists; one line naming it, its ``owner`` and the ``fix`` when
+    it is not a list of strings under ``"files"``."""
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        raise QddError(f"{manifest} is not {owner}'s file list: {fix}")
+    return files
