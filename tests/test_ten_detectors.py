@@ -209,23 +209,14 @@ def ddp_run(name: str, shards: Path, tmp_path: Path, clip_tower: str) -> None:
     assert written == ["config.yaml", "metrics.json", "scores.parquet"]  # no per-rank files
 
 
-#: A full-resolution detector (B-Free: five windows in patch space) and a training-free,
-#: fixed-size one (RIGID: 224² crop): each rank's share once, no sampler padding.
-DDP_FAST = ("bfree", "rigid")
-
-
-@pytest.mark.parametrize("name", DDP_FAST)
-def test_ddp_ranks_score_every_demo_image_once(name: str, demo_shards: Path, tmp_path: Path):
-    ddp_run(name, demo_shards, tmp_path, CLIP_224_NAME)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(available()) - set(DDP_FAST)))
-def test_ddp_ranks_score_every_demo_image_once_slow(
+@pytest.mark.parametrize("name", sorted(available()))
+def test_ddp_ranks_score_every_demo_image_once(
     name: str, demo_shards: Path, tmp_path: Path
 ) -> None:
-    """The other eight (40–90 s each on a loaded 2-core host; a fresh process cannot see
-    the 224-px test tower: the packaged tiny one)."""
+    """Each of the ten under 2 DDP ranks (15–90 s each on a 2-core host; a fresh process
+    cannot see the 224-px test tower: the packaged tiny one). The default suite runs NPR
+    under DDP in tests/test_exactly_once.py."""
     ddp_run(name, demo_shards, tmp_path, "qdd-tiny-vit")
 
 

@@ -79,6 +79,7 @@ class Raises(torch.utils.data.Dataset):
         raise OwnError("weights file x.pth has no key head.weight:\npass the head's file")
 
 
+@pytest.mark.slow  # ~10–20 s: two workers' shutdown; the QddError case above is the same path
 def test_a_subclass_of_qdd_error_from_a_worker_is_one_message_too() -> None:
     with pytest.raises(OwnError) as info:
         list(DataLoader(Raises(), num_workers=2))

@@ -252,6 +252,7 @@ def test_lpips_linear_weights_are_the_lpips_packages() -> None:
     assert torch.equal(ours, torch.load(package, weights_only=True, map_location="cpu")[LIN_KEY])
 
 
+@pytest.mark.slow  # ~9 s; tests/test_ten_detectors.py scores AEROBLADE through qdd-cli test too
 def test_cli_test_runs_aeroblade_on_shards_twice_alike(files: dict[str, Path], tmp_path: Path):
     write_fake_shards(tmp_path / "real", [3, 2], generator="photos", precision=None, label=0)
     write_fake_shards(tmp_path / "tiny-fp4", [3, 2], generator="tiny", precision="fp4")
