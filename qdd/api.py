@@ -84,11 +84,11 @@ def preset(kind: str, value: str) -> Path | None:
         if not Path(value).is_file():
             raise QddError(f"config {value} does not exist: check the path")
         return Path(value)
-    name = value if kind == "trainer" else value.lower().replace("-", "_")
     if kind == "detectors":  # an alias (``NPRDetector``, ``clip-d``) finds its preset too
-        from qdd.detectors.registry import registered_name
+        from qdd.detectors.registry import preset_file
 
-        name = registered_name(value) or name
+        return preset_file(value)
+    name = value if kind == "trainer" else value.lower().replace("-", "_")
     candidate = CONFIGS / kind / f"{name}.yaml"
     return candidate if name.isidentifier() and candidate.is_file() else None
 

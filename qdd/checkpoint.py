@@ -64,7 +64,6 @@ ARCHITECTURE = ("detector", "detector_args")
 #: An attribution checkpoint's head: its classes and what they name. Kept from the checkpoint
 #: under ``--ckpt_path`` and ``--weights`` alike; another value is refused (`_keep_classes`).
 CLASS_DEFINITION = ("classes", "attribute", "include_real")
-PRESETS = Path(__file__).parent / "configs" / "detectors"
 
 
 @dataclass(frozen=True)
@@ -380,10 +379,10 @@ def preset_model(detector: str) -> dict[str, Any]:
     """The ``model`` section of the packaged preset of ``detector`` (empty: none)."""
     import yaml
 
-    from qdd.detectors.registry import registered_name
+    from qdd.detectors.registry import preset_file
 
-    path = PRESETS / f"{registered_name(detector) or detector}.yaml"
-    if not path.is_file():
+    path = preset_file(detector)
+    if path is None:
         return {}
     return dict((yaml.safe_load(path.read_text()) or {}).get("model") or {})
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qdd.detectors.card import DetectorCard
 from qdd.detectors.cards import CARDS
 from qdd.errors import QddError
+
+#: Each detector's packaged preset (its published recipe), named by its registered name.
+PRESETS = Path(__file__).parent.parent / "configs" / "detectors"
 
 if TYPE_CHECKING:
     from qdd.detectors.base import Detector
@@ -64,6 +68,14 @@ def registered_name(name: str) -> str | None:
     key = _canonical(name)
     cls = _REGISTRY.get(key)
     return cls.name if cls is not None else (key if key in CARDS else None)
+
+
+def preset_file(name: str) -> Path | None:
+    """The packaged preset ``qdd/configs/detectors/<registered name>.yaml`` of the detector
+    called ``name`` (any spelling), or None; the one place a detector name finds its file."""
+    registered = registered_name(name) or name
+    path = PRESETS / f"{registered}.yaml"
+    return path if registered.isidentifier() and path.is_file() else None
 
 
 def cards() -> dict[str, DetectorCard]:
