@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from qdd.errors import QddError
-from qdd.file_list import read_file_list
+from qdd.file_list import inside, read_file_list
 
 #: The files and links the last demo left in its parts, relative to ``--out``.
 MANIFEST = ".qdd-demo.json"
@@ -55,12 +55,10 @@ def _removable(out: Path, name: str, parts: tuple[str, ...]) -> Path | None:
     file or a link (unlinking a link never touches what it points at): a hand-edited list
     never makes the demo remove anything else."""
     pieces = PurePosixPath(name).parts
-    if len(pieces) < 2 or pieces[0] not in parts or ".." in pieces:
+    if len(pieces) < 2 or pieces[0] not in parts:
         return None
-    path = out.joinpath(*pieces)
-    if path.parent.resolve() != out.resolve().joinpath(*pieces[:-1]):
-        return None
-    return path if path.is_symlink() or path.is_file() else None
+    path = inside(out, name)
+    return path if path is not None and (path.is_symlink() or path.is_file()) else None
 
 
 def _check_parts(out: Path, parts: Iterable[str]) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from qdd.errors import QddError
-from qdd.file_list import read_file_list
+from qdd.file_list import inside, read_file_list
 from qdd.report.lock import LOCK, report_lock
 
 #: The list of files the last report wrote, relative to the folder.
@@ -253,12 +253,8 @@ def _listed_file(folder: Path, name: str) -> Path | None:
     hand-edited list naming ``../x``, ``/abs``, a link, a path through a linked folder or
     the report's bookkeeping never makes a report touch anything but its own files."""
     parts = PurePosixPath(name).parts
-    if not parts or parts[0] == "/" or ".." in parts or parts[0] in _RESERVED:
-        return None
-    path = folder.joinpath(*parts)
-    if path.parent.resolve() != folder.resolve().joinpath(*parts[:-1]):
-        return None  # a linked folder on the way
-    if path.is_symlink() or not path.is_file():
+    path = inside(folder, name)
+    if path is None or parts[0] in _RESERVED or path.is_symlink() or not path.is_file():
         return None
     return path
 
